@@ -1,0 +1,1 @@
+"""placewise: device placement, pipelines, async SGD and optimizer fusion."""

@@ -1,0 +1,199 @@
+"""The `placewise` command: parses arguments and calls the layers. Domain errors print one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from placewise.errors import PlacewiseError
+
+DEFAULT_WORKLOAD = "dnn-partitioning/throughput-inputs/LayerGraphs/bert24_inference.json"
+
+
+# ---- shared helpers -------------------------------------------------------------------------------
+def _cluster_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("devices (override what the graph file carries)")
+    g.add_argument("--accelerators", "-k", type=int, metavar="K", help="number of accelerators")
+    g.add_argument("--cpus", "-l", type=int, metavar="L", help="number of CPU cores")
+    g.add_argument("--memory", type=float, metavar="BYTES", help="memory of one accelerator, bytes")
+    g.add_argument("--devices", metavar="FILE", help="a device file (YAML or JSON) describing the cluster")
+
+
+def _graph_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bandwidth", type=float, default=None, metavar="BYTES_PER_S",
+                   help="link bandwidth for PipeDream graphs (bytes/s; default 10e9)")
+
+
+def _load_graph(args):
+    from placewise.graph import load_graph
+    opts = {}
+    if getattr(args, "bandwidth", None) is not None:
+        opts["bandwidth"] = args.bandwidth
+    return load_graph(args.graph, **opts)
+
+
+def _cluster(args, graph):
+    from placewise.graph import Cluster
+    for flag in ("accelerators", "cpus"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 0:
+            raise PlacewiseError(f"--{flag} is {value}; use 0 or more")
+    if getattr(args, "memory", None) is not None and args.memory < 0:
+        raise PlacewiseError(f"--memory is {args.memory}; use a non-negative number of bytes")
+    if getattr(args, "devices", None):
+        from placewise.graph.devicefile import load_device_file
+        cluster = load_device_file(args.devices)
+    else:
+        cluster = graph.cluster or Cluster.simple(4, 0, None)
+    return cluster.with_overrides(args.accelerators, args.cpus, args.memory)
+
+
+def _fmt_bytes(b: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(b) < 1024 or unit == "TB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+    return str(b)
+
+
+def _nodes_text(nodes: list[int]) -> str:
+    text = ", ".join(map(str, nodes[:12]))
+    return text + (f", ... ({len(nodes)} in all)" if len(nodes) > 12 else "")
+
+
+def print_plan(plan, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=title)
+    for col in ("stage", "device", "load", "compute", "transfer", "memory", "nodes"):
+        table.add_column(col, justify="right" if col in ("load", "compute", "transfer", "memory") else "left")
+    for i, s in enumerate(plan.stages):
+        table.add_row(str(i), f"{s.kind}:{s.index}", f"{s.load:.6g}", f"{s.compute:.6g}", f"{s.transfer:.6g}",
+                      _fmt_bytes(s.memory), _nodes_text(s.nodes))
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(table)
+    line = f"max-load [bold]{plan.max_load:.10g}[/bold]"
+    if plan.latency is not None:
+        line += f"   latency {plan.latency:.10g}"
+    line += f"   solver {plan.solver}   {plan.seconds:.3f} s"
+    if plan.lower_bound is not None:
+        line += f"   lower bound {plan.lower_bound:.10g}"
+    if plan.gap is not None:
+        line += f"   gap {100 * plan.gap:.3g}%"
+    console.print(line)
+    if not plan.feasible:
+        console.print(f"[red]infeasible:[/red] {'; '.join(plan.violations)}")
+
+
+def _emit(plan, args, title: str) -> None:
+    if getattr(args, "out", None):
+        plan.save(args.out)
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=1))
+    else:
+        print_plan(plan, title)
+        if getattr(args, "out", None):
+            print(f"plan written to {args.out}")
+
+
+# ---- subcommands ----------------------------------------------------------------------------------
+def cmd_evaluate(args) -> int:
+    from placewise.plan import load_split, plan_from_assignment
+    graph = _load_graph(args)
+    cluster = _cluster(args, graph)
+    assignment = load_split(args.split, graph)
+    plan = plan_from_assignment(graph, cluster, assignment, solver=f"split:{Path(args.split).name}", seconds=0.0,
+                                objective=args.objective, contiguous=not args.noncontiguous)
+    _emit(plan, args, f"{graph.name}: {Path(args.split).name}")
+    return 0 if plan.feasible else 1
+
+
+def cmd_plan(args) -> int:
+    from placewise.plan import SolveOptions, solve
+    graph = _load_graph(args)
+    cluster = _cluster(args, graph)
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise PlacewiseError(f"--time-limit is {args.time_limit}; use a positive number of seconds")
+    options = SolveOptions(objective=args.objective, contiguous=not args.noncontiguous, time_limit=args.time_limit,
+                           gap=args.gap, seed=args.seed, progress=not args.json and sys.stderr.isatty())
+    plan = solve(graph, cluster, args.solver, options)
+    _emit(plan, args, f"{graph.name}: {plan.solver} plan on {cluster.accelerators} accelerator(s), {cluster.cpus} CPU(s)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from placewise.plan import SOLVERS
+    root = Path(__file__).resolve().parents[1]
+    workload = root.parent / "shared" / "workloads" / DEFAULT_WORKLOAD
+    graph_args = argparse.Namespace(graph=str(workload), bandwidth=None, accelerators=None, cpus=None, memory=None,
+                                    devices=None, objective="throughput", noncontiguous=False, time_limit=None,
+                                    gap=1e-4, seed=0, json=False, out=None,
+                                    solver="dp" if "dp" in SOLVERS else "one-accelerator")
+    print(f"placewise demo: planning {workload.name} ({DEFAULT_WORKLOAD})")
+    return cmd_plan(graph_args)
+
+
+EXAMPLES = {
+    "evaluate": "placewise evaluate ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/bert24_inference.json "
+                "../shared/workloads/dnn-partitioning/human-experts/bert24_inference_expert.json",
+    "plan": "placewise plan ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/resnet50_inference.json -k 4 --out plan.json",
+    "demo": "placewise demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="placewise", description="Optimal device placement of DNN operator graphs, "
+                                     "pipelined and asynchronous training, and optimizer fusion.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, func):
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=f"example:\n  {EXAMPLES[name]}" if name in EXAMPLES else None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("evaluate", "score a split of a graph with the cost model", cmd_evaluate)
+    p.add_argument("graph", help="graph file (paper JSON, placewise JSON or PipeDream graph.txt)")
+    p.add_argument("split", help="split file (reference {fpgas, cpus} format or a placewise plan)")
+    p.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
+    p.add_argument("--noncontiguous", action="store_true", help="do not require contiguous sets")
+    p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
+    p.add_argument("--out", metavar="PLAN.json", help="also write the scored plan")
+    _cluster_flags(p)
+    _graph_flags(p)
+
+    p = add("plan", "find a split of a graph across devices", cmd_plan)
+    p.add_argument("graph", help="graph file (paper JSON, placewise JSON or PipeDream graph.txt)")
+    p.add_argument("--solver", default="dp", help="dp (exact, default), ip, or a baseline")
+    p.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
+    p.add_argument("--noncontiguous", action="store_true", help="allow non-contiguous sets (integer program)")
+    p.add_argument("--time-limit", type=float, metavar="S", help="stop after S seconds with the best plan found")
+    p.add_argument("--gap", type=float, default=1e-4, metavar="G", help="relative optimality gap to stop at (ip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="PLAN.json", help="write the plan")
+    p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
+    _cluster_flags(p)
+    _graph_flags(p)
+
+    add("demo", "run the main job on an embedded default", cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except PlacewiseError as e:
+        print(f"placewise: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("placewise: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

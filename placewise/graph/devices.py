@@ -1,0 +1,118 @@
+"""What the planner places onto: kinds of devices, how many of each, their memory and speed.
+
+The paper's case is two kinds, `accelerator` (its "FPGAs") and `cpu` (cores sharing host memory,
+so they pay no transfer cost). A device file may describe more kinds, each with its own speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+from placewise.errors import PlacewiseError
+
+ACCELERATOR = "accelerator"
+CPU = "cpu"
+
+
+class Device(NamedTuple):
+    """One device of a cluster: its kind's name and its index within that kind."""
+
+    kind: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.index}"
+
+
+@dataclass(frozen=True)
+class DeviceKind:
+    name: str
+    count: int
+    accelerator: bool
+    # Bytes per device; None means unlimited (the paper's CPU cores).
+    memory: float | None = None
+    # Relative speed: a node's time on this kind is its profiled time divided by `speed`.
+    speed: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise PlacewiseError(f"device kind {self.name!r}: count is {self.count}; use 0 or more")
+        if self.memory is not None and self.memory < 0:
+            raise PlacewiseError(f"device kind {self.name!r}: memory is {self.memory}; use a non-negative number of bytes")
+        if not self.speed > 0:
+            raise PlacewiseError(f"device kind {self.name!r}: speed is {self.speed}; use a positive number")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    kinds: tuple[DeviceKind, ...]
+    # Link bandwidth in bytes per second, used to turn tensor bytes into transfer time.
+    bandwidth: float | None = None
+
+    @classmethod
+    def simple(cls, accelerators: int, cpus: int = 0, memory: float | None = None) -> "Cluster":
+        """The paper's cluster: k identical accelerators and l CPU cores."""
+        return cls((DeviceKind(ACCELERATOR, accelerators, True, memory), DeviceKind(CPU, cpus, False, None)))
+
+    def kind(self, name: str) -> DeviceKind:
+        for k in self.kinds:
+            if k.name == name:
+                return k
+        raise PlacewiseError(f"unknown device kind {name!r}; the cluster has {', '.join(k.name for k in self.kinds)}")
+
+    def has(self, device: Device) -> bool:
+        return any(k.name == device.kind and 0 <= device.index < k.count for k in self.kinds)
+
+    def devices(self) -> list[Device]:
+        return [Device(k.name, i) for k in self.kinds for i in range(k.count)]
+
+    @property
+    def accelerators(self) -> int:
+        return sum(k.count for k in self.kinds if k.accelerator)
+
+    @property
+    def cpus(self) -> int:
+        return sum(k.count for k in self.kinds if not k.accelerator)
+
+    def with_overrides(self, accelerators: int | None = None, cpus: int | None = None,
+                       memory: float | None = None) -> "Cluster":
+        """Apply the CLI's --accelerators/--cpus/--memory to the paper's two kinds."""
+        kinds = list(self.kinds)
+        names = [k.name for k in kinds]
+        for name, accel in ((ACCELERATOR, True), (CPU, False)):
+            if name not in names:
+                kinds.append(DeviceKind(name, 0, accel, None))
+                names.append(name)
+        out = []
+        for k in kinds:
+            if k.name == ACCELERATOR:
+                k = replace(k, count=k.count if accelerators is None else accelerators,
+                            memory=k.memory if memory is None else memory)
+            elif k.name == CPU and cpus is not None:
+                k = replace(k, count=cpus)
+            out.append(k)
+        return Cluster(tuple(out), self.bandwidth)
+
+    def to_json(self) -> dict:
+        return {
+            "kinds": [{"name": k.name, "count": k.count, "accelerator": k.accelerator,
+                       "memory": k.memory, "speed": k.speed} for k in self.kinds],
+            "bandwidth": self.bandwidth,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "cluster") -> "Cluster":
+        try:
+            kinds = tuple(
+                DeviceKind(str(k["name"]), int(k["count"]), bool(k.get("accelerator", True)),
+                           None if k.get("memory") is None else float(k["memory"]), float(k.get("speed", 1.0)))
+                for k in data["kinds"])
+            bandwidth = data.get("bandwidth")
+            return cls(kinds, None if bandwidth is None else float(bandwidth))
+        except PlacewiseError as e:
+            raise PlacewiseError(f"{source}: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PlacewiseError(
+                f"{source}: cluster: malformed ({type(e).__name__}: {e}); give kinds as a list of "
+                "{name, count, accelerator, memory, speed}") from None

@@ -1,0 +1,228 @@
+"""The one cost model: every solver and baseline scores its split here.
+
+A split maps each node to a device. An accelerator's load is its nodes' accelerator time (over the
+kind's speed) plus the transfer cost of every node whose output crosses into or out of its set,
+each such node counted once per direction; a CPU core's load is its nodes' CPU time (cores share
+host memory, so no transfers). The max-load is the pipeline's time per sample. The latency follows
+the paper's model: CPU nodes start when their inputs are done, an accelerator runs its whole set as
+one block once all of its inputs have arrived and pays its transfers inside that block.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from placewise.errors import PlacewiseError
+from placewise.graph import Cluster, Device, OpGraph
+
+# Memory checks allow rounding in byte sums.
+MEMORY_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class DeviceLoad:
+    device: Device
+    accelerator: bool
+    nodes: tuple[int, ...]
+    compute: float
+    transfer: float
+    memory: float
+    memory_limit: float | None
+
+    @property
+    def load(self) -> float:
+        return self.compute + self.transfer
+
+
+@dataclass(frozen=True)
+class Violation:
+    kind: str  # unknown-node, missing-node, unknown-device, support, memory, colocation, contiguity
+    message: str
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    devices: tuple[DeviceLoad, ...]  # devices that hold nodes, in pipeline order when contiguous
+    max_load: float
+    latency: float | None  # None when the split's stages depend on each other cyclically
+    violations: tuple[Violation, ...]
+
+    @property
+    def feasible(self) -> bool:
+        return not self.violations
+
+    def raise_if_infeasible(self, what: str = "the split") -> None:
+        if self.violations:
+            more = f" (and {len(self.violations) - 1} more)" if len(self.violations) > 1 else ""
+            raise PlacewiseError(f"{what} is infeasible: {self.violations[0].message}{more}")
+
+
+def _dense(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device]):
+    """Map the split to arrays: device number per node (-1 = unassigned) and the device list."""
+    violations: list[Violation] = []
+    devices = cluster.devices()
+    number = {d: i for i, d in enumerate(devices)}
+    device_of = np.full(len(graph.nodes), -1, dtype=np.int64)
+    for node_id, dev in assignment.items():
+        i = graph.index.get(node_id)
+        if i is None:
+            violations.append(Violation("unknown-node", f"node {node_id} is not in the graph; remove it from the split"))
+            continue
+        dev = Device(*dev)
+        if dev not in number:
+            violations.append(Violation(
+                "unknown-device", f"node {node_id} is on {dev}, which the cluster does not have "
+                f"({', '.join(f'{k.count} x {k.name}' for k in cluster.kinds)}); raise the device count or move it"))
+            continue
+        device_of[i] = number[dev]
+    missing = [graph.nodes[i].id for i in np.flatnonzero(device_of < 0) if graph.nodes[i].id not in assignment]
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        violations.append(Violation("missing-node", f"{len(missing)} node(s) have no device ({shown}); add them to the split"))
+    return devices, device_of, violations
+
+
+def transfer_costs(graph: OpGraph, device_of: np.ndarray, n_devices: int) -> np.ndarray:
+    """Per device: the summed cost of nodes whose output crosses its boundary (once per node and direction)."""
+    edges = graph.edge_array
+    transfer = np.zeros(n_devices)
+    if len(edges) == 0:
+        return transfer
+    src, dst = edges[:, 0], edges[:, 1]
+    ds, dd = device_of[src], device_of[dst]
+    cut = (ds != dd) & (ds >= 0) & (dd >= 0)
+    # A node pays once on its own device (out) and once on each other device reading it (in).
+    keys = np.unique(np.concatenate([src[cut] * n_devices + ds[cut], src[cut] * n_devices + dd[cut]]))
+    np.add.at(transfer, keys % n_devices, graph.out_cost[keys // n_devices])
+    return transfer
+
+
+def stage_order(graph: OpGraph, device_of: np.ndarray, used: list[int]) -> list[int] | None:
+    """Order the used devices so every forward edge goes forward; None if their sets form a cycle."""
+    forward = ~graph.is_backward
+    after: dict[int, set[int]] = defaultdict(set)
+    for u, v in graph.edge_array:
+        a, b = device_of[u], device_of[v]
+        if a != b and a >= 0 and b >= 0 and forward[u] and forward[v]:
+            after[a].add(b)
+    indeg = {d: 0 for d in used}
+    for a in used:
+        for b in after[a]:
+            indeg[b] += 1
+    # Stable: among ready devices take the one holding the earliest node in topological order.
+    first = {}
+    for pos, i in enumerate(graph.topological_order):
+        first.setdefault(int(device_of[i]), pos)
+    ready = sorted((d for d in used if indeg[d] == 0), key=lambda d: first.get(d, 0))
+    order = []
+    while ready:
+        d = ready.pop(0)
+        order.append(d)
+        for b in after[d]:
+            indeg[b] -= 1
+            if indeg[b] == 0:
+                ready.append(b)
+                ready.sort(key=lambda x: first.get(x, 0))
+    return order if len(order) == len(used) else None
+
+
+def latency(graph: OpGraph, cluster: Cluster, devices: list[Device], device_of: np.ndarray,
+            loads: Mapping[int, DeviceLoad]) -> float | None:
+    """Single-sample latency (paper's model); None when accelerator blocks depend on each other cyclically."""
+    n = len(graph.nodes)
+    accel = {d for d, dl in loads.items() if dl.accelerator}
+    # Unit of scheduling: one accelerator block, or one node placed on a CPU core.
+    unit = np.where(np.isin(device_of, list(accel)), -1 - device_of, np.arange(n))
+    members: dict[int, list[int]] = defaultdict(list)
+    for i in range(n):
+        members[int(unit[i])].append(i)
+    preds: dict[int, set[int]] = defaultdict(set)
+    for u, v in graph.edge_array:
+        if unit[u] != unit[v]:
+            preds[int(unit[v])].add(int(unit[u]))
+    finish: dict[int, float] = {}
+    indeg = {x: len(preds[x]) for x in members}
+    succs: dict[int, list[int]] = defaultdict(list)
+    for x, ps in preds.items():
+        for p in ps:
+            succs[p].append(x)
+    ready = [x for x, d in indeg.items() if d == 0]
+    while ready:
+        x = ready.pop()
+        start = max((finish[p] for p in preds[x]), default=0.0)
+        if x < 0:
+            dl = loads[-1 - x]
+            finish[x] = start + dl.load
+        else:
+            kind = cluster.kind(devices[device_of[x]].kind)
+            finish[x] = start + graph.cpu_time[x] / kind.speed
+        for s in succs[x]:
+            indeg[s] -= 1
+            if indeg[s] == 0:
+                ready.append(s)
+    if len(finish) != len(members):
+        return None
+    return max(finish.values(), default=0.0)
+
+
+def evaluate(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device], *,
+             contiguous: bool = True) -> Evaluation:
+    """Score a split and list everything it violates (memory, support, colocation, contiguity, coverage)."""
+    devices, device_of, violations = _dense(graph, cluster, assignment)
+    kinds = [cluster.kind(d.kind) for d in devices]
+    transfer = transfer_costs(graph, device_of, len(devices))
+    used = sorted({int(d) for d in device_of if d >= 0})
+    loads: dict[int, DeviceLoad] = {}
+    for d in used:
+        members = np.flatnonzero(device_of == d)
+        kind = kinds[d]
+        times = graph.acc_time if kind.accelerator else graph.cpu_time
+        mem = float(graph.memory[members].sum())
+        loads[d] = DeviceLoad(devices[d], kind.accelerator, tuple(graph.nodes[i].id for i in members),
+                              float(times[members].sum()) / kind.speed,
+                              float(transfer[d]) if kind.accelerator else 0.0, mem, kind.memory)
+        if kind.accelerator:
+            bad = [graph.nodes[i].id for i in members if not graph.supported[i]]
+            if bad:
+                violations.append(Violation("support", f"node {bad[0]} is not supported on an accelerator but is on {devices[d]}; move it to a CPU"))
+        if kind.memory is not None and mem > kind.memory * (1 + MEMORY_TOLERANCE):
+            violations.append(Violation("memory", f"{devices[d]} holds {mem:.6g} bytes, over its {kind.memory:.6g}; move nodes off it or give it more memory"))
+    for group in graph.colocation_groups:
+        placed = {int(device_of[i]) for i in group if device_of[i] >= 0}
+        if len(placed) > 1:
+            ids = [graph.nodes[i].id for i in group]
+            violations.append(Violation("colocation", f"nodes {ids[:4]} share colocation class {graph.nodes[group[0]].colocate} but sit on "
+                                        f"{', '.join(str(devices[d]) for d in sorted(placed))}; put them on one device"))
+    order = stage_order(graph, device_of, used)
+    if order is None:
+        order = used
+        if contiguous:
+            violations.append(Violation("contiguity", "the devices' sets depend on each other in a cycle, so they are not contiguous "
+                                        "(not differences of ideals in one chain); use a contiguous split or --noncontiguous"))
+        lat = None
+    else:
+        lat = latency(graph, cluster, devices, device_of, loads)
+    ordered = tuple(loads[d] for d in order)
+    max_load = max((dl.load for dl in ordered), default=0.0)
+    return Evaluation(ordered, max_load, lat, tuple(violations))
+
+
+def complete_by_colocation(graph: OpGraph, assignment: Mapping[int, Device]) -> dict[int, Device]:
+    """Give each unplaced node the device of a placed node in its colocation class.
+
+    This turns a forward-only split of a training graph into a full one: backward nodes follow
+    their forward nodes.
+    """
+    out = {k: Device(*v) for k, v in assignment.items()}
+    by_class: dict[int, Device] = {}
+    for n in graph.nodes:
+        if n.id in out and n.colocate is not None:
+            by_class.setdefault(n.colocate, out[n.id])
+    for n in graph.nodes:
+        if n.id not in out and n.colocate is not None and n.colocate in by_class:
+            out[n.id] = by_class[n.colocate]
+    return out

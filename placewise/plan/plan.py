@@ -1,0 +1,162 @@
+"""A plan: which device runs which operators, in pipeline order, with its score and provenance.
+
+Plain data with a JSON round trip, shared by every layer. Also reads and writes the reference
+split format of the paper's code (`{"fpgas": [{"load", "nodes"}], "cpus": [...]}`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from placewise.errors import PlacewiseError
+from placewise.graph import ACCELERATOR, CPU, Cluster, Device, OpGraph
+from placewise.plan.cost import Evaluation, complete_by_colocation, evaluate
+
+PLAN_FORMAT = "placewise-plan"
+
+
+@dataclass
+class Stage:
+    kind: str
+    index: int
+    accelerator: bool
+    nodes: list[int]
+    load: float
+    compute: float
+    transfer: float
+    memory: float
+    # Model names (fx nodes / modules) of the stage's operators, for profiled graphs.
+    modules: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> Device:
+        return Device(self.kind, self.index)
+
+
+@dataclass
+class Plan:
+    stages: list[Stage]
+    max_load: float
+    latency: float | None
+    solver: str
+    seconds: float
+    objective: str = "throughput"
+    lower_bound: float | None = None
+    gap: float | None = None
+    feasible: bool = True
+    violations: list[str] = field(default_factory=list)
+    graph: str = ""
+    contiguous: bool = True
+    cluster: dict | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def value(self) -> float:
+        """The objective's value: max-load for throughput, latency for latency."""
+        if self.objective == "latency":
+            return float("inf") if self.latency is None else self.latency
+        return self.max_load
+
+    def assignment(self) -> dict[int, Device]:
+        return {n: s.device for s in self.stages for n in s.nodes}
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data = {"format": PLAN_FORMAT, "version": 1, **data}
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str = "plan") -> "Plan":
+        try:
+            stages = [Stage(**{k: v for k, v in s.items() if k in Stage.__dataclass_fields__}) for s in data["stages"]]
+            kwargs = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "stages"}
+            return cls(stages=stages, **kwargs)
+        except (KeyError, TypeError) as e:
+            raise PlacewiseError(f"{source}: not a valid placewise plan ({type(e).__name__}: {e}); "
+                                 "write it with `placewise plan --out`") from None
+
+    def to_reference(self) -> dict:
+        """The paper code's split format (accelerators as 'fpgas')."""
+        out: dict[str, Any] = {"fpgas": [], "cpus": []}
+        for s in sorted(self.stages, key=lambda s: (s.kind, s.index)):
+            (out["fpgas"] if s.accelerator else out["cpus"]).append({"load": s.load, "nodes": list(s.nodes)})
+        out["maxLoad"] = self.max_load
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+
+def plan_from_assignment(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device], *, solver: str,
+                         seconds: float, objective: str = "throughput", contiguous: bool = True,
+                         lower_bound: float | None = None, gap: float | None = None,
+                         notes: dict | None = None) -> Plan:
+    """Score a split with the cost model and wrap it as a Plan (stages in pipeline order)."""
+    ev: Evaluation = evaluate(graph, cluster, assignment, contiguous=contiguous)
+    stages = [Stage(d.device.kind, d.device.index, d.accelerator, list(d.nodes), d.load, d.compute, d.transfer,
+                    d.memory, [graph.node(n).module for n in d.nodes if graph.node(n).module])
+              for d in ev.devices]
+    return Plan(stages=stages, max_load=ev.max_load, latency=ev.latency, solver=solver, seconds=seconds,
+                objective=objective, lower_bound=lower_bound, gap=gap, feasible=ev.feasible,
+                violations=[v.message for v in ev.violations], graph=graph.name, contiguous=contiguous,
+                cluster=cluster.to_json(), notes=dict(notes or {}))
+
+
+def read_split(data: Any, graph: OpGraph, source: str = "split") -> dict[int, Device]:
+    """A split from the reference format or a placewise plan; training graphs may give forward nodes only."""
+    if not isinstance(data, dict):
+        raise PlacewiseError(f"{source}: expected a JSON object with 'fpgas'/'cpus' or a placewise plan")
+    if data.get("format") == PLAN_FORMAT:
+        assignment = Plan.from_json(data, source).assignment()
+    elif "fpgas" in data or "cpus" in data:
+        assignment = {}
+        for key, kind in (("fpgas", ACCELERATOR), ("cpus", CPU)):
+            groups = data.get(key, [])
+            if not isinstance(groups, list):
+                raise PlacewiseError(f"{source}: {key}: expected a list of {{\"nodes\": [...]}}; fix it")
+            for i, group in enumerate(groups):
+                nodes = group.get("nodes") if isinstance(group, dict) else None
+                if not isinstance(nodes, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in nodes):
+                    raise PlacewiseError(f"{source}: {key}[{i}].nodes: expected a list of node ids; fix it")
+                for node_id in nodes:
+                    if node_id in assignment:
+                        raise PlacewiseError(f"{source}: {key}[{i}].nodes: node {node_id} is placed twice; keep one")
+                    if node_id not in graph.index:
+                        raise PlacewiseError(f"{source}: {key}[{i}].nodes: unknown node id {node_id}; "
+                                             f"the graph {graph.name or ''} has no such node")
+                    assignment[node_id] = Device(kind, i)
+    else:
+        raise PlacewiseError(f"{source}: not a split; expected 'fpgas'/'cpus' lists or a placewise plan")
+    assignment = complete_by_colocation(graph, assignment)
+    missing = [n.id for n in graph.nodes if n.id not in assignment]
+    if missing:
+        shown = ", ".join(map(str, missing[:8])) + (" ..." if len(missing) > 8 else "")
+        raise PlacewiseError(f"{source}: the split leaves out {len(missing)} node(s) ({shown}); place every node")
+    return assignment
+
+
+def load_split(path: str | Path, graph: OpGraph) -> dict[int, Device]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PlacewiseError(f"{path}: no such file; check the path") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PlacewiseError(f"{path}: not JSON ({e}); give a split file or a placewise plan") from None
+    return read_split(data, graph, str(path))
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PlacewiseError(f"{path}: no such file; check the path") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PlacewiseError(f"{path}: not JSON ({e}); give a plan written by `placewise plan --out`") from None
+    if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+        raise PlacewiseError(f"{path}: not a placewise plan; write one with `placewise plan --out PLAN.json`")
+    return Plan.from_json(data, str(path))
