@@ -123,6 +123,44 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _not_built(what: str) -> int:
+    # Placeholder while the capability is being built; each is replaced by its issue's handler.
+    raise PlacewiseError(f"{what} is not built yet in this version of placewise")
+
+
+# ---- compare (baselines issue) --------------------------------------------------------------------
+def cmd_compare(args) -> int:
+    return _not_built("compare")
+
+
+# ---- profile and devices (profile issue) ----------------------------------------------------------
+def cmd_profile(args) -> int:
+    return _not_built("profile")
+
+
+def cmd_devices(args) -> int:
+    return _not_built("devices")
+
+
+# ---- train and serve-bench (run issue: pipelines; async issue: data parallel) ----------------------
+def cmd_train(args) -> int:
+    if args.workers is not None or args.mode != "pipeline":
+        return _train_data_parallel(args)
+    return _train_pipeline(args)
+
+
+def _train_pipeline(args) -> int:
+    return _not_built("pipelined training")
+
+
+def _train_data_parallel(args) -> int:
+    return _not_built("data-parallel training")
+
+
+def cmd_serve_bench(args) -> int:
+    return _not_built("serve-bench")
+
+
 def cmd_demo(args) -> int:
     from placewise.plan import SOLVERS
     root = Path(__file__).resolve().parents[1]
@@ -177,6 +215,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
     _cluster_flags(p)
     _graph_flags(p)
+
+    p = add("compare", "run the exact planner and the baselines side by side", cmd_compare)
+    p.add_argument("graph", help="graph file (paper JSON, placewise JSON or PipeDream graph.txt)")
+    p.add_argument("--methods", nargs="+", metavar="METHOD", help="solvers/baselines to run (default: all)")
+    p.add_argument("--expert", metavar="SPLIT", help="an expert split file to include as a row")
+    p.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, metavar="S", help="per-method time limit (ip)")
+    p.add_argument("--plot", metavar="FILE.png", help="write a bar chart")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    _cluster_flags(p)
+    _graph_flags(p)
+
+    p = add("profile", "trace and time a PyTorch model into an operator graph", cmd_profile)
+    p.add_argument("model", help="torchvision name (resnet18), transformers config (bert-base, gpt2) or package.module:factory")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N")
+    p.add_argument("--input-shape", type=int, nargs="+", metavar="D", help="input shape without the batch (e.g. 3 224 224, or a sequence length)")
+    p.add_argument("--granularity", choices=["layer", "operator"], default="layer")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--training", action="store_true", help="also time backward passes (training graph)")
+    p.add_argument("--repeats", type=int, default=5, metavar="R", help="timed runs per node (median)")
+    p.add_argument("--devices", metavar="FILE", help="device file: cluster to store with the graph")
+    p.add_argument("--out", metavar="GRAPH.json", help="write the graph (placewise JSON)")
+    p.add_argument("--export-paper", metavar="FILE.json", help="also write the paper's JSON format")
+    p.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
+
+    p = add("devices", "show the devices of this machine", cmd_devices)
+    p.add_argument("--json", action="store_true", help="print as JSON on stdout")
+
+    p = add("train", "train a model as a pipeline (from a plan) and/or with data-parallel workers", cmd_train)
+    p.add_argument("model", help="model name (as for profile) or package.module:factory")
+    p.add_argument("--plan", metavar="PLAN.json", help="plan to cut the model into pipeline stages")
+    p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b")
+    p.add_argument("--microbatches", type=int, default=4, metavar="M")
+    p.add_argument("--steps", type=int, default=10, metavar="N")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N")
+    p.add_argument("--input-shape", type=int, nargs="+", metavar="D")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "adagrad"], default="sgd")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--fuse", choices=["none", "backward", "forward"], default="none", help="optimizer fusion")
+    p.add_argument("--threads", type=int, default=1, metavar="T", help="torch threads per process")
+    p.add_argument("--workers", type=int, metavar="W", help="data-parallel workers (async/sync/ddp)")
+    p.add_argument("--mode", choices=["pipeline", "async", "sync", "ddp"], default="pipeline")
+    p.add_argument("--n-push", type=int, default=1, metavar="N", help="push gradients every N steps")
+    p.add_argument("--n-fetch", type=int, default=1, metavar="N", help="fetch parameters every N steps")
+    p.add_argument("--staleness", default="none", metavar="POLICY", help="none, lr, or bound:S")
+    p.add_argument("--servers", type=int, default=1, metavar="S", help="parameter-server shards")
+    p.add_argument("--dataset", choices=["digits", "synthetic"], default="digits")
+    p.add_argument("--epochs", type=int, default=None, metavar="E")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K", help="server checkpoint every K updates")
+    p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="resume from a checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", metavar="DIR", help="folder for reports and pictures")
+    p.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
+
+    p = add("serve-bench", "measure pipelined inference throughput of a plan", cmd_serve_bench)
+    p.add_argument("model", help="model name (as for profile) or package.module:factory")
+    p.add_argument("--plan", metavar="PLAN.json", required=True)
+    p.add_argument("--microbatches", type=int, default=4, metavar="M")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N")
+    p.add_argument("--input-shape", type=int, nargs="+", metavar="D")
+    p.add_argument("--steps", type=int, default=10, metavar="N")
+    p.add_argument("--threads", type=int, default=1, metavar="T")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
     add("demo", "run the main job on an embedded default", cmd_demo)
     return parser
