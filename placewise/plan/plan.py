@@ -108,7 +108,8 @@ def plan_from_assignment(graph: OpGraph, cluster: Cluster, assignment: Mapping[i
 def read_split(data: Any, graph: OpGraph, source: str = "split") -> dict[int, Device]:
     """A split from the reference format or a placewise plan; training graphs may give forward nodes only."""
     if not isinstance(data, dict):
-        raise PlacewiseError(f"{source}: expected a JSON object with 'fpgas'/'cpus' or a placewise plan")
+        raise PlacewiseError(f"{source}: top level is a {type(data).__name__}; write a split as "
+                             "{\"fpgas\": [{\"nodes\": [...]}], \"cpus\": [...]} or give a placewise plan")
     if data.get("format") == PLAN_FORMAT:
         assignment = Plan.from_json(data, source).assignment()
     elif "fpgas" in data or "cpus" in data:
