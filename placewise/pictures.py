@@ -1,0 +1,105 @@
+"""Pictures of plans and runs (matplotlib, written to files; no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from placewise.graph import OpGraph
+from placewise.plan import Plan
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _colours(n: int):
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def draw_graph(graph: OpGraph, plan: Plan, path: str | Path, title: str = "") -> Path:
+    """The forward operator graph laid out by depth, each node coloured by its stage's device."""
+    plt = _pyplot()
+    forward = [i for i in graph.topological_order if not graph.is_backward[i]]
+    depth: dict[int, int] = {}
+    for i in forward:
+        depth[i] = 1 + max((depth[p] for p in graph.pred[i] if p in depth), default=-1)
+    rows: dict[int, int] = {}
+    for i in forward:
+        rows[i] = sum(1 for j in rows if depth[j] == depth[i])
+    # Long chains wrap onto several bands, like lines of text, so the picture stays readable.
+    per_band = 40
+    band_height = max(rows.values()) + 2
+    bands = max(depth.values()) // per_band + 1
+    x = {i: depth[i] % per_band for i in forward}
+    y = {i: -(depth[i] // per_band) * band_height - rows[i] for i in forward}
+    stage_of = {n: k for k, s in enumerate(plan.stages) for n in s.nodes}
+    colours = _colours(len(plan.stages))
+    fig, ax = plt.subplots(figsize=(12, max(3.0, 0.35 * bands * band_height + 1.5)))
+    for i in forward:
+        for j in graph.succ[i]:
+            if j in depth and depth[j] // per_band == depth[i] // per_band:
+                ax.plot([x[i], x[j]], [y[i], y[j]], color="0.7", lw=0.6, zorder=1)
+    for k, stage in enumerate(plan.stages):
+        members = [i for i in forward if stage_of.get(graph.nodes[i].id) == k]
+        ax.scatter([x[i] for i in members], [y[i] for i in members], s=36, color=colours[k], zorder=2,
+                   edgecolors="black", linewidths=0.4, label=f"stage {k}: {stage.kind}:{stage.index}")
+    ax.set_xlabel(f"operators in data-flow order, left to right, {per_band} per band, bands top to bottom")
+    ax.set_yticks([])
+    ax.set_title(title or f"{graph.name}: operators coloured by device ({plan.solver})")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def draw_loads(plan: Plan, path: str | Path, lower_bound: float | None = None, title: str = "") -> Path:
+    """Per-device load (compute and transfer stacked) against the max-load and a lower bound."""
+    plt = _pyplot()
+    labels = [f"{s.kind}:{s.index}" for s in plan.stages]
+    compute = [s.compute for s in plan.stages]
+    transfer = [s.transfer for s in plan.stages]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 2), 4))
+    ax.bar(labels, compute, color="#4c72b0", label="compute")
+    ax.bar(labels, transfer, bottom=compute, color="#dd8452", label="transfer")
+    ax.axhline(plan.max_load, color="black", ls="--", lw=1, label=f"max-load {plan.max_load:.4g}")
+    if lower_bound is not None:
+        ax.axhline(lower_bound, color="green", ls=":", lw=1.2, label=f"lower bound {lower_bound:.4g}")
+    ax.set_ylabel("load per sample")
+    ax.set_title(title or f"{plan.graph}: per-device load ({plan.solver})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def work_lower_bound(graph: OpGraph, plan: Plan) -> float:
+    """Total work over the number of devices, each node at its cheaper placement: no split beats it."""
+    import numpy as np
+    devices = max(1, sum(k["count"] for k in plan.cluster["kinds"])) if plan.cluster else max(1, len(plan.stages))
+    return float(np.minimum(graph.acc_time, graph.cpu_time).sum()) / devices
+
+
+def draw_bars(labels: Sequence[str], values: Sequence[float], path: str | Path, *, ylabel: str, title: str,
+              highlight: int | None = None) -> Path:
+    """A plain bar chart (e.g. max-load per method), one bar highlighted."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(labels) + 2), 4))
+    colours = ["#4c72b0" if i != highlight else "#55a868" for i in range(len(labels))]
+    ax.bar(labels, values, color=colours)
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.4g}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
