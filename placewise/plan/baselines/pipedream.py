@@ -1,0 +1,120 @@
+"""PipeDream's planner as a straight pipeline: a DP over the prefixes of a linearized order.
+
+PipeDream (Narayanan et al., SOSP 2019; `optimizer/optimizer_graph_hierarchical.py`) runs a DP
+whose states are downsets of the layer graph, each stage being the difference of two of them, and
+the pipeline time is the slowest stage. Without replication (`--straight_pipeline`) a stage runs
+on one worker, and its time is its forward plus backward compute; PipeDream's default run ignores
+activation transfers (no `--activation_compression_ratio`). The paper we reproduce ran it on a
+linearized order (its own code: `dp.cpp -pipeDream` contracts and linearizes the graph, then cuts
+prefixes), which keeps the DP quadratic where the number of downsets explodes (Inception).
+
+Here: the units (see `common.units`, each forward node with its backward nodes) in one topological
+order; the DP picks, for accelerators in order, consecutive runs of units minimising the largest
+stage time. `pipedream` counts a stage's time as the cost model's accelerator load (compute plus
+the transfers of outputs crossing the stage's boundary); `pipedream-nocomm` as compute only, which
+is PipeDream's default objective. Memory limits are respected (PipeDream's `--use_memory_constraint`
+in the cost model's terms); CPUs are not used, as PipeDream plans for GPUs only. The plan is then
+scored by the cost model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from numba import njit
+
+from placewise.errors import PlacewiseError
+from placewise.graph import Cluster, OpGraph
+from placewise.plan.baselines._incremental import csr
+from placewise.plan.baselines.common import accelerators, chain_assignment, score, unit_nodes, units
+from placewise.plan.cost import MEMORY_TOLERANCE
+from placewise.plan.plan import Plan
+
+
+@njit(cache=True)
+def _segment_transfers(unit_ptr, unit_members, n_nodes, pred_ptr, pred, out_degree, cost):
+    """T[i, j]: transfer cost paid by the set of units i..j-1 (cost model rule), for i < j."""
+    n_units = unit_ptr.shape[0] - 1
+    out = np.zeros((n_units + 1, n_units + 1))
+    inside = np.zeros(n_nodes, dtype=np.bool_)
+    succ_inside = np.zeros(n_nodes, dtype=np.int64)
+    paying = np.zeros(n_nodes, dtype=np.bool_)
+    for i in range(n_units):
+        inside[:] = False
+        succ_inside[:] = 0
+        paying[:] = False
+        total = 0.0
+        for j in range(i, n_units):
+            for k in range(unit_ptr[j], unit_ptr[j + 1]):
+                x = unit_members[k]
+                inside[x] = True
+                for q in range(pred_ptr[x], pred_ptr[x + 1]):
+                    succ_inside[pred[q]] += 1
+            # Re-derive the payment of the nodes whose status may have changed.
+            for k in range(unit_ptr[j], unit_ptr[j + 1]):
+                x = unit_members[k]
+                now = succ_inside[x] < out_degree[x]
+                if now != paying[x]:
+                    total += cost[x] if now else -cost[x]
+                    paying[x] = now
+                for q in range(pred_ptr[x], pred_ptr[x + 1]):
+                    w = pred[q]
+                    now = succ_inside[w] < out_degree[w] if inside[w] else succ_inside[w] > 0
+                    if now != paying[w]:
+                        total += cost[w] if now else -cost[w]
+                        paying[w] = now
+            out[i, j + 1] = total
+    return out
+
+
+def _plan(graph: OpGraph, cluster: Cluster, options, method: str, transfers: bool) -> Plan:
+    start = time.perf_counter()
+    devices = accelerators(cluster, method)
+    u = units(graph, cluster)
+    n = u.count
+    acc_prefix = np.concatenate([[0.0], np.cumsum(u.acc_time)])
+    mem_prefix = np.concatenate([[0.0], np.cumsum(u.memory)])
+    bad_prefix = np.concatenate([[0], np.cumsum(~u.supported)])
+    compute = acc_prefix[None, :] - acc_prefix[:, None]  # [i, j]: units i..j-1
+    memory = mem_prefix[None, :] - mem_prefix[:, None]
+    unsupported = (bad_prefix[None, :] - bad_prefix[:, None]) > 0
+    empty = ~np.triu(np.ones((n + 1, n + 1), dtype=bool), 1)
+    if transfers:
+        pred_ptr, pred = csr(graph.pred)
+        out_degree = np.array([len(s) for s in graph.succ], dtype=np.int64)
+        transfer = _segment_transfers(*unit_nodes(u), len(graph.nodes), pred_ptr, pred, out_degree, graph.out_cost)
+    else:
+        transfer = 0.0
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    choice = np.zeros((len(devices), n + 1), dtype=np.int64)
+    for s, dev in enumerate(devices):
+        kind = cluster.kind(dev.kind)
+        stage = compute / kind.speed + transfer
+        limit = np.inf if kind.memory is None else kind.memory * (1 + MEMORY_TOLERANCE)
+        stage[empty | unsupported | (memory > limit)] = np.inf
+        stage[np.diag_indices(n + 1)] = 0.0  # a device may stay empty
+        candidates = np.maximum(best[:, None], stage)
+        choice[s] = np.argmin(candidates, axis=0)
+        best = candidates[choice[s], np.arange(n + 1)]
+    if not np.isfinite(best[n]):
+        raise PlacewiseError(f"{method}: no cut of the linearized order into {len(devices)} stages fits the accelerators "
+                             "(memory or unsupported operators); add accelerators or memory, or use dp")
+    cuts = [n]
+    for s in range(len(devices) - 1, -1, -1):
+        cuts.append(int(choice[s, cuts[-1]]))
+    assignment = chain_assignment(graph, u, cuts[::-1], devices)
+    return score(graph, cluster, assignment, solver=method, seconds=time.perf_counter() - start,
+                 objective=options.objective, notes={"transfers": transfers, "planner_max_stage": float(best[n])})
+
+
+def pipedream(graph: OpGraph, cluster: Cluster, options) -> Plan:
+    """PipeDream's straight-pipeline DP; `options.extra["transfers"] = False` drops transfers from its objective."""
+    transfers = bool(options.extra.get("transfers", True))
+    return _plan(graph, cluster, options, "pipedream" if transfers else "pipedream-nocomm", transfers)
+
+
+def pipedream_nocomm(graph: OpGraph, cluster: Cluster, options) -> Plan:
+    """PipeDream's default objective: stage time is compute only."""
+    return _plan(graph, cluster, options, "pipedream-nocomm", False)
