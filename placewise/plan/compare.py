@@ -1,0 +1,140 @@
+"""Run several solvers and baselines on one graph and collect comparable rows (plain data).
+
+Each method is a registered solver, run with the same options and re-scored by the one cost model.
+A method that cannot handle the input (it raises `PlacewiseError`: memory, unsupported operators,
+too many ideals...) becomes a row that says why instead of stopping the comparison.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from placewise.errors import PlacewiseError
+from placewise.graph import Cluster, OpGraph
+from placewise.plan.plan import Plan
+from placewise.plan.solvers import SOLVERS, SolveOptions, get_solver
+
+# Rows come in this order (the exact planners first); other registered methods follow by name.
+PREFERRED_ORDER = ("dp", "ip", "pipedream", "pipedream-nocomm", "block-time", "block-params", "block-uniform",
+                   "metis", "local-search", "greedy", "one-accelerator", "expert")
+
+
+@dataclass
+class Row:
+    method: str
+    value: float | None  # the objective's value (max-load or latency); None when the method failed
+    max_load: float | None
+    latency: float | None
+    ratio: float | None  # value over the best feasible value
+    feasible: bool | None
+    contiguous: bool | None
+    seconds: float
+    error: str | None = None  # why the method could not handle the input
+    violations: list[str] = field(default_factory=list)
+    plan: Plan | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.pop("plan")
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()}
+
+
+@dataclass
+class Comparison:
+    graph: str
+    objective: str
+    cluster: dict
+    rows: list[Row]
+
+    @property
+    def best(self) -> Row | None:
+        ok = [r for r in self.rows if r.feasible and r.value is not None and math.isfinite(r.value)]
+        return min(ok, key=lambda r: r.value) if ok else None
+
+    def to_json(self) -> dict:
+        best = self.best
+        return {"graph": self.graph, "objective": self.objective, "cluster": self.cluster,
+                "best": best.method if best else None, "rows": [r.to_json() for r in self.rows]}
+
+
+def default_methods(objective: str = "throughput", with_expert: bool = False) -> list[str]:
+    """Every registered method for the objective (latency-only ones skipped for throughput);
+    `expert` only when a split file is given."""
+    names = [n for n in SOLVERS if (n != "expert" or with_expert)
+             and not (objective == "throughput" and "latency" in n)]
+    rank = {n: i for i, n in enumerate(PREFERRED_ORDER)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+
+
+def run_method(graph: OpGraph, cluster: Cluster, method: str, options: SolveOptions) -> Row:
+    start = time.perf_counter()
+    try:
+        plan = get_solver(method)(graph, cluster, options)
+    except PlacewiseError as e:
+        return Row(method, None, None, None, None, None, None, time.perf_counter() - start, error=str(e))
+    seconds = time.perf_counter() - start
+    return Row(method, plan.value, plan.max_load, plan.latency, None, plan.feasible, plan.contiguous, seconds,
+               violations=list(plan.violations), plan=plan)
+
+
+def compare(graph: OpGraph, cluster: Cluster, methods: list[str] | None = None, options: SolveOptions | None = None,
+            on_start: Callable[[str], None] | None = None) -> Comparison:
+    """Run `methods` (default: `default_methods`) and give each row its ratio to the best feasible one."""
+    options = options or SolveOptions()
+    if methods is None:
+        methods = default_methods(options.objective, bool(options.extra.get("split")))
+    unknown = [m for m in methods if m not in SOLVERS]
+    if unknown:
+        raise PlacewiseError(f"unknown method {unknown[0]!r}; choose from {', '.join(default_methods(options.objective, True))}")
+    if not cluster.devices():
+        raise PlacewiseError("the cluster has no devices; give --accelerators and/or --cpus of at least 1")
+    rows = []
+    for method in methods:
+        if on_start:
+            on_start(method)
+        # Each method gets its own copy of the options, so none can leak settings into the next.
+        rows.append(run_method(graph, cluster, method, replace(options, extra=dict(options.extra))))
+    result = Comparison(graph.name, options.objective, cluster.to_json(), rows)
+    best = result.best
+    for r in rows:
+        if best is not None and r.value is not None and best.value > 0:
+            r.ratio = r.value / best.value
+    return result
+
+
+def plot(result: Comparison, path: str | Path, title: str | None = None) -> None:
+    """A horizontal bar chart of each method's value (PNG, matplotlib's Agg backend)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.rows if r.value is not None and math.isfinite(r.value)]
+    failed = [r.method for r in result.rows if r not in rows]
+    if not rows:
+        raise PlacewiseError("no method produced a plan, so there is nothing to plot; see the table for why")
+    best = result.best
+    label = "max-load (time per sample)" if result.objective == "throughput" else "latency"
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.6))
+    names = [r.method + ("" if r.contiguous else "*") + ("" if r.feasible else " (infeasible)") for r in rows]
+    colors = ["#2a9d8f" if best is not None and r is best else ("#457b9d" if r.feasible else "#bbbbbb") for r in rows]
+    bars = ax.barh(range(len(rows)), [r.value for r in rows], color=colors, hatch=None)
+    for bar, r in zip(bars, rows):
+        if not r.feasible:
+            bar.set_hatch("//")
+        text = f" {r.value:.4g}" + (f"  ({r.ratio:.3f}x)" if r.ratio is not None else "")
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), names, fontsize=9)
+    ax.invert_yaxis()
+    starred = "; * not contiguous" if any(not r.contiguous for r in rows) else ""
+    ax.set_xlabel(f"{label}, lower is better (x: over the best feasible){starred}")
+    ax.set_xlim(0, max(r.value for r in rows) * 1.3)
+    note = f"; could not run: {', '.join(failed)}" if failed else ""
+    ax.set_title(title or f"{result.graph}: {label} by method{note}", fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
