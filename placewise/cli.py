@@ -130,7 +130,66 @@ def _not_built(what: str) -> int:
 
 # ---- compare (baselines issue) --------------------------------------------------------------------
 def cmd_compare(args) -> int:
-    return _not_built("compare")
+    from rich.console import Console
+    from rich.table import Table
+
+    from placewise.plan import SolveOptions
+    from placewise.plan.compare import compare, plot
+    graph = _load_graph(args)
+    cluster = _cluster(args, graph)
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise PlacewiseError(f"--time-limit is {args.time_limit}; use a positive number of seconds")
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        raise PlacewiseError(f"--plot {args.plot}: the chart is a PNG; give a file name ending in .png")
+    extra = {"split": args.expert} if args.expert else {}
+    methods = args.methods
+    if methods is not None and args.expert and "expert" not in methods:
+        methods = [*methods, "expert"]
+    options = SolveOptions(objective=args.objective, time_limit=args.time_limit, seed=args.seed, extra=extra)
+    err = Console(stderr=True)
+    show = not args.json and sys.stderr.isatty()
+    with err.status("comparing...", spinner="dots") if show else _nullcontext() as status:
+        result = compare(graph, cluster, methods, options,
+                         on_start=(lambda m: status.update(f"running {m}...")) if show else None)
+    if args.plot:
+        plot(result, args.plot)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+        return 0
+    what = "max-load" if args.objective == "throughput" else "latency"
+    table = Table(title=f"{graph.name}: {cluster.accelerators} accelerator(s), {cluster.cpus} CPU(s), {what} by method "
+                        "(lower is better)")
+    for col in ("method", what, "max-load" if args.objective == "latency" else "latency", "x best", "feasible",
+                "contiguous", "seconds"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    best = result.best
+    for r in result.rows:
+        if r.error:
+            table.add_row(r.method, "-", "-", "-", "[red]cannot run[/red]", "-", f"{r.seconds:.2f}")
+            continue
+        other = r.max_load if args.objective == "latency" else r.latency
+        name = f"[bold green]{r.method}[/bold green]" if r is best else r.method
+        table.add_row(name, f"{r.value:.6g}", "-" if other is None else f"{other:.6g}",
+                      "-" if r.ratio is None else f"{r.ratio:.3f}", "yes" if r.feasible else "[red]no[/red]",
+                      "yes" if r.contiguous else "no", f"{r.seconds:.2f}")
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(table)
+    for r in result.rows:
+        if r.error:
+            console.print(f"[red]{r.method}[/red] could not run: {r.error}")
+        elif not r.feasible:
+            console.print(f"[yellow]{r.method}[/yellow] is infeasible: {r.violations[0]}")
+    if args.plot:
+        console.print(f"chart written to {args.plot}")
+    return 0
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 # ---- profile and devices (profile issue) ----------------------------------------------------------
