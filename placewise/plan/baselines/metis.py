@@ -59,7 +59,7 @@ def metis(graph: OpGraph, cluster: Cluster, options) -> Plan:
         # Every edge keeps weight >= 1 so that free edges still hold neighbours together a little.
         eweights = [max(1, round(w / edge_total * WEIGHT_SCALE)) for nb in adjacency for _, w in nb]
         vweights = [round(t / vertex_total * WEIGHT_SCALE) for t in u.acc_time]
-        result = pymetis.part_graph(len(devices), xadj=xadj.tolist(), adjncy=adjncy, vweights=vweights,
+        result = pymetis.part_graph(len(devices), pymetis.CSRAdjacency(xadj.tolist(), adjncy), vweights=vweights,
                                     eweights=eweights or None, options=pymetis.Options(seed=options.seed))
         parts = np.asarray(result[1], dtype=np.int64)
     assignment = {graph.nodes[i].id: devices[int(parts[u.unit_of[i]])] for i in range(len(graph.nodes))}
