@@ -1,0 +1,260 @@
+"""Timing a traced model node by node, forward and backward, on CPU or CUDA.
+
+Forward: the graph is run whole, several times, with a clock around each node's call only (no
+interpreter bookkeeping inside the timed region), so a node is timed in its real context (caches,
+allocator, in-place semantics) and the per-node sum can be checked against an untimed whole run.
+Backward: each node is re-run on its recorded inputs and `torch.autograd.grad` of its outputs is
+timed (the graph kept between repeats), which never touches any parameter's `.grad`.
+CPU is timed by process CPU time (one thread) or wall time; CUDA with events, read after one
+synchronisation per run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_leaves, tree_map
+
+from placewise.profile.trace import CALL_OPS, attribute
+
+Tick = Callable[[], None]
+
+
+@contextlib.contextmanager
+def model_preserved(model: nn.Module) -> Iterator[None]:
+    """Leave the model as it was: values of parameters and buffers (batch-norm statistics move
+    when a training-mode forward runs), train/eval flags, requires_grad and `.grad`. (The profiler
+    adds no hooks: it times calls from its own loop.)"""
+    modes = [(m, m.training) for m in model.modules()]
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    state = [(t, t.detach().clone()) for t in list(model.parameters()) + list(model.buffers())]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, saved in state:
+                t.copy_(saved)
+        for m, mode in modes:
+            m.training = mode
+        for p, flag, grad in zip(params, flags, grads):
+            p.requires_grad_(flag)
+            p.grad = grad
+
+
+CLOCKS = ("cpu", "wall")
+
+
+class Clock:
+    """Times regions on one device. On CPU either the process's CPU time (`cpu`: what the work
+    costs a core, unaffected by other processes taking the core away; right for one thread) or
+    wall time (`wall`: right for several threads, which CPU time would add up). CUDA uses events."""
+
+    def __init__(self, device: torch.device, kind: str = "cpu") -> None:
+        self.cuda = device.type == "cuda"
+        self.kind = "cuda" if self.cuda else kind
+        self._now = time.process_time if kind == "cpu" else time.perf_counter
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return self._now()
+
+    def ms(self, start: Any, end: Any) -> float:
+        """Milliseconds between two marks (after `sync` on CUDA)."""
+        return float(start.elapsed_time(end)) if self.cuda else (end - start) * 1000.0
+
+
+def _call(gm: fx.GraphModule, node: fx.Node, modules: dict[str, nn.Module]) -> Callable[..., Any]:
+    if node.op == "call_module":
+        return modules[node.target]
+    if node.op == "call_function":
+        return node.target
+    return lambda obj, *a, **k: getattr(obj, node.target)(*a, **k)
+
+
+@dataclass
+class GraphRunner:
+    """Runs a GraphModule node by node, timing each call node; optionally keeps every value."""
+
+    gm: fx.GraphModule
+    clock: Clock
+    nodes: list[fx.Node] = field(init=False)
+    calls: dict[str, Callable[..., Any]] = field(init=False)
+    last_use: dict[fx.Node, list[fx.Node]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nodes = list(self.gm.graph.nodes)
+        modules = dict(self.gm.named_modules())
+        self.calls = {n.name: _call(self.gm, n, modules) for n in self.nodes if n.op in CALL_OPS}
+        # Free each value after its last reader, as the compiled forward does.
+        last: dict[fx.Node, fx.Node] = {}
+        for n in self.nodes:
+            for a in n.all_input_nodes:
+                last[a] = n
+        self.last_use = {}
+        for value, reader in last.items():
+            self.last_use.setdefault(reader, []).append(value)
+
+    def run(self, inputs: tuple, *, times: dict[str, list[float]] | None = None,
+            keep: bool = False) -> dict[fx.Node, Any]:
+        env: dict[fx.Node, Any] = {}
+        args = iter(self.gm.graph.process_inputs(*inputs))
+        marks: list[tuple[str, Any, Any]] = []
+        load = lambda a: env[a]  # noqa: E731
+        for n in self.nodes:
+            if n.op == "placeholder":
+                env[n] = next(args, n.args[0] if n.args else None)
+            elif n.op == "get_attr":
+                env[n] = attribute(self.gm, n.target)
+            elif n.op == "output":
+                env[n] = fx.node.map_arg(n.args[0], load)
+            else:
+                fn = self.calls[n.name]
+                a, k = fx.node.map_arg(n.args, load), fx.node.map_arg(n.kwargs, load)
+                start = self.clock.mark()
+                env[n] = fn(*a, **k)
+                end = self.clock.mark()
+                marks.append((n.name, start, end))
+            if not keep:
+                for dead in self.last_use.get(n, ()):
+                    if dead.op != "output":
+                        env.pop(dead, None)
+        self.clock.sync()
+        if times is not None:
+            for name, start, end in marks:
+                times.setdefault(name, []).append(self.clock.ms(start, end))
+        return env
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def time_forward(gm: fx.GraphModule, model: nn.Module, inputs: tuple, clock: Clock, *, repeats: int,
+                 warmup: int, grad: bool, tick: Tick = lambda: None) -> tuple[dict[str, float], float, float]:
+    """Median forward milliseconds per call node, of the whole model, and of the whole traced graph.
+
+    Whole and node-by-node runs alternate so that load from other processes hits both alike.
+    """
+    runner = GraphRunner(gm, clock)
+    per_node: dict[str, list[float]] = {}
+    whole: list[float] = []
+    traced: list[float] = []
+
+    def timed(fn: Callable[[], Any]) -> float:
+        start = clock.mark()
+        fn()
+        end = clock.mark()
+        clock.sync()
+        return clock.ms(start, end)
+
+    with torch.set_grad_enabled(grad):
+        for i in range(warmup + repeats):
+            w, t = timed(lambda: model(*inputs)), timed(lambda: gm(*inputs))
+            runner.run(inputs, times=per_node if i >= warmup else None)
+            if i >= warmup:
+                whole.append(w)
+                traced.append(t)
+            tick()
+    return {k: median(v) for k, v in per_node.items()}, median(whole), median(traced)
+
+
+def record_values(gm: fx.GraphModule, inputs: tuple, clock: Clock, *, grad: bool) -> dict[str, Any]:
+    """Every node's value from one run, detached; a tensor keeps requires_grad when autograd
+    would have tracked it, so backward timing knows which inputs carry gradients."""
+    with torch.set_grad_enabled(grad):
+        env = GraphRunner(gm, clock).run(inputs, keep=True)
+
+    def detach(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x.detach().requires_grad_(x.requires_grad and x.is_floating_point())
+        return x
+    return {n.name: tree_map(detach, v) for n, v in env.items()}
+
+
+def _differentiable(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.requires_grad
+
+
+def time_backward(gm: fx.GraphModule, values: dict[str, Any], clock: Clock, *, repeats: int, warmup: int,
+                  tick: Tick = lambda: None) -> dict[str, float]:
+    """Median backward milliseconds per call node: gradients of its inputs and parameters from its
+    outputs' gradients. Nodes whose outputs carry no gradient take 0."""
+    modules = dict(gm.named_modules())
+    out: dict[str, float] = {}
+    for n in gm.graph.nodes:
+        if n.op not in CALL_OPS:
+            continue
+        out[n.name] = _node_backward(n, _call(gm, n, modules), modules, values, clock, repeats, warmup)
+        tick()
+    return out
+
+
+def _node_backward(n: fx.Node, fn: Callable[..., Any], modules: dict[str, nn.Module], values: dict[str, Any],
+                   clock: Clock, repeats: int, warmup: int) -> float:
+    wrt: list[torch.Tensor] = []
+
+    def prepare(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            leaf = x.detach().requires_grad_(x.requires_grad)
+            if leaf.requires_grad:
+                wrt.append(leaf)
+            # A clone keeps in-place operators off the recorded values and off the leaf itself.
+            return leaf.clone()
+        return x
+
+    load = lambda a: tree_map(prepare, values[a.name])  # noqa: E731
+    args, kwargs = fx.node.map_arg(n.args, load), fx.node.map_arg(n.kwargs, load)
+    if n.op == "call_module":
+        wrt += [p for p in modules[n.target].parameters() if p.requires_grad]
+    with torch.enable_grad():
+        result = fn(*args, **kwargs)
+    outputs = [t for t in tree_leaves(result) if _differentiable(t) and t.grad_fn is not None]
+    if not outputs or not wrt:
+        return 0.0
+    grad_outputs = [torch.ones_like(t) for t in outputs]
+    samples = []
+    for i in range(warmup + repeats):
+        start = clock.mark()
+        torch.autograd.grad(outputs, wrt, grad_outputs, retain_graph=True, allow_unused=True)
+        end = clock.mark()
+        clock.sync()
+        if i >= warmup:
+            samples.append(clock.ms(start, end))
+    return median(samples)
+
+
+def time_whole_backward(gm: fx.GraphModule, inputs: tuple, clock: Clock, *, repeats: int, warmup: int) -> float:
+    """Median milliseconds of one backward pass of the whole graph, gradients for its parameters."""
+    params = [p for p in gm.parameters() if p.requires_grad]
+    if not params:
+        return 0.0
+    samples = []
+    for i in range(warmup + repeats):
+        with torch.enable_grad():
+            outputs = [t for t in tree_leaves(gm(*inputs)) if _differentiable(t)]
+        if not outputs:
+            return 0.0
+        grad_outputs = [torch.ones_like(t) for t in outputs]
+        start = clock.mark()
+        torch.autograd.grad(outputs, params, grad_outputs, allow_unused=True)
+        end = clock.mark()
+        clock.sync()
+        if i >= warmup:
+            samples.append(clock.ms(start, end))
+    return median(samples)
