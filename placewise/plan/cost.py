@@ -203,9 +203,9 @@ def evaluate(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device],
         if contiguous:
             violations.append(Violation("contiguity", "the devices' sets depend on each other in a cycle, so they are not contiguous "
                                         "(not differences of ideals in one chain); use a contiguous split or --noncontiguous"))
-        lat = None
-    else:
-        lat = latency(graph, cluster, devices, device_of, loads)
+    # Latency schedules CPU nodes one by one, so CPU cores in a cycle of device sets still have one;
+    # latency() itself gives None when accelerator blocks wait on each other in a cycle.
+    lat = latency(graph, cluster, devices, device_of, loads)
     ordered = tuple(loads[d] for d in order)
     max_load = max((dl.load for dl in ordered), default=0.0)
     return Evaluation(ordered, max_load, lat, tuple(violations))

@@ -16,6 +16,18 @@ from placewise.graph import Cluster, OpGraph
 # name -> "module:function". Each entry is one solver or baseline module of plan/.
 SOLVERS: dict[str, str] = {
     "one-accelerator": "placewise.plan.baselines:one_accelerator",
+    "expert": "placewise.plan.baselines.simple:expert",
+    "greedy": "placewise.plan.baselines.greedy:greedy",
+    "pipedream": "placewise.plan.baselines.pipedream:pipedream",
+    "pipedream-nocomm": "placewise.plan.baselines.pipedream:pipedream_nocomm",
+    "block-time": "placewise.plan.baselines.block:block_time",
+    "block-params": "placewise.plan.baselines.block:block_params",
+    "block-uniform": "placewise.plan.baselines.block:block_uniform",
+    "metis": "placewise.plan.baselines.metis:metis",
+    "local-search": "placewise.plan.baselines.local_search:local_search",
+    "dp": "placewise.plan.dp:solve",
+    "ip": "placewise.plan.ip:solve",
+    "greedy-latency": "placewise.plan.latency_greedy:solve",
 }
 
 
