@@ -208,16 +208,79 @@ def cmd_train(args) -> int:
     return _train_pipeline(args)
 
 
+def _pipeline_job(args, mode: str):
+    from placewise.plan import load_plan
+    from placewise.run.pipeline import PipelineJob, mapping_from_plan
+    if not args.plan:
+        raise PlacewiseError(f"{mode} of a pipeline needs --plan PLAN.json; make one with `placewise profile MODEL "
+                             "--out G.json` then `placewise plan G.json --out PLAN.json`")
+    if args.threads < 1:
+        raise PlacewiseError(f"--threads is {args.threads}; use 1 or more")
+    plan = load_plan(args.plan)
+    job = PipelineJob(model=args.model, batch_size=args.batch_size, mapping=mapping_from_plan(plan),
+                      input_shape=tuple(args.input_shape) if args.input_shape else None, mode=mode,
+                      schedule=getattr(args, "schedule", "gpipe"), microbatches=args.microbatches, steps=args.steps,
+                      warmup=1, lr=getattr(args, "lr", 0.0), optimizer=getattr(args, "optimizer", "sgd"),
+                      momentum=getattr(args, "momentum", 0.0), fuse=getattr(args, "fuse", "none"),
+                      seed=getattr(args, "seed", 0), progress=not args.json and sys.stderr.isatty())
+    return plan, job
+
+
+def _run_pipeline_job(args, mode: str) -> int:
+    from placewise.run.pipeline import run_pipeline
+    from placewise.run.report import pipeline_report, print_report, profiled_batch
+    plan, job = _pipeline_job(args, mode)
+    batch, unit = None, None
+    if getattr(args, "graph", None):
+        from placewise.graph import load_graph
+        graph = load_graph(args.graph)
+        batch, unit = profiled_batch(graph), graph.meta_dict.get("time_unit")
+    results = run_pipeline(job, threads=args.threads)
+    report = pipeline_report(results, plan=plan, batch_size=job.batch_size, mode=mode, schedule=job.schedule,
+                             microbatches=job.microbatches, profiled_batch=batch, time_unit=unit)
+    report.update(model=args.model, plan=str(args.plan), threads_per_process=args.threads)
+    if getattr(args, "out", None):
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"{mode}-report.json").write_text(json.dumps(report, indent=1) + "\n")
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print_report(report, f"{args.model}: {mode} on {len(results)} pipeline stage(s), {args.threads} thread(s) each")
+    return 0
+
+
 def _train_pipeline(args) -> int:
-    return _not_built("pipelined training")
+    return _run_pipeline_job(args, "train")
 
 
 def _train_data_parallel(args) -> int:
-    return _not_built("data-parallel training")
+    from placewise.run.async_sgd import TrainConfig, print_report, train_data_parallel, write_outputs
+    mode = "async" if args.mode == "pipeline" else args.mode
+    if args.plan:
+        raise PlacewiseError(f"--plan {args.plan} with --mode {mode}: workers that are whole pipelines are not "
+                             f"supported yet; drop --plan (each worker is one process)")
+    checkpoint = args.checkpoint
+    if checkpoint is None and args.checkpoint_every and args.out:
+        checkpoint = str(Path(args.out) / "checkpoint.pt")
+    cfg = TrainConfig(model=args.model, mode=mode, workers=2 if args.workers is None else args.workers,
+                      servers=args.servers, n_push=args.n_push, n_fetch=args.n_fetch, staleness=args.staleness,
+                      dataset=args.dataset, steps=None if args.epochs is not None else args.steps,
+                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                      momentum=args.momentum, fuse=args.fuse, seed=args.seed, threads=args.threads,
+                      checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                      progress=not args.json and sys.stderr.isatty())
+    report = train_data_parallel(cfg)
+    if args.out:
+        write_outputs(report, args.out)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print_report(report)
+    return 0
 
 
 def cmd_serve_bench(args) -> int:
-    return _not_built("serve-bench")
+    return _run_pipeline_job(args, "infer")
 
 
 def cmd_demo(args) -> int:
@@ -306,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", "train a model as a pipeline (from a plan) and/or with data-parallel workers", cmd_train)
     p.add_argument("model", help="model name (as for profile) or package.module:factory")
     p.add_argument("--plan", metavar="PLAN.json", help="plan to cut the model into pipeline stages")
+    p.add_argument("--graph", metavar="GRAPH.json", help="the profiled graph the plan came from (per-sample prediction)")
     p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b")
     p.add_argument("--microbatches", type=int, default=4, metavar="M")
     p.add_argument("--steps", type=int, default=10, metavar="N")
@@ -339,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", type=int, nargs="+", metavar="D")
     p.add_argument("--steps", type=int, default=10, metavar="N")
     p.add_argument("--threads", type=int, default=1, metavar="T")
+    p.add_argument("--graph", metavar="GRAPH.json", help="the profiled graph the plan came from (per-sample prediction)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
     add("demo", "run the main job on an embedded default", cmd_demo)

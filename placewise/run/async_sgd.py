@@ -1,0 +1,525 @@
+"""Data-parallel training: asynchronous workers around a parameter server, its synchronous twin, and DDP.
+
+Ranks of an async/sync run: 0..S-1 are parameter-server shards (`placewise.run.server`), S..S+W-1 are
+workers. A worker computes the gradient of one minibatch per step, pushes the mean of its accumulated
+gradients every `n_push` steps and fetches fresh parameters every `n_fetch` steps. A DDP run has W
+ranks, each a worker with `DistributedDataParallel` and its own optimizer (the reference synchronous
+method; optimizer fusion applies there). Every process is started by `placewise.run.launcher.launch`
+over 127.0.0.1 (or by torchrun through `run_rank`).
+
+Worker `i` (0-based among workers) of every mode reads the same deterministic batch stream
+(`data.BatchStream` with worker `i`), so sync and DDP compute the same mathematics and a resumed
+run repeats the uninterrupted one step for step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from placewise.errors import PlacewiseError
+from placewise.run.data import BatchStream, Dataset, load_dataset
+from placewise.run.launcher import launch
+from placewise.run.server import (HEADER, REPLY, STOP, Kind, ParameterServer, ServerSettings, Staleness,
+                                  checkpoint_path, flat_views, load_checkpoint, make_optimizer, optimizer_class,
+                                  optimizer_kwargs, save_checkpoint, shard_parameters)
+
+MODES = ("async", "sync", "ddp")
+# Processes on one machine: beyond this the embedded launcher only thrashes (and gloo opens W*S pairs).
+MAX_PROCESSES = 64
+DEFAULT_HIDDEN = (128,)
+
+
+# ---- models --------------------------------------------------------------------------------------
+def parse_model(spec: str) -> tuple[int, ...]:
+    """Hidden widths of `mlp`, `mlp:256` or `mlp:1024x1024`."""
+    name, _, sizes = spec.partition(":")
+    if name != "mlp":
+        raise PlacewiseError(f"model {spec!r} is not available for data-parallel training; use mlp, mlp:H or "
+                             f"mlp:H1xH2 (hidden widths)")
+    if not sizes:
+        return DEFAULT_HIDDEN
+    parts = sizes.split("x")
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise PlacewiseError(f"model {spec!r}: hidden widths must be positive integers, e.g. mlp:256 or mlp:512x512")
+    return tuple(int(p) for p in parts)
+
+
+def build_model(spec: str, features: int, classes: int, seed: int) -> nn.Sequential:
+    """The MLP `spec` with weights drawn from `seed` (every rank builds the same one)."""
+    hidden = parse_model(spec)
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    width = features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(dim=1) == y).float().mean())
+
+
+# ---- configuration -------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    model: str = "mlp"
+    mode: str = "async"
+    workers: int = 2
+    servers: int = 1
+    n_push: int = 1
+    n_fetch: int = 1
+    staleness: str = "none"
+    dataset: str = "digits"
+    steps: int | None = None        # server updates (async: one per push; sync/ddp: one per round)
+    epochs: float | None = None     # or this many passes over the training set, summed over workers
+    batch_size: int = 32
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    fuse: str = "none"
+    seed: int = 0
+    threads: int = 1
+    checkpoint: str | None = None
+    checkpoint_every: int = 0
+    resume: str | None = None
+    snapshot_every: int = 0         # parameter copies for the accuracy curve (0: about 20 per run)
+    progress: bool = False
+    timeout_s: float = 1800.0
+    # Fault injection for tests and demos: rank `kill_rank` kills itself (SIGKILL) at its step/update `kill_at`.
+    kill_rank: int | None = None
+    kill_at: int | None = None
+
+    def policy(self) -> Staleness:
+        return Staleness.parse(self.staleness)
+
+    def world_size(self) -> int:
+        return self.workers if self.mode == "ddp" else self.servers + self.workers
+
+    def server_count(self) -> int:
+        return 0 if self.mode == "ddp" else self.servers
+
+    def total_steps(self, train_size: int) -> int:
+        """Server updates of the run: `steps`, or `epochs` passes over the data (all workers together)."""
+        if self.steps is not None:
+            return self.steps
+        per_update = self.batch_size * self.n_push * (1 if self.mode == "async" else self.workers)
+        return max(1, int(-(-self.epochs * train_size // per_update)))
+
+    def validate(self) -> None:
+        """Reject bad settings with one line each (the CLI exits 2)."""
+        if self.mode not in MODES:
+            raise PlacewiseError(f"--mode {self.mode!r}: data-parallel modes are {', '.join(MODES)}")
+        parse_model(self.model)
+        optimizer_class(self.optimizer)
+        if self.workers < 1 or self.world_size() > MAX_PROCESSES:
+            raise PlacewiseError(f"--workers {self.workers}: use 1..{MAX_PROCESSES - self.server_count()} "
+                                 f"(at most {MAX_PROCESSES} processes with the servers on one machine)")
+        if self.servers < 1:
+            raise PlacewiseError(f"--servers {self.servers}: use 1 or more parameter-server shards")
+        for flag, value in (("--n-push", self.n_push), ("--n-fetch", self.n_fetch)):
+            if value < 1:
+                raise PlacewiseError(f"{flag} {value}: must be 1 or more (steps between pushes/fetches)")
+        policy = self.policy()
+        if self.mode != "async" and policy.policy != "none":
+            raise PlacewiseError(f"--staleness {self.staleness} applies to --mode async only; {self.mode} has no "
+                                 f"stale gradients")
+        if self.mode == "ddp" and (self.n_push, self.n_fetch, self.servers) != (1, 1, 1):
+            raise PlacewiseError("--mode ddp has no parameter server: drop --n-push, --n-fetch and --servers")
+        if self.mode == "sync" and self.n_fetch != self.n_push:
+            raise PlacewiseError(f"--mode sync: --n-fetch {self.n_fetch} must equal --n-push {self.n_push} "
+                                 f"(every worker takes the parameters of each synchronous round)")
+        if self.fuse != "none":
+            if self.mode != "ddp":
+                raise PlacewiseError(f"--fuse {self.fuse} does not apply to --mode {self.mode}: the parameter "
+                                     f"server updates from received gradients, with no forward or backward pass "
+                                     f"to fuse into; use --mode ddp or --fuse none")
+            if self.fuse != "forward":
+                raise PlacewiseError(f"--fuse {self.fuse} with --mode ddp would update from local gradients "
+                                     f"before DDP averages them; use --fuse forward")
+        if self.steps is None and self.epochs is None:
+            raise PlacewiseError("give --steps N or --epochs E")
+        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
+            raise PlacewiseError("--steps and --epochs must be positive")
+        if self.batch_size < 1:
+            raise PlacewiseError(f"--batch-size {self.batch_size}: must be 1 or more")
+        if self.lr <= 0:
+            raise PlacewiseError(f"--lr {self.lr}: must be positive")
+        if self.checkpoint_every < 0 or (self.checkpoint_every and not self.checkpoint):
+            raise PlacewiseError("--checkpoint-every K needs K >= 1 and --checkpoint PATH")
+        if self.threads < 1:
+            raise PlacewiseError(f"--threads {self.threads}: must be 1 or more")
+
+    def fingerprint(self, features: int, classes: int) -> dict[str, Any]:
+        """What a checkpoint must share with the run that resumes it."""
+        return {"model": self.model, "features": features, "classes": classes, "mode": self.mode,
+                "optimizer": self.optimizer, "servers": self.server_count(), "dataset": self.dataset,
+                "batch_size": self.batch_size, "n_push": self.n_push, "seed": self.seed}
+
+
+# ---- workers -------------------------------------------------------------------------------------
+def _maybe_kill(cfg: TrainConfig, rank: int, step: int) -> None:
+    if cfg.kill_rank == rank and cfg.kill_at == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Forward and backward of one minibatch (gradients accumulate); returns loss sum and correct count."""
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    return loss.item() * len(y), float((out.argmax(dim=1) == y).sum())
+
+
+def run_worker(rank: int, cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
+    """A parameter-server worker: steps until every server shard has said STOP."""
+    servers = list(range(cfg.servers))
+    worker = rank - cfg.servers
+    model = build_model(cfg.model, data.features, data.classes, cfg.seed)
+    params = list(model.parameters())
+    shards = shard_parameters([p.numel() for p in params], cfg.servers)
+    # The model's parameters and gradients are views of one flat buffer per shard: fetched
+    # parameters land in the model and pushed gradients leave it without copies.
+    param_flat, grad_flat = [], []
+    for shard in shards:
+        pf, pviews = flat_views([params[i] for i in shard])
+        gf, gviews = flat_views([torch.zeros_like(params[i]) for i in shard])
+        for i, pv, gv in zip(shard, pviews, gviews):
+            params[i].data = pv
+            params[i].grad = gv
+        param_flat.append(pf)
+        grad_flat.append(gf)
+    stream = BatchStream(data.x_train, data.y_train, cfg.batch_size, cfg.seed, worker)
+    reply = torch.zeros(REPLY, dtype=torch.float64)
+    headers = [torch.zeros(HEADER, dtype=torch.float64) for _ in servers]
+    fetched = [0] * cfg.servers
+    running = set(servers)
+
+    def exchange(kind: Kind, step: int, stats: tuple[float, float, float]) -> int:
+        """Send `kind` to every running shard, read their replies; returns the start step (HELLO)."""
+        works = []
+        for s in sorted(running):
+            headers[s].copy_(torch.tensor([float(kind), step, fetched[s], *stats], dtype=torch.float64))
+            works.append(dist.isend(headers[s], dst=s))
+            if kind in (Kind.PUSH, Kind.PUSH_FETCH):
+                works.append(dist.isend(grad_flat[s], dst=s))
+        for w in works:
+            w.wait()
+        start = 0
+        for s in sorted(running):
+            dist.recv(reply, src=s)
+            if float(reply[0]) == STOP:
+                running.discard(s)
+                dist.send(torch.tensor([float(Kind.BYE)] + [0.0] * (HEADER - 1), dtype=torch.float64), dst=s)
+                continue
+            if kind in (Kind.HELLO, Kind.PUSH_FETCH, Kind.FETCH):
+                dist.recv(param_flat[s], src=s)
+                fetched[s] = int(reply[1])
+            if s == 0:
+                start = int(reply[2])
+        return start
+
+    start = step = exchange(Kind.HELLO, 0, (0.0, 0.0, 0.0))
+    accumulated, loss_sum, correct, samples = 0, 0.0, 0.0, 0.0
+    began = time.perf_counter()
+    while running:
+        _maybe_kill(cfg, rank, step)
+        x, y = stream.batch(step)
+        batch_loss, batch_correct = _step(model, x, y)
+        loss_sum, correct, samples = loss_sum + batch_loss, correct + batch_correct, samples + len(y)
+        step += 1
+        accumulated += 1
+        push, fetch = step % cfg.n_push == 0, step % cfg.n_fetch == 0
+        if not (push or fetch):
+            continue
+        if push and accumulated > 1:
+            for g in grad_flat:
+                g.div_(accumulated)  # the mean gradient of the accumulated steps
+        kind = Kind.PUSH_FETCH if push and fetch else Kind.PUSH if push else Kind.FETCH
+        exchange(kind, step, (loss_sum, correct, samples) if push else (0.0, 0.0, 0.0))
+        if push:
+            for g in grad_flat:
+                g.zero_()
+            accumulated, loss_sum, correct, samples = 0, 0.0, 0.0, 0.0
+    return {"role": "worker", "rank": rank, "steps": step - start, "seconds": time.perf_counter() - began}
+
+
+def run_server(rank: int, cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
+    model = build_model(cfg.model, data.features, data.classes, cfg.seed)
+    params = list(model.parameters())
+    shard = shard_parameters([p.numel() for p in params], cfg.servers)[rank]
+    fingerprint = cfg.fingerprint(data.features, data.classes)
+    resume = load_checkpoint(checkpoint_path(cfg.resume, rank, cfg.servers), fingerprint) if cfg.resume else None
+    settings = ServerSettings(mode=cfg.mode, steps=cfg.total_steps(data.train_size), optimizer=cfg.optimizer,
+                              lr=cfg.lr, momentum=cfg.momentum, staleness=cfg.policy(), checkpoint=cfg.checkpoint,
+                              checkpoint_every=cfg.checkpoint_every, snapshot_every=_snapshot_every(cfg, data),
+                              progress=cfg.progress and rank == 0, fingerprint=fingerprint,
+                              kill_at=cfg.kill_at if cfg.kill_rank == rank else None)
+    workers = list(range(cfg.servers, cfg.servers + cfg.workers))
+    server = ParameterServer(rank, cfg.servers, [params[i].detach() for i in shard], workers, settings, resume)
+    return server.serve()
+
+
+def run_ddp(rank: int, world_size: int, cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
+    """One DDP rank: local forward/backward, all-reduced gradients, its own (optionally fused) optimizer."""
+    from torch.nn.parallel import DistributedDataParallel
+    model = build_model(cfg.model, data.features, data.classes, cfg.seed)
+    steps = cfg.total_steps(data.train_size)
+    fingerprint = cfg.fingerprint(data.features, data.classes)
+    resume = load_checkpoint(Path(cfg.resume), fingerprint) if cfg.resume else None
+    if resume is not None:
+        with torch.no_grad():
+            for p, saved in zip(model.parameters(), resume["params"]):
+                p.copy_(saved)
+    ddp = DistributedDataParallel(model)
+    if cfg.fuse == "forward":
+        from placewise.fuse import fuse_optimizer
+        optimizer = fuse_optimizer(model, optimizer_class(cfg.optimizer), mode="forward",
+                                   **optimizer_kwargs(cfg.optimizer, cfg.lr, cfg.momentum))
+    else:
+        optimizer = make_optimizer(cfg.optimizer, list(model.parameters()), cfg.lr, cfg.momentum)
+    version = 0
+    history: list[dict[str, Any]] = []
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        version = int(resume["version"])
+        history = list(resume["history"]) if rank == 0 else []
+    resumed_from = version if resume is not None else None
+    stream = BatchStream(data.x_train, data.y_train, cfg.batch_size, cfg.seed, rank)
+    every = _snapshot_every(cfg, data)
+    snapshots: list[tuple[int, float, torch.Tensor]] = []
+    local: list[tuple[float, float, float]] = []  # this rank's (loss sum, correct, samples) per update
+    flush = getattr(optimizer, "flush", lambda: None)
+
+    def snapshot(now: float) -> None:
+        flush()
+        snapshots.append((version, now, torch.cat([p.detach().reshape(-1) for p in model.parameters()])))
+
+    began = time.perf_counter()
+    while version < steps:
+        _maybe_kill(cfg, rank, version)
+        x, y = stream.batch(version)
+        optimizer.zero_grad()
+        out = ddp(x)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        optimizer.step()
+        version += 1
+        local.append((loss.item() * len(y), float((out.argmax(dim=1) == y).sum()), float(len(y))))
+        if rank == 0:
+            now = time.perf_counter() - began
+            history.append({"version": version, "seconds": now, "worker": -1, "loss": local[-1][0] / len(y),
+                            "accuracy": local[-1][1] / len(y), "staleness": 0})
+            if every and version % every == 0:
+                snapshot(now)
+            if cfg.checkpoint and cfg.checkpoint_every and version % cfg.checkpoint_every == 0:
+                flush()
+                save_checkpoint(Path(cfg.checkpoint), {
+                    "version": version, "params": [p.detach().clone() for p in model.parameters()],
+                    "optimizer": optimizer.state_dict(), "worker_steps": {}, "history": history,
+                    "fingerprint": fingerprint})
+    seconds = time.perf_counter() - began
+    if rank == 0 and (not snapshots or snapshots[-1][0] != version):
+        snapshot(seconds)
+    return {"role": "ddp", "rank": rank, "version": version, "history": history, "local": local,
+            "snapshots": snapshots, "resumed_from": resumed_from, "seconds": seconds, "lost": {}}
+
+
+def _snapshot_every(cfg: TrainConfig, data: Dataset) -> int:
+    return cfg.snapshot_every or max(1, cfg.total_steps(data.train_size) // 20)
+
+
+def rank_main(rank: int, world_size: int, cfg: TrainConfig, data: Dataset | None = None) -> dict[str, Any]:
+    """The rank function for `launch` and `run_rank`: server shard, worker or DDP rank by `rank`.
+
+    `data` comes from the launching process when there is one (loaded once, no scikit-learn import
+    per rank); under torchrun each rank loads it."""
+    data = data if data is not None else load_dataset(cfg.dataset, cfg.seed)
+    if cfg.mode == "ddp":
+        return run_ddp(rank, world_size, cfg, data)
+    if rank < cfg.servers:
+        return run_server(rank, cfg, data)
+    return run_worker(rank, cfg, data)
+
+
+# ---- the run and its report ----------------------------------------------------------------------
+@dataclass
+class TrainReport:
+    mode: str
+    model: str
+    parameters: int
+    workers: int
+    servers: int
+    updates: int
+    seconds: float
+    updates_per_s: float
+    final_loss: float
+    test_accuracy: float
+    mean_staleness: float
+    max_staleness: int
+    lost_workers: dict[int, str]
+    resumed_from: int | None
+    curve: list[tuple[int, float, float]] = field(default_factory=list)   # (update, seconds, test accuracy)
+    history: list[dict[str, Any]] = field(default_factory=list)            # one entry per update
+
+    def time_to_accuracy(self, target: float) -> float | None:
+        """Seconds (since serving began) of the first snapshot at `target` test accuracy, if any."""
+        return next((t for _, t, acc in self.curve if acc >= target), None)
+
+    @property
+    def staleness(self) -> list[int]:
+        return [u["staleness"] for u in self.history if u["worker"] >= 0]
+
+    def to_dict(self, with_history: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_history:
+            d.pop("history")
+        return d
+
+
+def train_data_parallel(cfg: TrainConfig) -> TrainReport:
+    """Run `cfg` (async, sync or ddp) on this machine and evaluate its snapshots on the test set."""
+    cfg.validate()
+    data = load_dataset(cfg.dataset, cfg.seed)
+    model = build_model(cfg.model, data.features, data.classes, cfg.seed)
+    params = list(model.parameters())
+    shards = shard_parameters([p.numel() for p in params], cfg.servers)
+    if cfg.resume:
+        for s in range(cfg.server_count() or 1):
+            load_checkpoint(checkpoint_path(cfg.resume, s, cfg.server_count() or 1),
+                            cfg.fingerprint(data.features, data.classes))
+    worker_ranks = [] if cfg.mode == "ddp" else list(range(cfg.servers, cfg.servers + cfg.workers))
+    results, failures = launch(rank_main, cfg.world_size(), (cfg, data), threads=cfg.threads, timeout_s=cfg.timeout_s,
+                               tolerate=worker_ranks)
+    if cfg.mode == "ddp":
+        lead = results[0]
+        history = lead["history"]
+        start = len(history) - len(lead["local"])
+        # Loss and accuracy of an update: all ranks' minibatches together, as the sync server reports them.
+        for i, per_rank in enumerate(zip(*(r["local"] for r in results))):
+            samples = sum(p[2] for p in per_rank)
+            history[start + i]["loss"] = sum(p[0] for p in per_rank) / samples
+            history[start + i]["accuracy"] = sum(p[1] for p in per_rank) / samples
+        server_results = [lead]
+        shards = [list(range(len(params)))]
+    else:
+        server_results = results[:cfg.servers]
+        history = server_results[0]["history"]
+    lost = {}
+    for r in server_results:
+        lost.update(r["lost"])
+    for f in failures:
+        lost.setdefault(f.rank, f.message)
+    survivors = cfg.workers - len(lost)
+    if survivors < 1:
+        raise PlacewiseError(f"all {cfg.workers} workers died before the run finished: "
+                             f"{'; '.join(f'rank {r}: {m}' for r, m in sorted(lost.items()))}")
+    curve = _evaluate(model, params, shards, server_results, data)
+    version = server_results[0]["version"]
+    resumed_from = server_results[0]["resumed_from"]
+    new_updates = [u for u in history if resumed_from is None or u["version"] > resumed_from]
+    seconds = max(r["seconds"] for r in server_results)
+    stale = [u["staleness"] for u in history if u["worker"] >= 0]
+    return TrainReport(
+        mode=cfg.mode, model=cfg.model, parameters=sum(p.numel() for p in params), workers=cfg.workers,
+        servers=cfg.server_count(), updates=version, seconds=seconds,
+        updates_per_s=len(new_updates) / seconds if seconds > 0 else 0.0,
+        final_loss=sum(u["loss"] for u in history[-20:]) / max(1, len(history[-20:])),
+        test_accuracy=curve[-1][2] if curve else float("nan"),
+        mean_staleness=sum(stale) / len(stale) if stale else 0.0, max_staleness=max(stale, default=0),
+        lost_workers={int(k): v for k, v in sorted(lost.items())}, resumed_from=resumed_from,
+        curve=curve, history=history)
+
+
+def _evaluate(model: nn.Module, params: list[nn.Parameter], shards: list[list[int]],
+              server_results: list[dict[str, Any]], data: Dataset) -> list[tuple[int, float, float]]:
+    """Test accuracy of every snapshot (shards joined by update number)."""
+    by_version: dict[int, list[tuple[float, torch.Tensor]]] = {}
+    for r in server_results:
+        for version, seconds, flat in r["snapshots"]:
+            by_version.setdefault(version, []).append((seconds, flat))
+    curve = []
+    for version in sorted(by_version):
+        parts = by_version[version]
+        if len(parts) != len(server_results):
+            continue  # a shard that stopped earlier has no copy at this update
+        with torch.no_grad():
+            for shard, (_, flat) in zip(shards, parts):
+                offset = 0
+                for i in shard:
+                    n = params[i].numel()
+                    params[i].copy_(flat[offset:offset + n].view_as(params[i]))
+                    offset += n
+        curve.append((version, max(s for s, _ in parts), accuracy(model, data.x_test, data.y_test)))
+    return curve
+
+
+def plot_staleness(runs: dict[str, list[int]], path: str | Path) -> Path:
+    """A histogram of push staleness per run (label -> staleness values), written as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    top = max((max(v, default=0) for v in runs.values()), default=0)
+    bins = [b - 0.5 for b in range(top + 2)]
+    for label, values in runs.items():
+        mean = sum(values) / max(1, len(values))
+        ax.hist(values, bins=bins, alpha=0.6, label=f"{label} (mean {mean:.2f}, {len(values)} pushes)")
+    ax.set_xlabel("staleness (server updates since the worker fetched)")
+    ax.set_ylabel("pushes")
+    ax.set_title("Staleness of asynchronous pushes")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(report: TrainReport, out: str | Path) -> list[Path]:
+    """`report.json` (with the per-update history) and, for async runs, `staleness.png` in `out`."""
+    import json
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "report.json"]
+    written[0].write_text(json.dumps(report.to_dict(with_history=True), indent=1))
+    if report.mode == "async" and report.staleness:
+        written.append(plot_staleness({f"{report.workers} workers": report.staleness}, out / "staleness.png"))
+    return written
+
+
+def print_report(report: TrainReport) -> None:
+    """The final report as a rich table on stdout."""
+    import sys
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"{report.mode} training of {report.model} ({report.parameters:,} parameters), "
+                        f"{report.workers} worker(s)" + (f", {report.servers} server(s)" if report.servers else ""))
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [("updates", f"{report.updates}" + (f" (resumed at {report.resumed_from})"
+                                                  if report.resumed_from is not None else "")),
+            ("seconds", f"{report.seconds:.2f}"), ("updates/s", f"{report.updates_per_s:.1f}"),
+            ("final training loss", f"{report.final_loss:.4f}"), ("test accuracy", f"{report.test_accuracy:.2%}")]
+    if report.mode == "async":
+        rows += [("mean staleness", f"{report.mean_staleness:.2f}"), ("max staleness", str(report.max_staleness))]
+    for target in (0.9, 0.95):
+        t = report.time_to_accuracy(target)
+        rows.append((f"seconds to {target:.0%} test accuracy", f"{t:.2f}" if t is not None else "not reached"))
+    rows.append(("workers lost", "; ".join(f"rank {r}: {m}" for r, m in report.lost_workers.items()) or "none"))
+    for row in rows:
+        table.add_row(*row)
+    Console(width=None if sys.stdout.isatty() else 120).print(table)

@@ -1,0 +1,419 @@
+"""The parameter server of asynchronous data parallelism (Downpour / A-SGD), on torch.distributed p2p.
+
+One server rank holds one shard of the model's parameters (whole tensors; several ranks shard the
+model between them) and the optimizer for that shard. Workers talk to it with a small
+request/reply protocol over gloo `send`/`recv`:
+
+    worker -> server  header float64[HEADER]: kind, steps_done, fetched_version, loss_sum, correct, samples
+                      then, for PUSH and PUSH_FETCH, the shard's gradient (float32, flat)
+    server -> worker  reply  float64[REPLY]: status, version, start_step
+                      then, for HELLO and a fetch that is not STOPped, the shard's parameters
+
+The server has one receiving thread per worker, each blocked in `recv(src=worker)`; they feed one
+queue that the serving loop drains. A worker that dies closes its connection, its thread's `recv`
+raises, and the loop drops that worker without waiting for it (gloo cannot time out a receive and
+use the connection afterwards, so a dead peer is detected by its closed connection, not a timer).
+
+Modes on the same code path: "async" applies each push as it arrives; "sync" waits for one push
+from every live worker, averages them in worker order (deterministic) and steps once.
+Staleness of a push = server updates since the pushing worker fetched the parameters it used.
+Policies: none; "lr" divides the learning rate by the staleness (Zhang et al. 2016); "bound:S"
+delays the reply to a worker more than S pushes ahead of the slowest live worker (stale-synchronous
+parallel), so the fast ones wait for the slow ones.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from placewise.errors import PlacewiseError
+
+HEADER = 6
+REPLY = 3
+CONTINUE, STOP = 0.0, 1.0
+CHECKPOINT_FORMAT = "placewise-data-parallel-checkpoint/1"
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
+
+
+class Kind(IntEnum):
+    HELLO = 0
+    PUSH = 1
+    PUSH_FETCH = 2
+    FETCH = 3
+    BYE = 4
+
+
+@dataclass(frozen=True)
+class Staleness:
+    """Staleness policy: "none", "lr" (lr / staleness) or "bound" with `bound` S (SSP)."""
+    policy: str = "none"
+    bound: int = 0
+
+    @staticmethod
+    def parse(text: str) -> "Staleness":
+        text = text.strip().lower()
+        if text in ("none", "lr"):
+            return Staleness(text)
+        if text.startswith("bound:"):
+            value = text.split(":", 1)[1]
+            if value.isdigit():
+                return Staleness("bound", int(value))
+        raise PlacewiseError(f"--staleness {text!r} is not a policy; use none, lr, or bound:S with S >= 0")
+
+    def __str__(self) -> str:
+        return f"bound:{self.bound}" if self.policy == "bound" else self.policy
+
+
+def make_optimizer(name: str, params: list[torch.Tensor], lr: float, momentum: float) -> torch.optim.Optimizer:
+    """The optimizer `name` over `params`, as the server, the DDP workers and references all build it."""
+    return optimizer_class(name)(params, **optimizer_kwargs(name, lr, momentum))
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    classes = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+               "adagrad": torch.optim.Adagrad}
+    if name not in classes:
+        raise PlacewiseError(f"optimizer {name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+    return classes[name]
+
+
+def optimizer_kwargs(name: str, lr: float, momentum: float) -> dict[str, float]:
+    return {"lr": lr, "momentum": momentum} if name == "sgd" else {"lr": lr}
+
+
+def shard_parameters(sizes: list[int], servers: int) -> list[list[int]]:
+    """Parameter indices held by each server: whole tensors, largest first onto the lightest shard.
+
+    Whole tensors (not slices) keep each server's optimizer working tensor by tensor, exactly as a
+    single-process optimizer does, so one worker through one server reproduces plain SGD bitwise."""
+    if not 1 <= servers <= len(sizes):
+        raise PlacewiseError(f"--servers {servers}: the model has {len(sizes)} parameter tensors to shard; "
+                             f"use 1..{len(sizes)}")
+    loads = [0] * servers
+    shards: list[list[int]] = [[] for _ in range(servers)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        s = min(range(servers), key=lambda s: (loads[s], s))
+        shards[s].append(i)
+        loads[s] += sizes[i]
+    return [sorted(shard) for shard in shards]
+
+
+def flat_views(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One flat buffer holding `tensors`' values, and views of it shaped like them (for one-message I/O)."""
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.empty(0)
+    views, offset = [], 0
+    for t in tensors:
+        views.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return flat, views
+
+
+def checkpoint_path(base: str | Path, shard: int, servers: int) -> Path:
+    """Shard `shard`'s checkpoint file: `base` itself with one server, `base.shardI` with several."""
+    return Path(base) if servers == 1 else Path(f"{base}.shard{shard}")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    # Written beside and renamed: a run killed while saving leaves the previous checkpoint intact.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's state, after checking it was written for the same model, mode and optimizer."""
+    if not path.is_file():
+        raise PlacewiseError(f"{path}: checkpoint not found; pass the file written by --checkpoint")
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
+        raise PlacewiseError(f"{path}: not a readable checkpoint ({type(e).__name__}); pass a file written by "
+                             f"placewise train --checkpoint") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise PlacewiseError(f"{path}: not a placewise data-parallel checkpoint; pass a file written by "
+                             f"placewise train --checkpoint")
+    for key, value in fingerprint.items():
+        if state["fingerprint"].get(key) != value:
+            raise PlacewiseError(f"{path}: checkpoint was written with {key}={state['fingerprint'].get(key)!r}, "
+                                 f"this run has {key}={value!r}; resume with the same settings")
+    return state
+
+
+@dataclass
+class ServerSettings:
+    mode: str                      # "async" or "sync"
+    steps: int                     # the run ends when the server has applied this many updates
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    staleness: Staleness = field(default_factory=Staleness)
+    checkpoint: str | None = None
+    checkpoint_every: int = 0
+    snapshot_every: int = 0        # keep a copy of the parameters every this many updates (0: only the last)
+    progress: bool = False
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    kill_at: int | None = None     # fault injection: this server kills itself at this update
+
+
+@dataclass
+class Update:
+    version: int                   # server updates after this one was applied
+    seconds: float                 # since the server started serving
+    worker: int                    # worker rank, or -1 for a synchronous round
+    loss: float                    # mean training loss of the pushed steps
+    accuracy: float                # training accuracy of the pushed steps
+    staleness: int
+
+
+class ParameterServer:
+    """Serves one shard of parameters to `workers` (their ranks) until `settings.steps` updates."""
+
+    def __init__(self, shard: int, servers: int, tensors: list[torch.Tensor], workers: list[int],
+                 settings: ServerSettings, resume: dict[str, Any] | None = None) -> None:
+        if settings.mode not in ("async", "sync"):
+            raise PlacewiseError(f"server mode {settings.mode!r}; use async or sync")
+        self.shard, self.servers, self.workers, self.settings = shard, servers, list(workers), settings
+        self.flat, self.params = flat_views(tensors)
+        self.grad_flat, grads = flat_views([torch.zeros_like(t) for t in tensors])
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        self.optimizer = make_optimizer(settings.optimizer, self.params, settings.lr, settings.momentum)
+        self.base_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self.version = 0
+        self.worker_steps: dict[int, int] = {}
+        self.history: list[Update] = []
+        if resume is not None:
+            self.flat.copy_(torch.cat([t.reshape(-1) for t in resume["params"]]))
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.version = int(resume["version"])
+            self.worker_steps = dict(resume["worker_steps"])
+            self.history = [Update(**u) for u in resume["history"]]
+        self.resumed_from = self.version if resume is not None else None
+        self.snapshots: list[tuple[int, float, torch.Tensor]] = []
+        # Per-worker receive buffers: a worker waits for its reply before sending again, so its
+        # buffer is stable from the moment it is queued until the reply goes out.
+        self.payload = {w: torch.empty_like(self.flat) for w in self.workers}
+        self.active = set(self.workers)          # alive and not yet told to stop
+        self.lost: dict[int, str] = {}
+        self.clock = Counter({w: 0 for w in self.workers})  # pushes applied per worker (SSP)
+        self.round: dict[int, torch.Tensor] = {}  # sync: worker -> header of its push this round
+        self.deferred: dict[int, torch.Tensor] = {}  # bound: worker -> header waiting for its reply
+        self._queue: queue.Queue = queue.Queue()
+        self._start = time.perf_counter()
+        self._progress = None
+
+    # ---- receiving ------------------------------------------------------------------------------
+    def _receive(self, worker: int) -> None:
+        header = torch.zeros(HEADER, dtype=torch.float64)
+        try:
+            while True:
+                dist.recv(header, src=worker)
+                kind = Kind(int(header[0]))
+                if kind == Kind.BYE:
+                    return
+                if kind in (Kind.PUSH, Kind.PUSH_FETCH):
+                    dist.recv(self.payload[worker], src=worker)
+                self._queue.put((worker, header.clone(), None))
+        except Exception as e:  # noqa: BLE001 - a closed connection means the worker is gone
+            self._queue.put((worker, None, str(e).splitlines()[0][-160:] if str(e) else type(e).__name__))
+
+    # ---- serving --------------------------------------------------------------------------------
+    def serve(self) -> dict[str, Any]:
+        threads = [threading.Thread(target=self._receive, args=(w,), daemon=True, name=f"recv-{w}")
+                   for w in self.workers]
+        for t in threads:
+            t.start()
+        self._start_progress()
+        try:
+            while self.active:
+                worker, header, error = self._queue.get()
+                if header is None:
+                    self._drop(worker, error)
+                else:
+                    self._handle(worker, header)
+        finally:
+            self._stop_progress()
+        for t in threads:
+            t.join(timeout=5.0)
+        self._snapshot(force=True)
+        return self._result()
+
+    def _handle(self, worker: int, header: torch.Tensor) -> None:
+        kind = Kind(int(header[0]))
+        if kind == Kind.HELLO:
+            if self.done:
+                self._finish(worker)
+            else:
+                self._reply(worker, CONTINUE, fetch=True, start_step=self.worker_steps.get(worker, 0))
+        elif kind == Kind.FETCH:
+            self._finish(worker) if self.done else self._reply(worker, CONTINUE, fetch=True)
+        elif self.done:
+            self._finish(worker)
+        elif self.settings.mode == "sync":
+            self.round[worker] = header
+            self._maybe_close_round()
+        else:
+            self._apply_push(worker, header)
+
+    @property
+    def done(self) -> bool:
+        return self.version >= self.settings.steps
+
+    def _apply_push(self, worker: int, header: torch.Tensor) -> None:
+        staleness = self.version - int(header[2])
+        self.grad_flat.copy_(self.payload[worker])
+        if self.settings.staleness.policy == "lr":
+            for group, lr in zip(self.optimizer.param_groups, self.base_lr):
+                group["lr"] = lr / max(1, staleness)
+        self._step(worker, {worker: header}, staleness)
+        self.clock[worker] += 1
+        self.deferred[worker] = header
+        self._release_deferred()
+
+    def _maybe_close_round(self) -> None:
+        if not self.round or not self.active <= set(self.round):
+            return
+        members = sorted(self.round)
+        # Summed in worker order, whatever order the pushes arrived in: the round is deterministic.
+        self.grad_flat.copy_(self.payload[members[0]])
+        for w in members[1:]:
+            self.grad_flat.add_(self.payload[w])
+        self.grad_flat.div_(len(members))
+        pushes, self.round = {w: self.round[w] for w in members}, {}
+        self._step(-1, pushes, 0)
+        for w, header in pushes.items():
+            if self.done:
+                self._finish(w)
+            else:
+                self._reply(w, CONTINUE, fetch=Kind(int(header[0])) == Kind.PUSH_FETCH)
+
+    def _step(self, worker: int, pushes: dict[int, torch.Tensor], staleness: int) -> None:
+        """Apply the gradient in `grad_flat` (from `pushes`, worker -> header) as one update."""
+        self.optimizer.step()
+        self.version += 1
+        for w, h in pushes.items():
+            self.worker_steps[w] = int(h[1])
+        loss_sum, correct, samples = (sum(float(h[i]) for h in pushes.values()) for i in (3, 4, 5))
+        samples = max(1.0, samples)
+        self.history.append(Update(self.version, time.perf_counter() - self._start, worker,
+                                   loss_sum / samples, correct / samples, staleness))
+        self._snapshot()
+        if self.settings.checkpoint and self.settings.checkpoint_every and \
+                self.version % self.settings.checkpoint_every == 0:
+            self._checkpoint()
+        if self.settings.kill_at is not None and self.version == self.settings.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._show_progress()
+
+    def _release_deferred(self) -> None:
+        """Reply to the pushes whose workers may go on: all once the run is done; under bound:S those
+        at most S pushes ahead of the slowest live worker; under other policies, all at once."""
+        bound = self.settings.staleness.bound if self.settings.staleness.policy == "bound" else None
+        for w in sorted(self.deferred):
+            if w not in self.deferred:
+                continue  # dropped meanwhile by a failed reply further up this loop
+            if w not in self.active:
+                del self.deferred[w]
+            elif self.done:
+                del self.deferred[w]
+                self._finish(w)
+            elif bound is None or self.clock[w] - min(self.clock[v] for v in self.active) <= bound:
+                header = self.deferred.pop(w)
+                self._reply(w, CONTINUE, fetch=Kind(int(header[0])) == Kind.PUSH_FETCH)
+
+    def _reply(self, worker: int, status: float, fetch: bool = False, start_step: int = 0) -> None:
+        reply = torch.tensor([status, self.version, start_step], dtype=torch.float64)
+        try:
+            dist.send(reply, dst=worker)
+            if fetch and status == CONTINUE:
+                dist.send(self.flat, dst=worker)
+        except Exception as e:  # noqa: BLE001 - the worker died between its message and our reply
+            self._drop(worker, str(e).splitlines()[0][-160:] if str(e) else type(e).__name__)
+
+    def _finish(self, worker: int) -> None:
+        """Tell `worker` the run is over; it answers BYE, which ends its receiving thread."""
+        self._reply(worker, STOP)
+        self.active.discard(worker)
+        self.deferred.pop(worker, None)
+
+    def _drop(self, worker: int, error: str | None) -> None:
+        if worker not in self.active:
+            return  # already told to stop: its connection closing is the normal end
+        self.active.discard(worker)
+        self.lost[worker] = error or "connection lost"
+        self.round.pop(worker, None)
+        self.deferred.pop(worker, None)
+        # A dead worker must not hold up a synchronous round or the slowest-worker bound.
+        if self.settings.mode == "sync":
+            self._maybe_close_round()
+        else:
+            self._release_deferred()
+
+    # ---- records --------------------------------------------------------------------------------
+    def _snapshot(self, force: bool = False) -> None:
+        every = self.settings.snapshot_every
+        due = force or (every and self.version % every == 0)
+        if due and (not self.snapshots or self.snapshots[-1][0] != self.version):
+            self.snapshots.append((self.version, time.perf_counter() - self._start, self.flat.clone()))
+
+    def _checkpoint(self) -> None:
+        state = {"version": self.version, "params": [p.detach().clone() for p in self.params],
+                 "optimizer": self.optimizer.state_dict(), "worker_steps": dict(self.worker_steps),
+                 "history": [u.__dict__ for u in self.history], "fingerprint": self.settings.fingerprint}
+        save_checkpoint(checkpoint_path(self.settings.checkpoint, self.shard, self.servers), state)
+
+    def _result(self) -> dict[str, Any]:
+        return {"role": "server", "shard": self.shard, "version": self.version,
+                "history": [u.__dict__ for u in self.history], "lost": dict(self.lost),
+                "snapshots": self.snapshots, "resumed_from": self.resumed_from,
+                "seconds": time.perf_counter() - self._start}
+
+    # ---- progress (shard 0 only, on stderr) -----------------------------------------------------
+    def _start_progress(self) -> None:
+        if not (self.settings.progress and self.shard == 0):
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), TextColumn("{task.fields[stats]}"),
+                                  console=Console(file=sys.stderr), transient=False)
+        self._progress.start()
+        self._task = self._progress.add_task(f"{self.settings.mode} training", total=self.settings.steps,
+                                             completed=self.version, stats="")
+        self._shown = 0.0
+
+    def _show_progress(self) -> None:
+        if self._progress is None or not self.history:
+            return
+        now = time.perf_counter()
+        if now - self._shown < 0.2 and not self.done:
+            return
+        self._shown = now
+        recent = self.history[-50:]
+        loss = sum(u.loss for u in recent) / len(recent)
+        acc = sum(u.accuracy for u in recent) / len(recent)
+        stale = sum(u.staleness for u in recent) / len(recent)
+        start = self.resumed_from or 0
+        rate = (self.version - start) / max(1e-9, now - self._start)
+        self._progress.update(self._task, completed=self.version,
+                              stats=f"loss {loss:.4f}  train acc {acc:.1%}  {rate:.0f} upd/s  staleness {stale:.2f}"
+                                    f"  workers {len(self.active)}/{len(self.workers)}")
+
+    def _stop_progress(self) -> None:
+        if self._progress is not None:
+            self._show_progress()
+            self._progress.stop()

@@ -1,0 +1,135 @@
+"""Asynchronous data parallelism: parameter server, sync baseline, DDP, checkpoints, dead workers.
+
+Each launch starts real processes talking gloo over 127.0.0.1, so the tests are few and each checks
+a lot: the synchronous run also serves as the uninterrupted reference for the resume test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from placewise.cli import main
+from placewise.errors import PlacewiseError
+from placewise.run.async_sgd import TrainConfig, build_model, train_data_parallel
+from placewise.run.data import BatchStream, digits
+from placewise.run.server import load_checkpoint
+
+TIMEOUT = 240.0
+# 2 workers x 32 samples per synchronous round: 21 rounds per epoch of the 1347 training digits.
+SYNC = dict(model="mlp", mode="sync", workers=2, epochs=8, batch_size=32, lr=0.05, momentum=0.9, seed=3,
+            snapshot_every=50, timeout_s=TIMEOUT)
+
+
+def plain_sgd(cfg: TrainConfig, steps: int) -> tuple[list[float], torch.nn.Module, torch.optim.Optimizer]:
+    """The single-process reference: the same model, batches and torch.optim.SGD, no server."""
+    data = digits(seed=cfg.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)  # the workers compute with this many threads
+    try:
+        model = build_model(cfg.model, data.features, data.classes, cfg.seed)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        stream = BatchStream(data.x_train, data.y_train, cfg.batch_size, cfg.seed, worker=0)
+        losses = []
+        for step in range(steps):
+            x, y = stream.batch(step)
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    return losses, model, opt
+
+
+def test_one_worker_async_equals_plain_sgd(tmp_path):
+    ckpt = tmp_path / "one.pt"
+    cfg = TrainConfig(model="mlp:32", mode="async", workers=1, steps=40, batch_size=32, lr=0.1, momentum=0.9,
+                      seed=1, checkpoint=str(ckpt), checkpoint_every=40, timeout_s=TIMEOUT)
+    report = train_data_parallel(cfg)
+    losses, model, opt = plain_sgd(cfg, 40)
+    assert report.updates == 40 and [u["version"] for u in report.history] == list(range(1, 41))
+    # Step for step: the same losses and, at the end, the same parameters and momentum buffers (bitwise).
+    assert [u["loss"] for u in report.history] == losses
+    assert all(u["staleness"] == 0 for u in report.history)
+    state = load_checkpoint(ckpt, cfg.fingerprint(64, 10))
+    for saved, p in zip(state["params"], model.parameters()):
+        assert torch.equal(saved, p.detach())
+    buffers = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()]
+    assert all(torch.equal(b, opt.state[p]["momentum_buffer"]) for b, p in zip(buffers, model.parameters()))
+
+
+@pytest.fixture(scope="module")
+def sync_run(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("sync") / "sync.pt"
+    cfg = TrainConfig(**SYNC, checkpoint=str(ckpt), checkpoint_every=50)
+    return cfg, train_data_parallel(cfg)
+
+
+@pytest.fixture(scope="module")
+def ddp_run():
+    return train_data_parallel(TrainConfig(**{**SYNC, "mode": "ddp"}))
+
+
+def test_two_workers_reach_95_percent_async_sync_ddp(sync_run, ddp_run):
+    cfg, sync = sync_run
+    asyn = train_data_parallel(TrainConfig(**{**SYNC, "mode": "async", "epochs": 8}))
+    for report in (asyn, sync, ddp_run):
+        assert report.test_accuracy >= 0.95, (report.mode, report.curve)
+        assert report.lost_workers == {}
+    # 8 epochs: 1347 digits, 64 per synchronous round (ceil 168.4), 32 per asynchronous push (ceil 336.8).
+    assert (sync.updates, ddp_run.updates, asyn.updates) == (169, 169, 337)
+    # Both workers pushed, with staleness (the other worker's pushes in between) recorded per push.
+    workers = {u["worker"] for u in asyn.history}
+    assert workers == {1, 2} and asyn.max_staleness >= 1 and len(asyn.staleness) == 337
+    # The sync server and DDP compute the same mathematics (mean gradient of the same two batches).
+    sync_losses = [u["loss"] for u in sync.history]
+    ddp_losses = [u["loss"] for u in ddp_run.history]
+    assert sync_losses[:30] == pytest.approx(ddp_losses[:30], rel=1e-4, abs=1e-6)
+
+
+def test_killed_run_resumes_from_checkpoint_step_for_step(sync_run, tmp_path):
+    cfg, reference = sync_run
+    ckpt = tmp_path / "killed.pt"
+    killed = TrainConfig(**SYNC, checkpoint=str(ckpt), checkpoint_every=50, kill_rank=0, kill_at=120)
+    with pytest.raises(PlacewiseError, match="rank 0 failed"):
+        train_data_parallel(killed)
+    assert load_checkpoint(ckpt, cfg.fingerprint(64, 10))["version"] == 100  # the last one before the kill
+    resumed = train_data_parallel(TrainConfig(**SYNC, resume=str(ckpt)))
+    assert resumed.resumed_from == 100 and resumed.updates == reference.updates
+    assert [u["version"] for u in resumed.history] == list(range(1, reference.updates + 1))
+    # Every loss after the checkpoint equals the uninterrupted run's (same floating-point operations).
+    assert [u["loss"] for u in resumed.history[100:]] == [u["loss"] for u in reference.history[100:]]
+    assert resumed.test_accuracy == reference.test_accuracy
+
+
+def test_dead_worker_does_not_stop_the_run():
+    cfg = TrainConfig(mode="async", workers=2, steps=300, staleness="bound:2", seed=5, snapshot_every=100,
+                      kill_rank=2, kill_at=15, timeout_s=TIMEOUT)
+    report = train_data_parallel(cfg)
+    assert report.updates == 300 and list(report.lost_workers) == [2]
+    pushes = {w: sum(u["worker"] == w for u in report.history) for w in (1, 2)}
+    assert pushes[2] <= 15 and pushes[1] >= 285  # the survivor carried the run
+    # SSP bound 2: a push is at most (W-1)(2S+1) updates stale; the dead worker held nobody back.
+    assert report.max_staleness <= 5
+    assert report.test_accuracy >= 0.9
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--n-push", "0"], "--n-push 0"),
+    (["--workers", "1000"], "--workers 1000"),
+    (["--workers", "0"], "--workers 0"),
+    (["--plan", "plan.json"], "not supported yet"),
+    (["--staleness", "sometimes"], "--staleness"),
+    (["--fuse", "backward"], "does not apply"),
+    (["--mode", "ddp", "--fuse", "backward"], "use --fuse forward"),
+    (["--mode", "sync", "--staleness", "lr"], "async only"),
+    (["--servers", "9"], "--servers 9"),
+    (["--resume", "no-such-checkpoint.pt"], "checkpoint not found"),
+])
+def test_bad_settings_exit_2_with_one_line(capsys, argv, words):
+    assert main(["train", "mlp", "--workers", "2", "--mode", "async", "--steps", "5", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("placewise: error:") and "\n" not in err and words in err
