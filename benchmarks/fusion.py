@@ -1,0 +1,183 @@
+"""Step time of optimizer fusion against the unfused torch optimizers, on this machine's CPU.
+
+For each model, six variants train copies of the same model on the same batch in ONE process:
+
+  fwd+bwd      forward and backward only (no optimizer): the floor
+  for-loop     torch optimizer, foreach=False (the classic per-parameter loop)
+  foreach      torch optimizer, foreach=True
+  fused        torch optimizer, fused=True
+  pw-backward  placewise backward-fusion on top of fused=True (the fastest kernel here)
+  pw-forward   placewise forward-fusion on top of fused=True
+
+Variants are interleaved in rounds, in a new random order each round, a few steps each; the
+reported time is the median over all timed steps, so load from other processes hits every variant
+alike. "vs for-loop" is the step-time saving over the for-loop baseline, "opt overhead" the step
+time above fwd+bwd as a percentage of fwd+bwd.
+
+    .venv/bin/python benchmarks/fusion.py [--threads 2] [--rounds 15] [--models mlp,resnet18,transformer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from placewise.fuse import fuse_optimizer
+
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    "adamw": (torch.optim.AdamW, {"lr": 1e-4, "weight_decay": 0.01}),
+    "adam": (torch.optim.Adam, {"lr": 1e-4}),
+    "sgd": (torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 1e-3}),
+}
+VARIANTS = ("fwd+bwd", "for-loop", "foreach", "fused", "pw-backward", "pw-forward")
+
+
+def mlp_20m() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """~20M parameters: 1024 -> 4 x 2048 hidden -> 1000 classes, batch 32."""
+    widths = [1024, 2048, 2048, 2048, 2048, 2048]
+    layers: list[nn.Module] = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(widths[-1], 1000))
+    return nn.Sequential(*layers), torch.randn(32, widths[0]), torch.randint(0, 1000, (32,))
+
+
+def resnet18_small() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """torchvision resnet18 (11.7M parameters, 10 classes) on 32x32 images, batch 16."""
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=10), torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+
+
+class TransformerBlock(nn.Module):
+    """One nn.TransformerEncoderLayer (d_model 768, ff 3072: 7.1M parameters) plus a classifier head."""
+
+    def __init__(self, d_model: int = 768) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(d_model, 12, 4 * d_model, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d_model, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x).mean(dim=1))
+
+
+def transformer_block() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    return TransformerBlock(), torch.randn(8, 32, 768), torch.randint(0, 10, (8,))
+
+
+MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, torch.Tensor]]] = {
+    "mlp": mlp_20m,
+    "resnet18": resnet18_small,
+    "transformer": transformer_block,
+}
+
+
+def make_step(variant: str, model: nn.Module, opt_name: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One training step of `variant` as a closure (optimizer built once, outside the timing)."""
+    cls, kwargs = OPTIMIZERS[opt_name]
+    loss_fn = nn.CrossEntropyLoss()
+    if variant == "fwd+bwd":
+        optimizer: Any = None
+    elif variant == "for-loop":
+        optimizer = cls(model.parameters(), foreach=False, **kwargs)
+    elif variant == "foreach":
+        optimizer = cls(model.parameters(), foreach=True, **kwargs)
+    elif variant == "fused":
+        optimizer = cls(model.parameters(), fused=True, **kwargs)
+    else:
+        optimizer = fuse_optimizer(model, cls, variant.removeprefix("pw-"), fused=True, **kwargs)
+
+    def step() -> None:
+        if optimizer is None:
+            model.zero_grad(set_to_none=True)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        if optimizer is not None:
+            optimizer.step()
+
+    return step
+
+
+def bench_model(name: str, opt_name: str, rounds: int, steps_per_round: int, warmup: int, seed: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    base, x, y = MODELS[name]()
+    n_params = sum(p.numel() for p in base.parameters())
+    steps = {v: make_step(v, copy.deepcopy(base), opt_name, x, y) for v in VARIANTS}
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    order = list(VARIANTS)
+    rng = random.Random(seed)
+    for r in range(rounds):
+        rng.shuffle(order)
+        for v in order:
+            steps[v]()  # one untimed step: the variant's tensors back into cache after the others ran
+            for _ in range(steps_per_round):
+                t0 = time.perf_counter()
+                steps[v]()
+                times[v].append(time.perf_counter() - t0)
+        print(f"  {name}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    median = {v: statistics.median(ts) for v, ts in times.items()}
+    return {"model": name, "params": n_params, "median_s": median, "samples": {v: len(ts) for v, ts in times.items()}}
+
+
+def report(results: list[dict[str, Any]], opt_name: str, threads: int) -> str:
+    lines = [
+        f"optimizer {opt_name}, torch {torch.__version__}, {threads} intra-op threads; median step time (ms)",
+        "",
+        "| model | params | variant | step ms | vs for-loop | vs fused | opt overhead |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        med = res["median_s"]
+        floor, loop, fused = med["fwd+bwd"], med["for-loop"], med["fused"]
+        for v in VARIANTS:
+            t = med[v]
+            vs_loop = "" if v == "fwd+bwd" else f"{100 * (loop - t) / loop:+.1f}%"
+            vs_fused = "" if v == "fwd+bwd" else f"{100 * (fused - t) / fused:+.1f}%"
+            overhead = "" if v == "fwd+bwd" else f"{100 * (t - floor) / floor:.1f}%"
+            lines.append(f"| {res['model']} | {res['params'] / 1e6:.1f}M | {v} | {1000 * t:.1f} | {vs_loop} | {vs_fused} | {overhead} |")
+    lines.append("")
+    lines.append("vs for-loop / vs fused: step time saved relative to that variant (positive = faster).")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the raw medians here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = []
+    for name in args.models.split(","):
+        if name not in MODELS:
+            parser.error(f"unknown model {name!r}; pick from {', '.join(MODELS)}")
+        results.append(bench_model(name, args.optimizer, args.rounds, args.steps_per_round, args.warmup, args.seed))
+    print(report(results, args.optimizer, args.threads))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"optimizer": args.optimizer, "threads": args.threads, "results": results}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,412 @@
+"""Optimizer fusion: apply a standard torch optimizer's update while the parameter is hot.
+
+A normal training step is forward, backward, then one more pass over every parameter for the
+optimizer. `FusedOptimizer` moves the update of each *bucket* (the parameters one module holds
+within one param group) next to the computation that touches them anyway:
+
+* ``mode="backward"``: a bucket is updated inside backward, as soon as the last of its gradients is
+  final (``Tensor.register_post_accumulate_grad_hook``). ``step()`` only marks the step boundary
+  and updates buckets whose gradients never all arrived (unused or re-frozen parameters).
+* ``mode="forward"``: ``step()`` records the update; each bucket is applied in a forward pre-hook
+  right before the module that uses it runs next. ``flush()`` applies whatever is still pending
+  (call it before evaluation or saving the model; ``state_dict()`` flushes by itself).
+
+The mathematics is untouched: every bucket update is a call to ``step()`` of one instance of the
+requested optimizer class, built with the same arguments, whose ``param_groups`` is temporarily
+narrowed to that bucket (with the hyper-parameters of the bucket's group). So the update uses the
+same for-loop, foreach or fused kernel as the unfused optimizer, with the bucket's tensors batched
+into one foreach/fused call. These kernels are elementwise per parameter, so the result is bitwise
+equal to the unfused optimizer; ``state_dict()`` is the inner optimizer's, so states load both ways.
+
+Rules that follow from updating early (each one is checked or documented):
+
+* Gradient accumulation: in backward mode run the non-final micro-steps' backward passes inside
+  ``with fused.accumulate():``; a parameter that receives a second gradient in one step outside it
+  raises `PlacewiseError` instead of silently updating twice. In forward mode nothing is updated
+  before ``step()``, so accumulation needs nothing (``accumulate()`` is accepted as a no-op).
+* Global-norm gradient clipping needs every gradient before any update. Forward mode: exact; clip
+  between backward and ``step()`` as usual (``fused.clip_grad_norm_`` or torch's own). Backward
+  mode: ``fused.clip_grad_norm_`` raises `PlacewiseError`; clipping with torch's function after
+  backward would act on gradients that were already applied, so do not.
+* Skipping a step after backward (e.g. on a non-finite loss) is impossible in backward mode: the
+  update already happened. Use forward mode for that.
+* Learning-rate schedulers work on ``param_groups`` as usual. Forward mode snapshots the groups'
+  hyper-parameters at ``step()`` so a scheduler stepping before the deferred update cannot leak in.
+* Forward mode applies a bucket at the pre-hook of the module holding it, or, for a module whose
+  own forward never runs (MultiheadAttention's ``out_proj``), of its nearest ancestor seen running.
+  A parameter used outside those forwards (e.g. an inference fast path reading a child's weights)
+  needs ``flush()`` first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from placewise.errors import PlacewiseError
+
+Mode = Literal["backward", "forward"]
+MODES: tuple[str, ...] = ("backward", "forward")
+
+# Optimizers whose update of one parameter depends on other parameters cannot be split per bucket.
+_WHOLE_MODEL_OPTIMIZERS: tuple[type, ...] = (torch.optim.LBFGS,)
+
+
+class _Bucket:
+    """Parameters of one param group held by one module, updated together by one kernel call."""
+
+    __slots__ = ("index", "group", "params", "holders", "hooked", "done", "view")
+
+    def __init__(self, index: int, group: int, params: list[Tensor], holders: list[nn.Module]) -> None:
+        self.index = index
+        self.group = group
+        self.params = params
+        self.holders = holders
+        # Parameters whose gradient hook must fire before the bucket counts as complete.
+        self.hooked = sum(1 for p in params if p.requires_grad)
+        self.done = False
+        # The one-group list swapped into the inner optimizer to update only this bucket.
+        self.view: list[dict[str, Any]] = [{"params": params}]
+
+
+def _hyper_snapshot(group: dict[str, Any]) -> dict[str, Any]:
+    """A group's hyper-parameters frozen at this moment (schedulers fill_ tensor-valued lr in place)."""
+    return {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in group.items() if k != "params"}
+
+
+def _zero_grads(params: Iterable[Tensor], set_to_none: bool) -> None:
+    """Clear gradients the way `torch.optim.Optimizer.zero_grad` does."""
+    for p in params:
+        if p.grad is None:
+            continue
+        if set_to_none:
+            p.grad = None
+        else:
+            if p.grad.grad_fn is not None:
+                p.grad.detach_()
+            else:
+                p.grad.requires_grad_(False)
+            p.grad.zero_()
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """A torch optimizer whose per-bucket updates run inside backward or the next forward.
+
+    Built by `fuse_optimizer`. Used like the optimizer it wraps: ``step()`` is the step boundary,
+    ``zero_grad()``, ``state_dict()``/``load_state_dict()`` (the wrapped class's format),
+    ``param_groups``/``state``/``defaults`` (the wrapped instance's, so LR schedulers work), plus
+    ``flush()``, ``accumulate()`` and ``clip_grad_norm_()``.
+    """
+
+    def __init__(self, inner: torch.optim.Optimizer, mode: Mode, module: nn.Module | None) -> None:
+        # Optimizer.__init__ is not called: the groups and the state live in `inner`, shared.
+        self._inner = inner
+        self.mode: Mode = mode
+        self._module = module
+        self._lock = threading.Lock()
+        self._accumulating = False
+        self._fired: set[int] = set()  # id of each parameter whose gradient is final this step
+        self._pending: dict[int, _Bucket] = {}  # forward mode: bucket index -> bucket to apply
+        self._snapshots: list[dict[str, Any]] = []  # forward mode: hyper-parameters at step()
+        self._zero_after_apply: bool | None = None  # forward mode: deferred zero_grad(set_to_none)
+        self._ran: set[int] = set()  # ids of modules whose forward was seen running
+        self._ran_at_last_triggers = -1
+        self._applies_at: dict[int, list[_Bucket]] = {}  # module id -> buckets its pre-hook applies
+        self._handles: list[Any] = []
+        self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._zero_grad_profile_name = "Optimizer.zero_grad#FusedOptimizer.zero_grad"
+        self._build()
+
+    # ---- what schedulers and checkpoints see: the wrapped optimizer's own objects -----------------
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self._inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self._inner.param_groups = groups
+
+    @property
+    def state(self) -> defaultdict[Tensor, Any]:  # type: ignore[override]
+        return self._inner.state
+
+    @state.setter
+    def state(self, state: defaultdict[Tensor, Any]) -> None:
+        self._inner.state = state
+
+    @property
+    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+        return self._inner.defaults
+
+    @defaults.setter
+    def defaults(self, defaults: dict[str, Any]) -> None:
+        self._inner.defaults = defaults
+
+    @property
+    def inner(self) -> torch.optim.Optimizer:
+        """The wrapped optimizer instance (holds the groups and the state)."""
+        return self._inner
+
+    def __repr__(self) -> str:
+        return f"FusedOptimizer(mode={self.mode!r}, {self._inner!r})"
+
+    # ---- buckets and hooks -----------------------------------------------------------------------
+    def _build(self) -> None:
+        """Split the groups into buckets and install the gradient or forward hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        group_of: dict[int, int] = {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                group_of[id(p)] = gi
+        holders: dict[int, list[nn.Module]] = defaultdict(list)
+        owner: dict[int, int] = {}  # parameter id -> id of the first module holding it
+        self._parent: dict[int, nn.Module] = {}
+        if self._module is not None:
+            for mod in self._module.modules():
+                for child in mod.children():
+                    self._parent.setdefault(id(child), mod)
+                for p in mod.parameters(recurse=False):
+                    if id(p) in group_of:
+                        holders[id(p)].append(mod)
+                        owner.setdefault(id(p), id(mod))
+        # Key: (holding module or the parameter itself when no module is known, group, hookable).
+        # Frozen parameters go to their own bucket so they never hold back a bucket's completion.
+        grouped: dict[tuple[int, int, bool], list[Tensor]] = {}
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                key = (owner.get(id(p), id(p)), gi, p.requires_grad)
+                grouped.setdefault(key, []).append(p)
+        self._buckets: list[_Bucket] = []
+        self._bucket_of: dict[int, _Bucket] = {}
+        for (_, gi, _), params in grouped.items():
+            mods: list[nn.Module] = []
+            for p in params:
+                mods.extend(m for m in holders.get(id(p), []) if all(m is not n for n in mods))
+            bucket = _Bucket(len(self._buckets), gi, params, mods)
+            self._buckets.append(bucket)
+            for p in params:
+                self._bucket_of[id(p)] = bucket
+        if self.mode == "backward":
+            for bucket in self._buckets:
+                for p in bucket.params:
+                    if p.requires_grad:
+                        self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_final))
+        elif self._module is not None:
+            self._held_by: dict[int, list[_Bucket]] = defaultdict(list)
+            for bucket in self._buckets:
+                for mod in bucket.holders:
+                    self._held_by[id(mod)].append(bucket)
+            for mod in self._module.modules():
+                self._handles.append(mod.register_forward_pre_hook(self._on_forward))
+            self._ran_at_last_triggers = -1
+
+    def _update(self, bucket: _Bucket, hyper: dict[str, Any]) -> None:
+        """Run the wrapped optimizer's step on this bucket alone, with `hyper`'s hyper-parameters."""
+        view = bucket.view[0]
+        for key, value in hyper.items():
+            if key != "params":
+                view[key] = value
+        inner = self._inner
+        with self._lock:  # autograd may call hooks from its device threads
+            groups = inner.param_groups
+            inner.param_groups = bucket.view
+            try:
+                inner.step()
+            finally:
+                inner.param_groups = groups
+
+    def _on_grad_final(self, param: Tensor) -> None:
+        """Backward mode: count the parameter's gradient as final; update its bucket when complete."""
+        if self._accumulating:
+            return
+        bucket = self._bucket_of[id(param)]
+        if bucket.done or id(param) in self._fired:
+            raise PlacewiseError(
+                f"fuse: a parameter of shape {tuple(param.shape)} got a second gradient before step() "
+                "in backward-fusion mode; run the non-final micro-steps' backward inside "
+                "`with fused.accumulate():` or call step() after each backward"
+            )
+        self._fired.add(id(param))
+        if sum(1 for p in bucket.params if id(p) in self._fired) == bucket.hooked:
+            self._update(bucket, self.param_groups[bucket.group])
+            bucket.done = True
+
+    def _refresh_triggers(self) -> None:
+        """Forward mode: map each module seen running to the pending buckets its pre-hook applies."""
+        if self._ran_at_last_triggers == len(self._ran):
+            return
+        applies_at: dict[int, list[_Bucket]] = defaultdict(list)
+        for bucket in self._buckets:
+            for mod in bucket.holders:
+                # The holder itself if it runs, else the nearest ancestor that does: its pre-hook
+                # fires before any use of the parameter inside it.
+                node: nn.Module | None = mod
+                while node is not None and id(node) not in self._ran:
+                    node = self._parent.get(id(node))
+                if node is not None and all(b is not bucket for b in applies_at[id(node)]):
+                    applies_at[id(node)].append(bucket)
+        self._applies_at = dict(applies_at)
+        self._triggered = {b.index for buckets in applies_at.values() for b in buckets}
+        self._ran_at_last_triggers = len(self._ran)
+
+    def _on_forward(self, module: nn.Module, args: Any) -> None:
+        """Forward mode: apply the pending updates this module is about to use."""
+        mid = id(module)
+        if mid not in self._ran:
+            self._ran.add(mid)
+        if not self._pending:
+            return
+        for buckets in (self._applies_at.get(mid, ()), self._held_by.get(mid, ())):
+            for bucket in buckets:
+                if bucket.index in self._pending:
+                    self._apply_pending(bucket)
+
+    def _apply_pending(self, bucket: _Bucket) -> None:
+        del self._pending[bucket.index]
+        self._update(bucket, self._snapshots[bucket.group])
+        if self._zero_after_apply is not None:
+            _zero_grads(bucket.params, self._zero_after_apply)
+        if not self._pending:
+            self._zero_after_apply = None
+
+    # ---- the optimizer interface -----------------------------------------------------------------
+    @torch.optim.Optimizer.profile_hook_step
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """The step boundary: finish (backward) or schedule (forward) this step's updates."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._accumulating:
+            raise PlacewiseError("fuse: step() called inside accumulate(); leave the block for the final micro-step")
+        if self.mode == "backward":
+            groups = self.param_groups
+            for bucket in self._buckets:
+                if not bucket.done and any(p.grad is not None for p in bucket.params):
+                    self._update(bucket, groups[bucket.group])
+                bucket.done = False
+            self._fired.clear()
+            return loss
+        self.flush()
+        self._snapshots = [_hyper_snapshot(g) for g in self.param_groups]
+        if self._module is not None:
+            self._refresh_triggers()
+        for bucket in self._buckets:
+            if any(p.grad is not None for p in bucket.params):
+                if self._module is not None and bucket.index in self._triggered:
+                    self._pending[bucket.index] = bucket
+                else:  # no forward is known to use it: update now, like the unfused optimizer
+                    self._update(bucket, self._snapshots[bucket.group])
+        return loss
+
+    def flush(self) -> None:
+        """Apply every pending forward-mode update now (before evaluation, saving or inspection)."""
+        for bucket in list(self._pending.values()):
+            self._apply_pending(bucket)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients; in forward mode a pending bucket's are cleared right after it is applied."""
+        if self._pending:
+            self._zero_after_apply = set_to_none
+            params = (p for g in self.param_groups for p in g["params"] if self._bucket_of[id(p)].index not in self._pending)
+            _zero_grads(params, set_to_none)
+        else:
+            self._inner.zero_grad(set_to_none)
+
+    @contextlib.contextmanager
+    def accumulate(self) -> Iterator[None]:
+        """Backward passes inside accumulate gradients without updating (non-final micro-steps)."""
+        previous = self._accumulating
+        self._accumulating = True
+        try:
+            yield
+        finally:
+            self._accumulating = previous
+
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach: bool | None = None
+    ) -> Tensor:
+        """Global-norm clipping of every gradient in the groups (exact, forward mode only)."""
+        if self.mode == "backward":
+            raise PlacewiseError(
+                "fuse: global-norm gradient clipping needs every gradient before any update, but "
+                "backward-fusion updates during backward; use mode='forward' (exact) for clipping"
+            )
+        self.flush()
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite, foreach)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state dict (pending updates applied first)."""
+        self.flush()
+        return self._inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by this or by the unfused optimizer of the same class."""
+        self.flush()
+        self._inner.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer and re-bucket."""
+        self.flush()
+        self._inner.add_param_group(param_group)
+        self._build()
+
+    def remove_hooks(self) -> None:
+        """Detach from the model (pending updates applied first); the object then stops fusing."""
+        self.flush()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def fuse_optimizer(
+    model_or_params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
+    optimizer_cls: type[torch.optim.Optimizer],
+    mode: Mode = "backward",
+    *,
+    module: nn.Module | None = None,
+    **optimizer_kwargs: Any,
+) -> FusedOptimizer:
+    """Build `optimizer_cls(params, **optimizer_kwargs)` with its update fused into backward or forward.
+
+    `model_or_params` is an `nn.Module` (all its parameters, one group) or what torch optimizers
+    take (parameters or param-group dicts). With param groups, pass `module=` (the model) to get
+    per-layer buckets; forward mode requires it. Without a module, backward mode updates each
+    parameter on its own as its gradient becomes final.
+    """
+    if mode not in MODES:
+        raise PlacewiseError(f"fuse: mode {mode!r} is not one of {', '.join(MODES)}; pick one")
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+        raise PlacewiseError(f"fuse: optimizer_cls {optimizer_cls!r} is not a torch.optim.Optimizer subclass; pass e.g. torch.optim.AdamW")
+    if issubclass(optimizer_cls, FusedOptimizer) or issubclass(optimizer_cls, _WHOLE_MODEL_OPTIMIZERS):
+        raise PlacewiseError(f"fuse: {optimizer_cls.__name__} updates all parameters jointly and cannot be fused per layer; use SGD, Adam, AdamW, Adagrad or another per-parameter optimizer")
+    if isinstance(model_or_params, nn.Module):
+        if module is not None and module is not model_or_params:
+            raise PlacewiseError("fuse: both a model and a different module= were given; pass one")
+        module = model_or_params
+        params: Any = list(model_or_params.parameters())
+    else:
+        params = list(model_or_params)
+    if mode == "forward" and module is None:
+        raise PlacewiseError("fuse: forward-fusion applies updates in the owning module's forward pre-hook; pass the model (or module=model with param groups)")
+    if optimizer_kwargs.get("differentiable"):
+        raise PlacewiseError("fuse: differentiable=True optimizers cannot be fused (updates happen inside hooks); drop it")
+    try:
+        inner = optimizer_cls(params, **optimizer_kwargs)
+    except (TypeError, ValueError) as exc:
+        raise PlacewiseError(f"fuse: {optimizer_cls.__name__}({', '.join(optimizer_kwargs)}) rejected its arguments: {exc}") from exc
+    return FusedOptimizer(inner, mode, module)
