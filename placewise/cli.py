@@ -194,11 +194,55 @@ class _nullcontext:
 
 # ---- profile and devices (profile issue) ----------------------------------------------------------
 def cmd_profile(args) -> int:
-    return _not_built("profile")
+    from placewise.graph import save_graph
+    from placewise.graph.devicefile import load_device_file
+    from placewise.profile import build_model, export_paper, profile_model
+    from placewise.profile.report import print_summary, summary
+    cluster = load_device_file(args.devices) if args.devices else None
+    model, inputs = build_model(args.model, args.batch_size, args.input_shape, layers=args.layers, seed=args.seed)
+    graph = profile_model(model, inputs, name=args.model, granularity=args.granularity, device=args.device,
+                          training=args.training, repeats=args.repeats, warmup=args.warmup, cluster=cluster,
+                          optimizer=args.optimizer, threads=args.threads, clock=args.clock,
+                          progress=not args.json and sys.stderr.isatty())
+    written = []
+    if args.out:
+        save_graph(graph, args.out)
+        written.append(f"graph written to {args.out}")
+    if args.export_paper:
+        export_paper(graph, args.export_paper)
+        written.append(f"paper JSON written to {args.export_paper}")
+    if args.json:
+        print(json.dumps(summary(graph), indent=1))
+    else:
+        print_summary(graph, written)
+    return 0
 
 
 def cmd_devices(args) -> int:
-    return _not_built("devices")
+    from placewise.profile.machine import describe_machine, machine_device_file
+    info = describe_machine()
+    if args.out:
+        Path(args.out).write_text(machine_device_file(info))
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title="this machine")
+    for col in ("device", "count", "memory", "details"):
+        table.add_column(col)
+    cpu = info["cpu"]
+    table.add_row("cpu", f"{cpu['usable_cores']} of {cpu['cores']} cores", _fmt_bytes(info["memory"] or 0), cpu["model"])
+    for gpu in info["cuda"]:
+        table.add_row(f"cuda:{gpu['index']}", "1", _fmt_bytes(gpu["memory"]),
+                      f"{gpu['name']} (compute {gpu['capability']}, {gpu['multiprocessors']} SMs)")
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
+    if info["torch"]:
+        print(f"torch {info['torch']['version']}, {info['torch']['threads']} intra-op thread(s)"
+              + ("" if info["cuda"] else "; no CUDA device"))
+    if args.out:
+        print(f"device file written to {args.out}")
+    return 0
 
 
 # ---- train and serve-bench (run issue: pipelines; async issue: data parallel) ----------------------
@@ -362,9 +406,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="GRAPH.json", help="write the graph (placewise JSON)")
     p.add_argument("--export-paper", metavar="FILE.json", help="also write the paper's JSON format")
     p.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
+    p.add_argument("--layers", type=int, metavar="N", help="transformer blocks (transformers models only)")
+    p.add_argument("--warmup", type=int, default=2, metavar="W", help="untimed runs before timing")
+    p.add_argument("--threads", type=int, default=1, metavar="T", help="torch threads while profiling (1: one core)")
+    p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
+                   help="CPU timing: process CPU time, wall time, or auto (CPU time for one thread)")
+    p.add_argument("--optimizer", choices=["sgd", "momentum", "adagrad", "adam", "adamw"], default="adam",
+                   help="optimizer whose state a training graph's memory counts")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
 
     p = add("devices", "show the devices of this machine", cmd_devices)
     p.add_argument("--json", action="store_true", help="print as JSON on stdout")
+    p.add_argument("--out", metavar="FILE.yaml", help="write a device file describing this machine")
 
     p = add("train", "train a model as a pipeline (from a plan) and/or with data-parallel workers", cmd_train)
     p.add_argument("model", help="model name (as for profile) or package.module:factory")

@@ -1,0 +1,200 @@
+"""Device files: the cluster to plan for, in YAML or JSON.
+
+    # cluster.yaml
+    bandwidth: 12 GB/s            # link between devices; bytes/s or a string with a unit
+    kinds:
+      - name: accelerator         # `-k/--memory` on the command line override this kind
+        type: accelerator         # accelerator (also gpu, fpga) or cpu; default from the name
+        count: 2
+        memory: 16 GiB            # per device; bytes or a string with a unit; null = unlimited
+        speed: 20                 # relative to the device the graph was profiled on
+      - name: cpu
+        type: cpu
+        count: 4
+        speed: 1
+
+`speed` is relative to the measured graph: an accelerator kind divides the graph's accelerator
+times by it, a CPU kind its CPU times. Instead of a number a kind may give `profile: FILE`, a graph
+profiled on a device of that kind (`placewise profile --device cuda --out FILE`); its speed is then
+the whole-model forward time of the top-level `reference: FILE` graph (the one to be planned, or
+another profile of the same model on the same device) over the kind's own. Relative paths are
+read from the device file's folder. `kinds` may also be a mapping from name to the other fields.
+A cluster written by placewise (`Cluster.to_json`) is a valid device file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from placewise.errors import PlacewiseError
+from placewise.graph.devices import Cluster, DeviceKind
+
+TOP_FIELDS = ("kinds", "bandwidth", "reference", "name", "description")
+KIND_FIELDS = ("name", "type", "accelerator", "count", "memory", "speed", "profile", "description")
+KIND_TYPES = {"accelerator": True, "gpu": True, "cuda": True, "fpga": True, "tpu": True, "cpu": False}
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([a-zA-Z]*)\s*(?:/\s*s)?\s*$")
+
+
+class _Reader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, message: str) -> PlacewiseError:
+        return PlacewiseError(f"{self.source}: {where}: {message}")
+
+    def fields(self, obj: Any, where: str, allowed: tuple[str, ...]) -> dict:
+        if not isinstance(obj, dict):
+            raise self.fail(where, f"expected a mapping of fields, got {type(obj).__name__}; write it as key: value lines")
+        for key in obj:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise self.fail(where, f"unknown field {key!r}; {hint}the fields are {', '.join(allowed)}")
+        return obj
+
+    def quantity(self, value: Any, where: str, what: str, *, allow_none: bool = False) -> float | None:
+        """A non-negative number, or a string with a unit (`16 GiB`, `12 GB/s`, `1e10`)."""
+        if value is None and allow_none:
+            return None
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            m = _QUANTITY.match(value)
+            if m and m.group(2).lower() in _UNITS:
+                number = float(m.group(1)) * _UNITS[m.group(2).lower()]
+        if number is None or not math.isfinite(number):
+            raise self.fail(where, f"{value!r} is not {what}; write a number or a string such as '16 GiB'")
+        if number < 0:
+            raise self.fail(where, f"{value!r} is negative; {what} must be 0 or more")
+        return number
+
+
+def _speed_from_profiles(reader: _Reader, kind_profile: str, reference: str | None, base: Path, accelerator: bool,
+                         where: str) -> float:
+    from placewise.graph.formats import load_graph
+    if reference is None:
+        raise reader.fail(where, "a kind measured by `profile` needs the top-level `reference` graph its speed is relative to")
+    key = "acc_forward_ms" if accelerator else "cpu_forward_ms"
+    times = []
+    models = []
+    for label, path in (("reference", reference), (f"{where}.profile", kind_profile)):
+        graph = load_graph(base / path)
+        meta = graph.meta_dict
+        if key not in meta:
+            raise reader.fail(label, f"{path} has no measured whole-model time ({key}); give a graph written by "
+                              "`placewise profile`")
+        times.append(float(meta[key]))
+        models.append(meta.get("model"))
+    if models[0] != models[1]:
+        raise reader.fail(where, f"profile is of model {models[1]!r} but reference of {models[0]!r}; profile the same model")
+    if not times[1] > 0:
+        raise reader.fail(where, f"profile {kind_profile} has a whole-model time of {times[1]}; profile again")
+    return times[0] / times[1]
+
+
+def parse_device_file(data: Any, source: str = "device file", base: Path | None = None) -> Cluster:
+    """Validate a device file's content (already parsed from YAML/JSON) into a Cluster."""
+    reader = _Reader(source)
+    base = base or Path(".")
+    top = reader.fields(data, "top level", TOP_FIELDS)
+    raw_kinds = top.get("kinds")
+    if isinstance(raw_kinds, dict):
+        raw_kinds = [{"name": name, **(spec if isinstance(spec, dict) else {"count": spec})}
+                     for name, spec in raw_kinds.items()]
+    if not isinstance(raw_kinds, list) or not raw_kinds:
+        raise reader.fail("kinds", "missing or empty; list the device kinds (name, type, count, memory, speed)")
+    bandwidth = reader.quantity(top.get("bandwidth"), "bandwidth", "a link bandwidth in bytes/s", allow_none=True)
+    if bandwidth is not None and bandwidth <= 0:
+        raise reader.fail("bandwidth", f"{top['bandwidth']!r}; give a positive number of bytes per second")
+    reference = top.get("reference")
+    if reference is not None and not isinstance(reference, str):
+        raise reader.fail("reference", "expected a path to a profiled graph")
+    kinds: list[DeviceKind] = []
+    for i, raw in enumerate(raw_kinds):
+        where = f"kinds[{i}]"
+        spec = reader.fields(raw, where, KIND_FIELDS)
+        name = spec.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise reader.fail(f"{where}.name", "missing; give each kind a name (e.g. accelerator, cpu)")
+        where = f"kinds[{i}] ({name})"
+        if any(k.name == name for k in kinds):
+            raise reader.fail(where, f"duplicate kind name {name!r}; give each kind its own name")
+        accelerator = _kind_type(reader, spec, name, where)
+        count = spec.get("count", 1)
+        if isinstance(count, float) and count.is_integer():
+            count = int(count)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise reader.fail(f"{where}.count", f"{count!r}; give a whole number of devices, 0 or more")
+        memory = reader.quantity(spec.get("memory"), f"{where}.memory", "a memory size in bytes", allow_none=True)
+        if "speed" in spec and "profile" in spec:
+            raise reader.fail(where, "gives both speed and profile; keep one")
+        if "profile" in spec:
+            if not isinstance(spec["profile"], str):
+                raise reader.fail(f"{where}.profile", "expected a path to a profiled graph")
+            speed = _speed_from_profiles(reader, spec["profile"], reference, base, accelerator, where)
+        else:
+            speed = reader.quantity(spec.get("speed", 1.0), f"{where}.speed", "a relative speed")
+            if speed == 0:
+                raise reader.fail(f"{where}.speed", "is 0; a relative speed must be positive (1 = the profiled device)")
+        kinds.append(DeviceKind(name, count, accelerator, memory, speed))
+    return Cluster(tuple(kinds), bandwidth)
+
+
+def _kind_type(reader: _Reader, spec: dict, name: str, where: str) -> bool:
+    """Whether a kind is an accelerator, from `type`, `accelerator` or (failing both) its name."""
+    flag = spec.get("accelerator")
+    if flag is not None and not isinstance(flag, bool):
+        raise reader.fail(f"{where}.accelerator", f"{flag!r}; write true or false")
+    kind_type = spec.get("type")
+    if kind_type is None:
+        return flag if flag is not None else not name.lower().startswith("cpu")
+    if not isinstance(kind_type, str) or kind_type.lower() not in KIND_TYPES:
+        raise reader.fail(f"{where}.type", f"unknown kind {kind_type!r}; use one of {', '.join(KIND_TYPES)}")
+    accelerator = KIND_TYPES[kind_type.lower()]
+    if flag is not None and flag != accelerator:
+        raise reader.fail(where, f"type {kind_type!r} contradicts accelerator: {flag}; keep one")
+    return accelerator
+
+
+def load_device_file(path: str | Path) -> Cluster:
+    """Read a device file (YAML or JSON) into a Cluster; bad content raises a one-line PlacewiseError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PlacewiseError(f"{path}: no such device file; check the path (see `placewise devices --out FILE`)") from None
+    except IsADirectoryError:
+        raise PlacewiseError(f"{path}: is a folder; give a device file (YAML or JSON)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlacewiseError(f"{path}: cannot read ({e}); give a YAML or JSON text file") from None
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as e:
+        raise PlacewiseError(f"{path}: not JSON ({e.msg} at line {e.lineno} column {e.colno}); fix the syntax") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise PlacewiseError(f"{path}: not YAML ({problem}{at}); fix the syntax") from None
+    return parse_device_file(data, str(path), path.parent)
+
+
+def device_file_text(cluster: Cluster, header: str = "") -> str:
+    """A device file (YAML) for a cluster, with an optional comment header."""
+    data = {"bandwidth": cluster.bandwidth,
+            "kinds": [{"name": k.name, "type": "accelerator" if k.accelerator else "cpu", "count": k.count,
+                       "memory": k.memory, "speed": k.speed} for k in cluster.kinds]}
+    if data["bandwidth"] is None:
+        del data["bandwidth"]
+    comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    return comment + yaml.safe_dump(data, sort_keys=False)
