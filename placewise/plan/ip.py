@@ -445,11 +445,14 @@ def _latency_model(graph: OpGraph, cluster: Cluster, options, warm: Plan | None)
     cpu_kinds = [k for k in kinds if not k.accelerator]
     cpu = max(cpu_kinds, key=lambda k: k.speed, default=None)  # unbounded parallel cores of the fastest kind
     A, U, n = len(accelerators), units.count, len(graph.nodes)
-    if warm is None or warm.latency is None:
-        raise PlacewiseError("the latency integer program needs a starting split with a finite latency; "
-                             "the greedy baseline found none on this cluster")
-    # Big M: every time in a split at least as good as the warm start is at most its latency.
-    big = float(warm.latency) * (1 + 1e-6) + 1e-6
+    if warm is not None and warm.latency is not None:
+        # Big M: every time in a split at least as good as the warm start is at most its latency.
+        big = float(warm.latency) * (1 + 1e-6) + 1e-6
+    else:
+        # Running every block and CPU node one after another bounds any latency: each node's slower
+        # time, and each output paid out once and in on every accelerator.
+        slowest = min(k.speed for k in kinds)
+        big = float(np.maximum(graph.acc_time, graph.cpu_time).sum() / slowest + graph.out_cost.sum() * (A + 1)) + 1.0
     m = _Milp()
     total = m.var(1, 0.0, big, cost=1.0)[0]
     slots = A + (1 if cpu is not None else 0)  # the last slot is the CPU pool
@@ -522,18 +525,20 @@ def _latency_model(graph: OpGraph, cluster: Cluster, options, warm: Plan | None)
             _order_identical(m, y[:, offset:offset + k.count])
             offset += k.count
 
-    number = {(k.name, i): a for a, (k, i) in enumerate(accelerators)}
-    first_start = np.zeros(m.n_cols)
-    unit_slot = np.full(U, A)
-    for node_id, dev in warm.assignment().items():
-        if (dev.kind, dev.index) in number:
-            unit_slot[units.of_node[graph.index[node_id]]] = number[(dev.kind, dev.index)]
-    offset = 0
-    for k in kinds:
-        if k.accelerator:
-            unit_slot = _number_by_lowest_unit(unit_slot, offset, k.count)
-            offset += k.count
-    first_start[y[np.arange(U), unit_slot]] = 1.0
+    first_start = None
+    if warm is not None and warm.latency is not None:
+        number = {(k.name, i): a for a, (k, i) in enumerate(accelerators)}
+        unit_slot = np.full(U, A)
+        for node_id, dev in warm.assignment().items():
+            if (dev.kind, dev.index) in number:
+                unit_slot[units.of_node[graph.index[node_id]]] = number[(dev.kind, dev.index)]
+        offset = 0
+        for k in kinds:
+            if k.accelerator:
+                unit_slot = _number_by_lowest_unit(unit_slot, offset, k.count)
+                offset += k.count
+        first_start = np.zeros(m.n_cols)
+        first_start[y[np.arange(U), unit_slot]] = 1.0
 
     def assign(x: np.ndarray) -> dict[int, Device]:
         choice = np.argmax(x[y], axis=1)
