@@ -37,6 +37,8 @@ MODES = ("async", "sync", "ddp")
 # Processes on one machine: beyond this the embedded launcher only thrashes (and gloo opens W*S pairs).
 MAX_PROCESSES = 64
 DEFAULT_HIDDEN = (128,)
+# Imported once by the launcher's fork server: later runs in the same process start in well under a second.
+PRELOAD = ("torch", "torch.distributed", "torch.nn.parallel", "placewise.run.async_sgd")
 
 
 # ---- models --------------------------------------------------------------------------------------
@@ -402,7 +404,7 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport:
                             cfg.fingerprint(data.features, data.classes))
     worker_ranks = [] if cfg.mode == "ddp" else list(range(cfg.servers, cfg.servers + cfg.workers))
     results, failures = launch(rank_main, cfg.world_size(), (cfg, data), threads=cfg.threads, timeout_s=cfg.timeout_s,
-                               tolerate=worker_ranks)
+                               tolerate=worker_ranks, preload=PRELOAD)
     if cfg.mode == "ddp":
         lead = results[0]
         history = lead["history"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import signal
 import socket
@@ -72,10 +73,13 @@ def _child(fn, rank: int, world_size: int, args: tuple, port: int, backend: str,
     try:
         _init_group(rank, world_size, backend, timeout_s)
         value = fn(rank, world_size, *args)
-        results.put(("ok", rank, value))
+        # Plain pickle: tensors go by value, not as shared-memory handles that die with this process.
+        results.put(("ok", rank, pickle.dumps(value)))
     except BaseException as e:  # noqa: BLE001 - every failure must reach the parent once
-        message = str(e) if isinstance(e, PlacewiseError) else f"{type(e).__name__}: {e}"
-        results.put(("error", rank, RankFailure(rank, message.splitlines()[0] if message else type(e).__name__,
+        # One line: the first non-blank line of the message (torch's often start with a newline).
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        message = first if isinstance(e, PlacewiseError) else f"{type(e).__name__}: {first}".rstrip(": ")
+        results.put(("error", rank, RankFailure(rank, message,
                                                 traceback.format_exc())))
     finally:
         if dist.is_initialized():
@@ -100,8 +104,12 @@ def _stop(procs: Iterable[mp.Process]) -> None:
 
 def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), *, backend: str = "gloo",
            threads: int | None = 1, timeout_s: float = 600.0, tolerate: Iterable[int] = (),
-           env: dict[str, str] | None = None) -> tuple[list[Any], list[RankFailure]]:
+           env: dict[str, str] | None = None, preload: Iterable[str] = ()) -> tuple[list[Any], list[RankFailure]]:
     """Run `fn(rank, world_size, *args)` in `world_size` fresh processes; return per-rank results.
+
+    With `preload` (module names, e.g. "torch"), ranks are forked from a fork server that imported
+    those modules once per launching process, so repeated launches skip the imports (seconds each);
+    `env` then cannot change what those modules read at import time.
 
     `fn` must be importable (module level). Results come back pickled; a failed tolerated rank gives
     None. Raises PlacewiseError with the first failing rank's error (after stopping the others) when a
@@ -109,7 +117,10 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), *, backend
     """
     if world_size < 1:
         raise PlacewiseError(f"world size is {world_size}; need at least one process")
-    ctx = mp.get_context("spawn")
+    preload = list(preload)
+    ctx = mp.get_context("forkserver" if preload else "spawn")
+    if preload:
+        ctx.set_forkserver_preload(preload)
     results = ctx.Queue()
     port = free_port()
     tolerated = set(tolerate)
@@ -139,7 +150,7 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), *, backend
                                          f"{[r for r in range(world_size) if r not in values and r not in failures]}")
                 continue
             if status == "ok":
-                values[rank] = payload
+                values[rank] = pickle.loads(payload)
             else:
                 failures[rank] = payload
                 if rank not in tolerated:
