@@ -129,6 +129,9 @@ def _not_built(what: str) -> int:
 
 
 # ---- compare (baselines issue) --------------------------------------------------------------------
+COMPARE_TIME_LIMIT = 60.0  # seconds per method, for those that take a limit (ip, local-search)
+
+
 def cmd_compare(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -145,7 +148,9 @@ def cmd_compare(args) -> int:
     methods = args.methods
     if methods is not None and args.expert and "expert" not in methods:
         methods = [*methods, "expert"]
-    options = SolveOptions(objective=args.objective, time_limit=args.time_limit, seed=args.seed, extra=extra)
+    # Without a limit an integer program may run for hours on a large graph; a comparison should end.
+    time_limit = COMPARE_TIME_LIMIT if args.time_limit is None else args.time_limit
+    options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed, extra=extra)
     err = Console(stderr=True)
     show = not args.json and sys.stderr.isatty()
     with err.status("comparing...", spinner="dots") if show else _nullcontext() as status:
@@ -388,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert", metavar="SPLIT", help="an expert split file to include as a row")
     p.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-limit", type=float, metavar="S", help="per-method time limit (ip)")
+    p.add_argument("--time-limit", type=float, metavar="S", help="per-method time limit (ip, local-search; default 60)")
     p.add_argument("--plot", metavar="FILE.png", help="write a bar chart")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     _cluster_flags(p)
@@ -407,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-paper", metavar="FILE.json", help="also write the paper's JSON format")
     p.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
     p.add_argument("--layers", type=int, metavar="N", help="transformer blocks (transformers models only)")
-    p.add_argument("--warmup", type=int, default=2, metavar="W", help="untimed runs before timing")
+    p.add_argument("--warmup", type=int, default=1, metavar="W", help="untimed runs before timing (after one check run)")
     p.add_argument("--threads", type=int, default=1, metavar="T", help="torch threads while profiling (1: one core)")
     p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                    help="CPU timing: process CPU time, wall time, or auto (CPU time for one thread)")
