@@ -121,12 +121,11 @@ def parse_device_file(data: Any, source: str = "device file", base: Path | None 
         raise reader.fail("reference", "expected a path to a profiled graph")
     kinds: list[DeviceKind] = []
     for i, raw in enumerate(raw_kinds):
-        where = f"kinds[{i}]"
+        name = raw.get("name") if isinstance(raw, dict) else None
+        where = f"kinds[{i}]" + (f" ({name})" if isinstance(name, str) and name.strip() else "")
         spec = reader.fields(raw, where, KIND_FIELDS)
-        name = spec.get("name")
         if not isinstance(name, str) or not name.strip():
             raise reader.fail(f"{where}.name", "missing; give each kind a name (e.g. accelerator, cpu)")
-        where = f"kinds[{i}] ({name})"
         if any(k.name == name for k in kinds):
             raise reader.fail(where, f"duplicate kind name {name!r}; give each kind its own name")
         accelerator = _kind_type(reader, spec, name, where)

@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_leaves
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Edge, Node, OpGraph, write_paper
 from placewise.graph.formats import DEFAULT_BANDWIDTH
-from placewise.profile.timing import (CLOCKS, Clock, model_preserved, record_values, time_backward, time_forward,
+from placewise.profile.timing import (CLOCKS, Clock, model_preserved, time_backward, time_forward,
                                       time_whole_backward)
 from placewise.profile.trace import CALL_OPS, attribute, trace_model
 
@@ -44,7 +44,6 @@ class Measurement:
     forward: dict[str, float]
     backward: dict[str, float]
     whole_forward: float
-    traced_forward: float
     whole_backward: float | None
 
 
@@ -104,9 +103,8 @@ def _measure(gm: fx.GraphModule, model: nn.Module, inputs: tuple, device: torch.
         inputs = tuple(_to(x, device) for x in inputs)
     clock = Clock(device, clock)
     tick = progress.task(f"forward on {device.type}", warmup + repeats)
-    forward, whole, traced = time_forward(gm, model, inputs, clock, repeats=repeats, warmup=warmup, grad=training,
+    forward, whole, values = time_forward(gm, model, inputs, clock, repeats=repeats, warmup=warmup, grad=training,
                                           tick=tick)
-    values = record_values(gm, inputs, clock, grad=training)
     backward: dict[str, float] = {}
     whole_backward = None
     if training:
@@ -115,7 +113,7 @@ def _measure(gm: fx.GraphModule, model: nn.Module, inputs: tuple, device: torch.
         whole_backward = time_whole_backward(gm, inputs, clock, repeats=repeats, warmup=warmup)
     if device.type != "cpu":
         values = {k: torch.utils._pytree.tree_map(lambda x: _to(x, torch.device("cpu")), v) for k, v in values.items()}
-    return Measurement(forward, backward, whole, traced, whole_backward), values
+    return Measurement(forward, backward, whole, whole_backward), values
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -144,7 +142,7 @@ def _threads(count: int | None) -> Iterator[None]:
 
 
 def profile_model(model: nn.Module, example_inputs: Sequence[Any], *, name: str = "", granularity: str = "layer",
-                  device: str = "cpu", training: bool = False, repeats: int = 5, warmup: int = 2,
+                  device: str = "cpu", training: bool = False, repeats: int = 5, warmup: int = 1,
                   bandwidth: float | None = None, cluster: Cluster | None = None, optimizer: str = "adam",
                   threads: int | None = 1, clock: str = "auto", progress: bool = False) -> OpGraph:
     """Trace and time `model` into an OpGraph (milliseconds, bytes). The model is left unchanged.
@@ -238,7 +236,7 @@ def _build_graph(gm: fx.GraphModule, values: dict[str, Any], measured: Measureme
                                       float(grad_in[n.name])))
     forward_sum = sum(measured.forward.values())
     meta = {"format": "profile", "time_unit": "ms", "bandwidth": repr(bandwidth), "optimizer": optimizer,
-            "whole_forward_ms": f"{measured.whole_forward:.6g}", "traced_forward_ms": f"{measured.traced_forward:.6g}",
+            "whole_forward_ms": f"{measured.whole_forward:.6g}",
             "node_forward_sum_ms": f"{forward_sum:.6g}",
             "forward_ratio": f"{forward_sum / measured.whole_forward:.4f}" if measured.whole_forward > 0 else "nan",
             "acc_forward_ms": f"{measured.whole_forward:.6g}", "cpu_forward_ms": f"{on_cpu.whole_forward:.6g}"}

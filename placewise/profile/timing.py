@@ -145,46 +145,38 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else 0.0
 
 
-def time_forward(gm: fx.GraphModule, model: nn.Module, inputs: tuple, clock: Clock, *, repeats: int,
-                 warmup: int, grad: bool, tick: Tick = lambda: None) -> tuple[dict[str, float], float, float]:
-    """Median forward milliseconds per call node, of the whole model, and of the whole traced graph.
+def _detached(x: Any) -> Any:
+    """A value without its autograd history; a tensor keeps requires_grad where autograd tracked it,
+    so backward timing knows which inputs carry gradients."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().requires_grad_(x.requires_grad and x.is_floating_point())
+    return x
 
-    Whole and node-by-node runs alternate so that load from other processes hits both alike.
+
+def time_forward(gm: fx.GraphModule, model: nn.Module, inputs: tuple, clock: Clock, *, repeats: int,
+                 warmup: int, grad: bool, tick: Tick = lambda: None) -> tuple[dict[str, float], float, dict[str, Any]]:
+    """Median forward milliseconds per call node and of the whole model, and every node's value
+    (detached) from the last run.
+
+    Whole-model and node-by-node runs alternate so that load from other processes hits both alike.
     """
     runner = GraphRunner(gm, clock)
     per_node: dict[str, list[float]] = {}
     whole: list[float] = []
-    traced: list[float] = []
-
-    def timed(fn: Callable[[], Any]) -> float:
-        start = clock.mark()
-        fn()
-        end = clock.mark()
-        clock.sync()
-        return clock.ms(start, end)
-
+    env: dict[fx.Node, Any] = {}
     with torch.set_grad_enabled(grad):
         for i in range(warmup + repeats):
-            w, t = timed(lambda: model(*inputs)), timed(lambda: gm(*inputs))
-            runner.run(inputs, times=per_node if i >= warmup else None)
+            start = clock.mark()
+            model(*inputs)
+            end = clock.mark()
+            clock.sync()
+            last = i == warmup + repeats - 1
+            env = runner.run(inputs, times=per_node if i >= warmup else None, keep=last)
             if i >= warmup:
-                whole.append(w)
-                traced.append(t)
+                whole.append(clock.ms(start, end))
             tick()
-    return {k: median(v) for k, v in per_node.items()}, median(whole), median(traced)
-
-
-def record_values(gm: fx.GraphModule, inputs: tuple, clock: Clock, *, grad: bool) -> dict[str, Any]:
-    """Every node's value from one run, detached; a tensor keeps requires_grad when autograd
-    would have tracked it, so backward timing knows which inputs carry gradients."""
-    with torch.set_grad_enabled(grad):
-        env = GraphRunner(gm, clock).run(inputs, keep=True)
-
-    def detach(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            return x.detach().requires_grad_(x.requires_grad and x.is_floating_point())
-        return x
-    return {n.name: tree_map(detach, v) for n, v in env.items()}
+    values = {n.name: tree_map(_detached, v) for n, v in env.items()}
+    return {k: median(v) for k, v in per_node.items()}, median(whole), values
 
 
 def _differentiable(x: Any) -> bool:
