@@ -121,7 +121,7 @@ def plot(result: Comparison, path: str | Path, title: str | None = None) -> None
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.6))
     names = [r.method + ("" if r.contiguous else "*") + ("" if r.feasible else " (infeasible)") for r in rows]
     colors = ["#2a9d8f" if best is not None and r is best else ("#457b9d" if r.feasible else "#bbbbbb") for r in rows]
-    bars = ax.barh(range(len(rows)), [r.value for r in rows], color=colors, hatch=None)
+    bars = ax.barh(range(len(rows)), [r.value for r in rows], color=colors)
     for bar, r in zip(bars, rows):
         if not r.feasible:
             bar.set_hatch("//")
