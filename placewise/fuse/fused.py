@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
@@ -203,14 +204,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             for bucket in self._buckets:
                 for p in bucket.params:
                     if p.requires_grad:
-                        self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad_final))
+                        self._handles.append(p.register_post_accumulate_grad_hook(_weak_hook(self, "_on_grad_final")))
         elif self._module is not None:
             self._held_by: dict[int, list[_Bucket]] = defaultdict(list)
             for bucket in self._buckets:
                 for mod in bucket.holders:
                     self._held_by[id(mod)].append(bucket)
             for mod in self._module.modules():
-                self._handles.append(mod.register_forward_pre_hook(self._on_forward))
+                self._handles.append(mod.register_forward_pre_hook(_weak_hook(self, "_on_forward")))
             self._ran_at_last_triggers = -1
 
     def _update(self, bucket: _Bucket, hyper: dict[str, Any]) -> None:
@@ -371,6 +372,24 @@ class FusedOptimizer(torch.optim.Optimizer):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def __del__(self) -> None:
+        # The hooks hold the optimizer weakly; drop them with it so a discarded fused optimizer
+        # never updates the model again (pending forward updates are lost, as unapplied steps).
+        for handle in getattr(self, "_handles", ()):
+            handle.remove()
+
+
+def _weak_hook(optimizer: FusedOptimizer, method: str) -> Callable[..., None]:
+    """A hook calling `optimizer.method` while the optimizer is alive, and doing nothing after."""
+    ref = weakref.ref(optimizer)
+
+    def hook(*args: Any) -> None:
+        target = ref()
+        if target is not None:
+            getattr(target, method)(*args)
+
+    return hook
 
 
 def fuse_optimizer(

@@ -1,0 +1,282 @@
+"""Optimizer fusion is exact: the same parameters and optimizer state as the unfused optimizer.
+
+Evidence is independent of the fusion code: each fused run is compared with the plain torch
+optimizer of the same class and kernel (for-loop, foreach or fused) on an identical model and
+data, bitwise, with accumulation, clipping, a scheduler changing the lr every step, and a
+state_dict hand-over mid-run in both directions (fused -> unfused and unfused -> fused).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from placewise.errors import PlacewiseError
+from placewise.fuse import FusedOptimizer, fuse_optimizer
+
+STEPS = 5
+SWITCH_AT = 2  # the optimizer is handed over through state_dict after this many steps
+ACCUMULATE = 2  # micro-steps per step
+CLIP = 0.05  # small enough that clipping is active on every step
+
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    "sgd": (torch.optim.SGD, {"lr": 0.1}),
+    "sgd-momentum": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}),
+    "adam": (torch.optim.Adam, {"lr": 0.01, "amsgrad": True}),
+    "adamw": (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.1}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 0.1, "lr_decay": 0.01}),
+}
+KERNELS: dict[str, dict[str, bool]] = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.embed(x)).mean(dim=1))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, bias=False),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    )
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "mlp": (mlp, (6,)),
+    "cnn": (cnn, (3, 8, 8)),
+    "transformer": (TinyTransformer, (5, 6)),
+}
+
+
+def batches(shape: tuple[int, ...], n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, *shape, generator=gen), torch.randint(0, 3, (4,), generator=gen)) for _ in range(n)]
+
+
+class Trainer:
+    """A training loop that treats plain and fused optimizers alike, as a user would."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, clip: bool) -> None:
+        self.model, self.optimizer, self.clip = model, optimizer, clip
+        self.scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
+
+    def train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.optimizer.zero_grad()
+        for i, (x, y) in enumerate(micro):
+            final = i == len(micro) - 1
+            fused = isinstance(self.optimizer, FusedOptimizer)
+            context = self.optimizer.accumulate() if fused and not final else _nothing()
+            with context:
+                nn.functional.cross_entropy(self.model(x), y).backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def hand_over(self, make_optimizer: Callable[[], torch.optim.Optimizer]) -> None:
+        """Continue with a new optimizer loaded from this one's state_dict (a checkpoint resume)."""
+        saved, sched = self.optimizer.state_dict(), self.scheduler.state_dict()
+        if isinstance(self.optimizer, FusedOptimizer):
+            self.optimizer.remove_hooks()
+        self.optimizer = make_optimizer()
+        self.optimizer.load_state_dict(saved)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=1, gamma=0.7)
+        self.scheduler.load_state_dict(sched)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def assert_same(a: Trainer, b: Trainer) -> None:
+    """Bitwise-equal parameters, and optimizer states equal entry by entry."""
+    for opt in (a.optimizer, b.optimizer):
+        if isinstance(opt, FusedOptimizer):
+            opt.flush()
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), f"parameter {name} differs by {(p - q).abs().max().item():.3g}"
+    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    assert sa["state"].keys() == sb["state"].keys()
+    for index, entry in sa["state"].items():
+        assert entry.keys() == sb["state"][index].keys()
+        for key, value in entry.items():
+            other = sb["state"][index][key]
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, other), f"state[{index}][{key!r}] differs"
+            else:
+                assert value == other
+
+
+def scenario(model_name: str, opt_name: str, kernel: str, mode: str) -> None:
+    make_model, shape = MODELS[model_name]
+    cls, kwargs = OPTIMIZERS[opt_name]
+    kwargs = {**kwargs, **KERNELS[kernel]}
+    torch.manual_seed(0)
+    base = make_model()
+    clip = mode == "forward"  # exact global-norm clipping is a forward-mode feature
+    data = batches(shape, STEPS * ACCUMULATE)
+
+    def plain(model: nn.Module) -> Callable[[], torch.optim.Optimizer]:
+        return lambda: cls(model.parameters(), **kwargs)
+
+    def fused(model: nn.Module) -> Callable[[], torch.optim.Optimizer]:
+        return lambda: fuse_optimizer(model, cls, mode, **kwargs)
+
+    trainers = {}
+    for name, first, second in (("reference", plain, plain), ("fused-then-plain", fused, plain), ("plain-then-fused", plain, fused)):
+        model = copy.deepcopy(base)
+        trainer = Trainer(model, first(model)(), clip)
+        for step in range(STEPS):
+            if step == SWITCH_AT:
+                trainer.hand_over(second(model))
+            trainer.train_step(data[step * ACCUMULATE:(step + 1) * ACCUMULATE])
+        trainers[name] = trainer
+    assert_same(trainers["reference"], trainers["fused-then-plain"])
+    assert_same(trainers["reference"], trainers["plain-then-fused"])
+
+
+@pytest.mark.parametrize("mode", ["backward", "forward"])
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_fused_matches_unfused_bitwise(model_name: str, opt_name: str, kernel: str, mode: str) -> None:
+    scenario(model_name, opt_name, kernel, mode)
+
+
+def step_once(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+def test_updates_really_move_into_backward_and_forward() -> None:
+    """Backward mode updates during backward; forward mode only once the next forward starts."""
+    torch.manual_seed(0)
+    x, y = batches((6,), 1)[0]
+    model = mlp()
+    opt = fuse_optimizer(model, torch.optim.SGD, "backward", lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters())), "not updated in backward"
+    opt.step()
+
+    model = mlp()
+    opt = fuse_optimizer(model, torch.optim.SGD, "forward", lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    step_once(model, opt, x, y)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), "forward mode updated before the next forward"
+    first = model[0].weight.detach().clone()
+    model[0](x)  # only the first layer runs: only its bucket is applied
+    assert not torch.equal(first, model[0].weight)
+    assert torch.equal(before[-1], model[-1].bias) and len(opt._pending) == 2
+    opt.flush()
+    assert not opt._pending and not torch.equal(before[-1], model[-1].bias)
+
+
+class Tied(nn.Module):
+    """Shared weight (tied between two layers), a frozen layer and an unused branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 6)
+        self.frozen = nn.Linear(6, 6)
+        self.frozen.requires_grad_(False)
+        self.out = nn.Linear(6, 6)
+        self.out.weight = self.inp.weight
+        self.unused = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.frozen(torch.relu(self.inp(x)))))
+
+
+@pytest.mark.parametrize("mode", ["backward", "forward"])
+def test_mixed_groups_shared_frozen_and_unused_parameters(mode: str) -> None:
+    torch.manual_seed(0)
+    base = Tied()
+    data = batches((6,), 4)
+
+    def groups(model: Tied) -> list[dict[str, Any]]:
+        weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+        biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+        return [{"params": weights, "weight_decay": 0.1}, {"params": biases, "lr": 0.05, "betas": (0.8, 0.9)}]
+
+    ref_model, fused_model = copy.deepcopy(base), copy.deepcopy(base)
+    ref = torch.optim.AdamW(groups(ref_model), lr=0.01, foreach=True)
+    fused = fuse_optimizer(groups(fused_model), torch.optim.AdamW, mode, module=fused_model, lr=0.01, foreach=True)
+    for x, y in data:
+        step_once(ref_model, ref, x, y)
+        step_once(fused_model, fused, x, y)
+    fused.flush()
+    assert fused_model.out.weight is fused_model.inp.weight
+    for (name, p), q in zip(ref_model.named_parameters(), fused_model.parameters()):
+        assert torch.equal(p, q), name
+    assert torch.equal(fused_model.frozen.weight, base.frozen.weight)
+    assert fused.state_dict()["param_groups"] == ref.state_dict()["param_groups"]
+
+
+def test_backward_mode_refuses_what_it_cannot_do_exactly() -> None:
+    model = mlp()
+    x, y = batches((6,), 1)[0]
+    opt = fuse_optimizer(model, torch.optim.Adam, "backward", lr=0.01)
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(PlacewiseError, match="clipping"):
+        opt.clip_grad_norm_(1.0)
+    with pytest.raises(PlacewiseError, match="second gradient"):
+        nn.functional.cross_entropy(model(x), y).backward()
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((torch.optim.SGD, "sideways"), {"lr": 0.1}, "mode"),
+        ((torch.optim.LBFGS, "backward"), {}, "jointly"),
+        ((dict, "backward"), {}, "not a torch.optim.Optimizer"),
+        ((torch.optim.SGD, "backward"), {"lr": -1.0}, "rejected its arguments"),
+    ],
+)
+def test_bad_input_is_a_placewise_error(args: tuple[Any, str], kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(PlacewiseError, match=match):
+        fuse_optimizer(mlp(), *args, **kwargs)
+
+
+def test_forward_mode_needs_the_module_for_param_groups() -> None:
+    with pytest.raises(PlacewiseError, match="module=model"):
+        fuse_optimizer(mlp().parameters(), torch.optim.SGD, "forward", lr=0.1)
+
+
+def test_discarded_fused_optimizer_stops_updating() -> None:
+    model = mlp()
+    x, y = batches((6,), 1)[0]
+    fuse_optimizer(model, torch.optim.SGD, "backward", lr=0.1)  # dropped at once
+    before = [p.detach().clone() for p in model.parameters()]
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Any:
+    """Tiny models: one intra-op thread is faster, and immune to a loaded machine's oversubscription."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
