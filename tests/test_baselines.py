@@ -133,6 +133,17 @@ def test_local_search_stops_at_a_local_optimum_and_is_reproducible():
             assert value >= plan.max_load * (1 - IMPROVEMENT) - 1e-12
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_respects_memory_and_support(seed):
+    rng = random.Random(seed)
+    graph = _random_graph(rng, 10, training=seed % 2 == 0, memory=12.0, accelerators=2, cpus=1)
+    plan = solve(graph, graph.cluster, "greedy")
+    # The CPU core has no memory limit, so greedy always finds room, and what it returns fits. (A
+    # non-contiguous split is scored as one, so contiguity is no violation here.)
+    assert plan.feasible, plan.violations
+    assert sum(len(s.nodes) for s in plan.stages) == len(graph.nodes)
+
+
 @pytest.mark.parametrize("path", THROUGHPUT, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_optimal_dp_is_no_worse_than_any_contiguous_baseline(path):
     graph = load_graph(path)
