@@ -55,6 +55,7 @@ class Problem:
     accelerator: np.ndarray  # (kinds,) bool
     memory_limit: np.ndarray  # (kinds,) bytes, inf when unlimited
     prev: np.ndarray  # (states, kinds): the state with one device of that kind fewer, -1 if none
+    counts: np.ndarray  # (states, kinds): devices of each kind in a state
     full_state: int
 
 
@@ -71,14 +72,16 @@ def _problem(units: Units, cluster: Cluster) -> Problem:
     # Mixed radix: state = sum_t used_t * stride_t, so removing one device of kind t subtracts stride_t.
     strides = np.cumprod([1] + radix[:-1])
     prev = np.full((n_states, len(kinds)), -1, dtype=np.int64)
+    counts = np.zeros((n_states, len(kinds)))
     for s in range(n_states):
         for t, stride in enumerate(strides):
-            if (s // stride) % radix[t] > 0:
+            counts[s, t] = (s // stride) % radix[t]
+            if counts[s, t] > 0:
                 prev[s, t] = s - stride
     time_ = np.array([(units.acc_time if k.accelerator else units.cpu_time) / k.speed for k in kinds])
     return Problem(kinds, time_, np.array([k.accelerator for k in kinds]),
                    np.array([INF if k.memory is None else k.memory * (1 + MEMORY_TOLERANCE) for k in kinds]),
-                   prev, n_states - 1)
+                   prev, counts, n_states - 1)
 
 
 def _check_units_fit(graph: OpGraph, units: Units, problem: Problem) -> None:
@@ -113,6 +116,11 @@ def _check_units_fit(graph: OpGraph, units: Units, problem: Problem) -> None:
 
 # ---- the compiled core ------------------------------------------------------------------------------
 @njit(cache=True)
+def _has(bits, ideal, u):
+    return (bits[ideal, u >> 6] >> np.uint64(u & 63)) & np.uint64(1) != 0
+
+
+@njit(cache=True)
 def _port_pays(in_owner, count, n_targets):
     if in_owner:
         return count < n_targets
@@ -120,9 +128,10 @@ def _port_pays(in_owner, count, n_targets):
 
 
 @njit(cache=True)
-def _toggle(u, sign, comp, state, time_, memory, unsupported, in_set, port_count, port_n_targets, port_cost,
-            port_owner, own_ptr, own_ports, tgt_ptr, tgt_ports):
-    """Add (sign=+1) or remove (sign=-1) unit u from the set; state = [memory, unsupported, transfer]."""
+def _toggle(u, sign, comp, state, units, ports, in_set, port_count):
+    """Add (sign=+1) or remove (sign=-1) unit u from the walked set; state = [memory, unsupported, transfer]."""
+    time_, memory, unsupported = units
+    port_cost, port_owner, port_n_targets, _, _, own_ptr, own_ports, tgt_ptr, tgt_ports = ports
     for t in range(comp.shape[0]):
         comp[t] += sign * time_[t, u]
     state[0] += sign * memory[u]
@@ -145,14 +154,109 @@ def _toggle(u, sign, comp, state, time_, memory, unsupported, in_set, port_count
 
 
 @njit(cache=True)
-def _run_chunk(lo, hi, down_ptr, down_ideal, down_unit, time_, accelerator, memory_limit, memory, unsupported,
-               port_cost, port_owner, port_n_targets, own_ptr, own_ports, tgt_ptr, tgt_ports, prev, bound, prune,
-               dp, arg_ideal, arg_kind, stamp, in_set, port_count, loads, stats):
-    """Fill dp rows lo..hi-1 (ideals sorted by size, so every sub-ideal's row is final)."""
-    n_kinds = time_.shape[0]
+def _split_ports(bits, ports):
+    """For every ideal, the ports it splits (some of the port's units inside, some outside). Only such
+    ports can be paid by a difference of two ideals: an unsplit port is wholly in or out of the set."""
+    port_cost, port_owner, _, target_ptr, targets, _, _, _, _ = ports
+    n = bits.shape[0]
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    cap = 16 * n + 16
+    flat = np.zeros(cap, dtype=np.int64)
+    m = 0
+    for i in range(n):
+        for p in range(port_cost.shape[0]):
+            inside = _has(bits, i, port_owner[p])
+            split = False
+            for k in range(target_ptr[p], target_ptr[p + 1]):
+                if _has(bits, i, targets[k]) != inside:
+                    split = True
+                    break
+            if split:
+                if m == cap:
+                    cap *= 2
+                    grown = np.zeros(cap, dtype=np.int64)
+                    grown[:m] = flat[:m]
+                    flat = grown
+                flat[m] = p
+                m += 1
+        ptr[i + 1] = m
+    return ptr, flat[:m]
+
+
+@njit(cache=True)
+def _pays_in_difference(bits, outer, inner, p, ports):
+    """Whether port p is paid by the set outer \\ inner."""
+    port_cost, port_owner, _, target_ptr, targets, _, _, _, _ = ports
+    o = port_owner[p]
+    owner_in = _has(bits, outer, o) and not _has(bits, inner, o)
+    for k in range(target_ptr[p], target_ptr[p + 1]):
+        t = targets[k]
+        target_in = _has(bits, outer, t) and not _has(bits, inner, t)
+        if target_in != owner_in:
+            return True
+    return False
+
+
+@njit(cache=True)
+def _update(root, sub, loads, dp, arg_ideal, arg_kind, prev, relevant):
+    for s in range(prev.shape[0]):
+        if not relevant[s]:
+            continue
+        best = dp[root, s]
+        for t in range(prev.shape[1]):
+            p = prev[s, t]
+            if p < 0 or loads[t] == np.inf:
+                continue
+            cand = dp[sub, p]
+            if loads[t] > cand:
+                cand = loads[t]
+            if cand < best:
+                best = cand
+                dp[root, s] = cand
+                arg_ideal[root, s] = sub
+                arg_kind[root, s] = t
+
+
+@njit(cache=True)
+def _set_loads(comp, mem, unsup, transfer, kinds, prune, loads):
+    """Per kind: the set's load, or inf where it cannot go (memory, support, over the bound).
+    Returns whether any superset could still fit somewhere (compute, memory, support only grow)."""
+    accelerator, memory_limit = kinds[0], kinds[1]
+    alive = False
+    for t in range(loads.shape[0]):
+        if mem > memory_limit[t] or (accelerator[t] and unsup > 0) or comp[t] > prune:
+            loads[t] = np.inf
+            continue
+        alive = True
+        load = comp[t] + transfer if accelerator[t] else comp[t]
+        loads[t] = load if load <= prune else np.inf
+    return alive
+
+
+@njit(cache=True)
+def _run_chunk(lo, hi, lat, units, ports, kinds, prune, total_work, dp, arg_ideal, arg_kind, finite, stamp, in_set,
+               port_count, stats):
+    """Fill dp rows lo..hi-1 (ideals sorted by size, so every sub-ideal's row is final).
+
+    For each ideal (root) only the device-count states s that can still finish are kept: the
+    ideal's least work must fit in s's capacity and the rest's in the other devices'. The sub-ideals
+    whose state can finish lie in a band of work; they are found by walking down from the root (set
+    load kept incrementally), or, when the walk would visit more ideals than the band holds, by
+    scanning the band (ideals sorted by work) with a subset test and loads from prefix sums.
+    """
+    down_ptr, down_ideal, down_unit, bits, work, comp_ideal, mem_ideal, unsup_ideal, by_work, work_sorted, \
+        bits_by_work, split_ptr, split_ports, split_cost = lat
+    accelerator, memory_limit, prev, capacity, reach, all_accelerators, transfer_share = kinds
+    port_cost = ports[0]
+    n_kinds = prev.shape[1]
     n_states = prev.shape[0]
+    full = n_states - 1
+    words = bits.shape[1]
     comp = np.zeros(n_kinds)
     state = np.zeros(3)
+    loads = np.zeros(n_kinds)
+    relevant = np.zeros(n_states, dtype=np.bool_)
+    masks = n_states <= 64  # finite[] holds one bit per state
     stack = np.zeros(64, dtype=np.int64)
     pos = np.zeros(64, dtype=np.int64)
     added = np.zeros(64, dtype=np.int64)
@@ -161,22 +265,56 @@ def _run_chunk(lo, hi, down_ptr, down_ideal, down_unit, time_, accelerator, memo
             dp[root, s] = np.inf
             arg_ideal[root, s] = -1
             arg_kind[root, s] = -1
+        finite[root] = 0
+        any_relevant = False
+        band_lo, band_hi = np.inf, -np.inf
+        needed = np.uint64(0)
+        # Each side of the cut pays every port the cut splits at least once; an all-accelerator side
+        # pays it in load (CPU cores pay no transfers, so a side with CPUs gets work alone).
+        left = work[root] + (transfer_share * split_cost[root])
+        right = total_work - work[root] + (transfer_share * split_cost[root])
+        for s in range(n_states):
+            relevant[s] = (left if all_accelerators[s] else work[root]) <= capacity[s] and \
+                (right if all_accelerators[full - s] else total_work - work[root]) <= capacity[full - s]
+            if not relevant[s]:
+                continue
+            any_relevant = True
+            for t in range(n_kinds):
+                p = prev[s, t]
+                if p >= 0:
+                    band_lo = min(band_lo, total_work - capacity[full - p])
+                    band_hi = max(band_hi, capacity[p])
+                    if masks:
+                        needed |= np.uint64(1) << np.uint64(p)
+        if not masks:
+            needed = ~np.uint64(0)
+        if not any_relevant:
+            continue
         if root == 0:
             for s in range(n_states):
                 dp[root, s] = 0.0
+            finite[root] = ~np.uint64(0)
             continue
+        band_lo = max(band_lo, work[root] - reach)
+        band_hi = min(band_hi, work[root])
+        first = np.searchsorted(work_sorted, band_lo, side="left")
+        last = np.searchsorted(work_sorted, band_hi, side="right")
+        # Walking is worth it while it costs less than a quarter of a scan of the band.
+        budget = max((last - first) // 4, 16)
+        # Walk down from the root while the set could still fit a device and the sub-ideal's work
+        # has not dropped below the band (work only drops further down).
         comp[:] = 0.0
         state[:] = 0.0
         depth = 0
         stack[0] = root
         pos[0] = down_ptr[root]
+        visits = 0
         while depth >= 0:
             cur = stack[depth]
             k = pos[depth]
-            if k == down_ptr[cur + 1]:
+            if k == down_ptr[cur + 1] or visits > budget:
                 if depth > 0:
-                    _toggle(added[depth], -1, comp, state, time_, memory, unsupported, in_set, port_count,
-                            port_n_targets, port_cost, port_owner, own_ptr, own_ports, tgt_ptr, tgt_ports)
+                    _toggle(added[depth], -1, comp, state, units, ports, in_set, port_count)
                 depth -= 1
                 continue
             pos[depth] = k + 1
@@ -184,36 +322,16 @@ def _run_chunk(lo, hi, down_ptr, down_ideal, down_unit, time_, accelerator, memo
             if stamp[sub] == root:
                 continue
             stamp[sub] = root
-            u = down_unit[k]
-            _toggle(u, 1, comp, state, time_, memory, unsupported, in_set, port_count,
-                    port_n_targets, port_cost, port_owner, own_ptr, own_ports, tgt_ptr, tgt_ports)
-            stats[0] += 1
-            alive = False
-            for t in range(n_kinds):
-                if state[0] > memory_limit[t] or (accelerator[t] and state[1] > 0) or comp[t] > prune:
-                    loads[t] = np.inf
-                    continue
-                alive = True
-                load = comp[t] + state[2] if accelerator[t] else comp[t]
-                loads[t] = load if load <= prune else np.inf
-            if not alive:
-                _toggle(u, -1, comp, state, time_, memory, unsupported, in_set, port_count,
-                        port_n_targets, port_cost, port_owner, own_ptr, own_ports, tgt_ptr, tgt_ports)
+            if work[sub] < band_lo:
                 continue
-            for s in range(n_states):
-                best = dp[root, s]
-                for t in range(n_kinds):
-                    p = prev[s, t]
-                    if p < 0 or loads[t] == np.inf:
-                        continue
-                    cand = dp[sub, p]
-                    if loads[t] > cand:
-                        cand = loads[t]
-                    if cand < best:
-                        best = cand
-                        dp[root, s] = cand
-                        arg_ideal[root, s] = sub
-                        arg_kind[root, s] = t
+            visits += 1
+            u = down_unit[k]
+            _toggle(u, 1, comp, state, units, ports, in_set, port_count)
+            if not _set_loads(comp, state[0], state[1], state[2], kinds, prune, loads):
+                _toggle(u, -1, comp, state, units, ports, in_set, port_count)
+                continue
+            if work[sub] <= band_hi and finite[sub] & needed != 0:
+                _update(root, sub, loads, dp, arg_ideal, arg_kind, prev, relevant)
             depth += 1
             if depth == stack.shape[0]:
                 grown = np.zeros(2 * depth, dtype=np.int64)
@@ -228,14 +346,79 @@ def _run_chunk(lo, hi, down_ptr, down_ideal, down_unit, time_, accelerator, memo
             stack[depth] = sub
             pos[depth] = down_ptr[sub]
             added[depth] = u
+        stats[0] += visits
+        if visits > budget:
+            stats[1] += 1
+            for idx in range(first, last):
+                sub = by_work[idx]
+                if sub == root or finite[sub] & needed == 0:
+                    continue
+                subset = True
+                for w in range(words):
+                    if bits_by_work[idx, w] & ~bits[root, w] != 0:
+                        subset = False
+                        break
+                if not subset:
+                    continue
+                stats[2] += 1
+                transfer = 0.0
+                for k in range(split_ptr[root], split_ptr[root + 1]):
+                    p = split_ports[k]
+                    if _pays_in_difference(bits, root, sub, p, ports):
+                        transfer += port_cost[p]
+                for k in range(split_ptr[sub], split_ptr[sub + 1]):
+                    p = split_ports[k]
+                    # Ports split by both ideals were counted above.
+                    if _port_split(bits, root, p, ports):
+                        continue
+                    if _pays_in_difference(bits, root, sub, p, ports):
+                        transfer += port_cost[p]
+                for t in range(n_kinds):
+                    comp[t] = comp_ideal[root, t] - comp_ideal[sub, t]
+                _set_loads(comp, mem_ideal[root] - mem_ideal[sub], unsup_ideal[root] - unsup_ideal[sub], transfer,
+                           kinds, prune, loads)
+                _update(root, sub, loads, dp, arg_ideal, arg_kind, prev, relevant)
         # Leaving devices empty: dp[root, s] <= dp[root, s - e_t], in increasing s.
         for s in range(n_states):
+            if not relevant[s]:
+                continue
             for t in range(n_kinds):
                 p = prev[s, t]
                 if p >= 0 and dp[root, p] < dp[root, s]:
                     dp[root, s] = dp[root, p]
                     arg_ideal[root, s] = root
                     arg_kind[root, s] = t
+            if masks and dp[root, s] < np.inf:
+                finite[root] |= np.uint64(1) << np.uint64(s)
+
+
+@njit(cache=True)
+def _port_split(bits, ideal, p, ports):
+    port_owner, target_ptr, targets = ports[1], ports[3], ports[4]
+    inside = _has(bits, ideal, port_owner[p])
+    for k in range(target_ptr[p], target_ptr[p + 1]):
+        if _has(bits, ideal, targets[k]) != inside:
+            return True
+    return False
+
+
+@njit(cache=True)
+def _prefix_sums(down_ptr, down_ideal, down_unit, time_, memory, unsupported, least):
+    """Per ideal: compute time per kind, memory, unsupported count and least work, along one down edge."""
+    n = down_ptr.shape[0] - 1
+    comp = np.zeros((n, time_.shape[0]))
+    mem = np.zeros(n)
+    unsup = np.zeros(n)
+    work = np.zeros(n)
+    for i in range(1, n):
+        k = down_ptr[i]
+        j, u = down_ideal[k], down_unit[k]
+        for t in range(time_.shape[0]):
+            comp[i, t] = comp[j, t] + time_[t, u]
+        mem[i] = mem[j] + memory[u]
+        unsup[i] = unsup[j] + unsupported[u]
+        work[i] = work[j] + least[u]
+    return comp, mem, unsup, work
 
 
 def _csr_by(keys: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -249,7 +432,24 @@ def _csr_by(keys: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, n
 class DPResult:
     value: float
     sets: list[tuple[int, np.ndarray]]  # (kind index, units) per device, in pipeline order
-    pairs: int  # ideal pairs whose load was evaluated
+    pairs: int  # sets whose load was evaluated
+    scanned_roots: int  # ideals whose sub-ideals were scanned rather than walked
+
+
+def _least_work(units: Units, problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """Each unit's least time on a kind that can hold it, and per kind the most least-work a device
+    can hold per unit of its own time (a device's load bound B caps its least work at ratio * B)."""
+    times = problem.time.copy()
+    for t in range(len(problem.kinds)):
+        bad = units.memory > problem.memory_limit[t]
+        if problem.accelerator[t]:
+            bad |= ~units.supported
+        times[t, bad] = INF
+    least = times.min(axis=0)
+    least[~np.isfinite(least)] = 0.0  # such a unit fits nowhere; checked before the DP
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where((times > 0) & np.isfinite(times), least[None, :] / times, 0.0)
+    return least, ratio.max(axis=1, initial=0.0)
 
 
 def run_dp(units: Units, problem: Problem, lattice: IdealLattice, bound: float = INF, progress=None) -> DPResult:
@@ -260,23 +460,49 @@ def run_dp(units: Units, problem: Problem, lattice: IdealLattice, bound: float =
     own_ptr, own_ports = _csr_by(units.port_owner, np.arange(n_ports), n_units)
     port_of_target = np.repeat(np.arange(n_ports), np.diff(units.port_target_ptr))
     tgt_ptr, tgt_ports = _csr_by(units.port_targets, port_of_target, n_units)
+    ports = (units.port_cost, units.port_owner, np.diff(units.port_target_ptr), units.port_target_ptr,
+             units.port_targets, own_ptr, own_ports, tgt_ptr, tgt_ports)
+    unsupported = (~units.supported).astype(np.int64)
+    unit_data = (problem.time, units.memory, unsupported)
+    least, ratio = _least_work(units, problem)
+    comp_ideal, mem_ideal, unsup_ideal, work = _prefix_sums(
+        lattice.down_ptr, lattice.down_ideal, lattice.down_unit, problem.time, units.memory, unsupported.astype(float), least)
+    prune = bound * (1 + PRUNE_SLACK) if math.isfinite(bound) else INF
+    # Capacity of each state in least work, with slack for rounding in the sums.
+    share = problem.counts @ ratio
+    if math.isfinite(prune):
+        capacity = share * prune * (1 + PRUNE_SLACK) + PRUNE_SLACK
+        reach = float(ratio.max(initial=0.0)) * prune * (1 + PRUNE_SLACK) + PRUNE_SLACK
+    else:
+        capacity = np.where(share > 0, INF, PRUNE_SLACK)
+        reach = INF
+    total_work = float(work[-1])
+    by_work = np.argsort(work, kind="stable")
+    split_ptr, split_ports = _split_ports(lattice.bits, ports)
+    split_cost = np.add.reduceat(np.append(units.port_cost[split_ports], 0.0), split_ptr[:-1]) \
+        if len(split_ports) else np.zeros(n_ideals)
+    split_cost[np.diff(split_ptr) == 0] = 0.0
+    lat = (lattice.down_ptr, lattice.down_ideal, lattice.down_unit, lattice.bits, work, comp_ideal, mem_ideal,
+           unsup_ideal, by_work, work[by_work], np.ascontiguousarray(lattice.bits[by_work]), split_ptr, split_ports,
+           split_cost)
+    # Transfers count in an all-accelerator side's load at the slowest accelerator kind's work ratio.
+    accelerator_ratio = ratio[problem.accelerator]
+    transfer_share = float(accelerator_ratio.min()) * (1 - PRUNE_SLACK) if len(accelerator_ratio) else 0.0
+    all_accelerators = problem.counts[:, ~problem.accelerator].sum(axis=1) == 0
+    kinds = (problem.accelerator, problem.memory_limit, problem.prev, capacity, reach, all_accelerators, transfer_share)
     n_states = problem.prev.shape[0]
     dp = np.empty((n_ideals, n_states))
     arg_ideal = np.empty((n_ideals, n_states), dtype=np.int64)
     arg_kind = np.empty((n_ideals, n_states), dtype=np.int64)
+    finite = np.zeros(n_ideals, dtype=np.uint64)  # per ideal, a bit per state whose dp is finite
     stamp = np.full(n_ideals, -1, dtype=np.int64)
     in_set = np.zeros(n_units, dtype=np.int64)
     port_count = np.zeros(n_ports, dtype=np.int64)
-    loads = np.zeros(len(problem.kinds))
-    stats = np.zeros(1, dtype=np.int64)
-    prune = bound * (1 + PRUNE_SLACK) if math.isfinite(bound) else INF
-    unsupported = (~units.supported).astype(np.int64)
+    stats = np.zeros(3, dtype=np.int64)
     for lo in range(0, n_ideals, CHUNK):
         hi = min(n_ideals, lo + CHUNK)
-        _run_chunk(lo, hi, lattice.down_ptr, lattice.down_ideal, lattice.down_unit, problem.time, problem.accelerator,
-                   problem.memory_limit, units.memory, unsupported, units.port_cost, units.port_owner,
-                   np.diff(units.port_target_ptr), own_ptr, own_ports, tgt_ptr, tgt_ports, problem.prev, bound, prune,
-                   dp, arg_ideal, arg_kind, stamp, in_set, port_count, loads, stats)
+        _run_chunk(lo, hi, lat, unit_data, ports, kinds, prune, total_work, dp, arg_ideal, arg_kind, finite, stamp,
+                   in_set, port_count, stats)
         if progress is not None:
             progress(hi, n_ideals)
     full = n_ideals - 1
@@ -292,7 +518,7 @@ def run_dp(units: Units, problem: Problem, lattice: IdealLattice, bound: float =
             s = int(problem.prev[s, t])
             ideal = sub
         sets.reverse()
-    return DPResult(value, sets, int(stats[0]))
+    return DPResult(value, sets, int(stats[0] + stats[2]), int(stats[1]))
 
 
 def _topological_orders(units: Units) -> list[np.ndarray]:
