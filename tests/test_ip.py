@@ -107,7 +107,7 @@ def _brute_force_latency(graph: OpGraph) -> float:
     return best
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(small_problems())
 def test_ip_matches_brute_force_and_the_dp_on_random_graphs(graph):
     from bruteforce import best_split  # the brute force shared with the DP's tests
@@ -119,15 +119,15 @@ def test_ip_matches_brute_force_and_the_dp_on_random_graphs(graph):
     except PlacewiseError:
         dp = None
     noncontiguous = solve(graph, graph.cluster, "ip", SolveOptions(contiguous=False, gap=0.0, time_limit=30))
-    _certified(noncontiguous, 1e-9)
+    _certified(noncontiguous, 1e-7)
     assert noncontiguous.value == pytest.approx(best_split(graph, graph.cluster, contiguous=False)[0], rel=1e-9, abs=1e-9)
     if dp is not None:
         assert noncontiguous.value <= dp.value + 1e-9
         contiguous = solve(graph, graph.cluster, "ip", exact)
-        _certified(contiguous, 1e-9)
+        _certified(contiguous, 1e-7)
         assert contiguous.value == pytest.approx(dp.value, rel=1e-9, abs=1e-9)
     latency = solve(graph, graph.cluster, "ip", SolveOptions(objective="latency", gap=0.0, time_limit=30))
-    _certified(latency, 1e-9)
+    _certified(latency, 1e-7)
     assert latency.value == pytest.approx(_brute_force_latency(graph), rel=1e-9, abs=1e-9)
     if latency.notes["solver_objective"] is not None:
         # The latency the cost model computes for the IP's split is the objective HiGHS reports.

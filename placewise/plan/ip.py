@@ -46,6 +46,8 @@ AGREEMENT_TOLERANCE = 1e-6
 # target tests take over; it finds good splits, the tests prove bounds.
 DIRECT_SHARE = 0.15
 DIRECT_SECONDS = 30.0
+# The smallest relative step a target test takes below the best split.
+MIN_TARGET_GAP = 1e-7
 
 
 # ---- a small sparse MILP builder ------------------------------------------------------------------
@@ -568,11 +570,12 @@ def _warm_start(graph: OpGraph, cluster: Cluster, options) -> Plan | None:
     from placewise.plan.solvers import SOLVERS, SolveOptions, get_solver
     if options.warm_start is not None:
         return options.warm_start
-    plain = SolveOptions(objective=options.objective, contiguous=options.contiguous, seed=options.seed)
+    # The DP's contiguous optimum is a valid start for the non-contiguous program too.
+    plain = SolveOptions(objective=options.objective, contiguous=True, seed=options.seed)
     candidates = []
     if options.objective != "latency" and "dp" in SOLVERS:
         candidates.append(lambda: get_solver("dp")(graph, cluster, plain))
-    candidates.append(lambda: greedy(graph, cluster, plain))
+    candidates.append(lambda: greedy(graph, cluster, SolveOptions(objective=options.objective, contiguous=options.contiguous)))
     for make in candidates:
         try:
             plan = make()
@@ -625,12 +628,14 @@ def _search(graph: OpGraph, cluster: Cluster, options, warm: Plan | None, what: 
         if best is None or found.value <= best.value:
             best, objective_at_best = found, result.objective
     bound = result.bound if math.isfinite(result.bound) else None
-    while best is not None and (bound is None or best.value - bound > options.gap * best.value * (1 + 1e-9)):
+    # A target must sit below the best split, or a zero gap would test the best split forever.
+    gap = max(options.gap, MIN_TARGET_GAP)
+    while best is not None and (bound is None or best.value - bound > gap * best.value * (1 + 1e-9)):
         remaining = left()
         if remaining is not None and remaining <= 0.05:
             break
         # A hair above value * (1 - gap), so that proving it leaves a gap within `gap` after rounding.
-        target = best.value * (1 - options.gap * (1 - 1e-9))
+        target = best.value * (1 - gap * (1 - 1e-9))
         test = _run(lp, time_limit=remaining, gap=options.gap, seed=options.seed, start=None, progress=options.progress,
                     what=f"{what} IP: is there a split within {target:.6g}?", fix=(objective_col, target))
         runs.append(f"target {target:.10g}: {test.status}")
