@@ -114,11 +114,15 @@ def shard_parameters(sizes: list[int], servers: int) -> list[list[int]]:
 def flat_views(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One flat buffer holding `tensors`' values, and views of it shaped like them (for one-message I/O)."""
     flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.empty(0)
+    return flat, _views_like(flat, tensors)
+
+
+def _views_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     views, offset = [], 0
-    for t in tensors:
+    for t in like:
         views.append(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
-    return flat, views
+    return views
 
 
 def checkpoint_path(base: str | Path, shard: int, servers: int) -> Path:
@@ -207,6 +211,10 @@ class ParameterServer:
         # Per-worker receive buffers: a worker waits for its reply before sending again, so its
         # buffer is stable from the moment it is queued until the reply goes out.
         self.payload = {w: torch.empty_like(self.flat) for w in self.workers}
+        # An asynchronous push is applied straight from its receive buffer (no copy): per worker,
+        # views of that buffer shaped like the parameters, swapped in as their gradients.
+        self.payload_grads = {w: _views_like(self.payload[w], self.params) for w in self.workers}
+        self.own_grads = grads
         self.active = set(self.workers)          # alive and not yet told to stop
         self.lost: dict[int, str] = {}
         self.clock = Counter({w: 0 for w in self.workers})  # pushes applied per worker (SSP)
@@ -275,7 +283,8 @@ class ParameterServer:
 
     def _apply_push(self, worker: int, header: torch.Tensor) -> None:
         staleness = self.version - int(header[2])
-        self.grad_flat.copy_(self.payload[worker])
+        for p, g in zip(self.params, self.payload_grads[worker]):
+            p.grad = g
         if self.settings.staleness.policy == "lr":
             for group, lr in zip(self.optimizer.param_groups, self.base_lr):
                 group["lr"] = lr / max(1, staleness)
@@ -288,6 +297,8 @@ class ParameterServer:
         if not self.round or not self.active <= set(self.round):
             return
         members = sorted(self.round)
+        for p, g in zip(self.params, self.own_grads):
+            p.grad = g
         # Summed in worker order, whatever order the pushes arrived in: the round is deterministic.
         self.grad_flat.copy_(self.payload[members[0]])
         for w in members[1:]:
@@ -302,7 +313,7 @@ class ParameterServer:
                 self._reply(w, CONTINUE, fetch=Kind(int(header[0])) == Kind.PUSH_FETCH)
 
     def _step(self, worker: int, pushes: dict[int, torch.Tensor], staleness: int) -> None:
-        """Apply the gradient in `grad_flat` (from `pushes`, worker -> header) as one update."""
+        """Apply the parameters' current gradients (from `pushes`, worker -> header) as one update."""
         self.optimizer.step()
         self.version += 1
         for w, h in pushes.items():
