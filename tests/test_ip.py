@@ -86,7 +86,7 @@ def small_problems(draw):
     for i in range(n):
         acc = draw(times)
         nodes.append(Node(i, None, float(acc), float(acc * draw(st.integers(1, 4))), float(draw(st.integers(1, 5))),
-                          on_accelerator=cpus == 0 or draw(st.booleans())))
+                          on_accelerator=cpus == 0 or draw(st.booleans()), colocate=draw(st.sampled_from([None, None, 0]))))
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     chosen = draw(st.lists(st.sampled_from(pairs), unique=True, max_size=2 * n)) if pairs else []
     cost = {i: float(draw(st.integers(0, 4))) for i in range(n)}
