@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
-
 from placewise.graph import OpGraph
 from placewise.plan import Plan
 
@@ -85,21 +83,3 @@ def work_lower_bound(graph: OpGraph, plan: Plan) -> float:
     import numpy as np
     devices = max(1, sum(k["count"] for k in plan.cluster["kinds"])) if plan.cluster else max(1, len(plan.stages))
     return float(np.minimum(graph.acc_time, graph.cpu_time).sum()) / devices
-
-
-def draw_bars(labels: Sequence[str], values: Sequence[float], path: str | Path, *, ylabel: str, title: str,
-              highlight: int | None = None) -> Path:
-    """A plain bar chart (e.g. max-load per method), one bar highlighted."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(labels) + 2), 4))
-    colours = ["#4c72b0" if i != highlight else "#55a868" for i in range(len(labels))]
-    ax.bar(labels, values, color=colours)
-    for i, v in enumerate(values):
-        ax.text(i, v, f"{v:.4g}", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
