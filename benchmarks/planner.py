@@ -1,0 +1,159 @@
+"""The exact DP planner on every shared input: nodes, ideals, max-load, seconds, peak memory, and the
+paper's C++ reference time from the workloads README with the ratio.
+
+Inputs: every file in `../shared/workloads/dnn-partitioning/throughput-inputs/` (with the devices it
+carries) and every PipeDream profile in `../shared/workloads/pipedream/` on 4 and on 8 accelerators
+and no CPU. Each input runs in a fresh process (so its peak resident memory is its own): one cold
+solve, which includes loading the compiled kernels from numba's cache, then --repeat more solves;
+"seconds" is their median, "cold" the first. The sum line compares the sum of medians over the
+inputs that have a reference time against the sum of the reference times (40.1 s).
+
+    .venv/bin/python benchmarks/planner.py [--repeat 3] [--only gnmt inception] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORKLOADS = ROOT.parent / "shared" / "workloads"
+THROUGHPUT = WORKLOADS / "dnn-partitioning" / "throughput-inputs"
+PIPEDREAM = WORKLOADS / "pipedream"
+# A planner run per input may not take more than this (the DP's target is 10 s).
+PER_INPUT_TIMEOUT = 600
+
+
+def reference_times() -> dict[str, tuple[float | None, float | None]]:
+    """README rows `| LayerGraphs/x | optimum | time |` -> (optimum, seconds); '< 0.01 s' counts as 0.01."""
+    out = {}
+    for name, value, spent in re.findall(r"^\| ((?:Layer|Operator)Graphs/\S+) \| ([^|]+) \| ([^|]+) \|",
+                                         (WORKLOADS / "README.md").read_text(), re.M):
+        optimum = re.match(r"\s*([0-9.]+)\s*$", value)
+        seconds = re.search(r"([0-9.]+) s", spent)
+        out[name] = (float(optimum.group(1)) if optimum else None, float(seconds.group(1)) if seconds else None)
+    return out
+
+
+def inputs() -> list[tuple[str, Path, int | None]]:
+    """(label, file, accelerators or None for the file's own devices)."""
+    out = [(f"{p.parent.name}/{p.stem}", p, None) for p in sorted(THROUGHPUT.glob("*/*.json"))]
+    for k in (4, 8):
+        out += [(f"pipedream/{p.parent.name} k={k}", p, k) for p in sorted(PIPEDREAM.glob("*/graph.txt"))]
+    return out
+
+
+def measure(path: Path, accelerators: int | None, repeat: int) -> dict:
+    """Runs inside the fresh process: solve 1 + repeat times, report times and this process's peak memory."""
+    from placewise.errors import PlacewiseError
+    from placewise.graph import Cluster, load_graph
+    from placewise.plan import SolveOptions, solve
+
+    graph = load_graph(path)
+    cluster = graph.cluster if accelerators is None else Cluster.simple(accelerators, 0, None)
+    row: dict = {"nodes": len(graph.nodes), "accelerators": cluster.accelerators, "cpus": cluster.cpus}
+    times, cpu = [], []
+    try:
+        for _ in range(1 + repeat):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            plan = solve(graph, cluster, "dp", SolveOptions())
+            times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+    except PlacewiseError as e:
+        row["error"] = str(e)
+        times = times or [time.perf_counter() - start]
+    else:
+        row.update(max_load=plan.max_load, ideals=plan.notes["ideals"], units=plan.notes["units"],
+                   pairs=plan.notes["ideal_pairs"])
+    row.update(cold=times[0], seconds=statistics.median(times[1:] or times), cpu=statistics.median(cpu[1:] or cpu),
+               peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return row
+
+
+def run_one(label: str, path: Path, accelerators: int | None, repeat: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(path), "--repeat", str(repeat)]
+    if accelerators is not None:
+        cmd += ["--accelerators", str(accelerators)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=PER_INPUT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return {"input": label, "error": f"over {PER_INPUT_TIMEOUT} s"}
+    if done.returncode != 0:
+        return {"input": label, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    return {"input": label, **json.loads(done.stdout)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3, help="timed solves after the cold one (median)")
+    parser.add_argument("--only", nargs="+", metavar="TEXT", help="inputs whose label contains one of these")
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--child", metavar="GRAPH", help=argparse.SUPPRESS)
+    parser.add_argument("--accelerators", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(Path(args.child), args.accelerators, args.repeat)))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    references = reference_times()
+    rows = []
+    for label, path, k in inputs():
+        if args.only and not any(text in label for text in args.only):
+            continue
+        row = run_one(label, path, k, args.repeat)
+        optimum, ref_seconds = references.get(label, (None, None))
+        row.update(reference_optimum=optimum, reference_seconds=ref_seconds)
+        rows.append(row)
+        console.print(f"[dim]{label}: {row.get('max_load', row.get('error'))} in {row.get('seconds', float('nan')):.3f} s[/dim]")
+
+    table = Table(title="exact DP planner (seconds: median of warm solves; cold: first solve in a fresh process)")
+    for col in ("input", "k", "l", "nodes", "units", "ideals", "pairs", "max-load", "reference", "seconds", "cold",
+                "cpu s", "peak MB", "ref. s", "ref/ours"):
+        table.add_column(col, justify="left" if col == "input" else "right")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["input"], str(r.get("accelerators", "")), str(r.get("cpus", "")), str(r.get("nodes", "")),
+                          "", "", "", f"[red]{r['error'][:70]}[/red]", "", f"{r.get('seconds', 0):.3f}", "", "",
+                          f"{r.get('peak_bytes', 0) / 2**20:.0f}", "", "")
+            continue
+        ref_s = r["reference_seconds"]
+        match = ""
+        if r["reference_optimum"] is not None:
+            same = abs(r["max_load"] - r["reference_optimum"]) <= 1e-6 * r["reference_optimum"]
+            match = f"{r['reference_optimum']:.10g}" + (" [green]=[/green]" if same else " [red]≠[/red]")
+        table.add_row(r["input"], str(r["accelerators"]), str(r["cpus"]), str(r["nodes"]), str(r["units"]),
+                      f"{r['ideals']:,}", f"{r['pairs']:,}", f"{r['max_load']:.10g}", match, f"{r['seconds']:.3f}",
+                      f"{r['cold']:.3f}", f"{r['cpu']:.3f}", f"{r['peak_bytes'] / 2**20:.0f}",
+                      "" if ref_s is None else f"{ref_s:g}", "" if ref_s is None else f"{ref_s / r['seconds']:.1f}x")
+    console.print(table)
+    timed = [r for r in rows if r.get("reference_seconds") is not None and "seconds" in r and "error" not in r]
+    if timed:
+        ours = sum(r["seconds"] for r in timed)
+        cold = sum(r["cold"] for r in timed)
+        theirs = sum(r["reference_seconds"] for r in timed)
+        console.print(f"inputs with a reference time: {len(timed)}; sum of our times {ours:.3f} s (cold {cold:.3f} s) "
+                      f"against the reference's {theirs:.2f} s: [bold]{theirs / ours:.1f}x[/bold] faster "
+                      f"({theirs / cold:.1f}x cold)")
+    worst = max((r for r in rows if "seconds" in r), key=lambda r: r["seconds"], default=None)
+    if worst:
+        console.print(f"slowest: {worst['input']} {worst['seconds']:.3f} s; largest peak memory "
+                      f"{max(r.get('peak_bytes', 0) for r in rows) / 2**30:.2f} GB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

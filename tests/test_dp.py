@@ -1,0 +1,212 @@
+"""The exact throughput DP against independent evidence: the paper's reference optima, published
+baselines, expert splits, and a brute force over all splits of small random graphs."""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bruteforce import best_split
+from conftest import EXPERTS, PAPER, THROUGHPUT_LAYER, WORKLOADS
+from placewise.cli import main
+from placewise.errors import PlacewiseError
+from placewise.graph import Cluster, DeviceKind, Edge, Node, OpGraph, load_graph
+from placewise.plan import SolveOptions, evaluate, load_split, solve
+
+README = WORKLOADS / "README.md"
+REL = 1e-6
+
+
+def _reference_optima() -> dict[str, float]:
+    """`| Folder/name | optimal max-load | time |` rows of the workloads README."""
+    rows = re.findall(r"^\| ((?:Layer|Operator)Graphs/\S+) \| ([0-9.]+) \|", README.read_text(), re.M)
+    return {name: float(value) for name, value in rows}
+
+
+def _published(layer_graph: str) -> dict[str, float]:
+    """Expert / PipeDream / Scotch / one-accelerator figures for a layer graph ('inceptionv3 inference')."""
+    for line in README.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] == layer_graph:
+            return dict(zip(["expert", "pipedream", "scotch", "one"], map(float, cells[1:5])))
+    raise AssertionError(f"{layer_graph} not in {README}")
+
+
+def _check_plan(graph: OpGraph, cluster: Cluster, plan) -> None:
+    """The plan re-scored by the cost model: feasible, contiguous, with the reported max-load."""
+    ev = evaluate(graph, cluster, plan.assignment())
+    assert ev.feasible, ev.violations
+    assert ev.max_load == pytest.approx(plan.max_load, rel=1e-9, abs=1e-12)
+    assert plan.lower_bound == pytest.approx(plan.max_load, rel=1e-9, abs=1e-12) and plan.gap == 0.0
+
+
+@lru_cache(maxsize=None)
+def _solved(path: str):
+    """Each shared input is solved once per session (the expert and reference tests share it)."""
+    graph = load_graph(path)
+    return graph, solve(graph, graph.cluster, "dp")
+
+
+REFERENCE = _reference_optima()
+
+
+def test_readme_lists_the_reference_optima():
+    assert len(REFERENCE) == 11
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_reference_optimum(name: str) -> None:
+    graph, plan = _solved(str(PAPER / "throughput-inputs" / f"{name}.json"))
+    assert abs(plan.max_load - REFERENCE[name]) <= REL * REFERENCE[name], (plan.max_load, REFERENCE[name])
+    _check_plan(graph, graph.cluster, plan)
+
+
+@pytest.mark.parametrize("mode", ["inference", "training"])
+def test_inceptionv3_beats_pipedream_and_experts(mode: str) -> None:
+    graph, plan = _solved(str(THROUGHPUT_LAYER / f"inceptionv3_{mode}.json"))
+    _check_plan(graph, graph.cluster, plan)
+    figures = _published(f"inceptionv3 {mode}")
+    assert plan.max_load <= figures["pipedream"] and plan.max_load <= figures["expert"]
+    assert plan.notes["ideals"] == 36596
+
+
+@pytest.mark.parametrize("split", sorted(p.name for p in EXPERTS.glob("*.json")))
+def test_no_worse_than_expert_split(split: str) -> None:
+    graph_file = THROUGHPUT_LAYER / split.replace("_expert", "")
+    if not graph_file.exists():
+        pytest.skip(f"no throughput input for {split}")
+    graph, plan = _solved(str(graph_file))
+    expert = evaluate(graph, graph.cluster, load_split(EXPERTS / split, graph))
+    assert plan.max_load <= expert.max_load * (1 + 1e-9)
+
+
+# ---- random small graphs against brute force ------------------------------------------------------
+@st.composite
+def small_problems(draw):
+    """A random DAG of up to 6 forward operators (training adds a backward operator per forward one,
+    colocated with it), random costs, memories, supports, colocation classes, and device counts."""
+    n_fwd = draw(st.integers(1, 6))
+    training = draw(st.booleans()) and n_fwd <= 5
+    time = st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0])
+    # Classes: consecutive ids share one with some probability (so fused cycles can happen).
+    classes, cls = [], 0
+    for i in range(n_fwd):
+        if i and draw(st.integers(0, 4)) == 0:
+            classes.append(classes[-1])
+        else:
+            cls += 1
+            classes.append(cls)
+    memory = [draw(st.sampled_from([0.0, 1.0, 2.0, 4.0])) for _ in range(n_fwd)]
+    nodes = [Node(i, None, draw(time), draw(time) * 3, memory[i], draw(st.integers(0, 6)) > 0,
+                  False, classes[i]) for i in range(n_fwd)]
+    pairs = [(u, v) for u in range(n_fwd) for v in range(u + 1, n_fwd) if draw(st.integers(0, 2)) == 0]
+    cost = [draw(st.sampled_from([0.0, 0.5, 1.0, 2.0])) for _ in range(2 * n_fwd)]
+    edges = [Edge(u, v, cost[u]) for u, v in pairs]
+    if training:
+        for i in range(n_fwd):
+            b = n_fwd + i
+            nodes.append(Node(b, None, draw(time), draw(time) * 3, draw(st.sampled_from([0.0, 1.0])),
+                              nodes[i].on_accelerator or draw(st.booleans()), True, classes[i]))
+            edges.append(Edge(i, b, cost[i]))
+        edges += [Edge(n_fwd + v, n_fwd + u, cost[n_fwd + v]) for u, v in pairs]
+        # Backward nodes that end the backward pass have no out-edges; others carry their own cost.
+    accelerators = draw(st.integers(0, 3))
+    cpus = draw(st.integers(0 if accelerators else 1, 4 - accelerators))
+    acc_memory = draw(st.sampled_from([None, 2.0, 4.0, 8.0]))
+    kinds = [DeviceKind("accelerator", accelerators, True, acc_memory, draw(st.sampled_from([1.0, 2.0]))),
+             DeviceKind("cpu", cpus, False, None, 1.0)]
+    if accelerators == 1 and cpus <= 2 and draw(st.booleans()):
+        kinds.append(DeviceKind("small", 1, True, 2.0, 0.5))  # a third, slower kind with less memory
+    graph = OpGraph.build(nodes, edges, name="random")
+    return graph, Cluster(tuple(kinds))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_problems())
+def test_dp_equals_brute_force(problem) -> None:
+    graph, cluster = problem
+    expected = best_split(graph, cluster, contiguous=True)
+    if expected is None:
+        with pytest.raises(PlacewiseError):
+            solve(graph, cluster, "dp")
+        return
+    plan = solve(graph, cluster, "dp")
+    _check_plan(graph, cluster, plan)
+    assert plan.max_load == pytest.approx(expected[0], rel=1e-9, abs=1e-9)
+    # Non-contiguous splits can only be as good or better.
+    anywhere = best_split(graph, cluster, contiguous=False)
+    assert anywhere is not None and anywhere[0] <= plan.max_load + 1e-9
+
+
+def test_orphan_backward_nodes_follow_the_papers_order() -> None:
+    """A backward operator with no forward mate is placed by its mirrored edges (the paper's rule):
+    never better than the cost model's looser optimum, and still a contiguous, feasible split."""
+    nodes = [Node(0, None, 4.0, 40.0, 0.0, True), Node(1, None, 4.0, 40.0, 0.0, True),
+             Node(2, None, 3.0, 30.0, 0.0, True, True, 7), Node(3, None, 3.0, 30.0, 0.0, True, True)]
+    edges = [Edge(0, 1, 1.0), Edge(1, 2, 1.0), Edge(2, 3, 1.0), Edge(0, 3, 1.0)]
+    graph = OpGraph.build(nodes, edges, name="orphans")
+    cluster = Cluster.simple(2, 0)
+    plan = solve(graph, cluster, "dp")
+    _check_plan(graph, cluster, plan)
+    assert plan.notes["orphan_classes"] == 2
+    loosest = best_split(graph, cluster, contiguous=True)
+    assert loosest is not None and loosest[0] <= plan.max_load + 1e-9
+
+
+# ---- infeasible problems: one line, exit 2 ---------------------------------------------------------
+def _write_paper(tmp_path, nodes, edges, k, l, memory):
+    data = {"maxSizePerFPGA": memory, "maxFPGAs": k, "maxCPUs": l,
+            "nodes": [{"id": i, "supportedOnFpga": s, "cpuLatency": 10.0, "fpgaLatency": 1.0, "isBackwardNode": 0,
+                       "size": size} for i, s, size in nodes],
+            "edges": [{"sourceId": u, "destId": v, "cost": 0.5} for u, v in edges]}
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("case, args, expect", [
+    ("too big, no CPU", [(0, 1, 10.0), (1, 1, 500.0)], "node 1 needs 500 bytes"),
+    ("unsupported, no CPU", [(0, 1, 10.0), (1, 0, 10.0)], "node 1 cannot run on an accelerator"),
+    ("all memory too small", [(0, 1, 80.0), (1, 1, 80.0), (2, 1, 80.0)], "more than all devices together hold"),
+    ("no pair fits", [(0, 1, 60.0), (1, 1, 60.0), (2, 1, 60.0)], "no contiguous split"),
+])
+def test_infeasible_is_one_line_exit_2(tmp_path, capsys, case, args, expect) -> None:
+    path = _write_paper(tmp_path, args, [(0, 1)] + ([(1, 2)] if len(args) > 2 else []), 2, 0, 100.0)
+    assert main(["plan", path]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("placewise: error:") and expect in err, err
+
+
+def test_no_devices_is_one_line_exit_2(tmp_path, capsys) -> None:
+    path = _write_paper(tmp_path, [(0, 1, 1.0)], [], 1, 0, 100.0)
+    assert main(["plan", path, "--accelerators", "0", "--cpus", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no devices" in err
+
+
+def test_cli_plan_json_and_out(tmp_path, capsys) -> None:
+    out = tmp_path / "plan.json"
+    graph_file = THROUGHPUT_LAYER / "bert24_inference.json"
+    assert main(["plan", str(graph_file), "--json", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads(out.read_text())
+    assert printed["solver"] == saved["solver"] == "dp"
+    assert abs(printed["max_load"] - REFERENCE["LayerGraphs/bert24_inference"]) <= REL * printed["max_load"]
+    assert max(s["load"] for s in printed["stages"]) == pytest.approx(printed["max_load"])
+    # The written plan is a split the evaluate command accepts, with the same max-load.
+    assert main(["evaluate", str(graph_file), str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_load"] == pytest.approx(printed["max_load"])
+
+
+@pytest.mark.parametrize("k", [4, 8])
+def test_pipedream_profiles(k: int) -> None:
+    graph = load_graph(WORKLOADS / "pipedream" / "resnet50" / "graph.txt")
+    cluster = Cluster.simple(k, 0)
+    plan = solve(graph, cluster, "dp", SolveOptions())
+    _check_plan(graph, cluster, plan)
+    assert len(plan.stages) <= k
