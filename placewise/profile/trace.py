@@ -14,6 +14,7 @@ fixed at trace time, so trace in the mode you will run. Tracing never changes th
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import operator
 from collections.abc import Iterator, Sequence
@@ -37,13 +38,15 @@ def _first_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_torch_logs() -> Iterator[None]:
-    """torch.export logs whole graphs when it gives up; the caller reports one line instead."""
+def _quiet_export() -> Iterator[None]:
+    """When torch.export gives up it logs and prints the partial graph to stderr; the caller
+    reports one line instead."""
     logger = logging.getLogger("torch")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         logger.setLevel(level)
 
@@ -109,13 +112,33 @@ def _leaf_groups(graph: fx.Graph, model: nn.Module) -> dict[fx.Node, tuple[str, 
             runs.append((call, [node]))
     groups = {}
     for (_, path), members in runs:
-        inside = set(members)
-        inputs = {a for n in members for a in n.all_input_nodes if a not in inside
-                  and not (a.op == "get_attr" and str(a.target).startswith(path + "."))}
-        outputs = [n for n in members if any(u not in inside for u in n.users)]
-        if len(inputs) == 1 and len(outputs) == 1 and isinstance(next(iter(inputs)).meta.get("val"), torch.Tensor):
+        inputs = _run_inputs(path, members)
+        outputs = [n for n in members if any(u not in members for u in n.users)]
+        if inputs is not None and len(inputs) == 1 and len(outputs) == 1:
             groups[outputs[0]] = (path, members)
     return groups
+
+
+def _run_inputs(path: str, members: list[fx.Node]) -> list[fx.Node] | None:
+    """The tensors a run of a leaf module's nodes reads from outside, besides the module's own
+    parameters and buffers. Sizes (SymInts) are left out: export shares one size node across the
+    graph, but the module computes its sizes from its own input again when called."""
+    inside = set(members)
+    found = []
+    for n in members:
+        for a in n.all_input_nodes:
+            if a in inside or a in found or (a.op == "get_attr" and str(a.target).startswith(path + ".")):
+                continue
+            if isinstance(a.meta.get("val"), torch.Tensor):
+                found.append(a)
+            elif not _is_size(a):
+                return None  # something else flows in: the run cannot become a one-input call
+    return found
+
+
+def _is_size(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, (int, torch.SymInt)) and not isinstance(val, bool)
 
 
 def _rebuild(exported: fx.GraphModule, model: nn.Module, fold_leaves: bool) -> fx.GraphModule:
@@ -132,9 +155,7 @@ def _rebuild(exported: fx.GraphModule, model: nn.Module, fold_leaves: bool) -> f
         if node in grouped:
             if node in groups:
                 path, members = groups[node]
-                inside = set(members)
-                (source,) = {a for n in members for a in n.all_input_nodes if a not in inside
-                             and not (a.op == "get_attr" and str(a.target).startswith(path + "."))}
+                (source,) = _run_inputs(path, members) or ()
                 env[node] = graph.call_module(path, (env[source],))
                 env[node].meta = dict(node.meta)
             continue
@@ -197,7 +218,7 @@ def trace_model(model: nn.Module, example_inputs: Sequence[Any], granularity: st
             except Exception as e:  # noqa: BLE001 - any tracing failure sends the model to torch.export
                 fx_reason = _first_line(e)
         try:
-            with _quiet_torch_logs():
+            with _quiet_export():
                 exported = _export(model, inputs)
         except Exception as e:  # noqa: BLE001 - reported as one line with both tracers' reasons
             reasons = (f"torch.fx: {fx_reason}; " if fx_reason else "") + f"torch.export: {_first_line(e)}"
