@@ -74,9 +74,13 @@ def print_plan(plan, title: str) -> None:
                       _fmt_bytes(s.memory), _nodes_text(s.nodes))
     console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(table)
-    line = f"max-load [bold]{plan.max_load:.10g}[/bold]"
+    # The objective's value in bold; a latency objective with no latency says why.
+    on_latency = plan.objective == "latency"
+    line = f"max-load {'' if on_latency else '[bold]'}{plan.max_load:.10g}{'' if on_latency else '[/bold]'}"
     if plan.latency is not None:
-        line += f"   latency {plan.latency:.10g}"
+        line += f"   latency {'[bold]' if on_latency else ''}{plan.latency:.10g}{'[/bold]' if on_latency else ''}"
+    elif on_latency:
+        line += "   latency [red]none[/red] (accelerator blocks wait on each other in a cycle)"
     line += f"   solver {plan.solver}   {plan.seconds:.3f} s"
     if plan.lower_bound is not None:
         line += f"   lower bound {plan.lower_bound:.10g}"
