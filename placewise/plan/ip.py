@@ -151,7 +151,7 @@ def _run(lp, *, time_limit: float | None, gap: float, seed: int, start: np.ndarr
     return _Result(h.modelStatusToString(status), status == highspy.HighsModelStatus.kInfeasible,
                    np.asarray(h.getSolution().col_value) if has_solution else None,
                    float(info.objective_function_value) if has_solution else math.inf,
-                   float(info.mip_dual_bound), h.getRunTime())
+                   float(info.mip_dual_bound))
 
 
 @dataclass
@@ -161,7 +161,6 @@ class _Result:
     x: np.ndarray | None
     objective: float
     bound: float
-    seconds: float
 
 
 class _Progress:
@@ -296,9 +295,9 @@ def _number_by_lowest_unit(unit_device: np.ndarray, first: int, count: int) -> n
 
 # ---- throughput -----------------------------------------------------------------------------------
 def _transfer_rows(m: _Milp, graph: OpGraph, units: _Units, y_acc, y_all, n_slots: int):
-    """into/out variables for every (crossing source node, accelerator slot) and their rows; returns the
-    per-slot transfer terms for the load rows. `y_acc(units) -> (R, slots, m)` columns of the unit on an
-    accelerator in each slot, `y_all` likewise on any device."""
+    """Transfer indicators `into[s, slot]`, `out[s, slot]` for each node s whose output crosses between
+    units, and their rows; returns them with each s's cost for the load rows. `y_acc(units, slot)` gives
+    the columns placing those units on an accelerator in that slot, `y_all(units, slot)` on any device."""
     cross = units.cross
     sources = np.unique(cross[:, 0])
     cost = graph.out_cost[sources]
