@@ -155,6 +155,7 @@ def write_charts(results: dict[str, dict[str, Row]], out: Path) -> list[str]:
         for j, m in enumerate(methods):
             r = results[g].get(m)
             if r is None:
+                labels[i][j] = "no split" if m == "expert" else ""
                 continue
             if r.error:
                 labels[i][j] = "n/a"
@@ -167,7 +168,7 @@ def write_charts(results: dict[str, dict[str, Row]], out: Path) -> list[str]:
     for i in range(len(names)):
         for j in range(len(methods)):
             ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=7.5,
-                    color="black" if labels[i][j] == "n/a" or (0.9 < ratio[i, j] < 6) else "white")
+                    color="black" if not np.isfinite(ratio[i, j]) or 0.9 < ratio[i, j] < 6.5 else "white")
     ax.set_xticks(range(len(methods)), [m + ("*" if m in NON_CONTIGUOUS else "") for m in methods], rotation=30,
                   ha="right", fontsize=9)
     ax.set_yticks(range(len(names)), [g.replace("Graphs/", ": ") + ("" if reference(g, results[g])[1] != "baseline"
