@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -178,9 +179,10 @@ def cmd_compare(args) -> int:
             continue
         other = r.max_load if args.objective == "latency" else r.latency
         name = f"[bold green]{r.method}[/bold green]" if r is best else r.method
-        table.add_row(name, f"{r.value:.6g}", "-" if other is None else f"{other:.6g}",
-                      "-" if r.ratio is None else f"{r.ratio:.3f}", "yes" if r.feasible else "[red]no[/red]",
-                      "yes" if r.contiguous else "no", f"{r.seconds:.2f}")
+        defined = math.isfinite(r.value)  # latency is undefined when devices wait on each other in a cycle
+        table.add_row(name, f"{r.value:.6g}" if defined else "-", "-" if other is None else f"{other:.6g}",
+                      f"{r.ratio:.3f}" if defined and r.ratio is not None else "-",
+                      "yes" if r.feasible else "[red]no[/red]", "yes" if r.contiguous else "no", f"{r.seconds:.2f}")
     console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(table)
     for r in result.rows:
@@ -188,6 +190,8 @@ def cmd_compare(args) -> int:
             console.print(f"[red]{r.method}[/red] could not run: {r.error}")
         elif not r.feasible:
             console.print(f"[yellow]{r.method}[/yellow] is infeasible: {r.violations[0]}")
+        elif not math.isfinite(r.value):
+            console.print(f"[yellow]{r.method}[/yellow] has no latency: its devices' sets wait on each other in a cycle")
     if args.plot:
         console.print(f"chart written to {args.plot}")
     return 0
