@@ -132,7 +132,7 @@ def plot(result: Comparison, path: str | Path, title: str | None = None) -> None
     starred = "; * not contiguous" if any(not r.contiguous for r in rows) else ""
     ax.set_xlabel(f"{label}, lower is better (x: over the best feasible){starred}")
     ax.set_xlim(0, max(r.value for r in rows) * 1.3)
-    note = f"; could not run: {', '.join(failed)}" if failed else ""
+    note = f"; not shown (no plan or no value): {', '.join(failed)}" if failed else ""
     ax.set_title(title or f"{result.graph}: {label} by method{note}", fontsize=10)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
