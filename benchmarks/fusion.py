@@ -27,12 +27,17 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+# Running as a script puts benchmarks/ first on sys.path, where a sibling benchmarks/profile.py
+# would shadow the standard library's `profile` (imported by torch._dynamo); drop that entry.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from placewise.fuse import fuse_optimizer
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from placewise.fuse import fuse_optimizer  # noqa: E402
 
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "adamw": (torch.optim.AdamW, {"lr": 1e-4, "weight_decay": 0.01}),
@@ -44,13 +49,13 @@ VARIANTS = ("fwd+bwd", "for-loop", "foreach", "fused", "pw-backward", "pw-forwar
 
 
 def mlp_20m() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """~20M parameters: 1024 -> 4 x 2048 hidden -> 1000 classes, batch 32."""
+    """~20M parameters: 1024 -> 4 x 2048 hidden -> 1000 classes, batch 16."""
     widths = [1024, 2048, 2048, 2048, 2048, 2048]
     layers: list[nn.Module] = []
     for a, b in zip(widths, widths[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]
     layers.append(nn.Linear(widths[-1], 1000))
-    return nn.Sequential(*layers), torch.randn(32, widths[0]), torch.randint(0, 1000, (32,))
+    return nn.Sequential(*layers), torch.randn(16, widths[0]), torch.randint(0, 1000, (16,))
 
 
 def resnet18_small() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -140,7 +140,7 @@ def scenario(model_name: str, opt_name: str, kernel: str, mode: str) -> None:
         return lambda: cls(model.parameters(), **kwargs)
 
     def fused(model: nn.Module) -> Callable[[], torch.optim.Optimizer]:
-        return lambda: fuse_optimizer(model, cls, mode, **kwargs)
+        return lambda: fuse_optimizer(model, cls, mode, min_bucket_numel=0, **kwargs)
 
     trainers = {}
     for name, first, second in (("reference", plain, plain), ("fused-then-plain", fused, plain), ("plain-then-fused", plain, fused)):
@@ -181,7 +181,7 @@ def test_updates_really_move_into_backward_and_forward() -> None:
     opt.step()
 
     model = mlp()
-    opt = fuse_optimizer(model, torch.optim.SGD, "forward", lr=0.1)
+    opt = fuse_optimizer(model, torch.optim.SGD, "forward", lr=0.1, min_bucket_numel=0)
     before = [p.detach().clone() for p in model.parameters()]
     step_once(model, opt, x, y)
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), "forward mode updated before the next forward"
@@ -209,8 +209,9 @@ class Tied(nn.Module):
         return self.out(torch.relu(self.frozen(torch.relu(self.inp(x)))))
 
 
+@pytest.mark.parametrize("min_bucket_numel", [0, 1 << 18])
 @pytest.mark.parametrize("mode", ["backward", "forward"])
-def test_mixed_groups_shared_frozen_and_unused_parameters(mode: str) -> None:
+def test_mixed_groups_shared_frozen_and_unused_parameters(mode: str, min_bucket_numel: int) -> None:
     torch.manual_seed(0)
     base = Tied()
     data = batches((6,), 4)
@@ -222,7 +223,9 @@ def test_mixed_groups_shared_frozen_and_unused_parameters(mode: str) -> None:
 
     ref_model, fused_model = copy.deepcopy(base), copy.deepcopy(base)
     ref = torch.optim.AdamW(groups(ref_model), lr=0.01, foreach=True)
-    fused = fuse_optimizer(groups(fused_model), torch.optim.AdamW, mode, module=fused_model, lr=0.01, foreach=True)
+    fused = fuse_optimizer(
+        groups(fused_model), torch.optim.AdamW, mode, module=fused_model, min_bucket_numel=min_bucket_numel, lr=0.01, foreach=True
+    )
     for x, y in data:
         step_once(ref_model, ref, x, y)
         step_once(fused_model, fused, x, y)

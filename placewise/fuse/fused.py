@@ -105,9 +105,18 @@ class FusedOptimizer(torch.optim.Optimizer):
     ``flush()``, ``accumulate()`` and ``clip_grad_norm_()``.
     """
 
-    def __init__(self, inner: torch.optim.Optimizer, mode: Mode, module: nn.Module | None) -> None:
+    def __init__(
+        self, inner: torch.optim.Optimizer, mode: Mode, module: nn.Module | None, min_bucket_numel: int = 0
+    ) -> None:
         # Optimizer.__init__ is not called: the groups and the state live in `inner`, shared.
         self._inner = inner
+        self._min_bucket_numel = min_bucket_numel
+        # The class's step without torch's profiling/hook wrapper (pure per-call overhead here);
+        # the inner instance is private, so no user hook on it can be skipped.
+        step = type(inner).step
+        self._inner_step: Callable[[torch.optim.Optimizer], Any] = (
+            step.__wrapped__ if getattr(step, "hooked", False) and hasattr(step, "__wrapped__") else step
+        )
         self.mode: Mode = mode
         self._module = module
         self._lock = threading.Lock()
@@ -190,9 +199,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 key = (owner.get(id(p), id(p)), gi, p.requires_grad)
                 grouped.setdefault(key, []).append(p)
+        # Adjacent small layers of one group share a bucket: each bucket update costs a Python-level
+        # optimizer step (tens of microseconds), more than a tiny layer's update itself.
+        merged: list[tuple[tuple[int, bool], list[Tensor]]] = []
+        for (_, gi, hookable), params in grouped.items():
+            if merged and merged[-1][0] == (gi, hookable) and sum(p.numel() for p in merged[-1][1]) < self._min_bucket_numel:
+                merged[-1][1].extend(params)
+            else:
+                merged.append(((gi, hookable), list(params)))
         self._buckets: list[_Bucket] = []
         self._bucket_of: dict[int, _Bucket] = {}
-        for (_, gi, _), params in grouped.items():
+        for (gi, _), params in merged:
             mods: list[nn.Module] = []
             for p in params:
                 mods.extend(m for m in holders.get(id(p), []) if all(m is not n for n in mods))
@@ -225,7 +242,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             groups = inner.param_groups
             inner.param_groups = bucket.view
             try:
-                inner.step()
+                self._inner_step(inner)
             finally:
                 inner.param_groups = groups
 
@@ -398,6 +415,7 @@ def fuse_optimizer(
     mode: Mode = "backward",
     *,
     module: nn.Module | None = None,
+    min_bucket_numel: int = 1 << 18,
     **optimizer_kwargs: Any,
 ) -> FusedOptimizer:
     """Build `optimizer_cls(params, **optimizer_kwargs)` with its update fused into backward or forward.
@@ -405,7 +423,8 @@ def fuse_optimizer(
     `model_or_params` is an `nn.Module` (all its parameters, one group) or what torch optimizers
     take (parameters or param-group dicts). With param groups, pass `module=` (the model) to get
     per-layer buckets; forward mode requires it. Without a module, backward mode updates each
-    parameter on its own as its gradient becomes final.
+    parameter on its own as its gradient becomes final. Adjacent layers of one group are merged
+    into one bucket until it holds `min_bucket_numel` elements (0: exactly one bucket per layer).
     """
     if mode not in MODES:
         raise PlacewiseError(f"fuse: mode {mode!r} is not one of {', '.join(MODES)}; pick one")
@@ -428,4 +447,6 @@ def fuse_optimizer(
         inner = optimizer_cls(params, **optimizer_kwargs)
     except (TypeError, ValueError) as exc:
         raise PlacewiseError(f"fuse: {optimizer_cls.__name__}({', '.join(optimizer_kwargs)}) rejected its arguments: {exc}") from exc
-    return FusedOptimizer(inner, mode, module)
+    if not isinstance(min_bucket_numel, int) or min_bucket_numel < 0:
+        raise PlacewiseError(f"fuse: min_bucket_numel={min_bucket_numel!r} must be an integer >= 0")
+    return FusedOptimizer(inner, mode, module, min_bucket_numel)
