@@ -201,8 +201,11 @@ def _same_function(reference: fx.GraphModule, folded: fx.GraphModule, inputs: tu
 def trace_model(model: nn.Module, example_inputs: Sequence[Any], granularity: str = "layer") -> fx.GraphModule:
     """Trace `model` into a GraphModule; deterministic: the same model gives the same node names.
 
-    The GraphModule shares the model's modules and parameters. Raises PlacewiseError (one line)
-    when the model cannot be traced, e.g. for control flow on tensor values.
+    The GraphModule shares the model's modules and parameters. Trace in the mode the graph will
+    run in (a profile records it as meta `mode`): export-traced models can differ between train and
+    eval (a transformer's attention gains a `contiguous` node in train mode), fx-traced ones don't.
+    Raises PlacewiseError (one line) when the model cannot be traced, e.g. for control flow on
+    tensor values.
     """
     if granularity not in GRANULARITIES:
         raise PlacewiseError(f"granularity {granularity!r}: use one of {', '.join(GRANULARITIES)}")
