@@ -293,6 +293,8 @@ def _run_pipeline_job(args, mode: str) -> int:
         graph = load_graph(args.graph)
         batch, unit = profiled_batch(graph), graph.meta_dict.get("time_unit")
     results = run_pipeline(job, threads=args.threads)
+    if results is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     report = pipeline_report(results, plan=plan, batch_size=job.batch_size, mode=mode, schedule=job.schedule,
                              microbatches=job.microbatches, profiled_batch=batch, time_unit=unit)
     report.update(model=args.model, plan=str(args.plan), threads_per_process=args.threads)

@@ -154,13 +154,35 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), *, backend
             else:
                 failures[rank] = payload
                 if rank not in tolerated:
-                    raise _failed(payload)
+                    raise _failed(_first_cause(payload, procs, values, failures, results))
         for p in procs:
             p.join(GRACE)
     finally:
         _stop(procs)
         results.close()
     return [values.get(r) for r in range(world_size)], [failures[r] for r in sorted(failures)]
+
+
+# A rank's error that only says its peer went away (gloo's words); the peer's own failure is the news.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _first_cause(failure: RankFailure, procs: list, values: dict, failures: dict, results) -> RankFailure:
+    """When `failure` only says a peer went away, wait briefly for the peer's own story: a rank that
+    died without a word (killed) or one whose error says something else."""
+    if not any(marker in failure.message for marker in PEER_LOST):
+        return failure
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        try:
+            status, rank, payload = results.get(timeout=0.1)
+            if status == "error" and not any(marker in payload.message for marker in PEER_LOST):
+                return payload
+        except queue.Empty:
+            for r, p in enumerate(procs):
+                if r not in values and r not in failures and not p.is_alive() and p.exitcode not in (0, None):
+                    return RankFailure(r, f"process exited with code {p.exitcode}")
+    return failure
 
 
 def _failed(failure: RankFailure) -> PlacewiseError:

@@ -1,0 +1,86 @@
+"""What a pipelined run measured, per stage and in total, next to what the planner predicted.
+
+Measured stage time is the time a stage spent computing its chunks (forward, and backward when
+training), not waiting for its neighbours; the total is wall time per step. Both are given per
+sample in milliseconds. The planner's loads are in the graph's time unit (profiled graphs: ms per
+profiled batch); with the profiled batch size known they are also given per sample.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Sequence
+
+
+def pipeline_report(results: Sequence[dict[str, Any]], *, plan=None, batch_size: int, mode: str, schedule: str,
+                    microbatches: int, profiled_batch: int | None = None, time_unit: str | None = None) -> dict:
+    """A plain-data report (JSON-ready) from the per-rank results of `run_stage`/`run_single`."""
+    stages = []
+    for r in results:
+        compute = r.get("forward_seconds", 0.0) + r.get("backward_seconds", 0.0)
+        row = {"stage": r["stage"], "nodes": len(r.get("nodes", [])),
+               "measured_ms_per_sample": 1e3 * compute / r["samples"] if "forward_seconds" in r else None}
+        if plan is not None:
+            s = plan.stages[r["stage"]]
+            row.update(device=f"{s.kind}:{s.index}", predicted_load=s.load)
+            if profiled_batch:
+                row["predicted_ms_per_sample"] = s.load / profiled_batch
+        stages.append(row)
+    # Every rank steps in lockstep; the last stage's step ends last.
+    step_seconds = statistics.median(results[-1]["step_seconds"])
+    report: dict[str, Any] = {
+        "mode": mode, "schedule": schedule if len(results) > 1 else "none (one process)", "stages": stages,
+        "batch_size": batch_size, "microbatches": microbatches, "steps": len(results[-1]["step_seconds"]),
+        "median_step_seconds": step_seconds,
+        "measured_ms_per_sample": 1e3 * step_seconds / batch_size,
+        "samples_per_second": batch_size / step_seconds,
+        "losses": results[-1].get("losses", []),
+    }
+    measured = [row["measured_ms_per_sample"] for row in stages if row["measured_ms_per_sample"] is not None]
+    if measured:
+        report["measured_max_stage_ms_per_sample"] = max(measured)
+    if plan is not None:
+        report.update(predicted_max_load=plan.max_load, time_unit=time_unit or "the graph's time unit",
+                      profiled_batch=profiled_batch)
+        if profiled_batch:
+            report["predicted_ms_per_sample"] = plan.max_load / profiled_batch
+    return report
+
+
+def print_report(report: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=title)
+    for col in ("stage", "device", "nodes", "measured ms/sample", "predicted load", "predicted ms/sample"):
+        table.add_column(col, justify="left" if col == "device" else "right")
+
+    def fmt(value) -> str:
+        return "-" if value is None else f"{value:.4g}"
+
+    for row in report["stages"]:
+        table.add_row(str(row["stage"]), row.get("device", "-"), str(row["nodes"]), fmt(row["measured_ms_per_sample"]),
+                      fmt(row.get("predicted_load")), fmt(row.get("predicted_ms_per_sample")))
+    console = Console(stderr=False)
+    console.print(table)
+    line = (f"{report['mode']}, schedule {report['schedule']}, batch {report['batch_size']} in "
+            f"{report['microbatches']} microbatch(es), {report['steps']} timed step(s): "
+            f"[bold]{report['measured_ms_per_sample']:.4g} ms/sample[/bold] "
+            f"({report['samples_per_second']:.4g} samples/s)")
+    if "measured_max_stage_ms_per_sample" in report:
+        line += f"; busiest stage {report['measured_max_stage_ms_per_sample']:.4g} ms/sample"
+    console.print(line)
+    if "predicted_max_load" in report:
+        pred = f"planner's max-load {report['predicted_max_load']:.6g} ({report['time_unit']}"
+        pred += f" per batch of {report['profiled_batch']})" if report.get("profiled_batch") else ")"
+        if "predicted_ms_per_sample" in report:
+            pred += f" = [bold]{report['predicted_ms_per_sample']:.4g} ms/sample[/bold]"
+        console.print(pred)
+    if report["losses"]:
+        console.print(f"loss: first {report['losses'][0]:.5g}, last {report['losses'][-1]:.5g}")
+
+
+def profiled_batch(graph) -> int | None:
+    """The batch size a profiled graph was timed at (its first input's leading size), if it says."""
+    import re
+    found = re.match(r"\s*\[(\d+)", graph.meta_dict.get("inputs", ""))
+    return int(found.group(1)) if found else None
