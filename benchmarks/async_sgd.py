@@ -81,7 +81,7 @@ def main() -> None:
         table.add_row(r["variant"], f"{r['updates_per_s']:.1f}", f"{r['x_1_worker']:.2f}", f"{r['samples_per_s']:.0f}",
                       _fmt(r["seconds_to_95"]), r["reached_95"], f"{r['final_accuracy']:.2%}",
                       f"{r['mean_staleness']:.2f}")
-    Console().print(table)
+    Console(width=130).print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "async_sgd.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

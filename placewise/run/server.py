@@ -221,7 +221,7 @@ class ParameterServer:
         self.round: dict[int, torch.Tensor] = {}  # sync: worker -> header of its push this round
         self.deferred: dict[int, torch.Tensor] = {}  # bound: worker -> header waiting for its reply
         self._queue: queue.Queue = queue.Queue()
-        self._start = time.perf_counter()
+        self._start, self._serving = time.perf_counter(), False
         self._progress = None
 
     # ---- receiving ------------------------------------------------------------------------------
@@ -263,6 +263,10 @@ class ParameterServer:
     def _handle(self, worker: int, header: torch.Tensor) -> None:
         kind = Kind(int(header[0]))
         if kind == Kind.HELLO:
+            if not self._serving:
+                # The clock starts when the first worker is ready, as DDP's starts once its ranks are
+                # built: process start-up is not training time.
+                self._serving, self._start = True, time.perf_counter()
             if self.done:
                 self._finish(worker)
             else:
