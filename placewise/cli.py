@@ -10,7 +10,6 @@ from pathlib import Path
 
 from placewise.errors import PlacewiseError
 
-DEFAULT_WORKLOAD = "dnn-partitioning/throughput-inputs/LayerGraphs/bert24_inference.json"
 
 
 # ---- shared helpers -------------------------------------------------------------------------------
@@ -329,6 +328,8 @@ def _train_data_parallel(args) -> int:
                       checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
                       progress=not args.json and sys.stderr.isatty())
     report = train_data_parallel(cfg)
+    if report is None:
+        return 0  # a rank other than 0 under torchrun: rank 0 reports
     if args.out:
         write_outputs(report, args.out)
     if args.json:
@@ -343,22 +344,16 @@ def cmd_serve_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from placewise.plan import SOLVERS
-    root = Path(__file__).resolve().parents[1]
-    workload = root.parent / "shared" / "workloads" / DEFAULT_WORKLOAD
-    graph_args = argparse.Namespace(graph=str(workload), bandwidth=None, accelerators=None, cpus=None, memory=None,
-                                    devices=None, objective="throughput", noncontiguous=False, time_limit=None,
-                                    gap=1e-4, seed=0, json=False, out=None,
-                                    solver="dp" if "dp" in SOLVERS else "one-accelerator")
-    print(f"placewise demo: planning {workload.name} ({DEFAULT_WORKLOAD})")
-    return cmd_plan(graph_args)
+    from placewise.demo import DemoSettings, run_demo
+    run_demo(DemoSettings(out=Path(args.out), quick=args.quick))
+    return 0
 
 
 EXAMPLES = {
     "evaluate": "placewise evaluate ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/bert24_inference.json "
                 "../shared/workloads/dnn-partitioning/human-experts/bert24_inference_expert.json",
     "plan": "placewise plan ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/resnet50_inference.json -k 4 --out plan.json",
-    "demo": "placewise demo",
+    "demo": "placewise demo --out placewise-out",
 }
 
 
@@ -474,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", metavar="GRAPH.json", help="the profiled graph the plan came from (per-sample prediction)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
-    add("demo", "run the main job on an embedded default", cmd_demo)
+    p = add("demo", "profile, plan, compare, pipeline-train and async-train a small model, with pictures", cmd_demo)
+    p.add_argument("--out", default="placewise-out", metavar="DIR", help="folder for pictures and files")
+    p.add_argument("--quick", action="store_true", help="a reduced run (fewer repeats, steps and epochs)")
     return parser
 
 

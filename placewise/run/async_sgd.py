@@ -28,7 +28,7 @@ from torch import nn
 
 from placewise.errors import PlacewiseError
 from placewise.run.data import BatchStream, Dataset, load_dataset
-from placewise.run.launcher import launch
+from placewise.run.launcher import is_torchrun, launch, run_rank
 from placewise.run.server import (HEADER, REPLY, STOP, Kind, ParameterServer, ServerSettings, Staleness,
                                   checkpoint_path, flat_views, load_checkpoint, make_optimizer, optimizer_class,
                                   optimizer_kwargs, save_checkpoint, shard_parameters)
@@ -391,8 +391,27 @@ class TrainReport:
         return d
 
 
-def train_data_parallel(cfg: TrainConfig) -> TrainReport:
-    """Run `cfg` (async, sync or ddp) on this machine and evaluate its snapshots on the test set."""
+def _run_under_torchrun(cfg: TrainConfig, data: Dataset) -> tuple[list[dict[str, Any]] | None, list]:
+    """This process is one rank that torchrun started; rank 0 (server or DDP rank 0) gets the results.
+
+    torchrun stops every rank when one fails, so surviving a dead worker needs the embedded launcher."""
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if world != cfg.world_size():
+        raise PlacewiseError(f"torchrun started {world} processes; --mode {cfg.mode} with {cfg.workers} worker(s) "
+                             f"needs {cfg.world_size()}: set --nproc-per-node (times --nnodes) to that")
+    if cfg.server_count() > 1:
+        raise PlacewiseError("--servers > 1 under torchrun is not supported yet; use --servers 1 or the embedded "
+                             "launcher (run without torchrun)")
+    torch.set_num_threads(cfg.threads)
+    value = run_rank(rank_main, (cfg, data), timeout_s=cfg.timeout_s)
+    return ([value], []) if rank == 0 else (None, [])
+
+
+def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
+    """Run `cfg` (async, sync or ddp) and evaluate its snapshots on the test set.
+
+    Starts every rank on this machine over 127.0.0.1, or, under torchrun, is one of the ranks
+    (then only rank 0 returns the report; the others return None)."""
     cfg.validate()
     data = load_dataset(cfg.dataset, cfg.seed)
     model = build_model(cfg.model, data.features, data.classes, cfg.seed)
@@ -403,8 +422,13 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport:
             load_checkpoint(checkpoint_path(cfg.resume, s, cfg.server_count() or 1),
                             cfg.fingerprint(data.features, data.classes))
     worker_ranks = [] if cfg.mode == "ddp" else list(range(cfg.servers, cfg.servers + cfg.workers))
-    results, failures = launch(rank_main, cfg.world_size(), (cfg, data), threads=cfg.threads, timeout_s=cfg.timeout_s,
-                               tolerate=worker_ranks, preload=PRELOAD)
+    if is_torchrun():
+        results, failures = _run_under_torchrun(cfg, data)
+        if results is None:
+            return None
+    else:
+        results, failures = launch(rank_main, cfg.world_size(), (cfg, data), threads=cfg.threads,
+                                   timeout_s=cfg.timeout_s, tolerate=worker_ranks, preload=PRELOAD)
     if cfg.mode == "ddp":
         lead = results[0]
         history = lead["history"]
