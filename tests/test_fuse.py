@@ -283,3 +283,33 @@ def one_thread() -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+class FastPath(nn.Module):
+    """Like torch's inference fast paths: without grad, the parent reads its children's weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(6, 6)
+        self.second = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return self.second(torch.relu(self.first(x)))
+        hidden = torch.relu(nn.functional.linear(x, self.first.weight, self.first.bias))
+        return nn.functional.linear(hidden, self.second.weight, self.second.bias)
+
+
+def test_forward_mode_evaluation_sees_every_update() -> None:
+    """A forward under no_grad applies every pending update first, whoever reads the weights."""
+    torch.manual_seed(0)
+    data = batches((6,), 2)
+    ref_model = FastPath()
+    fused_model = copy.deepcopy(ref_model)
+    ref = torch.optim.Adam(ref_model.parameters(), lr=0.01)
+    fused = fuse_optimizer(fused_model, torch.optim.Adam, "forward", lr=0.01, min_bucket_numel=0)
+    for model, opt in ((ref_model, ref), (fused_model, fused)):
+        step_once(model, opt, *data[0])
+    with torch.no_grad():
+        assert torch.equal(ref_model(data[1][0]), fused_model(data[1][0]))
+    assert not fused._pending

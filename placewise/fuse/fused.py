@@ -34,8 +34,9 @@ Rules that follow from updating early (each one is checked or documented):
   hyper-parameters at ``step()`` so a scheduler stepping before the deferred update cannot leak in.
 * Forward mode applies a bucket at the pre-hook of the module holding it, or, for a module whose
   own forward never runs (MultiheadAttention's ``out_proj``), of its nearest ancestor seen running.
-  A parameter used outside those forwards (e.g. an inference fast path reading a child's weights)
-  needs ``flush()`` first.
+  A forward run with gradients disabled (evaluation, where inference fast paths read children's
+  weights) applies everything pending at its first module. Other uses of a parameter outside
+  those forwards (e.g. reading ``model.state_dict()``) need ``flush()`` first.
 """
 
 from __future__ import annotations
@@ -286,6 +287,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if mid not in self._ran:
             self._ran.add(mid)
         if not self._pending:
+            return
+        if not torch.is_grad_enabled():
+            # Evaluation: inference fast paths may read any weight from any module; apply all.
+            self.flush()
             return
         for buckets in (self._applies_at.get(mid, ()), self._held_by.get(mid, ())):
             for bucket in buckets:
