@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in MODELS:
             parser.error(f"unknown model {name!r}; pick from {', '.join(MODELS)}")
         results.append(bench_model(name, args.optimizer, args.rounds, args.steps_per_round, args.warmup, args.seed))
+        print(report(results[-1:], args.optimizer, args.threads), file=sys.stderr, flush=True)  # partial results
     print(report(results, args.optimizer, args.threads))
     if args.json:
         with open(args.json, "w") as fh:
