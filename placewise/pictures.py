@@ -83,3 +83,31 @@ def work_lower_bound(graph: OpGraph, plan: Plan) -> float:
     import numpy as np
     devices = max(1, sum(k["count"] for k in plan.cluster["kinds"])) if plan.cluster else max(1, len(plan.stages))
     return float(np.minimum(graph.acc_time, graph.cpu_time).sum()) / devices
+
+
+def draw_training_curves(history: list[dict], curve: list[tuple[int, float, float]], path: str | Path,
+                         title: str = "") -> Path:
+    """Training loss of each update (by worker) and test accuracy of the snapshots, against the update count."""
+    plt = _pyplot()
+    fig, loss_ax = plt.subplots(figsize=(7, 4))
+    workers = sorted({u["worker"] for u in history if u.get("worker", -1) >= 0})
+    colours = _colours(max(1, len(workers)))
+    for k, w in enumerate(workers):
+        points = [(u["version"], u["loss"]) for u in history if u.get("worker") == w]
+        loss_ax.plot(*zip(*points), ".", ms=3, alpha=0.6, color=colours[k], label=f"loss, pushes of worker {w}")
+    loss_ax.set_xlabel("server update")
+    loss_ax.set_ylabel("training loss")
+    loss_ax.set_yscale("log")
+    acc_ax = loss_ax.twinx()
+    if curve:
+        acc_ax.plot([c[0] for c in curve], [c[2] for c in curve], "-", color="black", lw=1.5, label="test accuracy")
+    acc_ax.set_ylabel("test accuracy")
+    acc_ax.set_ylim(0, 1.02)
+    lines = loss_ax.get_legend_handles_labels()
+    more = acc_ax.get_legend_handles_labels()
+    loss_ax.legend(lines[0] + more[0], lines[1] + more[1], loc="center right", fontsize=8)
+    loss_ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
