@@ -14,7 +14,8 @@ from placewise.cli import main
 from placewise.errors import PlacewiseError
 from placewise.run.async_sgd import TrainConfig, build_model, train_data_parallel
 from placewise.run.data import BatchStream, digits
-from placewise.run.server import load_checkpoint
+from placewise.run.server import (CONTINUE, STOP, Kind, ParameterServer, ServerSettings, Staleness, load_checkpoint,
+                                  shard_parameters)
 
 TIMEOUT = 240.0
 # 2 workers x 32 samples per synchronous round: 21 rounds per epoch of the 1347 training digits.
@@ -135,3 +136,56 @@ def test_bad_settings_exit_2_with_one_line(capsys, argv, words):
     assert main(["train", "mlp", "--workers", "2", "--mode", "async", "--steps", "5", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("placewise: error:") and "\n" not in err and words in err
+
+
+class RecordingServer(ParameterServer):
+    """The serving logic without a process group: replies are recorded instead of sent."""
+
+    def __init__(self, mode: str, staleness: str = "none", steps: int = 100) -> None:
+        super().__init__(0, 1, [torch.zeros(3)], [1, 2], ServerSettings(mode=mode, steps=steps, lr=0.5, momentum=0.0,
+                                                                         staleness=Staleness.parse(staleness)))
+        self.replies: list[tuple[int, float, int]] = []
+
+    def _reply(self, worker, status, fetch=False, start_step=0):
+        self.replies.append((worker, status, self.version))
+
+    def push(self, worker: int, grad: float, fetched_version: int) -> None:
+        self.payload[worker].fill_(grad)
+        self._handle(worker, torch.tensor([Kind.PUSH_FETCH, 1, fetched_version, 1.0, 1.0, 1.0], dtype=torch.float64))
+
+
+def test_server_staleness_policies_and_sync_rounds_in_process():
+    # lr / staleness: pushes of gradient 1 with staleness 0, 1 and 2 move the parameters by 0.5, 0.5 and 0.25.
+    s = RecordingServer("async", "lr")
+    for worker, fetched in ((1, 0), (2, 0), (1, 0)):
+        s.push(worker, 1.0, fetched)
+    assert [u.staleness for u in s.history] == [0, 1, 2]
+    assert s.flat.tolist() == pytest.approx([-(0.5 + 0.5 + 0.25)] * 3)
+    # bound:1 (SSP): worker 1 may run one push ahead of worker 2, not two; a dead worker 2 releases it.
+    s = RecordingServer("async", "bound:1")
+    s.push(1, 1.0, 0)
+    s.push(1, 1.0, 1)
+    assert s.replies == [(1, CONTINUE, 1)]  # the second push is applied but its reply waits
+    s.push(2, 1.0, 0)
+    assert sorted(s.replies[1:]) == [(1, CONTINUE, 3), (2, CONTINUE, 3)]
+    s.push(1, 1.0, 3)  # clocks 3 and 1: worker 1 waits again
+    assert len(s.replies) == 3
+    s._drop(2, "connection closed")
+    assert s.replies[-1] == (1, CONTINUE, 4) and s.lost == {2: "connection closed"}
+    # sync: one step per round with the mean gradient; a worker that dies mid-round does not block it.
+    s = RecordingServer("sync", steps=2)
+    s.push(2, 3.0, 0)
+    assert s.version == 0 and s.replies == []
+    s.push(1, 1.0, 0)
+    assert s.version == 1 and s.flat.tolist() == [-1.0] * 3 and sorted(s.replies) == [(1, CONTINUE, 1), (2, CONTINUE, 1)]
+    s.push(1, 1.0, 1)
+    s._drop(2, "gone")
+    assert s.version == 2 and s.flat.tolist() == [-1.5] * 3 and s.replies[-1] == (1, STOP, 2) and not s.active
+
+
+@pytest.mark.parametrize("sizes, servers", [([5, 1, 9, 3, 3], 1), ([5, 1, 9, 3, 3], 3), ([5, 1, 9, 3, 3], 5), ([7], 1)])
+def test_shards_hold_every_tensor_once(sizes, servers):
+    shards = shard_parameters(sizes, servers)
+    assert sorted(i for shard in shards for i in shard) == list(range(len(sizes))) and all(shards)
+    with pytest.raises(PlacewiseError):
+        shard_parameters(sizes, len(sizes) + 1)
