@@ -1,7 +1,9 @@
 """What a pipelined run measured, per stage and in total, next to what the planner predicted.
 
 Measured stage time is the time a stage spent computing its chunks (forward, and backward when
-training), not waiting for its neighbours; the total is wall time per step. Both are given per
+training), not waiting for its neighbours, as wall time and as the computing thread's CPU time (what
+a one-thread profile measures, unaffected by other processes on the cores); the total is wall time
+per step. Both are given per
 sample in milliseconds. The planner's loads are in the graph's time unit (profiled graphs: ms per
 profiled batch); with the profiled batch size known they are also given per sample.
 """
@@ -13,13 +15,16 @@ from typing import Any, Sequence
 
 
 def pipeline_report(results: Sequence[dict[str, Any]], *, plan=None, batch_size: int, mode: str, schedule: str,
-                    microbatches: int, profiled_batch: int | None = None, time_unit: str | None = None) -> dict:
+                    microbatches: int, profiled_batch: int | None = None, time_unit: str | None = None,
+                    profiled_mode: str | None = None) -> dict:
     """A plain-data report (JSON-ready) from the per-rank results of `run_stage`/`run_single`."""
     stages = []
     for r in results:
         compute = r.get("forward_seconds", 0.0) + r.get("backward_seconds", 0.0)
+        timed = "forward_seconds" in r
         row = {"stage": r["stage"], "nodes": len(r.get("nodes", [])),
-               "measured_ms_per_sample": 1e3 * compute / r["samples"] if "forward_seconds" in r else None}
+               "measured_ms_per_sample": 1e3 * compute / r["samples"] if timed else None,
+               "measured_cpu_ms_per_sample": 1e3 * r["cpu_seconds"] / r["samples"] if timed else None}
         if plan is not None:
             s = plan.stages[r["stage"]]
             row.update(device=f"{s.kind}:{s.index}", predicted_load=s.load)
@@ -41,7 +46,7 @@ def pipeline_report(results: Sequence[dict[str, Any]], *, plan=None, batch_size:
         report["measured_max_stage_ms_per_sample"] = max(measured)
     if plan is not None:
         report.update(predicted_max_load=plan.max_load, time_unit=time_unit or "the graph's time unit",
-                      profiled_batch=profiled_batch)
+                      profiled_batch=profiled_batch, profiled_mode=profiled_mode)
         if profiled_batch:
             report["predicted_ms_per_sample"] = plan.max_load / profiled_batch
     return report
@@ -51,7 +56,8 @@ def print_report(report: dict, title: str) -> None:
     from rich.console import Console
     from rich.table import Table
     table = Table(title=title)
-    for col in ("stage", "device", "nodes", "measured ms/sample", "predicted load", "predicted ms/sample"):
+    for col in ("stage", "device", "nodes", "measured ms/sample", "cpu ms/sample", "predicted load",
+                "predicted ms/sample"):
         table.add_column(col, justify="left" if col == "device" else "right")
 
     def fmt(value) -> str:
@@ -59,7 +65,8 @@ def print_report(report: dict, title: str) -> None:
 
     for row in report["stages"]:
         table.add_row(str(row["stage"]), row.get("device", "-"), str(row["nodes"]), fmt(row["measured_ms_per_sample"]),
-                      fmt(row.get("predicted_load")), fmt(row.get("predicted_ms_per_sample")))
+                      fmt(row["measured_cpu_ms_per_sample"]), fmt(row.get("predicted_load")),
+                      fmt(row.get("predicted_ms_per_sample")))
     console = Console(stderr=False)
     console.print(table)
     line = (f"{report['mode']}, schedule {report['schedule']}, batch {report['batch_size']} in "
@@ -74,6 +81,8 @@ def print_report(report: dict, title: str) -> None:
         pred += f" per batch of {report['profiled_batch']})" if report.get("profiled_batch") else ")"
         if "predicted_ms_per_sample" in report:
             pred += f" = [bold]{report['predicted_ms_per_sample']:.4g} ms/sample[/bold]"
+        if report.get("profiled_mode") == "eval" and report["mode"] == "train":
+            pred += " [yellow](the graph times forward only; profile with --training to predict training)[/yellow]"
         console.print(pred)
     if report["losses"]:
         console.print(f"loss: first {report['losses'][0]:.5g}, last {report['losses'][-1]:.5g}")
