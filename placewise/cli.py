@@ -286,16 +286,17 @@ def _run_pipeline_job(args, mode: str) -> int:
     from placewise.run.pipeline import run_pipeline
     from placewise.run.report import pipeline_report, print_report, profiled_batch
     plan, job = _pipeline_job(args, mode)
-    batch, unit = None, None
+    batch, unit, profiled_mode = None, None, None
     if getattr(args, "graph", None):
         from placewise.graph import load_graph
         graph = load_graph(args.graph)
-        batch, unit = profiled_batch(graph), graph.meta_dict.get("time_unit")
+        batch, unit, profiled_mode = profiled_batch(graph), graph.meta_dict.get("time_unit"), graph.meta_dict.get("mode")
     results = run_pipeline(job, threads=args.threads)
     if results is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
     report = pipeline_report(results, plan=plan, batch_size=job.batch_size, mode=mode, schedule=job.schedule,
-                             microbatches=job.microbatches, profiled_batch=batch, time_unit=unit)
+                             microbatches=job.microbatches, profiled_batch=batch, time_unit=unit,
+                             profiled_mode=profiled_mode)
     report.update(model=args.model, plan=str(args.plan), threads_per_process=args.threads)
     if getattr(args, "out", None):
         Path(args.out).mkdir(parents=True, exist_ok=True)
