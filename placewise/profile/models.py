@@ -49,7 +49,8 @@ TRANSFORMERS: dict[str, _Transformer] = {
                                        "intermediate_size": 512, "vocab_size": 1000}),
     "gpt2": _Transformer("gpt2", {}),
     "gpt2-medium": _Transformer("gpt2", {"n_embd": 1024, "n_layer": 24, "n_head": 16}),
-    "gpt2-tiny": _Transformer("gpt2", {"n_embd": 128, "n_layer": 2, "n_head": 2, "vocab_size": 1000}),
+    "gpt2-tiny": _Transformer("gpt2", {"n_embd": 128, "n_layer": 2, "n_head": 2, "vocab_size": 1000,
+                                       "bos_token_id": 999, "eos_token_id": 999}),
 }
 _LAYER_KEY = {"bert": "num_hidden_layers", "gpt2": "n_layer"}
 
