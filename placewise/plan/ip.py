@@ -48,6 +48,8 @@ DIRECT_SHARE = 0.15
 DIRECT_SECONDS = 30.0
 # The smallest relative step a target test takes below the best split.
 MIN_TARGET_GAP = 1e-7
+# Target tests bisect between bound and best while the gap is above this many times the one asked for.
+BISECT_ABOVE = 4.0
 
 
 # ---- a small sparse MILP builder ------------------------------------------------------------------
@@ -589,8 +591,9 @@ def _search(graph: OpGraph, cluster: Cluster, options, warm: Plan | None, what: 
     """Minimise, then certify: returns the best plan (scored by the cost model), a proven lower bound, notes.
 
     HiGHS first minimises the objective directly from the warm start. When its dual bound leaves a gap
-    above `options.gap`, the objective column is pinned to a target t = best * (1 - gap) and HiGHS asks
-    whether any split has every load (or the latency) within t. With the objective a constant, each
+    above `options.gap`, the objective column is pinned to a target t (halfway between bound and best
+    while far apart, then best * (1 - gap)) and HiGHS asks whether any split has every load (or the
+    latency) within t. With the objective a constant, each
     device's load row is a knapsack, whose cover cuts HiGHS finds -- the direct model's relaxation cannot
     see that, e.g., five layers never fit under t. "Infeasible" proves t a lower bound; a split found is
     better than the best, and the search goes on from it.
@@ -633,8 +636,13 @@ def _search(graph: OpGraph, cluster: Cluster, options, warm: Plan | None, what: 
         remaining = left()
         if remaining is not None and remaining <= 0.05:
             break
-        # A hair above value * (1 - gap), so that proving it leaves a gap within `gap` after rounding.
+        # A hair above value * (1 - gap), so that proving it leaves a gap within `gap` after rounding;
+        # while far from it, halve the interval instead, so the certificate (or the split) improves in
+        # big steps and a time limit still leaves a useful bound.
         target = best.value * (1 - gap * (1 - 1e-9))
+        floor = 0.0 if bound is None else bound
+        if best.value - floor > BISECT_ABOVE * gap * best.value:
+            target = min(target, (floor + best.value) / 2)
         test = _run(lp, time_limit=remaining, gap=options.gap, seed=options.seed, start=None, progress=options.progress,
                     what=f"{what} IP: is there a split within {target:.6g}?", fix=(objective_col, target))
         runs.append(f"target {target:.10g}: {test.status}")
