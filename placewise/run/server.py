@@ -203,6 +203,8 @@ class ParameterServer:
         if resume is not None:
             self.flat.copy_(torch.cat([t.reshape(-1) for t in resume["params"]]))
             self.optimizer.load_state_dict(resume["optimizer"])
+            for group, lr in zip(self.optimizer.param_groups, self.base_lr):
+                group["lr"] = lr  # this run's --lr, not the last (maybe staleness-scaled) one saved
             self.version = int(resume["version"])
             self.worker_steps = dict(resume["worker_steps"])
             self.history = [Update(**u) for u in resume["history"]]
