@@ -18,10 +18,6 @@ import statistics
 import sys
 from pathlib import Path
 
-# This folder holds benchmarks/profile.py, which would shadow the standard library's `profile` (used by
-# cProfile inside torch) in the ranks this script starts: keep the folder off their import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 from rich.console import Console
 from rich.table import Table
 
