@@ -6,7 +6,7 @@ time (what it takes on an otherwise idle core: profiling runs one thread), and t
 sum over the whole-model forward (both medians of the same interleaved runs, by process CPU time).
 Targets from issue 6: under 2 minutes each, ratio within 20%.
 
-    .venv/bin/python benchmarks/profile.py [--repeats 5] [--models resnet18 bert-base] [--json]
+    .venv/bin/python benchmarks/profiling.py [--repeats 5] [--models resnet18 bert-base] [--json]
 """
 
 from __future__ import annotations
