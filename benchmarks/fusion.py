@@ -115,7 +115,9 @@ def make_step(variant: str, model: nn.Module, opt_name: str, x: torch.Tensor, y:
     return step
 
 
-def bench_model(name: str, opt_name: str, rounds: int, steps_per_round: int, warmup: int, seed: int) -> dict[str, Any]:
+def bench_model(
+    name: str, opt_name: str, rounds: int, steps_per_round: int, warmup: int, seed: int, clock: Callable[[], float]
+) -> dict[str, Any]:
     torch.manual_seed(seed)
     base, x, y = MODELS[name]()
     n_params = sum(p.numel() for p in base.parameters())
@@ -131,17 +133,17 @@ def bench_model(name: str, opt_name: str, rounds: int, steps_per_round: int, war
         for v in order:
             steps[v]()  # one untimed step: the variant's tensors back into cache after the others ran
             for _ in range(steps_per_round):
-                t0 = time.perf_counter()
+                t0 = clock()
                 steps[v]()
-                times[v].append(time.perf_counter() - t0)
+                times[v].append(clock() - t0)
         print(f"  {name}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)
     median = {v: statistics.median(ts) for v, ts in times.items()}
     return {"model": name, "params": n_params, "median_s": median, "samples": {v: len(ts) for v, ts in times.items()}}
 
 
-def report(results: list[dict[str, Any]], opt_name: str, threads: int) -> str:
+def report(results: list[dict[str, Any]], opt_name: str, threads: int, clock: str) -> str:
     lines = [
-        f"optimizer {opt_name}, torch {torch.__version__}, {threads} intra-op threads; median step time (ms)",
+        f"optimizer {opt_name}, torch {torch.__version__}, {threads} intra-op threads; median step time (ms, {clock} clock)",
         "",
         "| model | params | variant | step ms | vs for-loop | vs fused | opt overhead |",
         "|---|---|---|---|---|---|---|",
@@ -169,19 +171,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time, which other processes' load cannot "
+        "inflate (meaningful with --threads 1, where no thread spins waiting for another)",
+    )
     parser.add_argument("--json", help="also write the raw medians here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     results = []
     for name in args.models.split(","):
         if name not in MODELS:
             parser.error(f"unknown model {name!r}; pick from {', '.join(MODELS)}")
-        results.append(bench_model(name, args.optimizer, args.rounds, args.steps_per_round, args.warmup, args.seed))
-        print(report(results[-1:], args.optimizer, args.threads), file=sys.stderr, flush=True)  # partial results
-    print(report(results, args.optimizer, args.threads))
+        results.append(bench_model(name, args.optimizer, args.rounds, args.steps_per_round, args.warmup, args.seed, clock))
+        print(report(results[-1:], args.optimizer, args.threads, args.clock), file=sys.stderr, flush=True)  # partial
+    print(report(results, args.optimizer, args.threads, args.clock))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"optimizer": args.optimizer, "threads": args.threads, "results": results}, fh, indent=1)
+            json.dump({"optimizer": args.optimizer, "threads": args.threads, "clock": args.clock, "results": results}, fh, indent=1)
     return 0
 
 

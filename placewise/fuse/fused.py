@@ -61,9 +61,9 @@ _WHOLE_MODEL_OPTIMIZERS: tuple[type, ...] = (torch.optim.LBFGS,)
 
 
 class _Bucket:
-    """Parameters of one param group held by one module, updated together by one kernel call."""
+    """Parameters of one param group held by one layer (or a few adjacent small ones), updated by one kernel call."""
 
-    __slots__ = ("index", "group", "params", "holders", "hooked", "done", "view")
+    __slots__ = ("index", "group", "params", "holders", "hooked", "fired", "done", "view")
 
     def __init__(self, index: int, group: int, params: list[Tensor], holders: list[nn.Module]) -> None:
         self.index = index
@@ -72,6 +72,7 @@ class _Bucket:
         self.holders = holders
         # Parameters whose gradient hook must fire before the bucket counts as complete.
         self.hooked = sum(1 for p in params if p.requires_grad)
+        self.fired = 0  # how many of them did fire this step
         self.done = False
         # The one-group list swapped into the inner optimizer to update only this bucket.
         self.view: list[dict[str, Any]] = [{"params": params}]
@@ -259,7 +260,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 "`with fused.accumulate():` or call step() after each backward"
             )
         self._fired.add(id(param))
-        if sum(1 for p in bucket.params if id(p) in self._fired) == bucket.hooked:
+        bucket.fired += 1
+        if bucket.fired == bucket.hooked:
             self._update(bucket, self.param_groups[bucket.group])
             bucket.done = True
 
@@ -321,6 +323,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if not bucket.done and any(p.grad is not None for p in bucket.params):
                     self._update(bucket, groups[bucket.group])
                 bucket.done = False
+                bucket.fired = 0
             self._fired.clear()
             return loss
         self.flush()
