@@ -48,7 +48,7 @@ DIRECT_SHARE = 0.15
 DIRECT_SECONDS = 30.0
 # The smallest relative step a target test takes below the best split.
 MIN_TARGET_GAP = 1e-7
-# Target tests bisect between bound and best while the gap is above this many times the one asked for.
+# Bisecting target tests stop halving once the gap is within this many times the one asked for.
 BISECT_ABOVE = 4.0
 
 
@@ -591,9 +591,9 @@ def _search(graph: OpGraph, cluster: Cluster, options, warm: Plan | None, what: 
     """Minimise, then certify: returns the best plan (scored by the cost model), a proven lower bound, notes.
 
     HiGHS first minimises the objective directly from the warm start. When its dual bound leaves a gap
-    above `options.gap`, the objective column is pinned to a target t (halfway between bound and best
-    while far apart, then best * (1 - gap)) and HiGHS asks whether any split has every load (or the
-    latency) within t. With the objective a constant, each
+    above `options.gap`, the objective column is pinned to a target t = best * (1 - gap) (or, once such
+    a test could not decide in time, halfway between bound and best) and HiGHS asks whether any split
+    has every load (or the latency) within t. With the objective a constant, each
     device's load row is a knapsack, whose cover cuts HiGHS finds -- the direct model's relaxation cannot
     see that, e.g., five layers never fit under t. "Infeasible" proves t a lower bound; a split found is
     better than the best, and the search goes on from it.
@@ -632,26 +632,32 @@ def _search(graph: OpGraph, cluster: Cluster, options, warm: Plan | None, what: 
     bound = result.bound if math.isfinite(result.bound) else None
     # A target must sit below the best split, or a zero gap would test the best split forever.
     gap = max(options.gap, MIN_TARGET_GAP)
+    bisect = False
     while best is not None and (bound is None or best.value - bound > gap * best.value * (1 + 1e-9)):
         remaining = left()
         if remaining is not None and remaining <= 0.05:
             break
-        # A hair above value * (1 - gap), so that proving it leaves a gap within `gap` after rounding;
-        # while far from it, halve the interval instead, so the certificate (or the split) improves in
-        # big steps and a time limit still leaves a useful bound.
+        # A hair above value * (1 - gap), so that proving it leaves a gap within `gap` after rounding.
+        # That test gets half the time left; if it cannot decide, halve the interval between bound and
+        # best instead, so the certificate (or the split) still improves in steps before time runs out.
         target = best.value * (1 - gap * (1 - 1e-9))
+        share = remaining
         floor = 0.0 if bound is None else bound
-        if best.value - floor > BISECT_ABOVE * gap * best.value:
+        if bisect and best.value - floor > BISECT_ABOVE * gap * best.value:
             target = min(target, (floor + best.value) / 2)
-        test = _run(lp, time_limit=remaining, gap=options.gap, seed=options.seed, start=None, progress=options.progress,
+        elif not bisect and remaining is not None:
+            share = remaining / 2
+        test = _run(lp, time_limit=share, gap=options.gap, seed=options.seed, start=None, progress=options.progress,
                     what=f"{what} IP: is there a split within {target:.6g}?", fix=(objective_col, target))
         runs.append(f"target {target:.10g}: {test.status}")
         if test.infeasible:
             bound = target if bound is None else max(bound, target)
         elif test.x is not None:
             best, objective_at_best = score(test.x, target), None
-        else:
+        elif bisect:
             break
+        else:
+            bisect = True
     if best is None:
         limit = f" within {options.time_limit:g} s" if options.time_limit else ""
         raise PlacewiseError(f"the {what} integer program found no split{limit} ({result.status}); raise --time-limit")
