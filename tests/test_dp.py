@@ -203,6 +203,16 @@ def test_cli_plan_json_and_out(tmp_path, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["max_load"] == pytest.approx(printed["max_load"])
 
 
+def test_time_limit_returns_the_upper_bound_split() -> None:
+    graph_file = str(THROUGHPUT_LAYER / "gnmt_inference.json")
+    graph, optimal = _solved(graph_file)
+    plan = solve(graph, graph.cluster, "dp", SolveOptions(time_limit=1e-6))
+    assert not plan.notes["exact"] and "time limit" in plan.notes["stopped"]
+    scored = evaluate(graph, graph.cluster, plan.assignment())
+    assert scored.feasible and plan.max_load == pytest.approx(scored.max_load)
+    assert plan.lower_bound <= optimal.max_load <= plan.max_load and plan.gap >= 0
+
+
 @pytest.mark.parametrize("k", [4, 8])
 def test_pipedream_profiles(k: int) -> None:
     graph = load_graph(WORKLOADS / "pipedream" / "resnet50" / "graph.txt")

@@ -457,8 +457,10 @@ def _least_work(units: Units, problem: Problem) -> tuple[np.ndarray, np.ndarray]
     return least, ratio.max(axis=1, initial=0.0)
 
 
-def run_dp(units: Units, problem: Problem, lattice: IdealLattice, bound: float = INF, progress=None) -> DPResult:
-    """The DP on a lattice (all ideals, or a chain's prefixes) with sets above `bound` left out."""
+def run_dp(units: Units, problem: Problem, lattice: IdealLattice, bound: float = INF, progress=None,
+           deadline: float | None = None) -> DPResult | None:
+    """The DP on a lattice (all ideals, or a chain's prefixes) with sets above `bound` left out;
+    None when `deadline` (a perf_counter time) passes first."""
     n_ideals = lattice.count
     n_units = units.count
     n_ports = len(units.port_cost)
@@ -510,6 +512,8 @@ def run_dp(units: Units, problem: Problem, lattice: IdealLattice, bound: float =
                    in_set, port_count, stats)
         if progress is not None:
             progress(hi, n_ideals)
+        if deadline is not None and hi < n_ideals and time.perf_counter() > deadline:
+            return None
     full = n_ideals - 1
     value = float(dp[full, problem.full_state])
     sets: list[tuple[int, np.ndarray]] = []
@@ -575,17 +579,27 @@ def solve(graph: OpGraph, cluster: Cluster, options) -> Plan:
     _check_units_fit(graph, units, problem)
 
     # Upper bound: the exact optimum over the segments of a few topological orders.
-    upper = min(run_dp(units, problem, chain_lattice(units.count, order)).value for order in _topological_orders(units))
+    chains = [run_dp(units, problem, chain_lattice(units.count, order)) for order in _topological_orders(units)]
+    best_chain = min(chains, key=lambda r: r.value)
+    upper = best_chain.value
     lower = _lower_bound(units, problem)
     limit = int(options.extra.get("ideal_limit", DEFAULT_IDEAL_LIMIT))
     lattice = enumerate_ideals(units.pred_units, limit)
 
     reporter = _progress(options.progress, graph.name, lattice.count)
+    deadline = None if options.time_limit is None else start + options.time_limit
     try:
-        result = run_dp(units, problem, lattice, upper, reporter.update if reporter else None)
+        result = run_dp(units, problem, lattice, upper, reporter.update if reporter else None, deadline)
     finally:
         if reporter:
             reporter.close()
+    exact = result is not None
+    if not exact:
+        # Out of time: the best chain split, with the work bound as the proven lower bound.
+        if not math.isfinite(upper):
+            raise PlacewiseError(f"the dp solver ran out of its {options.time_limit:g} s before finding a split; "
+                                 "raise --time-limit")
+        result = best_chain
     if not math.isfinite(result.value):
         _raise_infeasible(graph, units, problem)
     assignment = {}
@@ -597,9 +611,13 @@ def solve(graph: OpGraph, cluster: Cluster, options) -> Plan:
             for i in units.members[u]:
                 assignment[graph.nodes[i].id] = device
     notes = {"ideals": lattice.count, "ideal_pairs": result.pairs, "upper_bound": upper, "work_lower_bound": lower,
-             **units.stats}
+             "exact": exact, **units.stats}
+    if not exact:
+        notes["stopped"] = f"time limit {options.time_limit:g} s: best split over topological-order segments"
+    bound = result.value if exact else min(lower, result.value)
     plan = plan_from_assignment(graph, cluster, assignment, solver="dp", seconds=time.perf_counter() - start,
-                                lower_bound=result.value, gap=0.0, notes=notes)
+                                lower_bound=bound, gap=(result.value - bound) / result.value if result.value else 0.0,
+                                notes=notes)
     if not plan.feasible or abs(plan.max_load - result.value) > AGREEMENT * max(1.0, abs(result.value)):
         raise AssertionError(f"dp value {result.value!r} disagrees with the cost model's {plan.max_load!r} "
                              f"(violations: {plan.violations})")
