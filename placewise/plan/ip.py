@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -46,6 +46,8 @@ AGREEMENT_TOLERANCE = 1e-6
 # target tests take over; it finds good splits, the tests prove bounds.
 DIRECT_SHARE = 0.15
 DIRECT_SECONDS = 30.0
+# The DP's warm start may take this share of a time limit (past it, the DP returns its best split).
+WARM_SHARE = 0.25
 # The smallest relative step a target test takes below the best split.
 MIN_TARGET_GAP = 1e-7
 # Bisecting target tests stop halving once the gap is within this many times the one asked for.
@@ -572,7 +574,8 @@ def _warm_start(graph: OpGraph, cluster: Cluster, options) -> Plan | None:
     if options.warm_start is not None:
         return options.warm_start
     # The DP's contiguous optimum is a valid start for the non-contiguous program too.
-    plain = SolveOptions(objective=options.objective, contiguous=True, seed=options.seed)
+    plain = SolveOptions(objective=options.objective, contiguous=True, seed=options.seed,
+                         time_limit=None if options.time_limit is None else WARM_SHARE * options.time_limit)
     candidates = []
     if options.objective != "latency" and "dp" in SOLVERS:
         candidates.append(lambda: get_solver("dp")(graph, cluster, plain))
@@ -679,6 +682,9 @@ def solve(graph: OpGraph, cluster: Cluster, options) -> Plan:
     # Latency splits let CPU nodes interleave with accelerator blocks: no chain of device sets is asked for.
     contiguous = options.contiguous and not latency
     what = "latency" if latency else ("contiguous" if contiguous else "non-contiguous") + " throughput"
+    if options.time_limit is not None:
+        # The time limit covers the warm start too.
+        options = replace(options, time_limit=max(options.time_limit - (time.perf_counter() - begin), 0.1))
     best, bound, notes = _search(graph, cluster, options, warm, what, contiguous)
     plan = plan_from_assignment(graph, cluster, best.assignment(), solver="ip", seconds=time.perf_counter() - begin,
                                 objective=options.objective, contiguous=contiguous, notes=notes)
