@@ -330,13 +330,14 @@ def _throughput_model(graph: OpGraph, cluster: Cluster, options, warm: Plan | No
     ceiling = float(max(units.acc_time.sum(), units.cpu_time.sum()) / min(k.speed for k in kinds) + 2 * graph.out_cost.sum()) + 1
     load = m.var(1, 0.0, ceiling, cost=1.0)[0]
     if options.contiguous:
-        assign, start = _contiguous_model(m, graph, cluster, units, kinds, load, warm)
+        assign, start = _contiguous_model(m, graph, units, kinds, load, warm)
     else:
-        assign, start = _noncontiguous_model(m, graph, cluster, units, kinds, load, warm)
+        assign, start = _noncontiguous_model(m, graph, units, kinds, load, warm)
     return m, load, assign, start
 
 
-def _noncontiguous_model(m: _Milp, graph, cluster, units: _Units, kinds, load, warm: Plan | None):
+def _noncontiguous_model(m: _Milp, graph: OpGraph, units: _Units, kinds: list[DeviceKind], load: int, warm: Plan | None):
+    """Units to devices; every device's load at most `load`. Returns (solution -> split, warm start)."""
     devices = [(k, i) for k in kinds for i in range(k.count)]
     D, U = len(devices), units.count
     is_acc = np.array([k.accelerator for k, _ in devices])
@@ -383,7 +384,9 @@ def _noncontiguous_model(m: _Milp, graph, cluster, units: _Units, kinds, load, w
     return assign, start
 
 
-def _contiguous_model(m: _Milp, graph, cluster, units: _Units, kinds, load, warm: Plan | None):
+def _contiguous_model(m: _Milp, graph: OpGraph, units: _Units, kinds: list[DeviceKind], load: int, warm: Plan | None):
+    """Units to pipeline positions, each position one device of some kind, every prefix an ideal.
+    Returns (solution -> split, warm start)."""
     T, K, U = sum(k.count for k in kinds), len(kinds), units.count
     acc_kind = np.array([k.accelerator for k in kinds])
     ub = np.ones((U, T, K))
