@@ -354,6 +354,14 @@ EXAMPLES = {
     "evaluate": "placewise evaluate ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/bert24_inference.json "
                 "../shared/workloads/dnn-partitioning/human-experts/bert24_inference_expert.json",
     "plan": "placewise plan ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/resnet50_inference.json -k 4 --out plan.json",
+    "compare": "placewise compare ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/bert24_inference.json "
+               "--plot compare.png",
+    "profile": "placewise profile resnet18 --input-shape 3 64 64 --batch-size 8 --training --out resnet18.json",
+    "devices": "placewise devices --json",
+    "train": "placewise train resnet18 --plan plan.json --graph resnet18.json --input-shape 3 64 64 --batch-size 8 "
+             "--microbatches 4 --steps 3 --fuse backward\n  placewise train mlp --workers 2 --mode async --epochs 5",
+    "serve-bench": "placewise serve-bench resnet18 --plan plan.json --graph resnet18.json --input-shape 3 64 64 "
+                   "--batch-size 8 --microbatches 4",
     "demo": "placewise demo --out placewise-out",
 }
 
