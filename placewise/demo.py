@@ -151,9 +151,14 @@ def _pipeline_step(settings: DemoSettings, plan, console: Console) -> Step:
     report = pipeline_report(results, plan=plan, batch_size=job.batch_size, mode="train", schedule="1f1b",
                              microbatches=microbatches, profiled_batch=settings.batch_size, time_unit="ms")
     print_report(report, "pipeline stages: measured here (each stage one CPU process) vs planned for the cluster")
+    from placewise.pictures import draw_timeline
+    draw_timeline(results, settings.out / "pipeline_timeline.png",
+                  title=f"{settings.model}: one 1F1B training step over {n} stage processes (measured)")
     losses = report["losses"]
-    return Step("pipeline", f"{n} stages, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-                f"{report['samples_per_second']:.1f} samples/s on this machine", time.perf_counter() - started)
+    # The runner cycles through a few synthetic batches, so consecutive losses are of different batches.
+    return Step("pipeline", f"{n} stages, {report['samples_per_second']:.1f} samples/s on this machine, "
+                f"losses {', '.join(f'{x:.2f}' for x in losses)}", time.perf_counter() - started,
+                ["pipeline_timeline.png"])
 
 
 def _async_step(settings: DemoSettings, console: Console) -> Step:

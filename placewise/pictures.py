@@ -111,3 +111,37 @@ def draw_training_curves(history: list[dict], curve: list[tuple[int, float, floa
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def draw_timeline(stage_reports: list[dict], path: str | Path, title: str = "") -> Path:
+    """A Gantt chart of the last timed step: each stage's forward and backward chunk per microbatch.
+
+    `stage_reports` are the per-stage results of a pipelined run (their `events` and `step_starts`,
+    measured on the machine's monotonic clock, shared by all local processes).
+    """
+    plt = _pyplot()
+    t0 = min(r["step_starts"][-1] for r in stage_reports)
+    fig, ax = plt.subplots(figsize=(11, 0.7 * len(stage_reports) + 1.6))
+    colours = {"forward": "#4c72b0", "backward": "#dd8452"}
+    for r in stage_reports:
+        row = r["stage"]
+        for kind, chunk, start, end in r["events"]:
+            if start < r["step_starts"][-1]:
+                continue  # an earlier step
+            ax.barh(row, 1e3 * (end - start), left=1e3 * (start - t0), height=0.6, color=colours[kind],
+                    edgecolor="black", linewidth=0.3)
+            if chunk >= 0:
+                ax.text(1e3 * (start + end - 2 * t0) / 2, row, str(chunk), ha="center", va="center", fontsize=7,
+                        color="white")
+    ax.set_yticks([r["stage"] for r in stage_reports])
+    ax.set_yticklabels([f"stage {r['stage']}" for r in stage_reports])
+    ax.invert_yaxis()
+    ax.set_xlim(left=0)
+    ax.set_xlabel("milliseconds since the step began (numbers: microbatch)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    ax.legend(handles, list(colours), loc="lower right", fontsize=8)
+    ax.set_title(title or "pipeline timeline of one training step (measured)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

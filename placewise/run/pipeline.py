@@ -362,11 +362,14 @@ def _optimizer(job: PipelineJob, module: nn.Module):
 class _Clock:
     """Seconds a stage spends computing forward and backward chunks (not waiting for its neighbours):
     wall time, and the CPU time of the computing thread (what a one-thread profile measures; it does
-    not grow when other processes share the cores)."""
+    not grow when other processes share the cores). Each timed chunk is also kept as an event
+    (forward/backward, microbatch, start, end) on the machine's monotonic clock, which all local
+    ranks share, for the pipeline timeline picture."""
 
     def __init__(self) -> None:
         self.forward = self.backward = self.cpu = 0.0
         self.on = False
+        self.events: list[tuple[str, int, float, float]] = []
 
     def wrap(self, fn: Callable, attr: str) -> Callable:
         def timed(*args, **kwargs):
@@ -375,8 +378,11 @@ class _Clock:
                 return fn(*args, **kwargs)
             finally:
                 if self.on:
-                    setattr(self, attr, getattr(self, attr) + time.perf_counter() - start)
+                    end = time.perf_counter()
+                    setattr(self, attr, getattr(self, attr) + end - start)
                     self.cpu += time.thread_time() - start_cpu
+                    chunk = args[0] if args and isinstance(args[0], int) else -1
+                    self.events.append((attr, chunk, start, end))
         return timed
 
 
@@ -483,6 +489,7 @@ def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
                     out = schedule.eval(*args)
             if step >= job.warmup:
                 report["step_seconds"].append(time.perf_counter() - start)
+                report.setdefault("step_starts", []).append(start)
             if last and step == 0 and "outputs" in job.collect:
                 report["outputs"] = out.detach().cpu()
             if progress:
@@ -491,6 +498,7 @@ def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
         if progress:
             progress[0].stop()
     report.update(forward_seconds=clock.forward, backward_seconds=clock.backward, cpu_seconds=clock.cpu,
+                  events=clock.events,
                   samples=job.batch_size * job.steps, microbatches=job.microbatches)
     return report
 
