@@ -2,7 +2,9 @@
 
 A normal training step is forward, backward, then one more pass over every parameter for the
 optimizer. `FusedOptimizer` moves the update of each *bucket* (the parameters one module holds
-within one param group) next to the computation that touches them anyway:
+within one param group; adjacent small layers are merged up to ``min_bucket_numel`` elements,
+because each bucket update costs one Python-level optimizer call) next to the computation that
+touches them anyway:
 
 * ``mode="backward"``: a bucket is updated inside backward, as soon as the last of its gradients is
   final (``Tensor.register_post_accumulate_grad_hook``). ``step()`` only marks the step boundary
