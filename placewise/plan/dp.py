@@ -11,12 +11,17 @@ those devices:
 What makes it fast while staying exact:
 - an upper bound U from the same DP restricted to the segments of a few topological orders (exact
   on a chain, cheap: units² pairs); no set of an optimal split has load above U;
-- for each ideal I, its sub-ideals J are walked downward from I (removing one maximal unit at a
-  time) only while I \\ J could still fit some device under U: compute time, memory and support only
-  grow as units are added, so a set that fits nowhere has no superset that fits anywhere;
-- the set's load is updated per unit added or removed (compute sums, and transfer per *port*, see
-  `ideals.Units`), never recomputed;
-- the walk and the DP run compiled (numba, cached on disk).
+- only states that can still finish are kept: with w the least work of a unit (its least time on
+  any kind) and each device holding at most ratio_t * U of it, ideal I with s devices needs
+  w(I) <= cap(s) and w(rest) <= cap(all - s); an all-accelerator side also pays every port the cut
+  splits. So each ideal has few live states, and its useful sub-ideals J lie in a band of work;
+- those J are found by scanning the band (ideals sorted by work; a per-ideal bitmask of finite dp
+  states rejects most at once, then a subset test), with the set's compute, memory and support from
+  per-ideal prefix sums and its transfer from the ports the two ideals split (no other port can be
+  paid by I \\ J); or, where shorter, by walking down from I one maximal unit at a time while the
+  set could still fit a device (compute, memory and support only grow), its load kept incrementally;
+- everything runs compiled (numba, cached on disk).
+A time limit stops the DP and returns the chain split with its gap (marked not exact).
 Every plan is re-scored by the cost model, which must agree with the DP's value.
 """
 
@@ -102,20 +107,24 @@ def _check_units_fit(graph: OpGraph, units: Units, problem: Problem) -> None:
         if fits:
             continue
         members = units.members[u]
-        first = graph.nodes[members[0]]
         unsupported = [graph.nodes[i].id for i in members if not graph.supported[i]]
-        group = f"node {first.id}" if len(members) == 1 else \
-            f"nodes {', '.join(str(graph.nodes[i].id) for i in members[:6])}{' ...' if len(members) > 6 else ''} " \
-            f"(one colocation group of {len(members)}, which a contiguous split keeps on one device)"
         has_cpu = any(not k.accelerator for k in problem.kinds)
+        limits = ", ".join(f"{k.name} {k.memory:.6g}" for k in problem.kinds if k.memory is not None)
+        heaviest = max(members, key=lambda i: graph.memory[i])
         if unsupported and not has_cpu:
             raise PlacewiseError(
-                f"{group} cannot run on an accelerator (node {unsupported[0]} is not supported there) and the cluster has no "
+                f"node {unsupported[0]} cannot run on an accelerator (not supported there) and the cluster has no "
                 "CPU cores; give --cpus 1 or more")
-        limits = ", ".join(f"{k.name} {k.memory:.6g}" for k in problem.kinds if k.memory is not None)
+        # One node too big for every device says it most precisely; otherwise the group is to blame.
+        if all(graph.memory[heaviest] > problem.memory_limit[t] for t in range(len(problem.kinds))):
+            raise PlacewiseError(
+                f"node {graph.nodes[heaviest].id} needs {graph.memory[heaviest]:.6g} bytes, more than any device that "
+                f"could run it holds ({limits}); raise --memory or add CPU cores")
+        shown = ", ".join(str(graph.nodes[i].id) for i in members[:6]) + (" ..." if len(members) > 6 else "")
         raise PlacewiseError(
-            f"{group} needs {units.memory[u]:.6g} bytes, more than any device that could run it holds ({limits}); "
-            "raise --memory or add CPU cores")
+            f"nodes {shown} must share one device in a contiguous split (a colocation class, or a cycle through "
+            f"colocation classes) and together need {units.memory[u]:.6g} bytes, more than any device that could run "
+            f"them holds ({limits}); raise --memory or add CPU cores")
 
 
 # ---- the compiled core ------------------------------------------------------------------------------
