@@ -243,7 +243,6 @@ def _enumerate(pred_ptr, preds, n_units, words, limit):
     child adds a unit numbered above the parent's highest whose predecessors are all present."""
     cap = 1024
     bits = np.zeros((cap, words), dtype=np.uint64)
-    top = np.full(cap, -1, dtype=np.int64)
     count = 1
     stack = np.zeros(n_units + 2, dtype=np.int64)
     # Depth-first over the reverse-search tree; stack holds ideal ids, next unit to try kept apart.
@@ -267,23 +266,19 @@ def _enumerate(pred_ptr, preds, n_units, words, limit):
         if not ok:
             continue
         if count >= limit:
-            return bits[:0], top[:0], -1
+            return bits[:0], -1
         if count == cap:
             cap *= 2
             nb = np.zeros((cap, words), dtype=np.uint64)
             nb[:count] = bits[:count]
             bits = nb
-            nt = np.full(cap, -1, dtype=np.int64)
-            nt[:count] = top[:count]
-            top = nt
         bits[count] = bits[cur]
         bits[count, v >> 6] |= np.uint64(1) << np.uint64(v & 63)
-        top[count] = v
         depth += 1
         stack[depth] = count
         next_unit[depth] = v + 1
         count += 1
-    return bits[:count], top[:count], count
+    return bits[:count], count
 
 
 @njit(cache=True)
@@ -389,7 +384,7 @@ def enumerate_ideals(pred_units: tuple[tuple[int, ...], ...], limit: int = DEFAU
     words = max(1, (n_units + 63) // 64)
     pred_ptr, preds = _csr(pred_units)
     succ_ptr, succs = _csr(successors(pred_units))
-    bits, _, count = _enumerate(pred_ptr, preds, n_units, words, limit)
+    bits, count = _enumerate(pred_ptr, preds, n_units, words, limit)
     if count < 0:
         raise PlacewiseError(
             f"the graph's {n_units} units have more than {limit:,} ideals (contiguous cut points), too many for the exact "
