@@ -16,7 +16,8 @@ from conftest import EXPERTS, PAPER, THROUGHPUT_LAYER, WORKLOADS
 from placewise.cli import main
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, DeviceKind, Edge, Node, OpGraph, load_graph
-from placewise.plan import SolveOptions, evaluate, load_split, solve
+from placewise.plan import SolveOptions, dp, evaluate, load_split, solve
+from placewise.plan.ideals import enumerate_ideals, simplify
 
 README = WORKLOADS / "README.md"
 REL = 1e-6
@@ -138,6 +139,13 @@ def test_dp_equals_brute_force(problem) -> None:
     plan = solve(graph, cluster, "dp")
     _check_plan(graph, cluster, plan)
     assert plan.max_load == pytest.approx(expected[0], rel=1e-9, abs=1e-9)
+    # Both ways of finding sub-ideals (walking down, scanning the work band) give the optimum alone.
+    units = simplify(graph, cluster)
+    problem = dp._problem(units, cluster)
+    lattice = enumerate_ideals(units.pred_units)
+    for walk_cost in (0, -1):
+        alone = dp.run_dp(units, problem, lattice, plan.notes["upper_bound"], walk_cost=walk_cost)
+        assert alone.value == pytest.approx(expected[0], rel=1e-9, abs=1e-9), walk_cost
     # Non-contiguous splits can only be as good or better.
     anywhere = best_split(graph, cluster, contiguous=False)
     assert anywhere is not None and anywhere[0] <= plan.max_load + 1e-9

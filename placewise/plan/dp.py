@@ -259,7 +259,7 @@ def _run_chunk(lo, hi, lat, units, ports, kinds, prune, total_work, dp, arg_idea
     """
     down_ptr, down_ideal, down_unit, bits, work, comp_ideal, mem_ideal, unsup_ideal, by_work, work_sorted, \
         bits_by_work, split_ptr, split_ports, split_cost = lat
-    accelerator, memory_limit, prev, capacity, reach, all_accelerators, transfer_share = kinds
+    accelerator, memory_limit, prev, capacity, reach, all_accelerators, transfer_share, walk_cost = kinds
     port_cost = ports[0]
     n_kinds = prev.shape[1]
     n_states = prev.shape[0]
@@ -312,9 +312,15 @@ def _run_chunk(lo, hi, lat, units, ports, kinds, prune, total_work, dp, arg_idea
         band_hi = min(band_hi, work[root])
         first = np.searchsorted(work_sorted, band_lo, side="left")
         last = np.searchsorted(work_sorted, band_hi, side="right")
-        # A walk step costs about as much as WALK_COST band entries of a scan (most of which fail the
-        # cheap finite-row test), so walk only while that is cheaper.
-        budget = max((last - first) // WALK_COST, 16)
+        # A walk step costs about as much as walk_cost band entries of a scan (most of which fail the
+        # cheap finite-row test), so walk only while that is cheaper. Tests force either way: walk_cost
+        # 0 scans only, a negative one walks only.
+        if walk_cost == 0:
+            budget = -1
+        elif walk_cost < 0:
+            budget = len(work)
+        else:
+            budget = max((last - first) // walk_cost, 16)
         # Walk down from the root while the set could still fit a device and the sub-ideal's work
         # has not dropped below the band (work only drops further down).
         comp[:] = 0.0
@@ -467,9 +473,10 @@ def _least_work(units: Units, problem: Problem) -> tuple[np.ndarray, np.ndarray]
 
 
 def run_dp(units: Units, problem: Problem, lattice: IdealLattice, bound: float = INF, progress=None,
-           deadline: float | None = None) -> DPResult | None:
+           deadline: float | None = None, walk_cost: int = WALK_COST) -> DPResult | None:
     """The DP on a lattice (all ideals, or a chain's prefixes) with sets above `bound` left out;
-    None when `deadline` (a perf_counter time) passes first."""
+    None when `deadline` (a perf_counter time) passes first. `walk_cost` 0 finds sub-ideals by
+    scanning only, -1 by walking only (both are exact; tests check they agree)."""
     n_ideals = lattice.count
     n_units = units.count
     n_ports = len(units.port_cost)
@@ -505,7 +512,8 @@ def run_dp(units: Units, problem: Problem, lattice: IdealLattice, bound: float =
     accelerator_ratio = ratio[problem.accelerator]
     transfer_share = float(accelerator_ratio.min()) * (1 - PRUNE_SLACK) if len(accelerator_ratio) else 0.0
     all_accelerators = problem.counts[:, ~problem.accelerator].sum(axis=1) == 0
-    kinds = (problem.accelerator, problem.memory_limit, problem.prev, capacity, reach, all_accelerators, transfer_share)
+    kinds = (problem.accelerator, problem.memory_limit, problem.prev, capacity, reach, all_accelerators, transfer_share,
+             walk_cost)
     n_states = problem.prev.shape[0]
     dp = np.empty((n_ideals, n_states))
     arg_ideal = np.empty((n_ideals, n_states), dtype=np.int64)
