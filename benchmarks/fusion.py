@@ -39,17 +39,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-# Running as a script puts benchmarks/ first on sys.path, where a sibling benchmarks/profile.py
-# would shadow the standard library's `profile` (imported by torch._dynamo); drop that entry.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from placewise.fuse import fuse_optimizer  # noqa: E402
+from placewise.fuse import fuse_optimizer
 
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "adamw": (torch.optim.AdamW, {"lr": 1e-4, "weight_decay": 0.01}),

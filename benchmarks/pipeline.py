@@ -27,14 +27,12 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-# The repository root instead of benchmarks/ (whose scripts, e.g. profile.py, would shadow stdlib modules).
-sys.path[0] = str(ROOT)
 
-from placewise.graph import Cluster  # noqa: E402
-from placewise.plan import SolveOptions, solve  # noqa: E402
-from placewise.profile import profile_model  # noqa: E402
-from placewise.run.launcher import launch  # noqa: E402
-from placewise.run.pipeline import PipelineJob, build, mapping_from_plan, pipeline_rank  # noqa: E402
+from placewise.graph import Cluster
+from placewise.plan import SolveOptions, solve
+from placewise.profile import profile_model
+from placewise.run.launcher import launch
+from placewise.run.pipeline import PipelineJob, build, mapping_from_plan, pipeline_rank
 
 WIDTH, DEPTH, CLASSES = 1024, 8, 10
 
