@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from placewise.errors import PlacewiseError
+from placewise.errors import PlacewiseError, read_text
 from placewise.graph.devices import Cluster, DeviceKind
 
 TOP_FIELDS = ("kinds", "bandwidth", "reference", "name", "description")
@@ -168,14 +168,7 @@ def _kind_type(reader: _Reader, spec: dict, name: str, where: str) -> bool:
 def load_device_file(path: str | Path) -> Cluster:
     """Read a device file (YAML or JSON) into a Cluster; bad content raises a one-line PlacewiseError."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise PlacewiseError(f"{path}: no such device file; check the path (see `placewise devices --out FILE`)") from None
-    except IsADirectoryError:
-        raise PlacewiseError(f"{path}: is a folder; give a device file (YAML or JSON)") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise PlacewiseError(f"{path}: cannot read ({e}); give a YAML or JSON text file") from None
+    text = read_text(path, "device file (YAML or JSON; see `placewise devices --out FILE`)")
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as e:

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from placewise.errors import PlacewiseError
+from placewise.errors import PlacewiseError, read_text
 from placewise.graph.devices import ACCELERATOR, CPU, Cluster, DeviceKind
 from placewise.graph.model import Edge, Node, OpGraph
 
@@ -312,17 +312,7 @@ def parse_graph(text: str, source: str, *, bandwidth: float = DEFAULT_BANDWIDTH,
 
 
 def load_graph(path: str | Path, **options: float) -> OpGraph:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise PlacewiseError(f"{path}: no such file; check the path") from None
-    except IsADirectoryError:
-        raise PlacewiseError(f"{path}: is a folder; give a graph file (for PipeDream, its graph.txt)") from None
-    except UnicodeDecodeError:
-        raise PlacewiseError(f"{path}: not a text file; give a JSON graph or a PipeDream graph.txt") from None
-    except OSError as e:
-        raise PlacewiseError(f"{path}: cannot read ({e.strerror})") from None
+    text = read_text(path, "graph file (JSON, or a PipeDream graph.txt)")
     return parse_graph(text, str(path), **options)
 
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from placewise.errors import PlacewiseError
+from placewise.errors import PlacewiseError, read_json
 from placewise.graph import ACCELERATOR, CPU, Cluster, Device, OpGraph
 from placewise.plan.cost import Evaluation, complete_by_colocation, evaluate
 
@@ -140,24 +140,11 @@ def read_split(data: Any, graph: OpGraph, source: str = "split") -> dict[int, De
 
 
 def load_split(path: str | Path, graph: OpGraph) -> dict[int, Device]:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PlacewiseError(f"{path}: no such file; check the path") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PlacewiseError(f"{path}: not JSON ({e}); give a split file or a placewise plan") from None
-    return read_split(data, graph, str(path))
+    return read_split(read_json(path, "split file (fpgas/cpus lists or a placewise plan)"), graph, str(path))
 
 
 def load_plan(path: str | Path) -> Plan:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PlacewiseError(f"{path}: no such file; check the path") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PlacewiseError(f"{path}: not JSON ({e}); give a plan written by `placewise plan --out`") from None
+    data = read_json(path, "plan file (written by `placewise plan --out`)")
     if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
         raise PlacewiseError(f"{path}: not a placewise plan; write one with `placewise plan --out PLAN.json`")
     return Plan.from_json(data, str(path))
