@@ -75,7 +75,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> list[Ste
 
     # 2. plan ------------------------------------------------------------------------------------------
     from placewise.cli import print_plan
-    from placewise.pictures import draw_graph, draw_loads, work_lower_bound
+    from placewise.pictures import draw_graph, draw_loads
     from placewise.plan import SolveOptions, solve
 
     kinds = ", ".join(f"{k.count} x {k.name} (speed {k.speed:g})" for k in cluster.kinds)
@@ -86,7 +86,8 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> list[Ste
     print_plan(plan, f"{settings.model}: optimal contiguous plan (max-load in ms per batch of {settings.batch_size})")
     draw_graph(graph, plan, out / "plan_graph.png",
                title=f"{settings.model}: layers coloured by the device the optimal plan puts them on")
-    draw_loads(plan, out / "plan_loads.png", work_lower_bound(graph, plan),
+    # The DP notes the perfect-balance bound: every node at its cheapest kind, spread over all devices.
+    draw_loads(plan, out / "plan_loads.png", plan.notes.get("work_lower_bound"),
                title=f"{settings.model}: load per device (ms per batch), optimal plan")
     steps.append(Step("plan", f"{len(plan.stages)} stages, max-load {plan.max_load:.3f} ms per batch (optimal, "
                       f"{plan.seconds:.1f} s)", time.perf_counter() - started,
@@ -165,7 +166,7 @@ def _async_step(settings: DemoSettings, console: Console) -> Step:
     from placewise.pictures import draw_training_curves
     from placewise.run.async_sgd import TrainConfig, plot_staleness, train_data_parallel
 
-    epochs = 2 if settings.quick else 6
+    epochs = 2 if settings.quick else 10
     _header(console, 5, f"asynchronous SGD: 2 workers and a parameter server on the digits data, {epochs} epochs")
     started = time.perf_counter()
     report = train_data_parallel(TrainConfig(model="mlp", mode="async", workers=2, dataset="digits", epochs=epochs,

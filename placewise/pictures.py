@@ -63,26 +63,20 @@ def draw_loads(plan: Plan, path: str | Path, lower_bound: float | None = None, t
     labels = [f"{s.kind}:{s.index}" for s in plan.stages]
     compute = [s.compute for s in plan.stages]
     transfer = [s.transfer for s in plan.stages]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(labels) + 2) + 3, 4))
     ax.bar(labels, compute, color="#4c72b0", label="compute")
     ax.bar(labels, transfer, bottom=compute, color="#dd8452", label="transfer")
     ax.axhline(plan.max_load, color="black", ls="--", lw=1, label=f"max-load {plan.max_load:.4g}")
     if lower_bound is not None:
-        ax.axhline(lower_bound, color="green", ls=":", lw=1.2, label=f"lower bound {lower_bound:.4g}")
-    ax.set_ylabel("load per sample")
+        ax.axhline(lower_bound, color="green", ls=":", lw=1.2, label=f"perfect balance (a lower bound) {lower_bound:.4g}")
+    ax.set_ylabel("load (the graph's time unit)")
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     ax.set_title(title or f"{plan.graph}: per-device load ({plan.solver})")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
-
-
-def work_lower_bound(graph: OpGraph, plan: Plan) -> float:
-    """Total work over the number of devices, each node at its cheaper placement: no split beats it."""
-    import numpy as np
-    devices = max(1, sum(k["count"] for k in plan.cluster["kinds"])) if plan.cluster else max(1, len(plan.stages))
-    return float(np.minimum(graph.acc_time, graph.cpu_time).sum()) / devices
 
 
 def draw_training_curves(history: list[dict], curve: list[tuple[int, float, float]], path: str | Path,
