@@ -456,15 +456,21 @@ class DPResult:
     scanned_roots: int  # ideals whose sub-ideals were scanned rather than walked
 
 
-def _least_work(units: Units, problem: Problem) -> tuple[np.ndarray, np.ndarray]:
-    """Each unit's least time on a kind that can hold it, and per kind the most least-work a device
-    can hold per unit of its own time (a device's load bound B caps its least work at ratio * B)."""
+def _fitting_times(units: Units, problem: Problem) -> np.ndarray:
+    """Each unit's time on each kind (kinds x units), infinite where it cannot go (memory, support)."""
     times = problem.time.copy()
     for t in range(len(problem.kinds)):
         bad = units.memory > problem.memory_limit[t]
         if problem.accelerator[t]:
             bad |= ~units.supported
         times[t, bad] = INF
+    return times
+
+
+def _least_work(units: Units, problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """Each unit's least time on a kind that can hold it, and per kind the most least-work a device
+    can hold per unit of its own time (a device's load bound B caps its least work at ratio * B)."""
+    times = _fitting_times(units, problem)
     least = times.min(axis=0)
     least[~np.isfinite(least)] = 0.0  # such a unit fits nowhere; checked before the DP
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -573,13 +579,7 @@ def _topological_orders(units: Units) -> list[np.ndarray]:
 
 def _lower_bound(units: Units, problem: Problem) -> float:
     """Each unit needs at least its least time on any kind; the devices share that work at best evenly."""
-    best = problem.time.copy()
-    for t in range(len(problem.kinds)):
-        bad = units.memory > problem.memory_limit[t]
-        if problem.accelerator[t]:
-            bad |= ~units.supported
-        best[t, bad] = INF
-    least = best.min(axis=0)
+    least = _fitting_times(units, problem).min(axis=0)
     devices = sum(k.count for k in problem.kinds)
     return float(max(least.max(initial=0.0), least.sum() / devices))
 
