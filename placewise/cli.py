@@ -127,11 +127,6 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _not_built(what: str) -> int:
-    # Placeholder while the capability is being built; each is replaced by its issue's handler.
-    raise PlacewiseError(f"{what} is not built yet in this version of placewise")
-
-
 # ---- compare (baselines issue) --------------------------------------------------------------------
 COMPARE_TIME_LIMIT = 60.0  # seconds per method, for those that take a limit (ip, local-search)
 
