@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -96,11 +97,22 @@ def resnet18(batch_size: int = 16):
 MODELS = {"mlp": mlp, "transformer": transformer, "resnet18": resnet18}
 
 
+def _computing_nodes(name: str) -> list[str]:
+    model, inputs = MODELS[name]()
+    return [n.name for n in trace(model, inputs).graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+
+
 def even_mapping(name: str, n_stages: int) -> dict[str, int]:
     """Cut the model's computing nodes into n contiguous runs of about equal count (graph order)."""
-    model, inputs = MODELS[name]()
-    nodes = [n.name for n in trace(model, inputs).graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+    nodes = _computing_nodes(name)
     return {node: i * n_stages // len(nodes) for i, node in enumerate(nodes)}
+
+
+def cut_before(name: str, first_of_stage_1: str) -> dict[str, int]:
+    """Two stages, the second starting at the named node."""
+    nodes = _computing_nodes(name)
+    start = nodes.index(first_of_stage_1)
+    return {node: int(i >= start) for i, node in enumerate(nodes)}
 
 
 # ---- the cut, in this process -----------------------------------------------------------------------
@@ -162,6 +174,8 @@ def pipelined():
     jobs = [job(name, n, schedule=s, steps=2, collect=("grads",)) for name, n, s in CASES]
     jobs += [job(name, n, mode="infer", collect=("outputs",)) for name in MODELS for n in (2, 3)]
     jobs += [job("mlp", 2, steps=3, optimizer="adam", lr=0.01, fuse=mode) for mode in FUSE_MODES]
+    # Stage 1 opens with resnet's in-place ReLU on the residual sum it receives.
+    jobs += [replace(job("resnet18", 2, steps=2, collect=("grads",)), mapping=cut_before("resnet18", "layer1_0_relu_1"))]
     start = time.monotonic()
     # Ranks fork from a server that imported torch once (children inherit sys.path, so specs resolve).
     results, failures = launch(pipeline_rank, 3, (jobs,), timeout_s=280, preload=PRELOAD)
@@ -169,7 +183,7 @@ def pipelined():
     print(f"pipelined jobs: {time.monotonic() - start:.1f} s")
     return {id_: [r[i] for r in results] for i, id_ in enumerate(
         [("train", name, n, s) for name, n, s in CASES] + [("infer", name, n) for name in MODELS for n in (2, 3)]
-        + [("fuse", mode) for mode in FUSE_MODES])}
+        + [("fuse", mode) for mode in FUSE_MODES] + [("inplace",)])}
 
 
 @functools.cache
@@ -182,7 +196,14 @@ def single_process(name: str, mode: str) -> dict:
 
 @pytest.mark.parametrize("name,n_stages,schedule", CASES)
 def test_pipelined_training_step_matches_one_process(pipelined, name, n_stages, schedule):
-    ranks = pipelined[("train", name, n_stages, schedule)]
+    _assert_training_matches_one_process(pipelined[("train", name, n_stages, schedule)], name, n_stages)
+
+
+def test_stage_opening_with_an_in_place_op_trains_like_one_process(pipelined):
+    _assert_training_matches_one_process(pipelined[("inplace",)], "resnet18", 2)
+
+
+def _assert_training_matches_one_process(ranks: list, name: str, n_stages: int) -> None:
     reference = single_process(name, "train")
     last = ranks[n_stages - 1]
     # Step 0's loss, and step 1's after one SGD update of every stage.

@@ -227,12 +227,15 @@ def cut(gm: fx.GraphModule, mapping: Mapping[str, int], values: Mapping[str, Any
                 env[n.name] = graph.node_copy(n)
         for name in live_in[s] if s else ():
             carried[name] = graph.placeholder(name)
-            if kinds[name] is None:
-                env[name] = carried[name]
 
         def use(n: fx.Node) -> fx.Node:
-            if n.name not in env:  # a packed value received: unpack where first needed
-                env[n.name] = graph.call_function(_unpack, (carried[n.name], kinds[n.name]))
+            if n.name not in env:  # a value received: made usable where first needed
+                if kinds[n.name] is None:
+                    # The stage computes on its own copy: torch's pipelining hands it received tensors as
+                    # leaves that require grad, which an in-place first op (ReLU(inplace=True)) may not modify.
+                    env[n.name] = graph.call_method("clone", (carried[n.name],))
+                else:
+                    env[n.name] = graph.call_function(_unpack, (carried[n.name], kinds[n.name]))
             return env[n.name]
 
         members = []
