@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -19,6 +20,14 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus", "-l", type=int, metavar="L", help="number of CPU cores")
     g.add_argument("--memory", type=float, metavar="BYTES", help="memory of one accelerator, bytes")
     g.add_argument("--devices", metavar="FILE", help="a device file (YAML or JSON) describing the cluster")
+
+
+def _graph_command(p: argparse.ArgumentParser) -> None:
+    """What every command that reads a graph takes: the graph file, the objective, the devices."""
+    p.add_argument("graph", help="graph file (paper JSON, placewise JSON or PipeDream graph.txt)")
+    p.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
+    _cluster_flags(p)
+    _graph_flags(p)
 
 
 def _graph_flags(p: argparse.ArgumentParser) -> None:
@@ -50,6 +59,17 @@ def _cluster(args, graph):
     return cluster.with_overrides(args.accelerators, args.cpus, args.memory)
 
 
+def _check_time_limit(args) -> None:
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise PlacewiseError(f"--time-limit is {args.time_limit}; use a positive number of seconds")
+
+
+def _console(width: int = 140):
+    """A rich console on stdout; a fixed width when piped, so tables do not wrap at 80 columns."""
+    from rich.console import Console
+    return Console(width=None if sys.stdout.isatty() else width)
+
+
 def _fmt_bytes(b: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(b) < 1024 or unit == "TB":
@@ -64,7 +84,6 @@ def _nodes_text(nodes: list[int]) -> str:
 
 
 def print_plan(plan, title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
     table = Table(title=title)
     for col in ("stage", "device", "load", "compute", "transfer", "memory", "nodes"):
@@ -72,7 +91,7 @@ def print_plan(plan, title: str) -> None:
     for i, s in enumerate(plan.stages):
         table.add_row(str(i), f"{s.kind}:{s.index}", f"{s.load:.6g}", f"{s.compute:.6g}", f"{s.transfer:.6g}",
                       _fmt_bytes(s.memory), _nodes_text(s.nodes))
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = _console()
     console.print(table)
     # The objective's value in bold; a latency objective with no latency says why.
     on_latency = plan.objective == "latency"
@@ -118,8 +137,7 @@ def cmd_plan(args) -> int:
     from placewise.plan import SolveOptions, solve
     graph = _load_graph(args)
     cluster = _cluster(args, graph)
-    if args.time_limit is not None and args.time_limit <= 0:
-        raise PlacewiseError(f"--time-limit is {args.time_limit}; use a positive number of seconds")
+    _check_time_limit(args)
     options = SolveOptions(objective=args.objective, contiguous=not args.noncontiguous, time_limit=args.time_limit,
                            gap=args.gap, seed=args.seed, progress=not args.json and sys.stderr.isatty())
     plan = solve(graph, cluster, args.solver, options)
@@ -139,8 +157,7 @@ def cmd_compare(args) -> int:
     from placewise.plan.compare import compare, plot
     graph = _load_graph(args)
     cluster = _cluster(args, graph)
-    if args.time_limit is not None and args.time_limit <= 0:
-        raise PlacewiseError(f"--time-limit is {args.time_limit}; use a positive number of seconds")
+    _check_time_limit(args)
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise PlacewiseError(f"--plot {args.plot}: the chart is a PNG; give a file name ending in .png")
     extra = {"split": args.expert} if args.expert else {}
@@ -152,7 +169,7 @@ def cmd_compare(args) -> int:
     options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed, extra=extra)
     err = Console(stderr=True)
     show = not args.json and sys.stderr.isatty()
-    with err.status("comparing...", spinner="dots") if show else _nullcontext() as status:
+    with err.status("comparing...", spinner="dots") if show else contextlib.nullcontext() as status:
         result = compare(graph, cluster, methods, options,
                          on_start=(lambda m: status.update(f"running {m}...")) if show else None)
     if args.plot:
@@ -177,7 +194,7 @@ def cmd_compare(args) -> int:
         table.add_row(name, f"{r.value:.6g}" if defined else "-", "-" if other is None else f"{other:.6g}",
                       f"{r.ratio:.3f}" if defined and r.ratio is not None else "-",
                       "yes" if r.feasible else "[red]no[/red]", "yes" if r.contiguous else "no", f"{r.seconds:.2f}")
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    console = _console()
     console.print(table)
     for r in result.rows:
         if r.error:
@@ -189,14 +206,6 @@ def cmd_compare(args) -> int:
     if args.plot:
         console.print(f"chart written to {args.plot}")
     return 0
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 # ---- profile and devices (profile issue) ----------------------------------------------------------
@@ -233,7 +242,6 @@ def cmd_devices(args) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    from rich.console import Console
     from rich.table import Table
     table = Table(title="this machine")
     for col in ("device", "count", "memory", "details"):
@@ -243,7 +251,7 @@ def cmd_devices(args) -> int:
     for gpu in info["cuda"]:
         table.add_row(f"cuda:{gpu['index']}", "1", _fmt_bytes(gpu["memory"]),
                       f"{gpu['name']} (compute {gpu['capability']}, {gpu['multiprocessors']} SMs)")
-    Console(width=None if sys.stdout.isatty() else 120).print(table)
+    _console(120).print(table)
     if info["torch"]:
         print(f"torch {info['torch']['version']}, {info['torch']['threads']} intra-op thread(s)"
               + ("" if info["cuda"] else "; no CUDA device"))
@@ -374,39 +382,30 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("evaluate", "score a split of a graph with the cost model", cmd_evaluate)
-    p.add_argument("graph", help="graph file (paper JSON, placewise JSON or PipeDream graph.txt)")
+    _graph_command(p)
     p.add_argument("split", help="split file (reference {fpgas, cpus} format or a placewise plan)")
-    p.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
     p.add_argument("--noncontiguous", action="store_true", help="do not require contiguous sets")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
     p.add_argument("--out", metavar="PLAN.json", help="also write the scored plan")
-    _cluster_flags(p)
-    _graph_flags(p)
 
     p = add("plan", "find a split of a graph across devices", cmd_plan)
-    p.add_argument("graph", help="graph file (paper JSON, placewise JSON or PipeDream graph.txt)")
+    _graph_command(p)
     p.add_argument("--solver", default="dp", help="dp (exact, default), ip, or a baseline")
-    p.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
     p.add_argument("--noncontiguous", action="store_true", help="allow non-contiguous sets (integer program)")
     p.add_argument("--time-limit", type=float, metavar="S", help="stop after S seconds with the best plan found")
     p.add_argument("--gap", type=float, default=1e-4, metavar="G", help="relative optimality gap to stop at (ip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", metavar="PLAN.json", help="write the plan")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
-    _cluster_flags(p)
-    _graph_flags(p)
 
     p = add("compare", "run the exact planner and the baselines side by side", cmd_compare)
-    p.add_argument("graph", help="graph file (paper JSON, placewise JSON or PipeDream graph.txt)")
+    _graph_command(p)
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="solvers/baselines to run (default: all)")
     p.add_argument("--expert", metavar="SPLIT", help="an expert split file to include as a row")
-    p.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, metavar="S", help="per-method time limit (ip, local-search; default 60)")
     p.add_argument("--plot", metavar="FILE.png", help="write a bar chart")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    _cluster_flags(p)
-    _graph_flags(p)
 
     p = add("profile", "trace and time a PyTorch model into an operator graph", cmd_profile)
     p.add_argument("model", help="torchvision name (resnet18), transformers config (bert-base, gpt2) or package.module:factory")

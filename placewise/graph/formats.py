@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from placewise.errors import PlacewiseError, read_text
-from placewise.graph.devices import ACCELERATOR, CPU, Cluster, DeviceKind
+from placewise.graph.devices import Cluster
 from placewise.graph.model import Edge, Node, OpGraph
 
 PLACEWISE_FORMAT = "placewise-graph"
