@@ -211,6 +211,22 @@ def test_cli_plan_json_and_out(tmp_path, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["max_load"] == pytest.approx(printed["max_load"])
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_problems(), st.integers(7, 8), st.integers(8, 9))
+def test_dp_with_more_than_64_device_count_states(problem, accelerators: int, cpus: int) -> None:
+    # Past 64 states the DP keeps one finite bit per ideal instead of one per state; same optimum.
+    graph, small = problem
+    kinds = (DeviceKind("accelerator", accelerators, True, small.kinds[0].memory, small.kinds[0].speed),
+             DeviceKind("cpu", cpus, False, None, 1.0))
+    cluster = Cluster(kinds)
+    assert (accelerators + 1) * (cpus + 1) > 64
+    expected = best_split(graph, cluster, contiguous=True)
+    assert expected is not None  # the CPUs hold anything
+    plan = solve(graph, cluster, "dp")
+    _check_plan(graph, cluster, plan)
+    assert plan.max_load == pytest.approx(expected[0], rel=1e-9, abs=1e-9)
+
+
 def test_time_limit_returns_the_upper_bound_split() -> None:
     graph_file = str(THROUGHPUT_LAYER / "gnmt_inference.json")
     graph, optimal = _solved(graph_file)

@@ -167,31 +167,49 @@ def _toggle(u, sign, comp, state, units, ports, in_set, port_count):
 
 
 @njit(cache=True)
-def _split_ports(bits, ports):
+def _split_ports(bits, down_ptr, down_ideal, down_unit, ports):
     """For every ideal, the ports it splits (some of the port's units inside, some outside). Only such
-    ports can be paid by a difference of two ideals: an unsplit port is wholly in or out of the set."""
-    port_cost, port_owner, _, target_ptr, targets, _, _, _, _ = ports
+    ports can be paid by a difference of two ideals: an unsplit port is wholly in or out of the set.
+    Built along one down edge per ideal (i = j + unit u): only ports that involve u can change."""
+    port_owner, target_ptr, targets, own_ptr, own_ports, tgt_ptr, tgt_ports = \
+        ports[1], ports[3], ports[4], ports[5], ports[6], ports[7], ports[8]
     n = bits.shape[0]
     ptr = np.zeros(n + 1, dtype=np.int64)
+    touched = np.full(port_owner.shape[0], -1, dtype=np.int64)
     cap = 16 * n + 16
     flat = np.zeros(cap, dtype=np.int64)
     m = 0
-    for i in range(n):
-        for p in range(port_cost.shape[0]):
-            inside = _has(bits, i, port_owner[p])
-            split = False
-            for k in range(target_ptr[p], target_ptr[p + 1]):
-                if _has(bits, i, targets[k]) != inside:
-                    split = True
-                    break
-            if split:
-                if m == cap:
-                    cap *= 2
-                    grown = np.zeros(cap, dtype=np.int64)
-                    grown[:m] = flat[:m]
-                    flat = grown
-                flat[m] = p
+    for i in range(1, n):
+        k = down_ptr[i]
+        j, u = down_ideal[k], down_unit[k]
+        for a in range(own_ptr[u], own_ptr[u + 1]):
+            touched[own_ports[a]] = i
+        for a in range(tgt_ptr[u], tgt_ptr[u + 1]):
+            touched[tgt_ports[a]] = i
+        # Room for the parent's list plus every port of u.
+        need = m + (ptr[j + 1] - ptr[j]) + (own_ptr[u + 1] - own_ptr[u]) + (tgt_ptr[u + 1] - tgt_ptr[u])
+        if need > cap:
+            cap = max(2 * cap, need)
+            grown = np.zeros(cap, dtype=np.int64)
+            grown[:m] = flat[:m]
+            flat = grown
+        for a in range(ptr[j], ptr[j + 1]):
+            if touched[flat[a]] != i:
+                flat[m] = flat[a]
                 m += 1
+        for side in range(2):
+            lo, hi = (own_ptr[u], own_ptr[u + 1]) if side == 0 else (tgt_ptr[u], tgt_ptr[u + 1])
+            for a in range(lo, hi):
+                p = own_ports[a] if side == 0 else tgt_ports[a]
+                if touched[p] != i:
+                    continue  # already decided for this ideal
+                touched[p] = -2
+                inside = _has(bits, i, port_owner[p])
+                for b in range(target_ptr[p], target_ptr[p + 1]):
+                    if _has(bits, i, targets[b]) != inside:
+                        flat[m] = p
+                        m += 1
+                        break
         ptr[i + 1] = m
     return ptr, flat[:m]
 
@@ -231,6 +249,43 @@ def _update(root, sub, loads, dp, arg_ideal, arg_kind, prev, relevant):
 
 
 @njit(cache=True)
+def _bit_index(single):
+    """Position of the one set bit of a uint64."""
+    i = 0
+    if single >> np.uint64(32) != 0:
+        i += 32
+        single >>= np.uint64(32)
+    if single >> np.uint64(16) != 0:
+        i += 16
+        single >>= np.uint64(16)
+    if single >> np.uint64(8) != 0:
+        i += 8
+        single >>= np.uint64(8)
+    if single >> np.uint64(4) != 0:
+        i += 4
+        single >>= np.uint64(4)
+    if single >> np.uint64(2) != 0:
+        i += 2
+        single >>= np.uint64(2)
+    if single >> np.uint64(1) != 0:
+        i += 1
+    return i
+
+
+@njit(cache=True)
+def _could_improve(root, sub, least_loads, dp, prev, relevant):
+    """Whether a set whose load on kind t is at least least_loads[t] could lower some dp[root, s]."""
+    for s in range(prev.shape[0]):
+        if not relevant[s]:
+            continue
+        for t in range(prev.shape[1]):
+            p = prev[s, t]
+            if p >= 0 and max(dp[sub, p], least_loads[t]) < dp[root, s]:
+                return True
+    return False
+
+
+@njit(cache=True)
 def _set_loads(comp, mem, unsup, transfer, kinds, prune, loads):
     """Per kind: the set's load, or inf where it cannot go (memory, support, over the bound).
     Returns whether any superset could still fit somewhere (compute, memory, support only grow)."""
@@ -247,8 +302,8 @@ def _set_loads(comp, mem, unsup, transfer, kinds, prune, loads):
 
 
 @njit(cache=True)
-def _run_chunk(lo, hi, lat, units, ports, kinds, prune, total_work, dp, arg_ideal, arg_kind, finite, stamp, in_set,
-               port_count, stats):
+def _run_chunk(lo, hi, lat, units, ports, kinds, prune, total_work, dp, arg_ideal, arg_kind, finite, finite_at, stamp,
+               in_set, port_count, stats):
     """Fill dp rows lo..hi-1 (ideals sorted by size, so every sub-ideal's row is final).
 
     For each ideal (root) only the device-count states s that can still finish are kept: the
@@ -258,7 +313,7 @@ def _run_chunk(lo, hi, lat, units, ports, kinds, prune, total_work, dp, arg_idea
     scanning the band (ideals sorted by work) with a subset test and loads from prefix sums.
     """
     down_ptr, down_ideal, down_unit, bits, work, comp_ideal, mem_ideal, unsup_ideal, by_work, work_sorted, \
-        bits_by_work, split_ptr, split_ports, split_cost = lat
+        bits_by_work, pos_of, split_ptr, split_ports, split_cost = lat
     accelerator, memory_limit, prev, capacity, reach, all_accelerators, transfer_share, walk_cost = kinds
     port_cost = ports[0]
     n_kinds = prev.shape[1]
@@ -303,10 +358,13 @@ def _run_chunk(lo, hi, lat, units, ports, kinds, prune, total_work, dp, arg_idea
             needed = ~np.uint64(0)
         if not any_relevant:
             continue
+        place = pos_of[root]
         if root == 0:
             for s in range(n_states):
                 dp[root, s] = 0.0
             finite[root] = ~np.uint64(0)
+            for row in range(finite_at.shape[0]):
+                finite_at[row, place >> 6] |= np.uint64(1) << np.uint64(place & 63)
             continue
         band_lo = max(band_lo, work[root] - reach)
         band_hi = min(band_hi, work[root])
@@ -369,35 +427,53 @@ def _run_chunk(lo, hi, lat, units, ports, kinds, prune, total_work, dp, arg_idea
         stats[0] += visits
         if visits > budget:
             stats[1] += 1
-            for idx in range(first, last):
-                sub = by_work[idx]
-                if sub == root or finite[sub] & needed == 0:
-                    continue
-                subset = True
-                for w in range(words):
-                    if bits_by_work[idx, w] & ~bits[root, w] != 0:
-                        subset = False
-                        break
-                if not subset:
-                    continue
-                stats[2] += 1
-                transfer = 0.0
-                for k in range(split_ptr[root], split_ptr[root + 1]):
-                    p = split_ports[k]
-                    if _pays_in_difference(bits, root, sub, p, ports):
-                        transfer += port_cost[p]
-                for k in range(split_ptr[sub], split_ptr[sub + 1]):
-                    p = split_ports[k]
-                    # Ports split by both ideals were counted above.
-                    if _port_split(bits, root, p, ports):
+            # Only band entries with a finite needed state matter: walk the bitsets of such positions.
+            w_first, w_last = first >> 6, (last + 63) >> 6
+            for w in range(w_first, w_last):
+                word = np.uint64(0)
+                if masks:
+                    for p in range(n_states):
+                        if needed & (np.uint64(1) << np.uint64(p)) != 0:
+                            word |= finite_at[p, w]
+                else:
+                    word = finite_at[0, w]
+                while word != 0:
+                    low = word & (~word + np.uint64(1))
+                    word ^= low
+                    idx = w * 64 + _bit_index(low)
+                    if idx < first or idx >= last:
                         continue
-                    if _pays_in_difference(bits, root, sub, p, ports):
-                        transfer += port_cost[p]
-                for t in range(n_kinds):
-                    comp[t] = comp_ideal[root, t] - comp_ideal[sub, t]
-                _set_loads(comp, mem_ideal[root] - mem_ideal[sub], unsup_ideal[root] - unsup_ideal[sub], transfer,
-                           kinds, prune, loads)
-                _update(root, sub, loads, dp, arg_ideal, arg_kind, prev, relevant)
+                    sub = by_work[idx]
+                    if sub == root:
+                        continue
+                    subset = True
+                    for q in range(words):
+                        if bits_by_work[idx, q] & ~bits[root, q] != 0:
+                            subset = False
+                            break
+                    if not subset:
+                        continue
+                    stats[2] += 1
+                    for t in range(n_kinds):
+                        comp[t] = comp_ideal[root, t] - comp_ideal[sub, t]
+                    # The transfer only adds to a load: skip it where compute alone cannot improve a state.
+                    if not _could_improve(root, sub, comp, dp, prev, relevant):
+                        continue
+                    transfer = 0.0
+                    for k in range(split_ptr[root], split_ptr[root + 1]):
+                        p = split_ports[k]
+                        if _pays_in_difference(bits, root, sub, p, ports):
+                            transfer += port_cost[p]
+                    for k in range(split_ptr[sub], split_ptr[sub + 1]):
+                        p = split_ports[k]
+                        # Ports split by both ideals were counted above.
+                        if _port_split(bits, root, p, ports):
+                            continue
+                        if _pays_in_difference(bits, root, sub, p, ports):
+                            transfer += port_cost[p]
+                    _set_loads(comp, mem_ideal[root] - mem_ideal[sub], unsup_ideal[root] - unsup_ideal[sub], transfer,
+                               kinds, prune, loads)
+                    _update(root, sub, loads, dp, arg_ideal, arg_kind, prev, relevant)
         # Leaving devices empty: dp[root, s] <= dp[root, s - e_t], in increasing s.
         for s in range(n_states):
             if not relevant[s]:
@@ -408,8 +484,10 @@ def _run_chunk(lo, hi, lat, units, ports, kinds, prune, total_work, dp, arg_idea
                     dp[root, s] = dp[root, p]
                     arg_ideal[root, s] = root
                     arg_kind[root, s] = t
-            if masks and dp[root, s] < np.inf:
-                finite[root] |= np.uint64(1) << np.uint64(s)
+            if dp[root, s] < np.inf:
+                row = s if masks else 0
+                finite[root] |= (np.uint64(1) << np.uint64(s)) if masks else ~np.uint64(0)
+                finite_at[row, place >> 6] |= np.uint64(1) << np.uint64(place & 63)
 
 
 @njit(cache=True)
@@ -507,13 +585,15 @@ def run_dp(units: Units, problem: Problem, lattice: IdealLattice, bound: float =
         reach = INF
     total_work = float(work[-1])
     by_work = np.argsort(work, kind="stable")
-    split_ptr, split_ports = _split_ports(lattice.bits, ports)
+    pos_of = np.empty(n_ideals, dtype=np.int64)
+    pos_of[by_work] = np.arange(n_ideals)
+    split_ptr, split_ports = _split_ports(lattice.bits, lattice.down_ptr, lattice.down_ideal, lattice.down_unit, ports)
     split_cost = np.add.reduceat(np.append(units.port_cost[split_ports], 0.0), split_ptr[:-1]) \
         if len(split_ports) else np.zeros(n_ideals)
     split_cost[np.diff(split_ptr) == 0] = 0.0
     lat = (lattice.down_ptr, lattice.down_ideal, lattice.down_unit, lattice.bits, work, comp_ideal, mem_ideal,
-           unsup_ideal, by_work, work[by_work], np.ascontiguousarray(lattice.bits[by_work]), split_ptr, split_ports,
-           split_cost)
+           unsup_ideal, by_work, work[by_work], np.ascontiguousarray(lattice.bits[by_work]), pos_of, split_ptr,
+           split_ports, split_cost)
     # Transfers count in an all-accelerator side's load at the slowest accelerator kind's work ratio.
     accelerator_ratio = ratio[problem.accelerator]
     transfer_share = float(accelerator_ratio.min()) * (1 - PRUNE_SLACK) if len(accelerator_ratio) else 0.0
@@ -525,14 +605,16 @@ def run_dp(units: Units, problem: Problem, lattice: IdealLattice, bound: float =
     arg_ideal = np.empty((n_ideals, n_states), dtype=np.int64)
     arg_kind = np.empty((n_ideals, n_states), dtype=np.int64)
     finite = np.zeros(n_ideals, dtype=np.uint64)  # per ideal, a bit per state whose dp is finite
+    # Per state (one row for all when states > 64), a bit per work-sorted position whose dp is finite.
+    finite_at = np.zeros((n_states if n_states <= 64 else 1, (n_ideals + 63) // 64), dtype=np.uint64)
     stamp = np.full(n_ideals, -1, dtype=np.int64)
     in_set = np.zeros(n_units, dtype=np.int64)
     port_count = np.zeros(n_ports, dtype=np.int64)
     stats = np.zeros(3, dtype=np.int64)
     for lo in range(0, n_ideals, CHUNK):
         hi = min(n_ideals, lo + CHUNK)
-        _run_chunk(lo, hi, lat, unit_data, ports, kinds, prune, total_work, dp, arg_ideal, arg_kind, finite, stamp,
-                   in_set, port_count, stats)
+        _run_chunk(lo, hi, lat, unit_data, ports, kinds, prune, total_work, dp, arg_ideal, arg_kind, finite, finite_at,
+                   stamp, in_set, port_count, stats)
         if progress is not None:
             progress(hi, n_ideals)
         if deadline is not None and hi < n_ideals and time.perf_counter() > deadline:
