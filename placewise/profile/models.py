@@ -1,6 +1,8 @@
 """Models by name, so `profile`, `train` and `serve-bench` build the same model from the same words.
 
-Three kinds of name:
+Four kinds of name:
+- `mlp`, `mlp:H` or `mlp:H1xH2`: the multilayer perceptron of data-parallel training (hidden widths
+  H...; 64 inputs by default, as the digits data has, and 10 classes);
 - a torchvision classification model (`resnet18`, `resnet50`, `vgg16`, ...), random weights;
 - a Hugging Face `transformers` architecture built from its config with random weights
   (`bert-base`, `bert-large`, `bert-tiny`, `gpt2`, `gpt2-medium`, `gpt2-tiny`); nothing is
@@ -32,6 +34,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 DEFAULT_IMAGE_SHAPE = (3, 224, 224)
 DEFAULT_SEQUENCE_LENGTH = 128
+MLP_HIDDEN = (128,)
+MLP_FEATURES, MLP_CLASSES = 64, 10  # scikit-learn's digits: 8x8 pixels, 10 classes
 
 
 @dataclass(frozen=True)
@@ -70,14 +74,38 @@ class TransformerBackbone(nn.Module):
         return self.model(input_ids=input_ids).last_hidden_state
 
 
+def mlp_widths(name: str) -> tuple[int, ...] | None:
+    """Hidden widths of `mlp`, `mlp:256` or `mlp:1024x1024`; None when `name` is not an MLP name."""
+    base, _, sizes = name.partition(":")
+    if base != "mlp":
+        return None
+    if not sizes:
+        return MLP_HIDDEN
+    parts = sizes.split("x")
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise PlacewiseError(f"model {name!r}: hidden widths must be positive integers, e.g. mlp:256 or mlp:512x512")
+    return tuple(int(p) for p in parts)
+
+
+def build_mlp(hidden: Sequence[int], features: int, classes: int) -> nn.Sequential:
+    """Linear and ReLU layers of the given hidden widths, drawn from the current random state."""
+    layers: list[nn.Module] = []
+    width = features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers)
+
+
 def _torchvision_names() -> list[str]:
     import torchvision
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def model_names() -> list[str]:
-    """Every built-in name (torchvision classification models and the transformers configs)."""
-    return sorted(TRANSFORMERS) + _torchvision_names()
+    """Every built-in name (the MLP, torchvision classification models and the transformers configs)."""
+    return ["mlp", *sorted(TRANSFORMERS), *_torchvision_names()]
 
 
 def _build_transformer(name: str, spec: _Transformer, layers: int | None) -> tuple[nn.Module, int]:
@@ -111,7 +139,7 @@ def _import_factory(name: str) -> Callable[[], Any]:
 def _unknown(name: str) -> PlacewiseError:
     close = difflib.get_close_matches(name, model_names(), n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    return PlacewiseError(f"unknown model {name!r}; {hint}use a torchvision name (resnet18, vgg16, ...), "
+    return PlacewiseError(f"unknown model {name!r}; {hint}use mlp[:H1xH2...], a torchvision name (resnet18, vgg16, ...), "
                           f"a transformers config ({', '.join(sorted(TRANSFORMERS))}) or package.module:factory")
 
 
@@ -147,6 +175,13 @@ def build_model(name: str, batch_size: int = 8, input_shape: Sequence[int] | Non
             return model, (torch.randint(0, vocab, (batch_size, seq)),)
         if layers is not None:
             raise PlacewiseError(f"model {name!r}: --layers applies to the transformers models only; leave it out")
+        hidden = mlp_widths(name)
+        if hidden is not None:
+            if input_shape is not None and len(input_shape) != 1:
+                raise PlacewiseError(f"model {name!r}: input shape {list(input_shape)}; an MLP takes one number, "
+                                     f"its input features (e.g. --input-shape {MLP_FEATURES})")
+            features = int(input_shape[0]) if input_shape else MLP_FEATURES
+            return build_mlp(hidden, features, MLP_CLASSES), (torch.randn(batch_size, features),)
         if ":" in name:
             built = _import_factory(name)()
             if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module):

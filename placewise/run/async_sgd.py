@@ -36,7 +36,6 @@ from placewise.run.server import (HEADER, REPLY, STOP, Kind, ParameterServer, Se
 MODES = ("async", "sync", "ddp")
 # Processes on one machine: beyond this the embedded launcher only thrashes (and gloo opens W*S pairs).
 MAX_PROCESSES = 64
-DEFAULT_HIDDEN = (128,)
 # Imported once by the launcher's fork server: later runs in the same process start in well under a second.
 PRELOAD = ("torch", "torch.distributed", "torch.nn.parallel", "placewise.run.async_sgd")
 
@@ -44,29 +43,21 @@ PRELOAD = ("torch", "torch.distributed", "torch.nn.parallel", "placewise.run.asy
 # ---- models --------------------------------------------------------------------------------------
 def parse_model(spec: str) -> tuple[int, ...]:
     """Hidden widths of `mlp`, `mlp:256` or `mlp:1024x1024`."""
-    name, _, sizes = spec.partition(":")
-    if name != "mlp":
+    from placewise.profile.models import mlp_widths
+    hidden = mlp_widths(spec)
+    if hidden is None:
         raise PlacewiseError(f"model {spec!r} is not available for data-parallel training; use mlp, mlp:H or "
                              f"mlp:H1xH2 (hidden widths)")
-    if not sizes:
-        return DEFAULT_HIDDEN
-    parts = sizes.split("x")
-    if not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise PlacewiseError(f"model {spec!r}: hidden widths must be positive integers, e.g. mlp:256 or mlp:512x512")
-    return tuple(int(p) for p in parts)
+    return hidden
 
 
 def build_model(spec: str, features: int, classes: int, seed: int) -> nn.Sequential:
-    """The MLP `spec` with weights drawn from `seed` (every rank builds the same one)."""
+    """The MLP `spec` with weights drawn from `seed` (every rank builds the same one; so does `placewise
+    profile SPEC`, whose graph a plan for pipeline workers names)."""
+    from placewise.profile.models import build_mlp
     hidden = parse_model(spec)
     torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    width = features
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    layers.append(nn.Linear(width, classes))
-    return nn.Sequential(*layers)
+    return build_mlp(hidden, features, classes)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

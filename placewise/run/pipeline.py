@@ -46,7 +46,7 @@ def build(spec: str, batch_size: int, input_shape: Sequence[int] | None = None,
     a module or (module, example inputs)) or a model name known to `placewise.profile.models`.
     """
     torch.manual_seed(seed)
-    if ":" in spec:
+    if ":" in spec and spec.partition(":")[0] != "mlp":  # mlp:H1xH2 is a named model
         module_name, _, attr = spec.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), attr)
