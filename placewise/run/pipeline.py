@@ -420,35 +420,62 @@ def prepare(job: PipelineJob) -> Prepared:
     job.check()
     model, example_inputs = build(job.model, job.batch_size, job.input_shape, job.seed)
     model.train(job.mode == "train")
+    return cut_model(model, example_inputs, job.mapping, job.microbatches)
+
+
+def cut_model(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], mapping: Mapping[str, int],
+              microbatches: int) -> Prepared:
+    """Trace `model` (in the mode it is in) and cut it by `mapping` ({} for no cut). The stages' modules
+    share the model's parameters. Raises PlacewiseError when the mapping does not fit the model."""
     gm = trace(model, example_inputs)
-    micro = tuple(t[: job.batch_size // job.microbatches] for t in example_inputs)
+    micro = tuple(t[: t.shape[0] // microbatches] for t in example_inputs)
     values = record_values(gm, micro)
-    parts = cut(gm, job.mapping, values) if job.mapping else []
+    parts = cut(gm, mapping, values) if mapping else []
     _output_tensor(values, gm)
     return Prepared(gm, example_inputs, micro, values, parts)
 
 
-def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
-    """Run this process's stage of `job` (all ranks of `group` call this); a report of what it measured."""
-    prepared = prepare(job)
-    gm, example_inputs, micro, values = prepared.gm, prepared.example_inputs, prepared.micro, prepared.values
+def stage_schedule(prepared: Prepared, stage_index: int, *, schedule: str, microbatches: int, training: bool,
+                   group=None) -> tuple[nn.Module, Any, Any]:
+    """This process's stage of a cut model as a `PipelineStage` with static shapes, on this rank's device, and
+    its GPipe or 1F1B schedule (training: the loss of each microbatch divided by `microbatches`).
+    Every rank of `group` (rank i runs stage i) calls this with its own `stage_index`."""
+    gm, micro, values = prepared.gm, prepared.micro, prepared.values
     part = prepared.parts[stage_index]
+    n_stages = len(prepared.parts)
     device = _device(dist.get_rank())
     module = part.module.to(device)
-    module.train(job.mode == "train")
-    training = job.mode == "train"
+    module.train(training)
 
     def example(value: Any) -> torch.Tensor:
         # Static shapes for the stage; floats between stages carry gradients when training.
         t = value if isinstance(value, torch.Tensor) else _pack(value)
         return t.detach().contiguous().to(device).requires_grad_(training and t.is_floating_point())
 
-    first, last = stage_index == 0, stage_index == job.n_stages - 1
+    first, last = stage_index == 0, stage_index == n_stages - 1
     input_args = tuple(t.to(device) for t in micro) if first else tuple(example(values[n]) for n in part.inputs)
     output_args = (example(_output_tensor(values, gm)),) if last else tuple(example(values[n]) for n in part.outputs)
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-    stage = PipelineStage(module, stage_index, job.n_stages, device, input_args=input_args, output_args=output_args,
+    stage = PipelineStage(module, stage_index, n_stages, device, input_args=input_args, output_args=output_args,
                           group=group)
+    schedule_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+    # Each microbatch's loss is divided by M, so the gradients are the batch mean as soon as the last
+    # backward ends, with nothing to rescale afterwards (fused updates happen inside that backward).
+    runner = schedule_cls(stage, microbatches, scale_grads=False,
+                          loss_fn=(lambda out, target: loss_fn(out, target) / microbatches) if training else None)
+    return module, stage, runner
+
+
+def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
+    """Run this process's stage of `job` (all ranks of `group` call this); a report of what it measured."""
+    prepared = prepare(job)
+    gm, example_inputs, values = prepared.gm, prepared.example_inputs, prepared.values
+    part = prepared.parts[stage_index]
+    training = job.mode == "train"
+    module, stage, schedule = stage_schedule(prepared, stage_index, schedule=job.schedule,
+                                             microbatches=job.microbatches, training=training, group=group)
+    device = stage.device
+    first, last = stage_index == 0, stage_index == job.n_stages - 1
     optimizer = _optimizer(job, module) if training else None
     backward = stage.backward_one_chunk
     if job.fuse == "backward" and optimizer is not None:
@@ -459,11 +486,6 @@ def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
     clock = _Clock()
     stage.forward_one_chunk = clock.wrap(stage.forward_one_chunk, "forward")
     stage.backward_one_chunk = clock.wrap(backward, "backward")
-    schedule_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[job.schedule]
-    # Each microbatch's loss is divided by M, so the gradients are the batch mean as soon as the last
-    # backward ends, with nothing to rescale afterwards (fused updates happen inside that backward).
-    schedule = schedule_cls(stage, job.microbatches, scale_grads=False,
-                            loss_fn=(lambda out, target: loss_fn(out, target) / job.microbatches) if training else None)
     output_like = _output_tensor(values, gm)
     report: dict[str, Any] = {"stage": stage_index, "nodes": part.nodes, "losses": [], "step_seconds": []}
     progress = _progress(job, dist.get_rank())
