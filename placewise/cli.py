@@ -318,9 +318,11 @@ def _train_pipeline(args) -> int:
 def _train_data_parallel(args) -> int:
     from placewise.run.async_sgd import TrainConfig, print_report, train_data_parallel, write_outputs
     mode = "async" if args.mode == "pipeline" else args.mode
-    if args.plan:
-        raise PlacewiseError(f"--plan {args.plan} with --mode {mode}: workers that are whole pipelines are not "
-                             f"supported yet; drop --plan (each worker is one process)")
+    mapping = {}
+    if args.plan:  # every worker is a pipeline of the plan's stages
+        from placewise.plan import load_plan
+        from placewise.run.pipeline import mapping_from_plan
+        mapping = mapping_from_plan(load_plan(args.plan))
     checkpoint = args.checkpoint
     if checkpoint is None and args.checkpoint_every and args.out:
         checkpoint = str(Path(args.out) / "checkpoint.pt")
@@ -330,7 +332,8 @@ def _train_data_parallel(args) -> int:
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                       momentum=args.momentum, fuse=args.fuse, seed=args.seed, threads=args.threads,
                       checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      progress=not args.json and sys.stderr.isatty())
+                      progress=not args.json and sys.stderr.isatty(), mapping=mapping, schedule=args.schedule,
+                      microbatches=args.microbatches)
     report = train_data_parallel(cfg)
     if report is None:
         return 0  # a rank other than 0 under torchrun: rank 0 reports
@@ -362,7 +365,9 @@ EXAMPLES = {
     "profile": "placewise profile resnet18 --input-shape 3 64 64 --batch-size 8 --training --out resnet18.json",
     "devices": "placewise devices --json",
     "train": "placewise train resnet18 --plan plan.json --graph resnet18.json --input-shape 3 64 64 --batch-size 8 "
-             "--microbatches 4 --steps 3 --fuse backward\n  placewise train mlp --workers 2 --mode async --epochs 5",
+             "--microbatches 4 --steps 3 --fuse backward\n  placewise train mlp --workers 2 --mode async --epochs 5"
+             "\n  placewise train mlp:256x256 --plan mlp-plan.json --workers 2 --mode async --epochs 5  "
+             "# pipelines as workers",
     "serve-bench": "placewise serve-bench resnet18 --plan plan.json --graph resnet18.json --input-shape 3 64 64 "
                    "--batch-size 8 --microbatches 4",
     "demo": "placewise demo --out placewise-out",
@@ -434,10 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", "train a model as a pipeline (from a plan) and/or with data-parallel workers", cmd_train)
     p.add_argument("model", help="model name (as for profile) or package.module:factory")
-    p.add_argument("--plan", metavar="PLAN.json", help="plan to cut the model into pipeline stages")
+    p.add_argument("--plan", metavar="PLAN.json", help="plan to cut the model into pipeline stages (with --mode "
+                   "async|sync: every worker is such a pipeline)")
     p.add_argument("--graph", metavar="GRAPH.json", help="the profiled graph the plan came from (per-sample prediction)")
-    p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b")
-    p.add_argument("--microbatches", type=int, default=4, metavar="M")
+    p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b", help="pipeline schedule (with --plan)")
+    p.add_argument("--microbatches", type=int, default=4, metavar="M", help="microbatches per batch (with --plan)")
     p.add_argument("--steps", type=int, default=10, metavar="N")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
     p.add_argument("--input-shape", type=int, nargs="+", metavar="D")
@@ -446,12 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--fuse", choices=["none", "backward", "forward"], default="none", help="optimizer fusion")
     p.add_argument("--threads", type=int, default=1, metavar="T", help="torch threads per process")
-    p.add_argument("--workers", type=int, metavar="W", help="data-parallel workers (async/sync/ddp)")
+    p.add_argument("--workers", type=int, metavar="W", help="data-parallel workers (async/sync/ddp); with --plan, each a pipeline")
     p.add_argument("--mode", choices=["pipeline", "async", "sync", "ddp"], default="pipeline")
     p.add_argument("--n-push", type=int, default=1, metavar="N", help="push gradients every N steps")
     p.add_argument("--n-fetch", type=int, default=1, metavar="N", help="fetch parameters every N steps")
     p.add_argument("--staleness", default="none", metavar="POLICY", help="none, lr, or bound:S")
-    p.add_argument("--servers", type=int, default=1, metavar="S", help="parameter-server shards")
+    p.add_argument("--servers", type=int, default=1, metavar="S",
+                   help="parameter-server shards (per stage with --plan)")
     p.add_argument("--dataset", choices=["digits", "synthetic"], default="digits")
     p.add_argument("--epochs", type=int, default=None, metavar="E")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K", help="server checkpoint every K updates")

@@ -126,7 +126,7 @@ def test_dead_worker_does_not_stop_the_run():
     (["--n-push", "0"], "--n-push 0"),
     (["--workers", "1000"], "--workers 1000"),
     (["--workers", "0"], "--workers 0"),
-    (["--plan", "plan.json"], "not supported yet"),
+    (["--plan", "no-such-plan.json"], "no-such-plan.json: no such plan file"),
     (["--staleness", "sometimes"], "--staleness"),
     (["--fuse", "backward"], "does not apply"),
     (["--mode", "ddp", "--fuse", "backward"], "use --fuse forward"),

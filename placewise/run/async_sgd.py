@@ -7,6 +7,16 @@ ranks, each a worker with `DistributedDataParallel` and its own optimizer (the r
 method; optimizer fusion applies there). Every process is started by `placewise.run.launcher.launch`
 over 127.0.0.1 (or by torchrun through `run_rank`).
 
+With a plan (`TrainConfig.mapping`), every worker is a whole pipeline of P stage processes (model
+parallelism inside, data parallelism across: Downpour's layout). The servers are then sharded by
+stage: each stage's parameters have their own shard(s), and each stage process talks only to those,
+pushing its stage's gradients and fetching its stage's parameters; its pipeline step is one batch
+through torch's GPipe or 1F1B schedule. Ranks: the S shards of all stages first, then worker w's
+stages at S + w*P .. S + w*P + P-1, each pipeline with its own process group for its stage-to-stage
+traffic. The stages of a pipeline agree every step on whether to go on (any of its stages' servers
+still running), so a pipeline never stops half-way; a stage whose servers have stopped computes on
+without pushing until its siblings' servers stop too.
+
 Worker `i` (0-based among workers) of every mode reads the same deterministic batch stream
 (`data.BatchStream` with worker `i`), so sync and DDP compute the same mathematics and a resumed
 run repeats the uninterrupted one step for step.
@@ -17,9 +27,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -29,6 +39,7 @@ from torch import nn
 from placewise.errors import PlacewiseError
 from placewise.run.data import BatchStream, Dataset, load_dataset
 from placewise.run.launcher import is_torchrun, launch, run_rank
+from placewise.run.pipeline import PipelineJob, Prepared, cut_model, stage_schedule
 from placewise.run.server import (HEADER, REPLY, STOP, Kind, ParameterServer, ServerSettings, Staleness,
                                   checkpoint_path, flat_views, load_checkpoint, make_optimizer, optimizer_class,
                                   optimizer_kwargs, save_checkpoint, shard_parameters)
@@ -37,7 +48,8 @@ MODES = ("async", "sync", "ddp")
 # Processes on one machine: beyond this the embedded launcher only thrashes (and gloo opens W*S pairs).
 MAX_PROCESSES = 64
 # Imported once by the launcher's fork server: later runs in the same process start in well under a second.
-PRELOAD = ("torch", "torch.distributed", "torch.nn.parallel", "placewise.run.async_sgd")
+PRELOAD = ("torch", "torch.distributed", "torch.nn.parallel", "torch.distributed.pipelining",
+           "placewise.run.async_sgd")
 
 
 # ---- models --------------------------------------------------------------------------------------
@@ -94,15 +106,26 @@ class TrainConfig:
     # Fault injection for tests and demos: rank `kill_rank` kills itself (SIGKILL) at its step/update `kill_at`.
     kill_rank: int | None = None
     kill_at: int | None = None
+    # Pipeline workers: {fx node name: stage} from a plan (`pipeline.mapping_from_plan`); {} for
+    # single-process workers. `servers` then counts shards per stage.
+    mapping: dict[str, int] = field(default_factory=dict)
+    schedule: str = "1f1b"
+    microbatches: int = 4
 
     def policy(self) -> Staleness:
         return Staleness.parse(self.staleness)
 
+    @property
+    def stages(self) -> int:
+        """Processes per worker: the plan's stages, or 1."""
+        return max(self.mapping.values()) + 1 if self.mapping else 1
+
     def world_size(self) -> int:
-        return self.workers if self.mode == "ddp" else self.servers + self.workers
+        """Processes of the run; with a plan, at most this (a stage without parameters has no server)."""
+        return self.workers if self.mode == "ddp" else (self.servers + self.workers) * self.stages
 
     def server_count(self) -> int:
-        return 0 if self.mode == "ddp" else self.servers
+        return 0 if self.mode == "ddp" else self.servers * self.stages
 
     def total_steps(self, train_size: int) -> int:
         """Server updates of the run: `steps`, or `epochs` passes over the data (all workers together)."""
@@ -117,11 +140,13 @@ class TrainConfig:
             raise PlacewiseError(f"--mode {self.mode!r}: data-parallel modes are {', '.join(MODES)}")
         parse_model(self.model)
         optimizer_class(self.optimizer)
-        if self.workers < 1 or self.world_size() > MAX_PROCESSES:
-            raise PlacewiseError(f"--workers {self.workers}: use 1..{MAX_PROCESSES - self.server_count()} "
-                                 f"(at most {MAX_PROCESSES} processes with the servers on one machine)")
         if self.servers < 1:
             raise PlacewiseError(f"--servers {self.servers}: use 1 or more parameter-server shards")
+        if self.mapping:
+            self._validate_pipelines()
+        elif self.workers < 1 or self.world_size() > MAX_PROCESSES:
+            raise PlacewiseError(f"--workers {self.workers}: use 1..{MAX_PROCESSES - self.server_count()} "
+                                 f"(at most {MAX_PROCESSES} processes with the servers on one machine)")
         for flag, value in (("--n-push", self.n_push), ("--n-fetch", self.n_fetch)):
             if value < 1:
                 raise PlacewiseError(f"{flag} {value}: must be 1 or more (steps between pushes/fetches)")
@@ -136,9 +161,11 @@ class TrainConfig:
                                  f"(every worker takes the parameters of each synchronous round)")
         if self.fuse != "none":
             if self.mode != "ddp":
+                fix = ("use --fuse none, or drop --workers/--mode to fuse the optimizer into each stage of one "
+                       "pipeline" if self.mapping else "use --mode ddp or --fuse none")
                 raise PlacewiseError(f"--fuse {self.fuse} does not apply to --mode {self.mode}: the parameter "
                                      f"server updates from received gradients, with no forward or backward pass "
-                                     f"to fuse into; use --mode ddp or --fuse none")
+                                     f"to fuse into; {fix}")
             if self.fuse != "forward":
                 raise PlacewiseError(f"--fuse {self.fuse} with --mode ddp would update from local gradients "
                                      f"before DDP averages them; use --fuse forward")
@@ -155,11 +182,102 @@ class TrainConfig:
         if self.threads < 1:
             raise PlacewiseError(f"--threads {self.threads}: must be 1 or more")
 
+    def _validate_pipelines(self) -> None:
+        if self.mode == "ddp":
+            raise PlacewiseError("--plan with --mode ddp: DDP all-reduces the gradients of whole-model replicas, "
+                                 "pipeline workers would need one all-reduce group per stage, which is not built; "
+                                 "use --mode sync (the same mean gradient, through the server) or drop --plan")
+        if self.workers < 1:
+            raise PlacewiseError(f"--workers {self.workers}: use 1 or more pipelines")
+        # The pipeline's own checks: schedule, optimizer, microbatches against the batch and the stages.
+        PipelineJob(model=self.model, batch_size=self.batch_size, mapping=self.mapping, schedule=self.schedule,
+                    microbatches=self.microbatches, optimizer=self.optimizer).check()
+        if self.checkpoint or self.checkpoint_every or self.resume:
+            raise PlacewiseError("--checkpoint/--resume with --plan are not supported yet: each stage's server "
+                                 "saves at its own moment, so the files would not describe one state of the run; "
+                                 "drop them or drop --plan")
+
     def fingerprint(self, features: int, classes: int) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it."""
         return {"model": self.model, "features": features, "classes": classes, "mode": self.mode,
                 "optimizer": self.optimizer, "servers": self.server_count(), "dataset": self.dataset,
                 "batch_size": self.batch_size, "n_push": self.n_push, "seed": self.seed}
+
+
+def check_processes(cfg: TrainConfig, world_size: int) -> None:
+    """One line when the run would start more than MAX_PROCESSES processes on this machine."""
+    if world_size <= MAX_PROCESSES:
+        return
+    if not cfg.mapping:
+        raise PlacewiseError(f"--workers {cfg.workers}: use 1..{MAX_PROCESSES - cfg.server_count()} "
+                             f"(at most {MAX_PROCESSES} processes with the servers on one machine)")
+    p = cfg.stages
+    servers = world_size - cfg.workers * p
+    most = (MAX_PROCESSES - servers) // p
+    fix = f"use --workers 1..{most}" if most >= 1 else "use a plan with fewer stages or fewer --servers"
+    raise PlacewiseError(f"--workers {cfg.workers} with a {p}-stage plan needs {world_size} processes "
+                         f"({cfg.workers} x {p} stage processes and {servers} server shard(s)); at most "
+                         f"{MAX_PROCESSES} run on one machine: {fix}")
+
+
+# ---- who holds which parameters ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """The ranks of a server run: server rank r holds the parameters `shards[r]` (indices into
+    `model.parameters()`) of pipeline stage `shard_stage[r]`; worker w is `worker_ranks(w)`, one rank
+    per stage (one rank in all for single-process workers, whose one "stage" is the whole model)."""
+    shards: tuple[tuple[int, ...], ...]
+    shard_stage: tuple[int, ...]
+    stages: int
+    workers: int
+
+    @property
+    def servers(self) -> int:
+        return len(self.shards)
+
+    @property
+    def world_size(self) -> int:
+        return self.servers + self.workers * self.stages
+
+    def worker_ranks(self, worker: int) -> list[int]:
+        base = self.servers + worker * self.stages
+        return list(range(base, base + self.stages))
+
+    def stage_ranks(self, stage: int) -> list[int]:
+        """The rank that runs `stage` in every worker: the clients of that stage's servers."""
+        return [self.worker_ranks(w)[stage] for w in range(self.workers)]
+
+    def stage_shards(self, stage: int) -> dict[int, tuple[int, ...]]:
+        """Server rank -> parameter indices, for the servers of `stage`."""
+        return {r: shard for r, shard in enumerate(self.shards) if self.shard_stage[r] == stage}
+
+
+def parameter_layout(cfg: TrainConfig, model: nn.Module, data: Dataset) -> tuple[Layout, Prepared | None]:
+    """Who holds which parameters, and, with a plan, the model traced and cut into its stages (the stages'
+    modules share `model`'s parameters). Every rank computes the same; bad plans fail here in one line."""
+    params = list(model.parameters())
+    sizes = [p.numel() for p in params]
+    if not cfg.mapping:
+        shards = shard_parameters(sizes, cfg.servers)
+        return Layout(tuple(map(tuple, shards)), (0,) * len(shards), 1, cfg.workers), None
+    model.train()
+    prepared = cut_model(model, (data.x_train[:cfg.batch_size],), cfg.mapping, cfg.microbatches)
+    index = {id(p): i for i, p in enumerate(params)}
+    shards: list[tuple[int, ...]] = []
+    stage_of: list[int] = []
+    for part in prepared.parts:
+        own = [index[id(p)] for p in part.module.parameters()]
+        if not own:
+            continue  # a stage without parameters (only activations) has nothing to serve
+        if cfg.servers > len(own):
+            raise PlacewiseError(f"--servers {cfg.servers}: stage {part.index} of the plan holds {len(own)} parameter "
+                                 f"tensor(s); with --plan each stage's tensors are sharded, use --servers 1..{len(own)}")
+        for shard in shard_parameters([sizes[i] for i in own], cfg.servers):
+            shards.append(tuple(own[j] for j in shard))
+            stage_of.append(part.index)
+    if not shards:
+        raise PlacewiseError(f"model {cfg.model!r} has no parameters to train")
+    return Layout(tuple(shards), tuple(stage_of), len(prepared.parts), cfg.workers), prepared
 
 
 # ---- workers -------------------------------------------------------------------------------------
@@ -176,83 +294,143 @@ def _step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, fl
     return loss.item() * len(y), float((out.argmax(dim=1) == y).sum())
 
 
-def run_worker(rank: int, cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
-    """A parameter-server worker: steps until every server shard has said STOP."""
-    servers = list(range(cfg.servers))
-    worker = rank - cfg.servers
-    model = build_model(cfg.model, data.features, data.classes, cfg.seed)
-    params = list(model.parameters())
-    shards = shard_parameters([p.numel() for p in params], cfg.servers)
-    # The model's parameters and gradients are views of one flat buffer per shard: fetched
-    # parameters land in the model and pushed gradients leave it without copies.
-    param_flat, grad_flat = [], []
-    for shard in shards:
-        pf, pviews = flat_views([params[i] for i in shard])
-        gf, gviews = flat_views([torch.zeros_like(params[i]) for i in shard])
-        for i, pv, gv in zip(shard, pviews, gviews):
-            params[i].data = pv
-            params[i].grad = gv
-        param_flat.append(pf)
-        grad_flat.append(gf)
-    stream = BatchStream(data.x_train, data.y_train, cfg.batch_size, cfg.seed, worker)
-    reply = torch.zeros(REPLY, dtype=torch.float64)
-    headers = [torch.zeros(HEADER, dtype=torch.float64) for _ in servers]
-    fetched = [0] * cfg.servers
-    running = set(servers)
+class ServerLink:
+    """A worker process's side of the server protocol, with the server shards that hold its parameters
+    (every shard for a single-process worker; its stage's shards for a pipeline stage).
 
-    def exchange(kind: Kind, step: int, stats: tuple[float, float, float]) -> int:
+    The parameters and their gradients become views of one flat buffer per shard: fetched parameters
+    land in the model and pushed gradients leave it without copies."""
+
+    def __init__(self, params: list[nn.Parameter], shards: dict[int, tuple[int, ...]]) -> None:
+        self.servers = sorted(shards)
+        self.param_flat: dict[int, torch.Tensor] = {}
+        self.grad_flat: dict[int, torch.Tensor] = {}
+        for s in self.servers:
+            pf, pviews = flat_views([params[i] for i in shards[s]])
+            gf, gviews = flat_views([torch.zeros_like(params[i]) for i in shards[s]])
+            for i, pv, gv in zip(shards[s], pviews, gviews):
+                params[i].data = pv
+                params[i].grad = gv
+            self.param_flat[s], self.grad_flat[s] = pf, gf
+        self.reply = torch.zeros(REPLY, dtype=torch.float64)
+        self.headers = {s: torch.zeros(HEADER, dtype=torch.float64) for s in self.servers}
+        self.fetched = dict.fromkeys(self.servers, 0)
+        self.running = set(self.servers)  # shards that have not said STOP
+
+    def exchange(self, kind: Kind, step: int, stats: tuple[float, float, float]) -> int:
         """Send `kind` to every running shard, read their replies; returns the start step (HELLO)."""
         works = []
-        for s in sorted(running):
-            headers[s].copy_(torch.tensor([float(kind), step, fetched[s], *stats], dtype=torch.float64))
-            works.append(dist.isend(headers[s], dst=s))
+        for s in sorted(self.running):
+            self.headers[s].copy_(torch.tensor([float(kind), step, self.fetched[s], *stats], dtype=torch.float64))
+            works.append(dist.isend(self.headers[s], dst=s))
             if kind in (Kind.PUSH, Kind.PUSH_FETCH):
-                works.append(dist.isend(grad_flat[s], dst=s))
+                works.append(dist.isend(self.grad_flat[s], dst=s))
         for w in works:
             w.wait()
         start = 0
-        for s in sorted(running):
-            dist.recv(reply, src=s)
-            if float(reply[0]) == STOP:
-                running.discard(s)
+        for s in sorted(self.running):
+            dist.recv(self.reply, src=s)
+            if float(self.reply[0]) == STOP:
+                self.running.discard(s)
                 dist.send(torch.tensor([float(Kind.BYE)] + [0.0] * (HEADER - 1), dtype=torch.float64), dst=s)
                 continue
             if kind in (Kind.HELLO, Kind.PUSH_FETCH, Kind.FETCH):
-                dist.recv(param_flat[s], src=s)
-                fetched[s] = int(reply[1])
-            if s == 0:
-                start = int(reply[2])
+                dist.recv(self.param_flat[s], src=s)
+                self.fetched[s] = int(self.reply[1])
+            if s == self.servers[0]:
+                start = int(self.reply[2])
         return start
 
-    start = step = exchange(Kind.HELLO, 0, (0.0, 0.0, 0.0))
-    accumulated, loss_sum, correct, samples = 0, 0.0, 0.0, 0.0
-    began = time.perf_counter()
-    while running:
-        _maybe_kill(cfg, rank, step)
+    def train(self, cfg: TrainConfig, rank: int, start: int, compute: Callable[[int], tuple[float, float, float]],
+              go_on: Callable[[], bool], share: Callable[[tuple[float, float, float]], tuple[float, float, float]]
+              = lambda stats: stats) -> int:
+        """Steps from `start` while `go_on()`: `compute(step)` adds one minibatch's gradients and returns its
+        (loss sum, correct, samples); every `n_push` steps the mean gradient is pushed with the steps'
+        statistics (`share` may pool them first), every `n_fetch` steps parameters are fetched.
+        Returns the step reached."""
+        step, accumulated, totals = start, 0, (0.0, 0.0, 0.0)
+        while go_on():
+            _maybe_kill(cfg, rank, step)
+            totals = tuple(a + b for a, b in zip(totals, compute(step)))
+            step += 1
+            accumulated += 1
+            push, fetch = step % cfg.n_push == 0, step % cfg.n_fetch == 0
+            if not (push or fetch):
+                continue
+            if push:
+                totals = share(totals)
+                if accumulated > 1:
+                    for g in self.grad_flat.values():
+                        g.div_(accumulated)  # the mean gradient of the accumulated steps
+            kind = Kind.PUSH_FETCH if push and fetch else Kind.PUSH if push else Kind.FETCH
+            self.exchange(kind, step, totals if push else (0.0, 0.0, 0.0))
+            if push:
+                for g in self.grad_flat.values():
+                    g.zero_()
+                accumulated, totals = 0, (0.0, 0.0, 0.0)
+        return step
+
+
+def run_worker(rank: int, cfg: TrainConfig, data: Dataset, model: nn.Module, layout: Layout) -> dict[str, Any]:
+    """A single-process parameter-server worker: steps until every server shard has said STOP."""
+    worker = rank - layout.servers
+    link = ServerLink(list(model.parameters()), layout.stage_shards(0))
+    stream = BatchStream(data.x_train, data.y_train, cfg.batch_size, cfg.seed, worker)
+
+    def compute(step: int) -> tuple[float, float, float]:
         x, y = stream.batch(step)
-        batch_loss, batch_correct = _step(model, x, y)
-        loss_sum, correct, samples = loss_sum + batch_loss, correct + batch_correct, samples + len(y)
-        step += 1
-        accumulated += 1
-        push, fetch = step % cfg.n_push == 0, step % cfg.n_fetch == 0
-        if not (push or fetch):
-            continue
-        if push and accumulated > 1:
-            for g in grad_flat:
-                g.div_(accumulated)  # the mean gradient of the accumulated steps
-        kind = Kind.PUSH_FETCH if push and fetch else Kind.PUSH if push else Kind.FETCH
-        exchange(kind, step, (loss_sum, correct, samples) if push else (0.0, 0.0, 0.0))
-        if push:
-            for g in grad_flat:
-                g.zero_()
-            accumulated, loss_sum, correct, samples = 0, 0.0, 0.0, 0.0
+        return (*_step(model, x, y), float(len(y)))
+
+    start = link.exchange(Kind.HELLO, 0, (0.0, 0.0, 0.0))
+    began = time.perf_counter()
+    step = link.train(cfg, rank, start, compute, lambda: bool(link.running))
     return {"role": "worker", "rank": rank, "steps": step - start, "seconds": time.perf_counter() - began}
 
 
-def run_server(rank: int, cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
-    model = build_model(cfg.model, data.features, data.classes, cfg.seed)
+def run_pipeline_worker(rank: int, cfg: TrainConfig, data: Dataset, model: nn.Module, layout: Layout,
+                        prepared: Prepared, group) -> dict[str, Any]:
+    """One stage of a pipeline worker: its stage of every batch through the schedule, its stage's gradients
+    pushed to and parameters fetched from its stage's server shards. `group` is the pipeline's own group."""
+    worker, stage_index = divmod(rank - layout.servers, layout.stages)
+    link = ServerLink(list(model.parameters()), layout.stage_shards(stage_index))
+    _, _, schedule = stage_schedule(prepared, stage_index, schedule=cfg.schedule, microbatches=cfg.microbatches,
+                                    training=True, group=group)
+    first, last = stage_index == 0, stage_index == layout.stages - 1
+    # Every stage reads the same batch stream: the first stage feeds the inputs, the last the targets.
+    stream = BatchStream(data.x_train, data.y_train, cfg.batch_size, cfg.seed, worker)
+    flag, pooled = torch.zeros(1), torch.zeros(3, dtype=torch.float64)
+
+    def compute(step: int) -> tuple[float, float, float]:
+        x, y = stream.batch(step)
+        losses: list[torch.Tensor] = []
+        out = schedule.step(*((x,) if first else ()), **({"target": y, "losses": losses} if last else {}))
+        if not last:
+            return 0.0, 0.0, 0.0
+        # Each microbatch's loss is divided by the microbatch count: their sum is the batch mean.
+        loss = float(torch.stack(losses).sum().detach())
+        return loss * len(y), float((out.detach().argmax(dim=1) == y).sum()), float(len(y))
+
+    def share(totals: tuple[float, float, float]) -> tuple[float, float, float]:
+        # Only the last stage sees the loss; every stage's push carries it, so every server's record has it.
+        pooled.copy_(torch.tensor(totals, dtype=torch.float64))
+        dist.all_reduce(pooled, group=group)
+        return tuple(pooled.tolist())
+
+    def go_on() -> bool:
+        # The pipeline steps together: on while any of its stages still has a running server.
+        flag.fill_(1.0 if link.running else 0.0)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item())
+
+    start = link.exchange(Kind.HELLO, 0, (0.0, 0.0, 0.0))
+    began = time.perf_counter()
+    step = link.train(cfg, rank, start, compute, go_on, share)
+    return {"role": "stage", "rank": rank, "worker": worker, "stage": stage_index, "steps": step - start,
+            "seconds": time.perf_counter() - began}
+
+
+def run_server(rank: int, cfg: TrainConfig, data: Dataset, model: nn.Module, layout: Layout) -> dict[str, Any]:
     params = list(model.parameters())
-    shard = shard_parameters([p.numel() for p in params], cfg.servers)[rank]
     fingerprint = cfg.fingerprint(data.features, data.classes)
     resume = load_checkpoint(checkpoint_path(cfg.resume, rank, cfg.servers), fingerprint) if cfg.resume else None
     settings = ServerSettings(mode=cfg.mode, steps=cfg.total_steps(data.train_size), optimizer=cfg.optimizer,
@@ -260,8 +438,9 @@ def run_server(rank: int, cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
                               checkpoint_every=cfg.checkpoint_every, snapshot_every=_snapshot_every(cfg, data),
                               progress=cfg.progress and rank == 0, fingerprint=fingerprint,
                               kill_at=cfg.kill_at if cfg.kill_rank == rank else None)
-    workers = list(range(cfg.servers, cfg.servers + cfg.workers))
-    server = ParameterServer(rank, cfg.servers, [params[i].detach() for i in shard], workers, settings, resume)
+    clients = layout.stage_ranks(layout.shard_stage[rank])
+    server = ParameterServer(rank, layout.servers, [params[i].detach() for i in layout.shards[rank]], clients,
+                             settings, resume)
     return server.serve()
 
 
@@ -335,16 +514,25 @@ def _snapshot_every(cfg: TrainConfig, data: Dataset) -> int:
 
 
 def rank_main(rank: int, world_size: int, cfg: TrainConfig, data: Dataset | None = None) -> dict[str, Any]:
-    """The rank function for `launch` and `run_rank`: server shard, worker or DDP rank by `rank`.
+    """The rank function for `launch` and `run_rank`: server shard, worker, pipeline stage or DDP rank by `rank`.
 
     `data` comes from the launching process when there is one (loaded once, no scikit-learn import
     per rank); under torchrun each rank loads it."""
     data = data if data is not None else load_dataset(cfg.dataset, cfg.seed)
     if cfg.mode == "ddp":
         return run_ddp(rank, world_size, cfg, data)
-    if rank < cfg.servers:
-        return run_server(rank, cfg, data)
-    return run_worker(rank, cfg, data)
+    model = build_model(cfg.model, data.features, data.classes, cfg.seed)
+    layout, prepared = parameter_layout(cfg, model, data)
+    groups = []
+    if prepared is not None:
+        # One group per pipeline for its stage-to-stage traffic; new_group is collective over all ranks.
+        groups = [dist.new_group(layout.worker_ranks(w)) for w in range(layout.workers)]
+    if rank < layout.servers:
+        return run_server(rank, cfg, data, model, layout)
+    if prepared is not None:
+        worker = (rank - layout.servers) // layout.stages
+        return run_pipeline_worker(rank, cfg, data, model, layout, prepared, groups[worker])
+    return run_worker(rank, cfg, data, model, layout)
 
 
 # ---- the run and its report ----------------------------------------------------------------------
@@ -365,7 +553,12 @@ class TrainReport:
     lost_workers: dict[int, str]
     resumed_from: int | None
     curve: list[tuple[int, float, float]] = field(default_factory=list)   # (update, seconds, test accuracy)
-    history: list[dict[str, Any]] = field(default_factory=list)            # one entry per update
+    history: list[dict[str, Any]] = field(default_factory=list)            # one entry per update (server 0's)
+    stages: int = 1                                                        # processes per worker (pipelines)
+    worker_ranks: list[list[int]] = field(default_factory=list)            # each worker's ranks, by stage
+    # Pipeline workers: the staleness of every push that stage s's (first) server applied, per stage.
+    stage_staleness: list[list[int]] = field(default_factory=list)
+    final_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the trained model's
 
     def time_to_accuracy(self, target: float) -> float | None:
         """Seconds (since serving began) of the first snapshot at `target` test accuracy, if any."""
@@ -373,10 +566,14 @@ class TrainReport:
 
     @property
     def staleness(self) -> list[int]:
+        """Staleness of every push (of every stage's server, for pipeline workers)."""
+        if self.stage_staleness:
+            return [v for values in self.stage_staleness for v in values]
         return [u["staleness"] for u in self.history if u["worker"] >= 0]
 
     def to_dict(self, with_history: bool = False) -> dict[str, Any]:
-        d = asdict(self)
+        d = asdict(replace(self, final_state={}))
+        d.pop("final_state")
         if not with_history:
             d.pop("history")
         return d
@@ -387,6 +584,9 @@ def _run_under_torchrun(cfg: TrainConfig, data: Dataset) -> tuple[list[dict[str,
 
     torchrun stops every rank when one fails, so surviving a dead worker needs the embedded launcher."""
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if cfg.mapping:
+        raise PlacewiseError("--plan with --mode async/sync under torchrun is not supported yet (only the embedded "
+                             "launcher collects every stage server's results); run it without torchrun")
     if world != cfg.world_size():
         raise PlacewiseError(f"torchrun started {world} processes; --mode {cfg.mode} with {cfg.workers} worker(s) "
                              f"needs {cfg.world_size()}: set --nproc-per-node (times --nnodes) to that")
@@ -399,7 +599,8 @@ def _run_under_torchrun(cfg: TrainConfig, data: Dataset) -> tuple[list[dict[str,
 
 
 def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
-    """Run `cfg` (async, sync or ddp) and evaluate its snapshots on the test set.
+    """Run `cfg` (async, sync or ddp; workers of one process or, with a plan, pipelines) and evaluate its
+    snapshots on the test set.
 
     Starts every rank on this machine over 127.0.0.1, or, under torchrun, is one of the ranks
     (then only rank 0 returns the report; the others return None)."""
@@ -407,19 +608,22 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
     data = load_dataset(cfg.dataset, cfg.seed)
     model = build_model(cfg.model, data.features, data.classes, cfg.seed)
     params = list(model.parameters())
-    shards = shard_parameters([p.numel() for p in params], cfg.servers)
+    layout, _ = parameter_layout(cfg, model, data)
+    world_size = cfg.workers if cfg.mode == "ddp" else layout.world_size
+    check_processes(cfg, world_size)
     if cfg.resume:
         for s in range(cfg.server_count() or 1):
             load_checkpoint(checkpoint_path(cfg.resume, s, cfg.server_count() or 1),
                             cfg.fingerprint(data.features, data.classes))
-    worker_ranks = [] if cfg.mode == "ddp" else list(range(cfg.servers, cfg.servers + cfg.workers))
+    worker_ranks = [] if cfg.mode == "ddp" else [layout.worker_ranks(w) for w in range(cfg.workers)]
     if is_torchrun():
         results, failures = _run_under_torchrun(cfg, data)
         if results is None:
             return None
     else:
-        results, failures = launch(rank_main, cfg.world_size(), (cfg, data), threads=cfg.threads,
-                                   timeout_s=cfg.timeout_s, tolerate=worker_ranks, preload=PRELOAD)
+        results, failures = launch(rank_main, world_size, (cfg, data), threads=cfg.threads, timeout_s=cfg.timeout_s,
+                                   tolerate=[r for ranks in worker_ranks for r in ranks], preload=PRELOAD)
+    shards = [list(shard) for shard in layout.shards]
     if cfg.mode == "ddp":
         lead = results[0]
         history = lead["history"]
@@ -432,15 +636,17 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
         server_results = [lead]
         shards = [list(range(len(params)))]
     else:
-        server_results = results[:cfg.servers]
+        server_results = results[:layout.servers]
         history = server_results[0]["history"]
     lost = {}
     for r in server_results:
         lost.update(r["lost"])
     for f in failures:
         lost.setdefault(f.rank, f.message)
-    survivors = cfg.workers - len(lost)
-    if survivors < 1:
+    # A pipeline is lost with any of its stages (its siblings cannot go on without it).
+    lost_workers = [w for w, ranks in enumerate(worker_ranks) if any(r in lost for r in ranks)] if worker_ranks \
+        else list(lost)
+    if cfg.workers - len(lost_workers) < 1:
         raise PlacewiseError(f"all {cfg.workers} workers died before the run finished: "
                              f"{'; '.join(f'rank {r}: {m}' for r, m in sorted(lost.items()))}")
     curve = _evaluate(model, params, shards, server_results, data)
@@ -448,16 +654,26 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
     resumed_from = server_results[0]["resumed_from"]
     new_updates = [u for u in history if resumed_from is None or u["version"] > resumed_from]
     seconds = max(r["seconds"] for r in server_results)
-    stale = [u["staleness"] for u in history if u["worker"] >= 0]
+    stage_staleness = []
+    if cfg.mapping:
+        for stage in range(layout.stages):
+            first = min(layout.stage_shards(stage), default=None)  # a stage without parameters has no server
+            stage_staleness.append([] if first is None else
+                                   [u["staleness"] for u in results[first]["history"] if u["worker"] >= 0])
+        stale = [v for values in stage_staleness for v in values]
+    else:
+        stale = [u["staleness"] for u in history if u["worker"] >= 0]
     return TrainReport(
         mode=cfg.mode, model=cfg.model, parameters=sum(p.numel() for p in params), workers=cfg.workers,
-        servers=cfg.server_count(), updates=version, seconds=seconds,
+        servers=cfg.server_count() if not cfg.mapping else layout.servers, updates=version, seconds=seconds,
         updates_per_s=len(new_updates) / seconds if seconds > 0 else 0.0,
         final_loss=sum(u["loss"] for u in history[-20:]) / max(1, len(history[-20:])),
         test_accuracy=curve[-1][2] if curve else float("nan"),
         mean_staleness=sum(stale) / len(stale) if stale else 0.0, max_staleness=max(stale, default=0),
         lost_workers={int(k): v for k, v in sorted(lost.items())}, resumed_from=resumed_from,
-        curve=curve, history=history)
+        curve=curve, history=history, stages=cfg.stages, worker_ranks=worker_ranks,
+        stage_staleness=stage_staleness,
+        final_state={k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
 def _evaluate(model: nn.Module, params: list[nn.Parameter], shards: list[list[int]],
@@ -514,7 +730,9 @@ def write_outputs(report: TrainReport, out: str | Path) -> list[Path]:
     written = [out / "report.json"]
     written[0].write_text(json.dumps(report.to_dict(with_history=True), indent=1))
     if report.mode == "async" and report.staleness:
-        written.append(plot_staleness({f"{report.workers} workers": report.staleness}, out / "staleness.png"))
+        runs = ({f"stage {s} of {report.workers} pipelines": values for s, values in enumerate(report.stage_staleness)}
+                if report.stage_staleness else {f"{report.workers} workers": report.staleness})
+        written.append(plot_staleness(runs, out / "staleness.png"))
     return written
 
 
@@ -523,16 +741,22 @@ def print_report(report: TrainReport) -> None:
     import sys
     from rich.console import Console
     from rich.table import Table
+    workers = f"{report.workers} worker(s)" + (f" of {report.stages} pipeline stages each"
+                                                if report.stage_staleness else "")
     table = Table(title=f"{report.mode} training of {report.model} ({report.parameters:,} parameters), "
-                        f"{report.workers} worker(s)" + (f", {report.servers} server(s)" if report.servers else ""))
+                        f"{workers}" + (f", {report.servers} server(s)" if report.servers else ""))
     table.add_column("measure")
     table.add_column("value", justify="right")
-    rows = [("updates", f"{report.updates}" + (f" (resumed at {report.resumed_from})"
+    rows = [("updates" + (" (per stage server)" if report.stage_staleness else ""),
+             f"{report.updates}" + (f" (resumed at {report.resumed_from})"
                                                   if report.resumed_from is not None else "")),
             ("seconds", f"{report.seconds:.2f}"), ("updates/s", f"{report.updates_per_s:.1f}"),
             ("final training loss", f"{report.final_loss:.4f}"), ("test accuracy", f"{report.test_accuracy:.2%}")]
     if report.mode == "async":
         rows += [("mean staleness", f"{report.mean_staleness:.2f}"), ("max staleness", str(report.max_staleness))]
+        for stage, values in enumerate(report.stage_staleness):
+            rows.append((f"stage {stage}: pushes, mean / max staleness",
+                         f"{len(values)}, {sum(values) / len(values):.2f} / {max(values)}" if values else "no server"))
     for target in (0.9, 0.95):
         t = report.time_to_accuracy(target)
         rows.append((f"seconds to {target:.0%} test accuracy", f"{t:.2f}" if t is not None else "not reached"))
