@@ -146,6 +146,11 @@ def test_dp_equals_brute_force(problem) -> None:
     for walk_cost in (0, -1):
         alone = dp.run_dp(units, problem, lattice, plan.notes["upper_bound"], walk_cost=walk_cost)
         assert alone.value == pytest.approx(expected[0], rel=1e-9, abs=1e-9), walk_cost
+    # The bound search relies on this: a run at a bound below the optimum finds nothing, one at the
+    # optimum finds it.
+    if expected[0] > 0:
+        assert dp.run_dp(units, problem, lattice, expected[0] * (1 - 1e-6)).value == float("inf")
+    assert dp.run_dp(units, problem, lattice, expected[0]).value == pytest.approx(expected[0], rel=1e-9, abs=1e-9)
     # Non-contiguous splits can only be as good or better.
     anywhere = best_split(graph, cluster, contiguous=False)
     assert anywhere is not None and anywhere[0] <= plan.max_load + 1e-9
@@ -225,6 +230,19 @@ def test_dp_with_more_than_64_device_count_states(problem, accelerators: int, cp
     plan = solve(graph, cluster, "dp")
     _check_plan(graph, cluster, plan)
     assert plan.max_load == pytest.approx(expected[0], rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["LayerGraphs/gnmt_inference", "LayerGraphs/resnet50_training"])
+def test_bound_search_finds_the_reference_optimum(name: str, monkeypatch) -> None:
+    # No quick run at the chain bound (it is cut after its first small chunk): only the runs that climb
+    # from the work bound remain, and the first that succeeds must be the optimum.
+    monkeypatch.setattr(dp, "QUICK_TRY", 0.0)
+    monkeypatch.setattr(dp, "CHUNK", 16)
+    graph = load_graph(PAPER / "throughput-inputs" / f"{name}.json")
+    plan = solve(graph, graph.cluster, "dp")
+    assert plan.notes["dp_runs"] > 2
+    assert abs(plan.max_load - REFERENCE[name]) <= REL * REFERENCE[name], (plan.max_load, REFERENCE[name])
+    _check_plan(graph, graph.cluster, plan)
 
 
 def test_time_limit_returns_the_upper_bound_split() -> None:
