@@ -3,12 +3,16 @@
 Evidence is independent of the fusion code: each fused run is compared with the plain torch
 optimizer of the same class and kernel (for-loop, foreach or fused) on an identical model and
 data, bitwise, with accumulation, clipping, a scheduler changing the lr every step, and a
-state_dict hand-over mid-run in both directions (fused -> unfused and unfused -> fused).
+state_dict hand-over mid-run in both directions (fused -> unfused and unfused -> fused). Backward
+mode runs both inline and with its updates overlapped on a worker thread ("backward+overlap").
 """
 
 from __future__ import annotations
 
 import copy
+import gc
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +36,12 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "adagrad": (torch.optim.Adagrad, {"lr": 0.1, "lr_decay": 0.01}),
 }
 KERNELS: dict[str, dict[str, bool]] = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+# Test mode -> fuse_optimizer arguments.
+FUSE_MODES: dict[str, dict[str, Any]] = {
+    "backward": {"mode": "backward"},
+    "backward+overlap": {"mode": "backward", "overlap": True},
+    "forward": {"mode": "forward"},
+}
 
 
 class TinyTransformer(nn.Module):
@@ -140,7 +150,7 @@ def scenario(model_name: str, opt_name: str, kernel: str, mode: str) -> None:
         return lambda: cls(model.parameters(), **kwargs)
 
     def fused(model: nn.Module) -> Callable[[], torch.optim.Optimizer]:
-        return lambda: fuse_optimizer(model, cls, mode, min_bucket_numel=0, **kwargs)
+        return lambda: fuse_optimizer(model, cls, min_bucket_numel=0, **FUSE_MODES[mode], **kwargs)
 
     trainers = {}
     for name, first, second in (("reference", plain, plain), ("fused-then-plain", fused, plain), ("plain-then-fused", plain, fused)):
@@ -155,7 +165,7 @@ def scenario(model_name: str, opt_name: str, kernel: str, mode: str) -> None:
     assert_same(trainers["reference"], trainers["plain-then-fused"])
 
 
-@pytest.mark.parametrize("mode", ["backward", "forward"])
+@pytest.mark.parametrize("mode", list(FUSE_MODES))
 @pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("model_name", list(MODELS))
@@ -210,7 +220,7 @@ class Tied(nn.Module):
 
 
 @pytest.mark.parametrize("min_bucket_numel", [0, 1 << 18])
-@pytest.mark.parametrize("mode", ["backward", "forward"])
+@pytest.mark.parametrize("mode", list(FUSE_MODES))
 def test_mixed_groups_shared_frozen_and_unused_parameters(mode: str, min_bucket_numel: int) -> None:
     torch.manual_seed(0)
     base = Tied()
@@ -224,7 +234,8 @@ def test_mixed_groups_shared_frozen_and_unused_parameters(mode: str, min_bucket_
     ref_model, fused_model = copy.deepcopy(base), copy.deepcopy(base)
     ref = torch.optim.AdamW(groups(ref_model), lr=0.01, foreach=True)
     fused = fuse_optimizer(
-        groups(fused_model), torch.optim.AdamW, mode, module=fused_model, min_bucket_numel=min_bucket_numel, lr=0.01, foreach=True
+        groups(fused_model), torch.optim.AdamW, module=fused_model, min_bucket_numel=min_bucket_numel, lr=0.01, foreach=True,
+        **FUSE_MODES[mode],
     )
     for x, y in data:
         step_once(ref_model, ref, x, y)
@@ -255,6 +266,8 @@ def test_backward_mode_refuses_what_it_cannot_do_exactly() -> None:
         ((torch.optim.LBFGS, "backward"), {}, "jointly"),
         ((dict, "backward"), {}, "not a torch.optim.Optimizer"),
         ((torch.optim.SGD, "backward"), {"lr": -1.0}, "rejected its arguments"),
+        ((torch.optim.SGD, "forward"), {"lr": 0.1, "overlap": True}, "overlap"),
+        ((torch.optim.SGD, "backward"), {"lr": 0.1, "overlap": 1}, "overlap"),
     ],
 )
 def test_bad_input_is_a_placewise_error(args: tuple[Any, str], kwargs: dict[str, Any], match: str) -> None:
@@ -313,3 +326,210 @@ def test_forward_mode_evaluation_sees_every_update() -> None:
     with torch.no_grad():
         assert torch.equal(ref_model(data[1][0]), fused_model(data[1][0]))
     assert not fused._pending
+
+
+# ---- backward fusion with overlap: the worker thread -------------------------------------------
+
+def overlap_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "placewise-fuse-overlap"]
+
+
+def test_overlap_updates_run_beside_the_rest_of_backward() -> None:
+    """The last layer's update waits on the worker until backward reaches the first layer: inline it would hang."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = fuse_optimizer(model, torch.optim.SGD, "backward", overlap=True, min_bucket_numel=0, lr=0.1)
+    reached_first_layer = threading.Event()
+    waited: list[tuple[bool, int]] = []
+    update = opt._update
+
+    def update_last_layer_late(bucket: Any, hyper: dict[str, Any]) -> None:
+        if any(p is model[4].weight for p in bucket.params):
+            waited.append((reached_first_layer.wait(timeout=10), threading.get_ident()))
+        update(bucket, hyper)
+
+    opt._update = update_last_layer_late  # type: ignore[method-assign]
+    x, y = batches((6,), 1)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    hidden = model[0](x)
+    hidden.register_hook(lambda grad: reached_first_layer.set())  # runs after layers 4 and 2's backward
+    nn.functional.cross_entropy(model[1:](hidden), y).backward()
+    assert waited == [(True, waited[0][1])] and waited[0][1] != threading.get_ident()
+    # backward returned with every update applied
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert opt._worker is not None and opt._worker._jobs.unfinished_tasks == 0
+    opt.step()
+    opt.close()
+
+
+def test_overlap_worker_error_surfaces_in_backward_and_threads_end() -> None:
+    torch.manual_seed(0)
+    x, y = batches((6,), 1)[0]
+    model = mlp()
+    opt = fuse_optimizer(model, torch.optim.SGD, "backward", overlap=True, min_bucket_numel=0, lr=0.1)
+
+    def broken(bucket: Any, hyper: dict[str, Any]) -> None:
+        raise ValueError("worker update failed")
+
+    opt._update = broken  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="worker update failed"):
+        nn.functional.cross_entropy(model(x), y).backward()
+    assert len(overlap_threads()) == 1
+    del opt._update  # the real update again
+    opt.step()  # closes the broken step; the next one is fine
+    before = [p.detach().clone() for p in model.parameters()]
+    step_once(model, opt, x, y)
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    opt.close()
+    assert overlap_threads() == []
+    opt.close()  # idempotent
+
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = fuse_optimizer(model, torch.optim.SGD, "backward", overlap=True, lr=0.1)
+    step_once(model, opt, x, y)
+    assert len(overlap_threads()) == 1
+    del opt  # dropped: hooks and thread go with it
+    gc.collect()
+    assert overlap_threads() == []
+    after = [p.detach().clone() for p in model.parameters()]
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert all(torch.equal(a, p) for a, p in zip(after, model.parameters())) and not all(
+        torch.equal(a, p) for a, p in zip(before, after)
+    )
+
+
+def test_overlap_forward_waits_for_a_backward_that_failed_half_way() -> None:
+    """An error elsewhere in backward skips its final wait; the model's next forward waits instead."""
+    torch.manual_seed(0)
+    x, y = batches((6,), 1)[0]
+    model = mlp()
+    opt = fuse_optimizer(model, torch.optim.SGD, "backward", overlap=True, min_bucket_numel=0, lr=0.1)
+    update = opt._update
+
+    def slow(bucket: Any, hyper: dict[str, Any]) -> None:
+        time.sleep(0.05)
+        update(bucket, hyper)
+
+    opt._update = slow  # type: ignore[method-assign]
+
+    def fail(param: torch.Tensor) -> None:
+        raise KeyError("user hook")
+
+    model[0].weight.register_post_accumulate_grad_hook(fail)  # runs after the fusion's hook
+    with pytest.raises(KeyError):
+        nn.functional.cross_entropy(model(x), y).backward()
+    in_flight: list[int] = []
+    model[0].register_forward_pre_hook(lambda mod, args: in_flight.append(opt._worker._jobs.unfinished_tasks))  # type: ignore[union-attr]
+    model(x)
+    assert in_flight == [0]
+    opt.close()
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("overlap", [False, True])
+def test_backward_mode_refuses_create_graph_outside_accumulate(overlap: bool) -> None:
+    """Higher-order gradients go through accumulate() and then match the unfused optimizer bitwise."""
+    torch.manual_seed(0)
+    x, y = batches((6,), 1)[0]
+    ref_model = mlp()
+    model = copy.deepcopy(ref_model)
+    opt = fuse_optimizer(model, torch.optim.Adam, "backward", overlap=overlap, min_bucket_numel=0, lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(PlacewiseError, match="create_graph"):
+        nn.functional.cross_entropy(model(x), y).backward(create_graph=True)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters())), "updated before refusing"
+
+    def penalised_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad()
+        fused = isinstance(optimizer, FusedOptimizer)
+        with optimizer.accumulate() if fused else _nothing():  # type: ignore[attr-defined]
+            nn.functional.cross_entropy(model(x), y).backward(create_graph=True)
+        penalty = sum((p.grad ** 2).sum() for p in model.parameters())  # type: ignore[operator]
+        penalty.backward()  # the final gradients: fused updates happen here
+        optimizer.step()
+        optimizer.zero_grad()  # breaks the parameter <-> gradient-graph cycle
+
+    ref = torch.optim.Adam(ref_model.parameters(), lr=0.01)
+    for _ in range(2):
+        penalised_step(ref_model, ref)
+        penalised_step(model, opt)
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    opt.close()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_retained_graph_runs_again_only_inside_accumulate(overlap: bool) -> None:
+    torch.manual_seed(0)
+    x, y = batches((6,), 1)[0]
+    ref_model = mlp()
+    model = copy.deepcopy(ref_model)
+    opt = fuse_optimizer(model, torch.optim.AdamW, "backward", overlap=overlap, min_bucket_numel=0, lr=0.01)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=0.01)
+    for m, o in ((ref_model, ref), (model, opt)):
+        loss = nn.functional.cross_entropy(m(x), y)
+        with o.accumulate() if o is opt else _nothing():  # type: ignore[attr-defined]
+            loss.backward(retain_graph=True)
+        loss.backward()
+        o.step()
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    # A final backward that retains its graph updated the parameters that graph saved: running it
+    # again before step() is refused (torch's in-place check, or the second-gradient check).
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward(retain_graph=True)
+    with pytest.raises((RuntimeError, PlacewiseError), match="inplace|second gradient"):
+        loss.backward()
+    opt.close()
+
+
+class Checkpointed(nn.Module):
+    """Segments recomputed during backward: the recomputation reads parameters not yet updated."""
+
+    def __init__(self, use_reentrant: bool) -> None:
+        super().__init__()
+        self.use_reentrant = use_reentrant
+        self.first = nn.Sequential(nn.Linear(6, 16), nn.Tanh())
+        self.second = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        if not self.use_reentrant:  # reentrant checkpointing needs an input that requires grad
+            x = checkpoint(self.first, x, use_reentrant=False)
+        else:
+            x = self.first(x)
+        return self.head(checkpoint(self.second, x, use_reentrant=self.use_reentrant))
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_overlap_with_activation_checkpointing_matches_unfused(use_reentrant: bool) -> None:
+    torch.manual_seed(0)
+    ref_model = Checkpointed(use_reentrant)
+    model = copy.deepcopy(ref_model)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=0.01)
+    opt = fuse_optimizer(model, torch.optim.AdamW, "backward", overlap=True, min_bucket_numel=0, lr=0.01)
+    for x, y in batches((6,), 3):
+        step_once(ref_model, ref, x, y)
+        step_once(model, opt, x, y)
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    opt.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_overlap_on_cuda_matches_unfused(kernel: str) -> None:
+    torch.manual_seed(0)
+    ref_model = TinyTransformer().cuda()
+    model = copy.deepcopy(ref_model)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=0.01, **KERNELS[kernel])
+    opt = fuse_optimizer(model, torch.optim.AdamW, "backward", overlap=True, min_bucket_numel=0, lr=0.01, **KERNELS[kernel])
+    for x, y in batches((5, 6), 4):
+        step_once(ref_model, ref, x.cuda(), y.cuda())
+        step_once(model, opt, x.cuda(), y.cuda())
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+    opt.close()

@@ -13,9 +13,23 @@ touches them anyway:
   right before the module that uses it runs next. ``flush()`` applies whatever is still pending
   (call it before evaluation or saving the model; ``state_dict()`` flushes by itself).
 
-The mathematics is untouched: every bucket update is a call to ``step()`` of one instance of the
-requested optimizer class, built with the same arguments, whose ``param_groups`` is temporarily
-narrowed to that bucket (with the hyper-parameters of the bucket's group). So the update uses the
+Backward mode can also overlap (``overlap=True``): a complete bucket's update is handed to ONE
+worker thread instead of running in the autograd thread, so the update of layer L runs while
+backward computes the layers before it (torch's kernels release the GIL). The update only reads
+the bucket's gradients and writes its parameters and optimizer state, which the rest of that
+backward never touches: autograd runs a parameter's post-accumulate hook only after every node
+that takes the parameter as an input has run (all uses of a shared parameter, and the recomputed
+forward of a checkpointed segment, included). Each backward pass
+ends by waiting for its queued updates (an autograd final callback), so ``backward()`` returns,
+or raises the worker's exception, with every update applied, exactly as without overlap; a new
+forward of the model, ``step()``, ``zero_grad()``, ``flush()``, ``state_dict()``, ``accumulate()``
+and ``close()`` wait as well, should a backward have failed half-way. On CUDA the worker issues
+each update on the stream the autograd thread was using, so stream order stays the same.
+
+The mathematics is untouched: every bucket update is a call to ``step()`` of the requested
+optimizer class, built with the same arguments, on a twin of the instance whose ``state`` it
+shares and whose ``param_groups`` is that bucket alone (with the hyper-parameters of the bucket's
+group); the instance that holds the groups is never narrowed. So the update uses the
 same for-loop, foreach or fused kernel as the unfused optimizer, with the bucket's tensors batched
 into one foreach/fused call. These kernels are elementwise per parameter, so the result is bitwise
 equal to the unfused optimizer; ``state_dict()`` is the inner optimizer's, so states load both ways.
@@ -30,6 +44,16 @@ Rules that follow from updating early (each one is checked or documented):
   between backward and ``step()`` as usual (``fused.clip_grad_norm_`` or torch's own). Backward
   mode: ``fused.clip_grad_norm_`` raises `PlacewiseError`; clipping with torch's function after
   backward would act on gradients that were already applied, so do not.
+* ``backward(create_graph=True)`` outside ``accumulate()`` raises `PlacewiseError` in backward
+  mode: the gradients are meant to be differentiated again, through the parameters the update
+  would already have changed. Inside ``accumulate()`` it is fine (nothing is updated there).
+* A retained graph (``retain_graph=True``) cannot be run backward again before ``step()``: it saved
+  parameters that were since updated (torch's in-place check raises), or it would deliver a second
+  gradient (`PlacewiseError`). Run the earlier passes inside ``accumulate()``.
+* A graph that reads a parameter through an alias autograd does not track (``p.detach()`` or
+  ``p.data`` saved by an op whose gradient flows elsewhere) may read it after its update: torch
+  raises its in-place error for ``detach()`` aliases, ``.data`` aliases are not caught, and with
+  overlap such a read may also race with the update. Use the parameter itself.
 * Skipping a step after backward (e.g. on a non-finite loss) is impossible in backward mode: the
   update already happened. Use forward mode for that.
 * Learning-rate schedulers work on ``param_groups`` as usual. Forward mode snapshots the groups'
@@ -44,6 +68,8 @@ Rules that follow from updating early (each one is checked or documented):
 from __future__ import annotations
 
 import contextlib
+import functools
+import queue
 import threading
 import weakref
 from collections import OrderedDict, defaultdict
@@ -80,6 +106,59 @@ class _Bucket:
         self.view: list[dict[str, Any]] = [{"params": params}]
 
 
+class _Worker:
+    """One daemon thread running the submitted updates in order (torch's kernels release the GIL).
+
+    `wait()` blocks until every submitted job ran and re-raises the first exception one raised
+    (the jobs after a failed one are skipped: the step is broken anyway). `stop()` ends the thread.
+    The thread holds the worker, never the optimizer, except through a job while it is queued.
+    """
+
+    def __init__(self, maxsize: int = 1024) -> None:
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize)
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=_work, args=(self._jobs, self), name="placewise-fuse-overlap", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def wait(self, raise_error: bool = True) -> None:
+        if self._thread is None or self._thread is threading.current_thread():
+            return
+        self._jobs.join()
+        if raise_error and self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def stop(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._jobs.put(None)
+        if thread is not threading.current_thread():  # __del__ may run on the worker itself
+            thread.join()
+
+
+def _work(jobs: queue.Queue[Callable[[], None] | None], worker: _Worker) -> None:
+    """The worker thread's loop: run jobs until the None sentinel."""
+    while True:
+        job = jobs.get()
+        try:
+            if job is None:
+                return
+            if worker.error is None:
+                try:
+                    job()
+                except BaseException as exc:  # handed to the thread that waits
+                    worker.error = exc
+        finally:
+            job = None  # a job holds the optimizer: drop it before blocking on the next one
+            jobs.task_done()
+
+
 def _hyper_snapshot(group: dict[str, Any]) -> dict[str, Any]:
     """A group's hyper-parameters frozen at this moment (schedulers fill_ tensor-valued lr in place)."""
     return {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in group.items() if k != "params"}
@@ -106,11 +185,16 @@ class FusedOptimizer(torch.optim.Optimizer):
     Built by `fuse_optimizer`. Used like the optimizer it wraps: ``step()`` is the step boundary,
     ``zero_grad()``, ``state_dict()``/``load_state_dict()`` (the wrapped class's format),
     ``param_groups``/``state``/``defaults`` (the wrapped instance's, so LR schedulers work), plus
-    ``flush()``, ``accumulate()`` and ``clip_grad_norm_()``.
+    ``flush()``, ``accumulate()``, ``clip_grad_norm_()`` and ``close()``.
     """
 
     def __init__(
-        self, inner: torch.optim.Optimizer, mode: Mode, module: nn.Module | None, min_bucket_numel: int = 0
+        self,
+        inner: torch.optim.Optimizer,
+        mode: Mode,
+        module: nn.Module | None,
+        min_bucket_numel: int = 0,
+        overlap: bool = False,
     ) -> None:
         # Optimizer.__init__ is not called: the groups and the state live in `inner`, shared.
         self._inner = inner
@@ -121,9 +205,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._inner_step: Callable[[torch.optim.Optimizer], Any] = (
             step.__wrapped__ if getattr(step, "hooked", False) and hasattr(step, "__wrapped__") else step
         )
+        # A twin of the inner instance that runs each bucket's step (see `_update`).
+        self._stepper: torch.optim.Optimizer = object.__new__(type(inner))
         self.mode: Mode = mode
         self._module = module
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held for each update: autograd may call hooks from its device threads
+        self._count_lock = threading.Lock()  # bucket completion counts (never held while updating)
+        self._worker: _Worker | None = _Worker() if overlap else None
         self._accumulating = False
         self._fired: set[int] = set()  # id of each parameter whose gradient is final this step
         self._pending: dict[int, _Bucket] = {}  # forward mode: bucket index -> bucket to apply
@@ -172,8 +260,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The wrapped optimizer instance (holds the groups and the state)."""
         return self._inner
 
+    @property
+    def overlap(self) -> bool:
+        """Whether backward-mode updates run on the worker thread, overlapping the rest of backward."""
+        return self._worker is not None
+
     def __repr__(self) -> str:
-        return f"FusedOptimizer(mode={self.mode!r}, {self._inner!r})"
+        extra = ", overlap=True" if self._worker is not None else ""
+        return f"FusedOptimizer(mode={self.mode!r}{extra}, {self._inner!r})"
 
     # ---- buckets and hooks -----------------------------------------------------------------------
     def _build(self) -> None:
@@ -226,6 +320,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 for p in bucket.params:
                     if p.requires_grad:
                         self._handles.append(p.register_post_accumulate_grad_hook(_weak_hook(self, "_on_grad_final")))
+            if self._worker is not None and self._module is not None:
+                # Normally backward waits for its updates; this covers a backward that raised half-way.
+                self._handles.append(self._module.register_forward_pre_hook(_weak_hook(self, "_wait")))
         elif self._module is not None:
             self._held_by: dict[int, list[_Bucket]] = defaultdict(list)
             for bucket in self._buckets:
@@ -241,31 +338,69 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key, value in hyper.items():
             if key != "params":
                 view[key] = value
-        inner = self._inner
-        with self._lock:  # autograd may call hooks from its device threads
-            groups = inner.param_groups
-            inner.param_groups = bucket.view
+        stepper = self._stepper
+        with self._lock:
+            # The twin takes the inner instance's current attributes (a loaded state dict replaces
+            # `state`), then only this bucket as its groups; the inner instance is never narrowed,
+            # so schedulers and other threads always see the true groups.
+            stepper.__dict__.update(self._inner.__dict__)
+            stepper.param_groups = bucket.view
             try:
-                self._inner_step(inner)
+                self._inner_step(stepper)
             finally:
-                inner.param_groups = groups
+                stepper.param_groups = []
 
     def _on_grad_final(self, param: Tensor) -> None:
         """Backward mode: count the parameter's gradient as final; update its bucket when complete."""
         if self._accumulating:
             return
-        bucket = self._bucket_of[id(param)]
-        if bucket.done or id(param) in self._fired:
-            raise PlacewiseError(
-                f"fuse: a parameter of shape {tuple(param.shape)} got a second gradient before step() "
-                "in backward-fusion mode; run the non-final micro-steps' backward inside "
-                "`with fused.accumulate():` or call step() after each backward"
+        if torch.is_grad_enabled():  # autograd runs hooks in grad mode exactly when create_graph=True
+            self._refuse(
+                "fuse: backward(create_graph=True) in backward-fusion mode would update parameters that the "
+                "gradients' own graph still reads; run that backward inside `with fused.accumulate():` "
+                "(the final backward without create_graph), or use mode='forward'"
             )
-        self._fired.add(id(param))
-        bucket.fired += 1
-        if bucket.fired == bucket.hooked:
+        bucket = self._bucket_of[id(param)]
+        second = complete = False
+        with self._count_lock:
+            if bucket.done or id(param) in self._fired:
+                second = True
+            else:
+                self._fired.add(id(param))
+                bucket.fired += 1
+                complete = bucket.done = bucket.fired == bucket.hooked
+        if second:
+            self._refuse(
+                f"fuse: a parameter of shape {tuple(param.shape)} got a second gradient before step() "
+                "in backward-fusion mode (a second backward, or a retained graph run again); run the "
+                "non-final micro-steps' backward inside `with fused.accumulate():` or call step() after each backward"
+            )
+        if not complete:
+            return
+        worker = self._worker
+        if worker is None:
             self._update(bucket, self.param_groups[bucket.group])
-            bucket.done = True
+            return
+        stream = torch.cuda.current_stream(param.device) if param.is_cuda else None
+        worker.submit(functools.partial(self._update_on, bucket, self.param_groups[bucket.group], stream))
+        # Backward returns (or raises the worker's error) only once its updates are applied.
+        torch.autograd.Variable._execution_engine.queue_callback(self._wait)  # type: ignore[attr-defined]
+
+    def _update_on(self, bucket: _Bucket, hyper: dict[str, Any], stream: Any) -> None:
+        """Worker thread: `_update` on the CUDA stream the autograd thread was on (none on CPU)."""
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            self._update(bucket, hyper)
+
+    def _refuse(self, message: str) -> None:
+        """Raise `PlacewiseError` from a hook, with no update of this backward still running."""
+        if self._worker is not None:
+            self._worker.wait(raise_error=False)  # a worker error stays for the next wait
+        raise PlacewiseError(message)
+
+    def _wait(self, *_: Any) -> None:
+        """Wait for the worker's queued updates; re-raise an exception one of them raised."""
+        if self._worker is not None:
+            self._worker.wait()
 
     def _refresh_triggers(self) -> None:
         """Forward mode: map each module seen running to the pending buckets its pre-hook applies."""
@@ -320,6 +455,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self._accumulating:
             raise PlacewiseError("fuse: step() called inside accumulate(); leave the block for the final micro-step")
         if self.mode == "backward":
+            self._wait()
             groups = self.param_groups
             for bucket in self._buckets:
                 if not bucket.done and any(p.grad is not None for p in bucket.params):
@@ -341,12 +477,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     def flush(self) -> None:
-        """Apply every pending forward-mode update now (before evaluation, saving or inspection)."""
+        """Apply every pending update now: forward mode's deferred ones, or the worker's queued ones."""
+        self._wait()
         for bucket in list(self._pending.values()):
             self._apply_pending(bucket)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients; in forward mode a pending bucket's are cleared right after it is applied."""
+        self._wait()  # the worker reads gradients
         if self._pending:
             self._zero_after_apply = set_to_none
             params = (p for g in self.param_groups for p in g["params"] if self._bucket_of[id(p)].index not in self._pending)
@@ -357,6 +495,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     @contextlib.contextmanager
     def accumulate(self) -> Iterator[None]:
         """Backward passes inside accumulate gradients without updating (non-final micro-steps)."""
+        self._wait()  # accumulating adds into gradients the worker may still be reading
         previous = self._accumulating
         self._accumulating = True
         try:
@@ -394,17 +533,32 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._build()
 
     def remove_hooks(self) -> None:
-        """Detach from the model (pending updates applied first); the object then stops fusing."""
-        self.flush()
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Detach from the model (pending updates applied first) and stop the worker thread.
+
+        The object then stops fusing: ``step()`` updates whatever has gradients, like the unfused optimizer.
+        """
+        try:
+            self.flush()
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+            if self._worker is not None:
+                self._worker.stop()
+
+    def close(self) -> None:
+        """Same as `remove_hooks`: apply what is pending, detach from the model, end the worker thread."""
+        self.remove_hooks()
 
     def __del__(self) -> None:
         # The hooks hold the optimizer weakly; drop them with it so a discarded fused optimizer
         # never updates the model again (pending forward updates are lost, as unapplied steps).
+        # Queued overlap jobs hold the optimizer, so none is left here: the worker just ends.
         for handle in getattr(self, "_handles", ()):
             handle.remove()
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.stop()
 
 
 def _weak_hook(optimizer: FusedOptimizer, method: str) -> Callable[..., None]:
@@ -426,6 +580,7 @@ def fuse_optimizer(
     *,
     module: nn.Module | None = None,
     min_bucket_numel: int = 1 << 18,
+    overlap: bool = False,
     **optimizer_kwargs: Any,
 ) -> FusedOptimizer:
     """Build `optimizer_cls(params, **optimizer_kwargs)` with its update fused into backward or forward.
@@ -435,6 +590,8 @@ def fuse_optimizer(
     per-layer buckets; forward mode requires it. Without a module, backward mode updates each
     parameter on its own as its gradient becomes final. Adjacent layers of one group are merged
     into one bucket until it holds `min_bucket_numel` elements (0: exactly one bucket per layer).
+    `overlap=True` (backward mode) runs each bucket's update on a worker thread while backward goes
+    on with the earlier layers; ``close()`` (or dropping the optimizer) ends that thread.
     """
     if mode not in MODES:
         raise PlacewiseError(f"fuse: mode {mode!r} is not one of {', '.join(MODES)}; pick one")
@@ -449,6 +606,10 @@ def fuse_optimizer(
         params: Any = list(model_or_params.parameters())
     else:
         params = list(model_or_params)
+    if not isinstance(overlap, bool):
+        raise PlacewiseError(f"fuse: overlap={overlap!r} must be True or False")
+    if overlap and mode != "backward":
+        raise PlacewiseError("fuse: overlap=True runs updates beside the rest of backward; forward mode applies each update right before its layer needs it, so use mode='backward' or drop overlap")
     if mode == "forward" and module is None:
         raise PlacewiseError("fuse: forward-fusion applies updates in the owning module's forward pre-hook; pass the model (or module=model with param groups)")
     if optimizer_kwargs.get("differentiable"):
@@ -459,4 +620,4 @@ def fuse_optimizer(
         raise PlacewiseError(f"fuse: {optimizer_cls.__name__}({', '.join(optimizer_kwargs)}) rejected its arguments: {exc}") from exc
     if not isinstance(min_bucket_numel, int) or min_bucket_numel < 0:
         raise PlacewiseError(f"fuse: min_bucket_numel={min_bucket_numel!r} must be an integer >= 0")
-    return FusedOptimizer(inner, mode, module, min_bucket_numel)
+    return FusedOptimizer(inner, mode, module, min_bucket_numel, overlap)
