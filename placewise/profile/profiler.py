@@ -96,10 +96,28 @@ def _to(value: Any, device: torch.device) -> Any:
     return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
+def _moved(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
+    """A copy of `gm` on `device`, including what `.to` leaves behind: tensors the trace stored as
+    plain attributes and factory calls (positions, masks) that the trace pinned to the CPU. (Tracing
+    again on the device would be simpler but torch.export picks other operators there.)"""
+    gm = copy.deepcopy(gm).to(device)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = attribute(gm, node.target)
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.device != device:
+                owner, _, leaf = node.target.rpartition(".")
+                setattr(attribute(gm, owner) if owner else gm, leaf, value.to(device))
+        pinned = node.kwargs.get("device")
+        if pinned is not None and torch.device(pinned).type == "cpu":
+            node.kwargs = {**node.kwargs, "device": device}
+    gm.recompile()
+    return gm
+
+
 def _measure(gm: fx.GraphModule, model: nn.Module, inputs: tuple, device: torch.device, *, training: bool,
              repeats: int, warmup: int, clock: str, progress: _Progress) -> tuple[Measurement, dict[str, Any]]:
     if device.type != "cpu":  # measure copies, so the caller's model never moves
-        gm, model = copy.deepcopy(gm).to(device), copy.deepcopy(model).to(device)
+        gm, model = _moved(gm, device), copy.deepcopy(model).to(device)
         inputs = tuple(_to(x, device) for x in inputs)
     clock = Clock(device, clock)
     tick = progress.task(f"forward on {device.type}", warmup + repeats)
@@ -175,12 +193,11 @@ def profile_model(model: nn.Module, example_inputs: Sequence[Any], *, name: str 
         tick = bar.task("tracing", 1)
         gm = trace_model(model, inputs, granularity)
         tick()
-        measured, values = _measure(gm, model, inputs, dev, training=training, repeats=repeats, warmup=warmup,
-                                    clock=clock, progress=bar)
+        settings = dict(training=training, repeats=repeats, warmup=warmup, clock=clock, progress=bar)
+        measured, values = _measure(gm, model, inputs, dev, **settings)
         on_cpu = measured
         if dev.type != "cpu":
-            on_cpu, _ = _measure(gm, model, inputs, torch.device("cpu"), training=training, repeats=repeats,
-                                 warmup=warmup, clock=clock, progress=bar)
+            on_cpu, _ = _measure(gm, model, inputs, torch.device("cpu"), **settings)
         graph = _build_graph(gm, values, measured, on_cpu, name=name, training=training, bandwidth=bandwidth,
                              optimizer=optimizer, cluster=cluster)
     meta = graph.meta_dict

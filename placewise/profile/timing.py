@@ -6,7 +6,10 @@ allocator, in-place semantics) and the per-node sum can be checked against an un
 Backward: each node is re-run on its recorded inputs and `torch.autograd.grad` of its outputs is
 timed (the graph kept between repeats), which never touches any parameter's `.grad`.
 CPU is timed by process CPU time (one thread) or wall time; CUDA with events, read after one
-synchronisation per run.
+synchronisation per run. On CUDA a node costs the larger of two times: the host's, launching its
+kernels, and the GPU's, running them. The GPU's is measured with the GPU kept busy (a sleep kernel
+queued ahead of the node), so that it does not count the GPU idling while the host launches: in a
+real run the host launches one node while the GPU still runs the one before.
 """
 
 from __future__ import annotations
@@ -25,6 +28,25 @@ from torch.utils._pytree import tree_leaves, tree_map
 from placewise.profile.trace import CALL_OPS, attribute
 
 Tick = Callable[[], None]
+# The sleep queued ahead of a timed CUDA node: longer than the host takes to launch most nodes, so
+# the GPU never waits on the host inside the timed region.
+COVER_MS = 0.5
+_cycles_per_ms: dict[int, float] = {}
+
+
+def _sleep_cycles_per_ms(device: torch.device) -> float:
+    """GPU clock cycles per millisecond of `torch.cuda._sleep`, measured once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _cycles_per_ms:
+        cycles = 10_000_000
+        torch.cuda._sleep(cycles // 10)  # warm up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _cycles_per_ms[index] = cycles / max(start.elapsed_time(end), 1e-3)
+    return _cycles_per_ms[index]
 
 
 @contextlib.contextmanager
@@ -62,21 +84,28 @@ class Clock:
         self.cuda = device.type == "cuda"
         self.kind = "cuda" if self.cuda else kind
         self._now = time.process_time if kind == "cpu" else time.perf_counter
+        self._cover = int(_sleep_cycles_per_ms(device) * COVER_MS) if self.cuda else 0
 
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def mark(self) -> Any:
+    def mark(self, cover: bool = False) -> Any:
+        """A point in time; `cover` (CUDA, at the start of a node) first queues the sleep that keeps
+        the GPU busy while the host launches the node."""
         if self.cuda:
+            if cover:
+                torch.cuda._sleep(self._cover)
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-            return event
+            return event, time.perf_counter()
         return self._now()
 
     def ms(self, start: Any, end: Any) -> float:
-        """Milliseconds between two marks (after `sync` on CUDA)."""
-        return float(start.elapsed_time(end)) if self.cuda else (end - start) * 1000.0
+        """Milliseconds between two marks (after `sync` on CUDA: the larger of GPU and host time)."""
+        if self.cuda:
+            return max(float(start[0].elapsed_time(end[0])), (end[1] - start[1]) * 1000.0)
+        return (end - start) * 1000.0
 
 
 def _call(gm: fx.GraphModule, node: fx.Node, modules: dict[str, nn.Module]) -> Callable[..., Any]:
@@ -126,7 +155,7 @@ class GraphRunner:
             else:
                 fn = self.calls[n.name]
                 a, k = fx.node.map_arg(n.args, load), fx.node.map_arg(n.kwargs, load)
-                start = self.clock.mark()
+                start = self.clock.mark(cover=True)
                 env[n] = fn(*a, **k)
                 end = self.clock.mark()
                 marks.append((n.name, start, end))
@@ -222,7 +251,7 @@ def _node_backward(n: fx.Node, fn: Callable[..., Any], modules: dict[str, nn.Mod
     grad_outputs = [torch.ones_like(t) for t in outputs]
     samples = []
     for i in range(warmup + repeats):
-        start = clock.mark()
+        start = clock.mark(cover=True)
         torch.autograd.grad(outputs, wrt, grad_outputs, retain_graph=True, allow_unused=True)
         end = clock.mark()
         clock.sync()
