@@ -1,12 +1,13 @@
 """Step time of optimizer fusion against the unfused torch optimizers, on this machine's CPU.
 
-For each model, six variants train copies of the same model on the same batch in ONE process:
+For each model, seven variants train copies of the same model on the same batch in ONE process:
 
   fwd+bwd      forward and backward only (no optimizer): the floor
   for-loop     torch optimizer, foreach=False (the classic per-parameter loop)
   foreach      torch optimizer, foreach=True
   fused        torch optimizer, fused=True
   pw-backward  placewise backward-fusion on top of fused=True (the fastest kernel here)
+  pw-backward+overlap  the same, each update run on a worker thread beside the rest of backward
   pw-forward   placewise forward-fusion on top of fused=True
 
 Variants are interleaved in rounds, in a new random order each round, a few steps each; the
@@ -15,6 +16,9 @@ alike. "vs for-loop" is the step-time saving over the for-loop baseline, "opt ov
 time above fwd+bwd as a percentage of fwd+bwd.
 
     .venv/bin/python benchmarks/fusion.py [--threads 2] [--rounds 15] [--models mlp,resnet18,transformer]
+        [--variants fwd+bwd,fused,pw-backward+overlap] [--min-bucket-numel 262144]
+
+Use the wall clock (the default) for overlap: it saves elapsed time, not CPU time.
 
 Measured 2026-11-23 on the shared 2-core AMD EPYC (8 MiB L3; load average 10-15 from other jobs),
 AdamW, `--threads 1 --clock cpu --rounds 8 --steps-per-round 3` (24 steps per variant), ms:
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import statistics
 import sys
@@ -52,7 +57,7 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "sgd": (torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}),
     "adagrad": (torch.optim.Adagrad, {"lr": 1e-3}),
 }
-VARIANTS = ("fwd+bwd", "for-loop", "foreach", "fused", "pw-backward", "pw-forward")
+VARIANTS = ("fwd+bwd", "for-loop", "foreach", "fused", "pw-backward", "pw-backward+overlap", "pw-forward")
 
 
 def mlp_20m() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -95,7 +100,9 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, torch.Tensor]]] = 
 }
 
 
-def make_step(variant: str, model: nn.Module, opt_name: str, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def make_step(
+    variant: str, model: nn.Module, opt_name: str, x: torch.Tensor, y: torch.Tensor, min_bucket_numel: int = 1 << 18
+) -> Callable[[], None]:
     """One training step of `variant` as a closure (optimizer built once, outside the timing)."""
     cls, kwargs = OPTIMIZERS[opt_name]
     loss_fn = nn.CrossEntropyLoss()
@@ -108,7 +115,10 @@ def make_step(variant: str, model: nn.Module, opt_name: str, x: torch.Tensor, y:
     elif variant == "fused":
         optimizer = cls(model.parameters(), fused=True, **kwargs)
     else:
-        optimizer = fuse_optimizer(model, cls, variant.removeprefix("pw-"), fused=True, **kwargs)
+        mode, _, extra = variant.removeprefix("pw-").partition("+")
+        optimizer = fuse_optimizer(
+            model, cls, mode, fused=True, overlap=extra == "overlap", min_bucket_numel=min_bucket_numel, **kwargs
+        )
 
     def step() -> None:
         if optimizer is None:
@@ -123,50 +133,101 @@ def make_step(variant: str, model: nn.Module, opt_name: str, x: torch.Tensor, y:
 
 
 def bench_model(
-    name: str, opt_name: str, rounds: int, steps_per_round: int, warmup: int, seed: int, clock: Callable[[], float]
+    name: str,
+    opt_name: str,
+    rounds: int,
+    steps_per_round: int,
+    warmup: int,
+    seed: int,
+    clock: Callable[[], float],
+    variants: tuple[str, ...] = VARIANTS,
+    min_bucket_numel: int = 1 << 18,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     base, x, y = MODELS[name]()
+    base, x, y = base.to(device), x.to(device), y.to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     n_params = sum(p.numel() for p in base.parameters())
-    steps = {v: make_step(v, copy.deepcopy(base), opt_name, x, y) for v in VARIANTS}
+    steps = {v: _synced(make_step(v, copy.deepcopy(base), opt_name, x, y, min_bucket_numel), sync) for v in variants}
     for step in steps.values():
         for _ in range(warmup):
             step()
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    order = list(VARIANTS)
+    times: dict[str, list[list[float]]] = {v: [] for v in variants}  # per round, per step
+    order = list(variants)
     rng = random.Random(seed)
     for r in range(rounds):
         rng.shuffle(order)
         for v in order:
             steps[v]()  # one untimed step: the variant's tensors back into cache after the others ran
+            times[v].append([])
             for _ in range(steps_per_round):
                 t0 = clock()
                 steps[v]()
-                times[v].append(clock() - t0)
+                times[v][-1].append(clock() - t0)
         print(f"  {name}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-    median = {v: statistics.median(ts) for v, ts in times.items()}
-    return {"model": name, "params": n_params, "median_s": median, "samples": {v: len(ts) for v, ts in times.items()}}
+    median = {v: statistics.median(t for ts in rs for t in ts) for v, rs in times.items()}
+    return {
+        "model": name,
+        "params": n_params,
+        "median_s": median,
+        "samples": {v: sum(len(ts) for ts in rs) for v, rs in times.items()},
+        "round_median_s": {v: [statistics.median(ts) for ts in rs] for v, rs in times.items()},
+    }
 
 
-def report(results: list[dict[str, Any]], opt_name: str, threads: int, clock: str) -> str:
+def _synced(step: Callable[[], None], sync: Callable[[], None]) -> Callable[[], None]:
+    """The step, returning only when the device has finished it (a no-op on the CPU)."""
+
+    def run() -> None:
+        step()
+        sync()
+
+    return run
+
+
+def report(
+    results: list[dict[str, Any]], opt_name: str, threads: int, clock: str, min_bucket_numel: int = 1 << 18, device: str = "cpu"
+) -> str:
     lines = [
-        f"optimizer {opt_name}, torch {torch.__version__}, {threads} intra-op threads; median step time (ms, {clock} clock)",
+        f"optimizer {opt_name}, torch {torch.__version__}, {device}, {threads} intra-op threads, min_bucket_numel {min_bucket_numel}; "
+        f"median step time (ms, {clock} clock); load average (1/5/15 min) at start {results[0].get('load_before', '?')}, "
+        f"at end {results[-1].get('load_after', '?')}",
         "",
-        "| model | params | variant | step ms | vs for-loop | vs fused | opt overhead |",
-        "|---|---|---|---|---|---|---|",
+        "| model | params | variant | step ms | vs for-loop | vs fused | rounds faster than fused | opt overhead |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
         med = res["median_s"]
-        floor, loop, fused = med["fwd+bwd"], med["for-loop"], med["fused"]
-        for v in VARIANTS:
-            t = med[v]
-            vs_loop = "" if v == "fwd+bwd" else f"{100 * (loop - t) / loop:+.1f}%"
-            vs_fused = "" if v == "fwd+bwd" else f"{100 * (fused - t) / fused:+.1f}%"
-            overhead = "" if v == "fwd+bwd" else f"{100 * (t - floor) / floor:.1f}%"
-            lines.append(f"| {res['model']} | {res['params'] / 1e6:.1f}M | {v} | {1000 * t:.1f} | {vs_loop} | {vs_fused} | {overhead} |")
+        floor, loop, fused = med.get("fwd+bwd"), med.get("for-loop"), med.get("fused")
+        per_round = res["round_median_s"]
+        for v, t in med.items():
+            vs_loop, vs_fused = _saving(loop, t, v), _saving(fused, t, v)
+            wins = ""
+            if v not in ("fwd+bwd", "fused") and "fused" in per_round:
+                pairs = list(zip(per_round[v], per_round["fused"]))
+                wins = f"{sum(a < b for a, b in pairs)}/{len(pairs)}"
+            overhead = "" if v == "fwd+bwd" or floor is None else f"{100 * (t - floor) / floor:.1f}%"
+            lines.append(
+                f"| {res['model']} | {res['params'] / 1e6:.1f}M | {v} | {1000 * t:.1f} | {vs_loop} | {vs_fused} | {wins} | {overhead} |"
+            )
     lines.append("")
-    lines.append("vs for-loop / vs fused: step time saved relative to that variant (positive = faster).")
+    lines.append("vs for-loop / vs fused: step time saved relative to that variant (positive = faster); rounds faster")
+    lines.append("than fused: rounds whose median step beat fused's in the same round (interleaved, so a paired test).")
     return "\n".join(lines)
+
+
+def _saving(base: float | None, t: float, variant: str) -> str:
+    """Step time saved relative to `base` (blank for the floor, or when `base` was not measured)."""
+    return "" if variant == "fwd+bwd" or base is None else f"{100 * (base - t) / base:+.1f}%"
+
+
+def _load() -> str:
+    """The 1/5/15-minute load averages (other jobs on a shared machine inflate wall-clock times)."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,20 +244,34 @@ def main(argv: list[str] | None = None) -> int:
         help="wall: elapsed time; cpu: this process's CPU time, which other processes' load cannot "
         "inflate (meaningful with --threads 1, where no thread spins waiting for another)",
     )
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
+    parser.add_argument("--min-bucket-numel", type=int, default=1 << 18, help="placewise bucket size floor (elements)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the models train")
     parser.add_argument("--json", help="also write the raw medians here")
     args = parser.parse_args(argv)
+    variants = tuple(args.variants.split(","))
+    for v in variants:
+        if v not in VARIANTS:
+            parser.error(f"unknown variant {v!r}; pick from {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     results = []
     for name in args.models.split(","):
         if name not in MODELS:
             parser.error(f"unknown model {name!r}; pick from {', '.join(MODELS)}")
-        results.append(bench_model(name, args.optimizer, args.rounds, args.steps_per_round, args.warmup, args.seed, clock))
-        print(report(results[-1:], args.optimizer, args.threads, args.clock), file=sys.stderr, flush=True)  # partial
-    print(report(results, args.optimizer, args.threads, args.clock))
+        load = _load()
+        results.append(bench_model(
+            name, args.optimizer, args.rounds, args.steps_per_round, args.warmup, args.seed, clock, variants, args.min_bucket_numel,
+            args.device,
+        ))
+        results[-1]["load_before"], results[-1]["load_after"] = load, _load()
+        partial = report(results[-1:], args.optimizer, args.threads, args.clock, args.min_bucket_numel, args.device)
+        print(partial, file=sys.stderr, flush=True)
+    print(report(results, args.optimizer, args.threads, args.clock, args.min_bucket_numel, args.device))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"optimizer": args.optimizer, "threads": args.threads, "clock": args.clock, "results": results}, fh, indent=1)
+            json.dump({"optimizer": args.optimizer, "threads": args.threads, "clock": args.clock, "device": args.device,
+                       "min_bucket_numel": args.min_bucket_numel, "results": results}, fh, indent=1)
     return 0
 
 
