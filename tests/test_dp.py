@@ -43,7 +43,9 @@ def _check_plan(graph: OpGraph, cluster: Cluster, plan) -> None:
     ev = evaluate(graph, cluster, plan.assignment())
     assert ev.feasible, ev.violations
     assert ev.max_load == pytest.approx(plan.max_load, rel=1e-9, abs=1e-12)
-    assert plan.lower_bound == pytest.approx(plan.max_load, rel=1e-9, abs=1e-12) and plan.gap == 0.0
+    # Optimal: found by a DP run, or certified by a run just below it finding nothing.
+    assert plan.notes["exact"] and 0.0 <= plan.gap <= dp.CERTIFY_GAP * (1 + 1e-6)
+    assert plan.max_load * (1 - dp.CERTIFY_GAP) * (1 - 1e-12) <= plan.lower_bound <= plan.max_load * (1 + 1e-12)
 
 
 @lru_cache(maxsize=None)
@@ -230,6 +232,34 @@ def test_dp_with_more_than_64_device_count_states(problem, accelerators: int, cp
     plan = solve(graph, cluster, "dp")
     _check_plan(graph, cluster, plan)
     assert plan.max_load == pytest.approx(expected[0], rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("pendant_time, expected, restricted_optimal", [(2.0, 6.0, True), (1.0, 5.0, False)])
+def test_side_branch_restriction_is_only_a_start(pendant_time: float, expected: float,
+                                                 restricted_optimal: bool) -> None:
+    # Main line 0 -> 1 -> 2 -> 5 and a side branch 1 -> 3 -> 4 ending the graph. The restricted problem
+    # keeps the branch with node 1; with a light branch, splitting it (0 1 3 | 2 4 5) is better,
+    # and the run just below the restricted optimum must find that.
+    times = [1.0, 1.0, 3.0, pendant_time, pendant_time, 3.0]
+    nodes = [Node(i, None, t, 10 * t, 0.0, True) for i, t in enumerate(times)]
+    edges = [Edge(0, 1, 0.0), Edge(1, 2, 0.0), Edge(2, 5, 0.0), Edge(1, 3, 0.0), Edge(3, 4, 0.0)]
+    graph = OpGraph.build(nodes, edges, name="side-branch")
+    cluster = Cluster.simple(2, 0)
+    plan = solve(graph, cluster, "dp")
+    assert plan.max_load == pytest.approx(expected) == pytest.approx(best_split(graph, cluster, contiguous=True)[0])
+    _check_plan(graph, cluster, plan)
+    # The search itself, handed the restricted optimum as the split to certify.
+    units = simplify(graph, cluster)
+    restricted = solve(dp._merged_pendants(graph, units), cluster, "dp")
+    problem = dp._problem(units, cluster)
+    lattice = enumerate_ideals(units.pred_units)
+    outcome = dp._search(units, problem, lattice, dp.prepare(units, problem, lattice), 0.0, restricted.max_load,
+                         True, None, None)
+    assert outcome.upper_optimal == restricted_optimal
+    if restricted_optimal:
+        assert outcome.result is None and restricted.max_load == pytest.approx(expected)
+    else:
+        assert outcome.result.value == pytest.approx(expected) and expected < restricted.max_load
 
 
 @pytest.mark.parametrize("name", ["LayerGraphs/gnmt_inference", "LayerGraphs/resnet50_training"])

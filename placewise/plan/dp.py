@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numba import njit
@@ -37,7 +37,8 @@ from numba import njit
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, DeviceKind, OpGraph
 from placewise.plan.cost import MEMORY_TOLERANCE
-from placewise.plan.ideals import DEFAULT_IDEAL_LIMIT, IdealLattice, Units, chain_lattice, enumerate_ideals, simplify
+from placewise.plan.ideals import (DEFAULT_IDEAL_LIMIT, IdealLattice, Units, chain_lattice, enumerate_ideals, pendants,
+                                   simplify)
 from placewise.plan.plan import Plan, plan_from_assignment
 
 INF = math.inf
@@ -53,8 +54,12 @@ STATE_LIMIT = 4096
 WALK_COST = 1024
 # Ideals processed per compiled call, so that progress can be shown between calls.
 CHUNK = 2048
-# The search's first run, at the chain bound, gets this many seconds before the bound search starts.
+# The search's first run, just below the chain bound, gets this many seconds before the bound search
+# starts.
 QUICK_TRY = 2.0
+# A split from a restricted problem is certified optimal by a DP run at this fraction below its
+# max-load finding nothing (cheap: runs just below the optimum are).
+CERTIFY_GAP = 1e-8
 # The bound search raises the bound by this fraction per failed run. On PipeDream's inception_v3 with
 # 4 devices, steps of 0.5%, 1%, 2%, 4% took 17.4, 15.2, 19.0, 14.7 s (62, 32, 17, 9 runs): about the
 # same, since failed runs get cheaper as steps get longer while the overshoot gets dearer.
@@ -279,14 +284,14 @@ def _bit_index(single):
 
 
 @njit(cache=True)
-def _could_improve(root, sub, least_loads, dp, prev, relevant):
+def _could_improve(root, sub, least_loads, prune, dp, prev, relevant):
     """Whether a set whose load on kind t is at least least_loads[t] could lower some dp[root, s]."""
     for s in range(prev.shape[0]):
         if not relevant[s]:
             continue
         for t in range(prev.shape[1]):
             p = prev[s, t]
-            if p >= 0 and max(dp[sub, p], least_loads[t]) < dp[root, s]:
+            if p >= 0 and least_loads[t] <= prune and max(dp[sub, p], least_loads[t]) < dp[root, s]:
                 return True
     return False
 
@@ -460,10 +465,14 @@ def _run_chunk(lo, hi, lat, units, ports, kinds, prune, total_work, dp, arg_idea
                     if not subset:
                         continue
                     stats[2] += 1
+                    # Ports split by the root but not paid by the set are split by the sub-ideal, and the
+                    # other way round: the set pays at least the difference of the two split costs.
+                    # Skip the exact transfer where that floor and the compute cannot improve a state.
+                    floor = abs(split_cost[root] - split_cost[sub])
                     for t in range(n_kinds):
                         comp[t] = comp_ideal[root, t] - comp_ideal[sub, t]
-                    # The transfer only adds to a load: skip it where compute alone cannot improve a state.
-                    if not _could_improve(root, sub, comp, dp, prev, relevant):
+                        loads[t] = comp[t] + floor if accelerator[t] else comp[t]
+                    if not _could_improve(root, sub, loads, prune, dp, prev, relevant):
                         continue
                     transfer = 0.0
                     for k in range(split_ptr[root], split_ptr[root + 1]):
@@ -693,44 +702,77 @@ def _lower_bound(units: Units, problem: Problem) -> float:
     return float(max(least.max(initial=0.0), least.sum() / devices))
 
 
+@dataclass
+class _Outcome:
+    result: DPResult | None  # the DP's optimal split; None when out of time or when `upper` is optimal
+    proven: float  # every split has at least this max-load
+    upper_optimal: bool  # the split behind `upper` is optimal (to CERTIFY_GAP)
+    runs: int
+    pairs: int
+
+
 def _search(units: Units, problem: Problem, lattice: IdealLattice, prepared: Prepared, lower: float, upper: float,
-            reporter: "_Progress | None", deadline: float | None) -> tuple[DPResult | None, float, int, int]:
-    """The optimum, found by DP runs at a few bounds: (result or None past the deadline, the best
-    proven lower bound, runs, sets evaluated).
+            certify: bool, reporter: "_Progress | None", deadline: float | None) -> _Outcome:
+    """The optimum, found by DP runs at a few bounds.
 
     A run at bound B returns the optimum if it is at most B and nothing otherwise, and costs more the
     more sets fit under B; far more once B passes the optimum, since then many partial splits
-    survive. So: first one run at the chain bound, limited to QUICK_TRY seconds (enough where the
-    chain split is near optimal); then runs from the work lower bound up in steps of BOUND_STEP,
-    each failure proving a higher lower bound, until the first success, which overshoots by at most
-    one step."""
-    runs = pairs = 0
-    proven = lower
+    survive, while a run that fails just below the optimum is cheap. So the first run is just below
+    `upper` (the best split known): it fails when that split is optimal and otherwise finds the
+    optimum. It may take until the deadline where `upper` is the optimum of a restricted problem
+    (`certify`: likely optimal here too), else QUICK_TRY seconds (enough where the chain split is
+    near optimal or the graph is small). Past those, runs from the work lower bound up in steps of
+    BOUND_STEP, each failure proving a higher lower bound, until the first success, which
+    overshoots by at most one step.
+    """
+    outcome = _Outcome(None, lower, False, 0, 0)
 
     def run(bound: float, until: float | None) -> DPResult | None:
-        nonlocal runs, pairs
-        runs += 1
+        outcome.runs += 1
         if reporter:
             reporter.describe(f"sets up to {bound:.6g}")
         result = run_dp(units, problem, lattice, bound, reporter.update if reporter else None, until, prepared=prepared)
         if result is not None:
-            pairs += result.pairs
+            outcome.pairs += result.pairs
         return result
 
     if not math.isfinite(upper):
-        return run(INF, deadline), proven, runs, pairs
-    quick = time.perf_counter() + QUICK_TRY
-    result = run(upper, quick if deadline is None else min(quick, deadline))
-    if result is not None:
-        return result, proven, runs, pairs
+        outcome.result = run(INF, deadline)
+        return outcome
+    below = upper * (1 - CERTIFY_GAP)
+    until = time.perf_counter() + QUICK_TRY
+    until = deadline if certify else until if deadline is None else min(until, deadline)
+    outcome.result = run(below, until)
+    if outcome.result is not None:
+        if not math.isfinite(outcome.result.value):
+            outcome.result, outcome.proven, outcome.upper_optimal = None, below, True
+        return outcome
+    if certify:
+        return outcome
     bound = lower
     while deadline is None or time.perf_counter() < deadline:
         bound = min(bound * (1 + BOUND_STEP), upper)
-        result = run(bound, deadline)
-        if result is None or math.isfinite(result.value):
-            return result, proven, runs, pairs
-        proven = bound
-    return None, proven, runs, pairs
+        outcome.result = run(bound, deadline)
+        if outcome.result is None or math.isfinite(outcome.result.value):
+            return outcome
+        outcome.proven = bound
+    return outcome
+
+
+def _merged_pendants(graph: OpGraph, units: Units) -> OpGraph | None:
+    """The graph with every side branch that ends it (an auxiliary classifier) colocated with the
+    unit it hangs off: a restricted problem with far fewer ideals whose splits are splits here too."""
+    found = pendants(units.pred_units, units.acc_time)
+    if not found:
+        return None
+    fresh = max((n.colocate for n in graph.nodes if n.colocate is not None), default=-1) + 1
+    colocate: dict[int, int] = {}
+    for k, (v, branch) in enumerate(found):
+        for u in (v, *branch):
+            for i in units.members[u]:
+                colocate[i] = fresh + k
+    return replace(graph, nodes=tuple(replace(n, colocate=colocate.get(i, n.colocate))
+                                      for i, n in enumerate(graph.nodes)))
 
 
 def solve(graph: OpGraph, cluster: Cluster, options) -> Plan:
@@ -748,48 +790,74 @@ def solve(graph: OpGraph, cluster: Cluster, options) -> Plan:
     chains = [run_dp(units, problem, chain_lattice(units.count, order)) for order in _topological_orders(units)]
     best_chain = min(chains, key=lambda r: r.value)
     upper = best_chain.value
+    best_assignment = _assignment(graph, units, problem, best_chain.sets)
+    deadline = None if options.time_limit is None else start + options.time_limit
+    # A side branch that ends the graph multiplies its ideals: the optimum with such branches kept
+    # on the unit they hang off is found on far fewer ideals, and is often the optimum here too.
+    merged = _merged_pendants(graph, units)
+    restricted = None
+    if merged is not None:
+        left = None if deadline is None else max(deadline - time.perf_counter(), 1e-3)
+        try:
+            restricted = solve(merged, cluster, replace(options, progress=False, time_limit=left))
+        except PlacewiseError:
+            restricted = None  # e.g. a branch and its unit do not fit one device together
+        if restricted is not None and restricted.notes["exact"] and restricted.max_load <= upper:
+            upper, best_assignment = restricted.max_load, restricted.assignment()
+        else:
+            restricted = None
     lower = _lower_bound(units, problem)
     limit = int(options.extra.get("ideal_limit", DEFAULT_IDEAL_LIMIT))
     lattice = enumerate_ideals(units.pred_units, limit)
     prepared = prepare(units, problem, lattice)
 
     reporter = _progress(options.progress, graph.name, lattice.count)
-    deadline = None if options.time_limit is None else start + options.time_limit
     try:
-        result, proven, runs, pairs = _search(units, problem, lattice, prepared, lower, upper, reporter, deadline)
+        outcome = _search(units, problem, lattice, prepared, lower, upper, restricted is not None, reporter, deadline)
     finally:
         if reporter:
             reporter.close()
-    exact = result is not None
-    if not exact:
-        # Out of time: the best chain split, with the best bound the DP runs proved.
+    exact = outcome.result is not None or outcome.upper_optimal
+    if outcome.result is not None:
+        if not math.isfinite(outcome.result.value):
+            _raise_infeasible(graph, units, problem)
+        value, assignment, bound = outcome.result.value, _assignment(graph, units, problem, outcome.result.sets), None
+    else:
+        # Certified, or out of time: the best split known, with the best bound the DP runs proved.
         if not math.isfinite(upper):
             raise PlacewiseError(f"the dp solver ran out of its {options.time_limit:g} s before finding a split; "
                                  "raise --time-limit")
-        result = best_chain
-    if not math.isfinite(result.value):
-        _raise_infeasible(graph, units, problem)
+        value, assignment, bound = upper, best_assignment, min(outcome.proven, upper)
+    notes = {"ideals": lattice.count, "ideal_pairs": outcome.pairs, "dp_runs": outcome.runs, "upper_bound": upper,
+             "work_lower_bound": lower, "exact": exact, **units.stats}
+    if restricted is not None:
+        notes["restricted"] = (f"side branches kept with the unit they hang off: {restricted.notes['ideals']:,} "
+                               f"ideals, max-load {restricted.max_load:.10g}"
+                               + (f", optimal here to {CERTIFY_GAP:g} (no split below it)" if outcome.upper_optimal
+                                  else ""))
+    if not exact:
+        notes["stopped"] = (f"time limit {options.time_limit:g} s: best split known; "
+                            f"every split has max-load at least {outcome.proven:.6g}")
+    bound = value if bound is None else bound
+    plan = plan_from_assignment(graph, cluster, assignment, solver="dp", seconds=time.perf_counter() - start,
+                                lower_bound=bound, gap=(value - bound) / value if value else 0.0, notes=notes)
+    if not plan.feasible or abs(plan.max_load - value) > AGREEMENT * max(1.0, abs(value)):
+        raise AssertionError(f"dp value {value!r} disagrees with the cost model's {plan.max_load!r} "
+                             f"(violations: {plan.violations})")
+    return plan
+
+
+def _assignment(graph: OpGraph, units: Units, problem: Problem, sets: list[tuple[int, np.ndarray]]) -> dict:
+    """Node id -> device for DP sets (kind index, units) in pipeline order."""
     assignment = {}
     used = {t: 0 for t in range(len(problem.kinds))}
-    for t, unit_set in result.sets:
+    for t, unit_set in sets:
         device = Device(problem.kinds[t].name, used[t])
         used[t] += 1
         for u in unit_set:
             for i in units.members[u]:
                 assignment[graph.nodes[i].id] = device
-    notes = {"ideals": lattice.count, "ideal_pairs": pairs, "dp_runs": runs, "upper_bound": upper,
-             "work_lower_bound": lower, "exact": exact, **units.stats}
-    if not exact:
-        notes["stopped"] = (f"time limit {options.time_limit:g} s: best split over topological-order segments; "
-                            f"every split has max-load at least {proven:.6g}")
-    bound = result.value if exact else min(proven, result.value)
-    plan = plan_from_assignment(graph, cluster, assignment, solver="dp", seconds=time.perf_counter() - start,
-                                lower_bound=bound, gap=(result.value - bound) / result.value if result.value else 0.0,
-                                notes=notes)
-    if not plan.feasible or abs(plan.max_load - result.value) > AGREEMENT * max(1.0, abs(result.value)):
-        raise AssertionError(f"dp value {result.value!r} disagrees with the cost model's {plan.max_load!r} "
-                             f"(violations: {plan.violations})")
-    return plan
+    return assignment
 
 
 def _raise_infeasible(graph: OpGraph, units: Units, problem: Problem) -> None:

@@ -378,6 +378,36 @@ def successors(pred_units: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...]
     return tuple(tuple(x) for x in out)
 
 
+def pendants(pred_units: tuple[tuple[int, ...], ...], work: np.ndarray) -> list[tuple[int, tuple[int, ...]]]:
+    """Side branches that end the graph: (attachment unit v, the branch's units), where the branch
+    is everything below one successor w of v, nothing outside it but v feeds it, and some other
+    branch below v holds more work (so the main line is never taken for a side branch). An
+    auxiliary classifier is one. Such a branch multiplies the ideals of everything beside it."""
+    succ = successors(pred_units)
+    found: list[tuple[int, frozenset[int]]] = []
+    for v, ws in enumerate(succ):
+        if len(ws) < 2:
+            continue
+        below = {w: _descendants(w, succ) for w in ws}
+        heaviest = max(ws, key=lambda w: float(work[list(below[w])].sum()))
+        for w in ws:
+            branch = below[w]
+            if w != heaviest and all(p in branch or p == v for u in branch for p in pred_units[u]):
+                found.append((v, frozenset(branch)))
+    # A branch inside another one is merged with it anyway.
+    return [(v, tuple(sorted(b))) for v, b in found if not any(b < other for _, other in found)]
+
+
+def _descendants(start: int, succ: tuple[tuple[int, ...], ...]) -> set[int]:
+    seen, stack = {start}, [start]
+    while stack:
+        for nxt in succ[stack.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return seen
+
+
 def enumerate_ideals(pred_units: tuple[tuple[int, ...], ...], limit: int = DEFAULT_IDEAL_LIMIT) -> IdealLattice:
     """All ideals of the DAG given by each unit's predecessors (units numbered topologically)."""
     n_units = len(pred_units)
