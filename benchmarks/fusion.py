@@ -101,9 +101,18 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, torch.Tensor]]] = 
 
 
 def make_step(
-    variant: str, model: nn.Module, opt_name: str, x: torch.Tensor, y: torch.Tensor, min_bucket_numel: int = 1 << 18
+    variant: str,
+    model: nn.Module,
+    opt_name: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    min_bucket_numel: int = 1 << 18,
+    split: list[float] | None = None,
 ) -> Callable[[], None]:
-    """One training step of `variant` as a closure (optimizer built once, outside the timing)."""
+    """One training step of `variant` as a closure (optimizer built once, outside the timing).
+
+    `split`, if given, receives the last step's wall time in ``backward()`` and in ``step()``.
+    """
     cls, kwargs = OPTIMIZERS[opt_name]
     loss_fn = nn.CrossEntropyLoss()
     if variant == "fwd+bwd":
@@ -125,9 +134,14 @@ def make_step(
             model.zero_grad(set_to_none=True)
         else:
             optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        loss = loss_fn(model(x), y)
+        t0 = time.perf_counter()
+        loss.backward()
+        t1 = time.perf_counter()
         if optimizer is not None:
             optimizer.step()
+        if split is not None:
+            split[:] = [t1 - t0, time.perf_counter() - t1]
 
     return step
 
@@ -149,15 +163,20 @@ def bench_model(
     base, x, y = base.to(device), x.to(device), y.to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     n_params = sum(p.numel() for p in base.parameters())
-    steps = {v: _synced(make_step(v, copy.deepcopy(base), opt_name, x, y, min_bucket_numel), sync) for v in variants}
+    last = {v: [0.0, 0.0] for v in variants}
+    steps = {v: _synced(make_step(v, copy.deepcopy(base), opt_name, x, y, min_bucket_numel, last[v]), sync) for v in variants}
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[list[float]]] = {v: [] for v in variants}  # per round, per step
+    splits: dict[str, list[list[float]]] = {v: [] for v in variants}  # per timed step: backward(), step()
+    others = _OtherLoad()
     order = list(variants)
     rng = random.Random(seed)
+    round_others: list[float | None] = []
     for r in range(rounds):
         rng.shuffle(order)
+        in_round = _OtherLoad()
         for v in order:
             steps[v]()  # one untimed step: the variant's tensors back into cache after the others ran
             times[v].append([])
@@ -165,6 +184,8 @@ def bench_model(
                 t0 = clock()
                 steps[v]()
                 times[v][-1].append(clock() - t0)
+                splits[v].append(list(last[v]))
+        round_others.append(in_round.cores())
         print(f"  {name}: round {r + 1}/{rounds}", file=sys.stderr, flush=True)
     median = {v: statistics.median(t for ts in rs for t in ts) for v, rs in times.items()}
     return {
@@ -173,7 +194,39 @@ def bench_model(
         "median_s": median,
         "samples": {v: sum(len(ts) for ts in rs) for v, rs in times.items()},
         "round_median_s": {v: [statistics.median(ts) for ts in rs] for v, rs in times.items()},
+        "split_median_s": {v: [statistics.median(s[i] for s in ss) for i in (0, 1)] for v, ss in splits.items()},
+        "other_cores": others.cores(),
+        "round_other_cores": round_others,
     }
+
+
+class _OtherLoad:
+    """How many cores other processes kept busy since this was made (Linux /proc/stat; None elsewhere).
+
+    The machine's busy CPU time minus this process's own (all its threads), over the elapsed time.
+    Overlap needs an idle core, so this says whether the run had one.
+    """
+
+    def __init__(self) -> None:
+        self._start = (self._busy(), time.process_time(), time.perf_counter())
+
+    @staticmethod
+    def _busy() -> float | None:
+        try:
+            with open("/proc/stat") as fh:
+                fields = [int(v) for v in fh.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def cores(self) -> float | None:
+        busy0, own0, wall0 = self._start
+        busy1 = self._busy()
+        if busy0 is None or busy1 is None:
+            return None
+        own, wall = time.process_time() - own0, time.perf_counter() - wall0
+        return max(0.0, (busy1 - busy0 - own) / wall)
 
 
 def _synced(step: Callable[[], None], sync: Callable[[], None]) -> Callable[[], None]:
@@ -193,6 +246,9 @@ def report(
         f"optimizer {opt_name}, torch {torch.__version__}, {device}, {threads} intra-op threads, min_bucket_numel {min_bucket_numel}; "
         f"median step time (ms, {clock} clock); load average (1/5/15 min) at start {results[0].get('load_before', '?')}, "
         f"at end {results[-1].get('load_after', '?')}",
+        "",
+        "other processes kept busy, on average (cores): "
+        + ", ".join(f"{r['model']} {r['other_cores']:.2f}" for r in results if r.get("other_cores") is not None),
         "",
         "| model | params | variant | step ms | vs for-loop | vs fused | rounds faster than fused | opt overhead |",
         "|---|---|---|---|---|---|---|---|",
@@ -214,6 +270,12 @@ def report(
     lines.append("")
     lines.append("vs for-loop / vs fused: step time saved relative to that variant (positive = faster); rounds faster")
     lines.append("than fused: rounds whose median step beat fused's in the same round (interleaved, so a paired test).")
+    if device == "cpu":
+        lines += ["", "Where the time goes (wall-clock medians, ms; the rest of a step is forward and zero_grad):", "",
+                  "| model | variant | backward() | step() |", "|---|---|---|---|"]
+        for res in results:
+            for v, (bwd, stp) in res["split_median_s"].items():
+                lines.append(f"| {res['model']} | {v} | {1000 * bwd:.1f} | {1000 * stp:.1f} |")
     return "\n".join(lines)
 
 

@@ -70,6 +70,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import queue
+import sys
 import threading
 import weakref
 from collections import OrderedDict, defaultdict
@@ -138,7 +139,8 @@ class _Worker:
         if thread is None:
             return
         self._jobs.put(None)
-        if thread is not threading.current_thread():  # __del__ may run on the worker itself
+        # __del__ may run on the worker itself, or at interpreter exit, when daemon threads no longer run.
+        if thread is not threading.current_thread() and not sys.is_finalizing():
             thread.join()
 
 
