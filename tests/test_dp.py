@@ -275,6 +275,21 @@ def test_bound_search_finds_the_reference_optimum(name: str, monkeypatch) -> Non
     _check_plan(graph, graph.cluster, plan)
 
 
+@pytest.mark.timeout(60)
+def test_bound_search_climbs_from_a_zero_work_bound(monkeypatch) -> None:
+    # No compute anywhere: the work bound is 0, and only the transfer between the two devices (which
+    # memory forces) costs. The climbing runs must still move up to the optimum.
+    monkeypatch.setattr(dp, "QUICK_TRY", 0.0)
+    monkeypatch.setattr(dp, "CHUNK", 1)
+    graph = OpGraph.build([Node(0, None, 0.0, 0.0, 1.0, True), Node(1, None, 0.0, 0.0, 1.0, True)],
+                          [Edge(0, 1, 2.0)], name="transfer-only")
+    cluster = Cluster((DeviceKind("accelerator", 2, True, 1.0, 1.0),))
+    plan = solve(graph, cluster, "dp")
+    assert plan.notes["work_lower_bound"] == 0.0 and plan.notes["dp_runs"] > 1
+    assert plan.max_load == pytest.approx(best_split(graph, cluster, contiguous=True)[0]) == pytest.approx(2.0)
+    _check_plan(graph, cluster, plan)
+
+
 def test_time_limit_returns_the_upper_bound_split() -> None:
     graph_file = str(THROUGHPUT_LAYER / "gnmt_inference.json")
     graph, optimal = _solved(graph_file)

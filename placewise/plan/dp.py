@@ -740,8 +740,10 @@ def _search(units: Units, problem: Problem, lattice: IdealLattice, prepared: Pre
         outcome.result = run(INF, deadline)
         return outcome
     below = upper * (1 - CERTIFY_GAP)
-    until = time.perf_counter() + QUICK_TRY
-    until = deadline if certify else until if deadline is None else min(until, deadline)
+    until = deadline
+    if not certify:
+        quick = time.perf_counter() + QUICK_TRY
+        until = quick if deadline is None else min(quick, deadline)
     outcome.result = run(below, until)
     if outcome.result is not None:
         if not math.isfinite(outcome.result.value):
@@ -749,7 +751,8 @@ def _search(units: Units, problem: Problem, lattice: IdealLattice, prepared: Pre
         return outcome
     if certify:
         return outcome
-    bound = lower
+    # From a work bound of 0 (no compute anywhere, only transfers) steps in % would never move.
+    bound = lower if lower > 0 else upper / 2
     while deadline is None or time.perf_counter() < deadline:
         bound = min(bound * (1 + BOUND_STEP), upper)
         outcome.result = run(bound, deadline)
@@ -792,6 +795,10 @@ def solve(graph: OpGraph, cluster: Cluster, options) -> Plan:
     upper = best_chain.value
     best_assignment = _assignment(graph, units, problem, best_chain.sets)
     deadline = None if options.time_limit is None else start + options.time_limit
+    lower = _lower_bound(units, problem)
+    # Listed first: a graph with too many ideals fails here at once, before any restricted solve.
+    limit = int(options.extra.get("ideal_limit", DEFAULT_IDEAL_LIMIT))
+    lattice = enumerate_ideals(units.pred_units, limit)
     # A side branch that ends the graph multiplies its ideals: the optimum with such branches kept
     # on the unit they hang off is found on far fewer ideals, and is often the optimum here too.
     merged = _merged_pendants(graph, units)
@@ -806,9 +813,6 @@ def solve(graph: OpGraph, cluster: Cluster, options) -> Plan:
             upper, best_assignment = restricted.max_load, restricted.assignment()
         else:
             restricted = None
-    lower = _lower_bound(units, problem)
-    limit = int(options.extra.get("ideal_limit", DEFAULT_IDEAL_LIMIT))
-    lattice = enumerate_ideals(units.pred_units, limit)
     prepared = prepare(units, problem, lattice)
 
     reporter = _progress(options.progress, graph.name, lattice.count)
@@ -821,7 +825,8 @@ def solve(graph: OpGraph, cluster: Cluster, options) -> Plan:
     if outcome.result is not None:
         if not math.isfinite(outcome.result.value):
             _raise_infeasible(graph, units, problem)
-        value, assignment, bound = outcome.result.value, _assignment(graph, units, problem, outcome.result.sets), None
+        value, assignment = outcome.result.value, _assignment(graph, units, problem, outcome.result.sets)
+        bound = value
     else:
         # Certified, or out of time: the best split known, with the best bound the DP runs proved.
         if not math.isfinite(upper):
@@ -838,7 +843,6 @@ def solve(graph: OpGraph, cluster: Cluster, options) -> Plan:
     if not exact:
         notes["stopped"] = (f"time limit {options.time_limit:g} s: best split known; "
                             f"every split has max-load at least {outcome.proven:.6g}")
-    bound = value if bound is None else bound
     plan = plan_from_assignment(graph, cluster, assignment, solver="dp", seconds=time.perf_counter() - start,
                                 lower_bound=bound, gap=(value - bound) / value if value else 0.0, notes=notes)
     if not plan.feasible or abs(plan.max_load - value) > AGREEMENT * max(1.0, abs(value)):
