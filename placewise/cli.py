@@ -333,7 +333,7 @@ def _train_data_parallel(args) -> int:
                       momentum=args.momentum, fuse=args.fuse, seed=args.seed, threads=args.threads,
                       checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
                       progress=not args.json and sys.stderr.isatty(), mapping=mapping, schedule=args.schedule,
-                      microbatches=args.microbatches)
+                      microbatches=args.microbatches, transport=args.transport)
     report = train_data_parallel(cfg)
     if report is None:
         return 0  # a rank other than 0 under torchrun: rank 0 reports
@@ -459,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--staleness", default="none", metavar="POLICY", help="none, lr, or bound:S")
     p.add_argument("--servers", type=int, default=1, metavar="S",
                    help="parameter-server shards (per stage with --plan)")
+    p.add_argument("--transport", choices=["auto", "shared", "gloo"], default="auto",
+                   help="how gradients and parameters reach the servers: shared memory (processes placewise starts "
+                        "on this machine), gloo messages, or auto (shared when possible)")
     p.add_argument("--dataset", choices=["digits", "synthetic"], default="digits")
     p.add_argument("--epochs", type=int, default=None, metavar="E")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K", help="server checkpoint every K updates")

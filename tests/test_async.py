@@ -6,6 +6,9 @@ a lot: the synchronous run also serves as the uninterrupted reference for the re
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,10 +48,11 @@ def plain_sgd(cfg: TrainConfig, steps: int) -> tuple[list[float], torch.nn.Modul
     return losses, model, opt
 
 
-def test_one_worker_async_equals_plain_sgd(tmp_path):
+@pytest.mark.parametrize("transport", ["shared", "gloo"])
+def test_one_worker_async_equals_plain_sgd(tmp_path, transport):
     ckpt = tmp_path / "one.pt"
     cfg = TrainConfig(model="mlp:32", mode="async", workers=1, steps=40, batch_size=32, lr=0.1, momentum=0.9,
-                      seed=1, checkpoint=str(ckpt), checkpoint_every=40, timeout_s=TIMEOUT)
+                      seed=1, checkpoint=str(ckpt), checkpoint_every=40, timeout_s=TIMEOUT, transport=transport)
     report = train_data_parallel(cfg)
     losses, model, opt = plain_sgd(cfg, 40)
     assert report.updates == 40 and [u["version"] for u in report.history] == list(range(1, 41))
@@ -109,11 +113,19 @@ def test_killed_run_resumes_from_checkpoint_step_for_step(sync_run, tmp_path):
     assert resumed.test_accuracy == reference.test_accuracy
 
 
+def shared_folders() -> set[str]:
+    """The shared transport's buffer folders that exist now."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    return {p.name for p in base.glob("placewise-server-*")}
+
+
 def test_dead_worker_does_not_stop_the_run():
     # Two server shards (ranks 0, 1), workers are ranks 2 and 3; rank 3 dies at its 15th step.
     cfg = TrainConfig(mode="async", workers=2, servers=2, steps=300, staleness="bound:2", seed=5,
-                      snapshot_every=100, kill_rank=3, kill_at=15, timeout_s=TIMEOUT)
+                      snapshot_every=100, kill_rank=3, kill_at=15, timeout_s=TIMEOUT, transport="shared")
+    before = shared_folders()
     report = train_data_parallel(cfg)
+    assert shared_folders() <= before  # the killed worker's buffers went with the run's folder
     assert report.updates == 300 and list(report.lost_workers) == [3]
     pushes = {w: sum(u["worker"] == w for u in report.history) for w in (2, 3)}
     assert pushes[3] <= 15 and pushes[2] >= 285  # the survivor carried the run
@@ -154,6 +166,11 @@ class RecordingServer(ParameterServer):
     def push(self, worker: int, grad: float, fetched_version: int) -> None:
         self.payload[worker].fill_(grad)
         self._handle(worker, torch.tensor([Kind.PUSH_FETCH, 1, fetched_version, 1.0, 1.0, 1.0], dtype=torch.float64))
+
+
+def test_unknown_transport_is_one_line():
+    with pytest.raises(PlacewiseError, match=r"^--transport 'pigeon': use one of auto, shared, gloo$"):
+        TrainConfig(steps=5, transport="pigeon").validate()
 
 
 def test_server_staleness_policies_and_sync_rounds_in_process():

@@ -24,12 +24,14 @@ run repeats the uninterrupted one step for step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -40,11 +42,12 @@ from placewise.errors import PlacewiseError
 from placewise.run.data import BatchStream, Dataset, load_dataset
 from placewise.run.launcher import is_torchrun, launch, run_rank
 from placewise.run.pipeline import PipelineJob, Prepared, cut_model, stage_schedule
-from placewise.run.server import (HEADER, REPLY, STOP, Kind, ParameterServer, ServerSettings, Staleness,
+from placewise.run.server import (HEADER, REPLY, STOP, Kind, ParameterServer, ServerSettings, SharedBuffers, Staleness,
                                   checkpoint_path, flat_views, load_checkpoint, make_optimizer, optimizer_class,
                                   optimizer_kwargs, save_checkpoint, shard_parameters)
 
 MODES = ("async", "sync", "ddp")
+TRANSPORTS = ("auto", "shared", "gloo")
 # Processes on one machine: beyond this the embedded launcher only thrashes (and gloo opens W*S pairs).
 MAX_PROCESSES = 64
 # Imported once by the launcher's fork server: later runs in the same process start in well under a second.
@@ -111,6 +114,10 @@ class TrainConfig:
     mapping: dict[str, int] = field(default_factory=dict)
     schedule: str = "1f1b"
     microbatches: int = 4
+    # How gradients and parameters travel between workers and servers: "shared" memory (ranks that
+    # the embedded launcher starts on this machine), "gloo" messages, or "auto" (shared when possible).
+    transport: str = "auto"
+    shared_dir: str | None = None   # set by the launching process for the shared transport
 
     def policy(self) -> Staleness:
         return Staleness.parse(self.staleness)
@@ -181,6 +188,8 @@ class TrainConfig:
             raise PlacewiseError("--checkpoint-every K needs K >= 1 and --checkpoint PATH")
         if self.threads < 1:
             raise PlacewiseError(f"--threads {self.threads}: must be 1 or more")
+        if self.transport not in TRANSPORTS:
+            raise PlacewiseError(f"--transport {self.transport!r}: use one of {', '.join(TRANSPORTS)}")
 
     def _validate_pipelines(self) -> None:
         if self.mode == "ddp":
@@ -299,15 +308,21 @@ class ServerLink:
     (every shard for a single-process worker; its stage's shards for a pipeline stage).
 
     The parameters and their gradients become views of one flat buffer per shard: fetched parameters
-    land in the model and pushed gradients leave it without copies."""
+    land in the model and pushed gradients leave it without copies. With `shared` buffers (this
+    process's `rank` names them) those flat buffers are the ones the server reads and writes."""
 
-    def __init__(self, params: list[nn.Parameter], shards: dict[int, tuple[int, ...]]) -> None:
+    def __init__(self, params: list[nn.Parameter], shards: dict[int, tuple[int, ...]],
+                 shared: SharedBuffers | None = None, rank: int = -1) -> None:
         self.servers = sorted(shards)
+        self.shared = shared
         self.param_flat: dict[int, torch.Tensor] = {}
         self.grad_flat: dict[int, torch.Tensor] = {}
         for s in self.servers:
-            pf, pviews = flat_views([params[i] for i in shards[s]])
-            gf, gviews = flat_views([torch.zeros_like(params[i]) for i in shards[s]])
+            numel = sum(params[i].numel() for i in shards[s])
+            pf, pviews = flat_views([params[i] for i in shards[s]],
+                                    into=shared.parameters(s, rank, numel) if shared else None)
+            gf, gviews = flat_views([torch.zeros_like(params[i]) for i in shards[s]],
+                                    into=shared.gradients(s, rank, numel) if shared else None)
             for i, pv, gv in zip(shards[s], pviews, gviews):
                 params[i].data = pv
                 params[i].grad = gv
@@ -323,7 +338,7 @@ class ServerLink:
         for s in sorted(self.running):
             self.headers[s].copy_(torch.tensor([float(kind), step, self.fetched[s], *stats], dtype=torch.float64))
             works.append(dist.isend(self.headers[s], dst=s))
-            if kind in (Kind.PUSH, Kind.PUSH_FETCH):
+            if kind in (Kind.PUSH, Kind.PUSH_FETCH) and self.shared is None:
                 works.append(dist.isend(self.grad_flat[s], dst=s))
         for w in works:
             w.wait()
@@ -335,7 +350,8 @@ class ServerLink:
                 dist.send(torch.tensor([float(Kind.BYE)] + [0.0] * (HEADER - 1), dtype=torch.float64), dst=s)
                 continue
             if kind in (Kind.HELLO, Kind.PUSH_FETCH, Kind.FETCH):
-                dist.recv(self.param_flat[s], src=s)
+                if self.shared is None:
+                    dist.recv(self.param_flat[s], src=s)
                 self.fetched[s] = int(self.reply[1])
             if s == self.servers[0]:
                 start = int(self.reply[2])
@@ -374,7 +390,7 @@ class ServerLink:
 def run_worker(rank: int, cfg: TrainConfig, data: Dataset, model: nn.Module, layout: Layout) -> dict[str, Any]:
     """A single-process parameter-server worker: steps until every server shard has said STOP."""
     worker = rank - layout.servers
-    link = ServerLink(list(model.parameters()), layout.stage_shards(0))
+    link = ServerLink(list(model.parameters()), layout.stage_shards(0), _shared(cfg), rank)
     stream = BatchStream(data.x_train, data.y_train, cfg.batch_size, cfg.seed, worker)
 
     def compute(step: int) -> tuple[float, float, float]:
@@ -392,7 +408,7 @@ def run_pipeline_worker(rank: int, cfg: TrainConfig, data: Dataset, model: nn.Mo
     """One stage of a pipeline worker: its stage of every batch through the schedule, its stage's gradients
     pushed to and parameters fetched from its stage's server shards. `group` is the pipeline's own group."""
     worker, stage_index = divmod(rank - layout.servers, layout.stages)
-    link = ServerLink(list(model.parameters()), layout.stage_shards(stage_index))
+    link = ServerLink(list(model.parameters()), layout.stage_shards(stage_index), _shared(cfg), rank)
     _, _, schedule = stage_schedule(prepared, stage_index, schedule=cfg.schedule, microbatches=cfg.microbatches,
                                     training=True, group=group)
     first, last = stage_index == 0, stage_index == layout.stages - 1
@@ -440,8 +456,12 @@ def run_server(rank: int, cfg: TrainConfig, data: Dataset, model: nn.Module, lay
                               kill_at=cfg.kill_at if cfg.kill_rank == rank else None)
     clients = layout.stage_ranks(layout.shard_stage[rank])
     server = ParameterServer(rank, layout.servers, [params[i].detach() for i in layout.shards[rank]], clients,
-                             settings, resume)
+                             settings, resume, _shared(cfg))
     return server.serve()
+
+
+def _shared(cfg: TrainConfig) -> SharedBuffers | None:
+    return SharedBuffers(cfg.shared_dir) if cfg.shared_dir else None
 
 
 def run_ddp(rank: int, world_size: int, cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
@@ -617,12 +637,17 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
                             cfg.fingerprint(data.features, data.classes))
     worker_ranks = [] if cfg.mode == "ddp" else [layout.worker_ranks(w) for w in range(cfg.workers)]
     if is_torchrun():
+        if cfg.transport == "shared":
+            raise PlacewiseError("--transport shared needs every rank started by placewise on this machine; under "
+                                 "torchrun use --transport gloo (or auto)")
         results, failures = _run_under_torchrun(cfg, data)
         if results is None:
             return None
     else:
-        results, failures = launch(rank_main, world_size, (cfg, data), threads=cfg.threads, timeout_s=cfg.timeout_s,
-                                   tolerate=[r for ranks in worker_ranks for r in ranks], preload=PRELOAD)
+        with _shared_folder(cfg) as shared_dir:
+            results, failures = launch(rank_main, world_size, (replace(cfg, shared_dir=shared_dir), data),
+                                       threads=cfg.threads, timeout_s=cfg.timeout_s,
+                                       tolerate=[r for ranks in worker_ranks for r in ranks], preload=PRELOAD)
     shards = [list(shard) for shard in layout.shards]
     if cfg.mode == "ddp":
         lead = results[0]
@@ -674,6 +699,18 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
         curve=curve, history=history, stages=cfg.stages, worker_ranks=worker_ranks,
         stage_staleness=stage_staleness,
         final_state={k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+@contextlib.contextmanager
+def _shared_folder(cfg: TrainConfig) -> Iterator[str | None]:
+    """A fresh folder for the shared transport's buffers (in memory where /dev/shm exists), removed after
+    the run whatever happens; None for the gloo transport or DDP (no server)."""
+    if cfg.mode == "ddp" or cfg.transport == "gloo":
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="placewise-server-",
+                                     dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as folder:
+        yield folder
 
 
 def _evaluate(model: nn.Module, params: list[nn.Parameter], shards: list[list[int]],
