@@ -450,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "adagrad"], default="sgd")
     p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--fuse", choices=["none", "backward", "forward"], default="none", help="optimizer fusion")
+    p.add_argument("--fuse", choices=["none", "backward", "backward-overlap", "forward"], default="none",
+                   help="optimizer fusion: each update inside backward (backward-overlap: on a second thread, "
+                        "for runs with fewer torch threads than cores) or just before the next forward")
     p.add_argument("--threads", type=int, default=1, metavar="T", help="torch threads per process")
     p.add_argument("--workers", type=int, metavar="W", help="data-parallel workers (async/sync/ddp); with --plan, each a pipeline")
     p.add_argument("--mode", choices=["pipeline", "async", "sync", "ddp"], default="pipeline")

@@ -159,7 +159,7 @@ def test_non_contiguous_plan_is_a_clear_error():
 
 # ---- pipelined runs against one process --------------------------------------------------------------
 CASES = [(name, n, schedule) for name in MODELS for n in (2, 3) for schedule in ("gpipe", "1f1b")]
-FUSE_MODES = ("backward", "forward")
+FUSE_MODES = ("backward", "backward-overlap", "forward")
 PRELOAD = ("torch", "torch.distributed.pipelining")
 
 

@@ -35,6 +35,7 @@ SCHEDULES = ("gpipe", "1f1b")
 # Distinct synthetic batches a run cycles through.
 BATCHES = 4
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
+FUSE_MODES = ("none", "backward", "backward-overlap", "forward")
 
 
 # ---- the model --------------------------------------------------------------------------------------
@@ -290,7 +291,7 @@ class PipelineJob:
     lr: float = 0.05
     optimizer: str = "sgd"
     momentum: float = 0.9
-    fuse: str = "none"
+    fuse: str = "none"  # none | backward | backward-overlap | forward (see placewise.fuse)
     seed: int = 0
     collect: tuple[str, ...] = ()  # grads, outputs: also return these (tests)
     fail_at_step: tuple[int, int] | None = None  # (stage, step): raise there (tests of shutdown)
@@ -305,6 +306,8 @@ class PipelineJob:
             raise PlacewiseError(f"schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
             raise PlacewiseError(f"optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        if self.fuse not in FUSE_MODES:
+            raise PlacewiseError(f"--fuse {self.fuse!r}: use one of {', '.join(FUSE_MODES)}")
         for name in ("batch_size", "microbatches", "steps"):
             if getattr(self, name) < 1:
                 raise PlacewiseError(f"--{name.replace('_', '-')} is {getattr(self, name)}; use 1 or more")
@@ -354,11 +357,9 @@ def _optimizer(job: PipelineJob, module: nn.Module):
            "adagrad": torch.optim.Adagrad}[job.optimizer]
     kwargs = {"lr": job.lr, **({"momentum": job.momentum} if job.optimizer == "sgd" else {})}
     if job.fuse != "none":
-        try:
-            from placewise.fuse import fuse_optimizer
-        except ImportError:
-            raise PlacewiseError("--fuse needs placewise.fuse, which is not built yet; use --fuse none") from None
-        return fuse_optimizer(module, cls, mode=job.fuse, **kwargs)
+        from placewise.fuse import fuse_optimizer
+        mode, _, overlap = job.fuse.partition("-")  # "backward-overlap": backward mode on a worker thread
+        return fuse_optimizer(module, cls, mode=mode, overlap=overlap == "overlap", **kwargs)
     return cls(params, **kwargs)
 
 
@@ -478,7 +479,7 @@ def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
     first, last = stage_index == 0, stage_index == job.n_stages - 1
     optimizer = _optimizer(job, module) if training else None
     backward = stage.backward_one_chunk
-    if job.fuse == "backward" and optimizer is not None:
+    if job.fuse.startswith("backward") and optimizer is not None:
         # A fused update fires when a gradient is final: only in the last microbatch's backward.
         def backward(*args, last_backward: bool = False, _backward=stage.backward_one_chunk, **kwargs):
             with contextlib.nullcontext() if last_backward else optimizer.accumulate():
