@@ -746,11 +746,15 @@ def plot_staleness(runs: dict[str, list[int]], path: str | Path) -> Path:
     bins = [b - 0.5 for b in range(top + 2)]
     for label, values in runs.items():
         mean = sum(values) / max(1, len(values))
-        ax.hist(values, bins=bins, alpha=0.6, label=f"{label} (mean {mean:.2f}, {len(values)} pushes)")
+        # Shares, not counts: runs of different lengths compare on one scale.
+        ax.hist(values, bins=bins, alpha=0.6, weights=[1 / len(values)] * len(values),
+                label=f"{label} (mean {mean:.2f}, {len(values)} pushes)")
     ax.set_xlabel("staleness (server updates since the worker fetched)")
-    ax.set_ylabel("pushes")
+    ax.set_ylabel("share of pushes")
+    ax.set_ylim(0, 1.35)  # room for the legend above the bars
+    ax.set_xticks(range(top + 1))
     ax.set_title("Staleness of asynchronous pushes")
-    ax.legend()
+    ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
