@@ -6,6 +6,7 @@ a lot: the synchronous run also serves as the uninterrupted reference for the re
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -166,6 +167,20 @@ class RecordingServer(ParameterServer):
     def push(self, worker: int, grad: float, fetched_version: int) -> None:
         self.payload[worker].fill_(grad)
         self._handle(worker, torch.tensor([Kind.PUSH_FETCH, 1, fetched_version, 1.0, 1.0, 1.0], dtype=torch.float64))
+
+
+def test_shared_transport_needs_room_for_its_buffers(monkeypatch):
+    from placewise.run import async_sgd
+    usage = shutil.disk_usage
+    monkeypatch.setattr(async_sgd.shutil, "disk_usage", lambda path: usage(path)._replace(free=10 << 20))
+    with async_sgd._shared_folder(TrainConfig(steps=5), needed=4 << 20) as folder:
+        assert folder is not None and Path(folder).is_dir()  # 4 MiB fit twice into 10 MiB
+    assert not Path(folder).exists()
+    with async_sgd._shared_folder(TrainConfig(steps=5), needed=6 << 20) as folder:
+        assert folder is None  # auto falls back to gloo
+    with pytest.raises(PlacewiseError, match=r"needs 6 MiB in .*, which has 10 MiB free; .* --transport gloo"):
+        with async_sgd._shared_folder(TrainConfig(steps=5, transport="shared"), needed=6 << 20):
+            pass
 
 
 def test_unknown_transport_is_one_line():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -644,7 +645,7 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
         if results is None:
             return None
     else:
-        with _shared_folder(cfg) as shared_dir:
+        with _shared_folder(cfg, _shared_bytes(layout, params)) as shared_dir:
             results, failures = launch(rank_main, world_size, (replace(cfg, shared_dir=shared_dir), data),
                                        threads=cfg.threads, timeout_s=cfg.timeout_s,
                                        tolerate=[r for ranks in worker_ranks for r in ranks], preload=PRELOAD)
@@ -701,15 +702,30 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
         final_state={k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
+def _shared_bytes(layout: Layout, params: list[nn.Parameter]) -> int:
+    """Bytes of the shared transport's buffers: a float32 gradient and parameter copy of each shard per client."""
+    return sum(8 * sum(params[i].numel() for i in shard) * len(layout.stage_ranks(layout.shard_stage[s]))
+               for s, shard in enumerate(layout.shards))
+
+
 @contextlib.contextmanager
-def _shared_folder(cfg: TrainConfig) -> Iterator[str | None]:
-    """A fresh folder for the shared transport's buffers (in memory where /dev/shm exists), removed after
-    the run whatever happens; None for the gloo transport or DDP (no server)."""
+def _shared_folder(cfg: TrainConfig, needed: int) -> Iterator[str | None]:
+    """A fresh folder for the shared transport's `needed` bytes of buffers (in memory where /dev/shm
+    exists), removed after the run whatever happens; None for the gloo transport, for DDP (no server),
+    and for `auto` when the folder's file system has less than twice that free (a full tmpfs would
+    kill a rank writing its buffer with SIGBUS instead of an error)."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
     if cfg.mode == "ddp" or cfg.transport == "gloo":
         yield None
         return
-    with tempfile.TemporaryDirectory(prefix="placewise-server-",
-                                     dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as folder:
+    free = shutil.disk_usage(base).free
+    if 2 * needed > free:
+        if cfg.transport == "shared":
+            raise PlacewiseError(f"--transport shared needs {needed / 2**20:.0f} MiB in {base}, which has "
+                                 f"{free / 2**20:.0f} MiB free; free some space there or use --transport gloo")
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="placewise-server-", dir=base) as folder:
         yield folder
 
 
