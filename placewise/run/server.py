@@ -5,9 +5,9 @@ model between them) and the optimizer for that shard. Workers talk to it with a 
 request/reply protocol over gloo `send`/`recv`:
 
     worker -> server  header float64[HEADER]: kind, steps_done, fetched_version, loss_sum, correct, samples
-                      then, for PUSH and PUSH_FETCH, the shard's gradient (float32, flat)
+                      then, for PUSH and PUSH_FETCH, the shard's gradient (float32, flat; over gloo only)
     server -> worker  reply  float64[REPLY]: status, version, start_step
-                      then, for HELLO and a fetch that is not STOPped, the shard's parameters
+                      then, for HELLO and a fetch that is not STOPped, the shard's parameters (over gloo only)
 
 With `SharedBuffers` (ranks on one machine) the gradients and parameters skip gloo: the worker
 writes its gradient where the server reads it, and the server copies parameters into the worker's
@@ -116,7 +116,8 @@ def shard_parameters(sizes: list[int], servers: int) -> list[list[int]]:
     return [sorted(shard) for shard in shards]
 
 
-def flat_views(tensors: list[torch.Tensor], into: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def flat_views(tensors: list[torch.Tensor],
+               into: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One flat buffer (`into`, when given) holding `tensors`' values, and views of it shaped like them
     (for one-message I/O)."""
     flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.empty(0)
