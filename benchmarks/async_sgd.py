@@ -72,7 +72,7 @@ def main() -> None:
         r["x_1_worker"] = r["updates_per_s"] / base_rate[r["lr"], r["momentum"]]
     best = {name: min((r for r in rows if r["variant"] == name), key=_time_key) for name in VARIANTS}
     table = Table(title=f"{args.model} on digits, {args.epochs:g} epochs, batch 32, medians of {args.reps} "
-                        f"(2-core CPU, load {load:.2f} at the start); * = the variant's best setting")
+                        f"({os.cpu_count()} CPU cores, load {load:.2f} at the start); * = the variant's best setting")
     for col in ("variant", "lr", "momentum", "updates/s", "x 1 worker", "samples/s", f"s to {TARGET:.0%}", "reached",
                 "final acc", "staleness"):
         table.add_column(col, justify="left" if col == "variant" else "right")
