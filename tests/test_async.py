@@ -67,6 +67,58 @@ def test_one_worker_async_equals_plain_sgd(tmp_path, transport):
     assert all(torch.equal(b, opt.state[p]["momentum_buffer"]) for b, p in zip(buffers, model.parameters()))
 
 
+def downpour_reference(cfg: TrainConfig) -> tuple[list[float], list[int], torch.nn.Module]:
+    """One worker's Downpour schedule replayed in one process: a local copy of the model computes each
+    minibatch's gradient; every n_push steps the mean of the accumulated gradients is applied to the
+    server's copy by torch.optim.SGD, and every n_fetch steps the local copy takes the server's values.
+    Returns the mean loss of each push, each push's staleness, and the server's model."""
+    data = digits(seed=cfg.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        server, local = (build_model(cfg.model, data.features, data.classes, cfg.seed) for _ in range(2))
+        opt = torch.optim.SGD(server.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        stream = BatchStream(data.x_train, data.y_train, cfg.batch_size, cfg.seed, worker=0)
+        losses, staleness, version, fetched, loss_sum, samples, accumulated = [], [], 0, 0, 0.0, 0.0, 0
+        step = 0
+        while version < cfg.steps:
+            x, y = stream.batch(step)
+            loss = F.cross_entropy(local(x), y)
+            loss.backward()
+            loss_sum, samples, accumulated, step = loss_sum + loss.item() * len(y), samples + len(y), accumulated + 1, \
+                step + 1
+            if step % cfg.n_push == 0:
+                for mine, theirs in zip(local.parameters(), server.parameters()):
+                    theirs.grad = mine.grad.div_(accumulated) if accumulated > 1 else mine.grad
+                opt.step()
+                losses.append(loss_sum / samples)
+                staleness.append(version - fetched)
+                version += 1
+                local.zero_grad(set_to_none=False)
+                loss_sum, samples, accumulated = 0.0, 0.0, 0
+            if step % cfg.n_fetch == 0:
+                with torch.no_grad():
+                    for mine, theirs in zip(local.parameters(), server.parameters()):
+                        mine.copy_(theirs)
+                fetched = version
+    finally:
+        torch.set_num_threads(threads)
+    return losses, staleness, server
+
+
+@pytest.mark.parametrize("n_push, n_fetch, transport", [(2, 2, "gloo"), (1, 3, "shared"), (2, 3, "shared")])
+def test_push_and_fetch_intervals_follow_downpour(n_push, n_fetch, transport):
+    # Accumulated gradients go up every n_push steps; between fetches the worker computes on stale values.
+    cfg = TrainConfig(model="mlp:32", mode="async", workers=1, steps=18, batch_size=32, lr=0.1, momentum=0.9,
+                      seed=2, n_push=n_push, n_fetch=n_fetch, timeout_s=TIMEOUT, transport=transport)
+    report = train_data_parallel(cfg)
+    losses, staleness, model = downpour_reference(cfg)
+    assert [u["loss"] for u in report.history] == losses
+    assert [u["staleness"] for u in report.history] == staleness and max(staleness) >= (n_fetch > n_push)
+    for name, value in model.state_dict().items():
+        assert torch.equal(report.final_state[name], value)
+
+
 @pytest.fixture(scope="module")
 def sync_run(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("sync") / "sync.pt"
