@@ -763,7 +763,7 @@ def plot_staleness(runs: dict[str, list[int]], path: str | Path) -> Path:
     for label, values in runs.items():
         mean = sum(values) / max(1, len(values))
         # Shares, not counts: runs of different lengths compare on one scale.
-        ax.hist(values, bins=bins, alpha=0.6, weights=[1 / len(values)] * len(values),
+        ax.hist(values, bins=bins, alpha=0.6, weights=[1 / max(1, len(values))] * len(values),
                 label=f"{label} (mean {mean:.2f}, {len(values)} pushes)")
     ax.set_xlabel("staleness (server updates since the worker fetched)")
     ax.set_ylabel("share of pushes")
