@@ -235,6 +235,13 @@ def test_shared_transport_needs_room_for_its_buffers(monkeypatch):
             pass
 
 
+def test_staleness_picture_takes_a_stage_without_pushes(tmp_path):
+    # A pipeline stage without parameters has no server, so no pushes: its histogram is empty.
+    from placewise.run.async_sgd import plot_staleness
+    path = plot_staleness({"stage 0": [0, 1, 1, 2], "stage 1": []}, tmp_path / "staleness.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_unknown_transport_is_one_line():
     with pytest.raises(PlacewiseError, match=r"^--transport 'pigeon': use one of auto, shared, gloo$"):
         TrainConfig(steps=5, transport="pigeon").validate()
