@@ -137,8 +137,8 @@ def _views_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tens
 class SharedBuffers:
     """The protocol's bulk data in memory-mapped files of one folder, for a server and clients on one machine.
 
-    Over gloo every push and fetch crosses the loopback TCP stack: about 1.5 ms of kernel copying per
-    4.4 MB on each side, three times a plain memory copy. Here client `c` of shard `s` owns two buffers:
+    Over gloo every push and fetch crosses the loopback TCP stack: a 4.4 MB round trip took 3 ms,
+    where a plain memory copy of 4.4 MB takes 0.3-0.9 ms. Here client `c` of shard `s` owns two buffers:
     its gradient (the client writes it, the server reads it) and its parameters (the server writes
     them, the client computes with them). A client touches them only before its request and after its
     reply, the server only in between, so the gloo messages alone order every access."""
