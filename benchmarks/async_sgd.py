@@ -37,7 +37,8 @@ VARIANTS = {
     "1 worker, gloo transport": dict(mode="async", workers=1, transport="gloo"),
     "2 workers async, gloo transport": dict(mode="async", workers=2, transport="gloo"),
 }
-GLOO_ROWS = ("1 worker, gloo transport", "2 workers async, gloo transport")
+GLOO_ROWS = tuple(name for name, v in VARIANTS.items() if v.get("transport") == "gloo")
+ASYNC_ROWS = tuple(name for name, v in VARIANTS.items() if v["mode"] == "async" and v["workers"] > 1)
 
 
 def main() -> None:
@@ -97,10 +98,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "async_sgd.json").write_text(json.dumps({"args": vars(args), "rows": rows, "summary": summary}, indent=1))
-    async_rows = (ASYNC, "2 workers async, gloo transport")
     picture = plot_staleness({f"{name}, every setting": [v for (n, _), reports in runs.items() if n == name
                                                          for r in reports for v in r.staleness]
-                              for name in async_rows},
+                              for name in ASYNC_ROWS},
                              out / "staleness.png")
     console.print(f"wrote {out / 'async_sgd.json'} and {picture}")
 
