@@ -95,7 +95,7 @@ class Cluster:
 
     def with_overrides(self, accelerators: int | None = None, cpus: int | None = None,
                        memory: float | None = None) -> "Cluster":
-        """Apply the CLI's --accelerators/--cpus/--memory to the paper's two kinds."""
+        """Apply the CLI's --accelerators/--cpus/--memory to the paper's two kinds; the result must have a device."""
         kinds = list(self.kinds)
         names = [k.name for k in kinds]
         for name, accel in ((ACCELERATOR, True), (CPU, False)):
@@ -110,7 +110,12 @@ class Cluster:
             elif k.name == CPU and cpus is not None:
                 k = replace(k, count=cpus)
             out.append(k)
-        return Cluster(tuple(out), self.bandwidth)
+        cluster = Cluster(tuple(out), self.bandwidth)
+        # Checked here, for every command that takes these flags, before any of them starts work
+        # (scoring a split on no devices would otherwise fail inside the cost model).
+        if not cluster.accelerators + cluster.cpus:
+            raise PlacewiseError("the cluster has no devices; give --accelerators and/or --cpus of at least 1")
+        return cluster
 
     def to_json(self) -> dict:
         return {
