@@ -19,7 +19,8 @@ profiled on a device of that kind (`placewise profile --device cuda --out FILE`)
 the whole-model forward time of the top-level `reference: FILE` graph (the one to be planned, or
 another profile of the same model on the same device) over the kind's own. Relative paths are
 read from the device file's folder. `kinds` may also be a mapping from name to the other fields.
-A cluster written by placewise (`Cluster.to_json`) is a valid device file.
+Units are bytes (`GB`, `GiB`); units in bits (`Gb`) are refused. A cluster written by placewise
+(`Cluster.to_json`) is a valid device file.
 """
 
 from __future__ import annotations
