@@ -244,6 +244,7 @@ def test_bad_flags_give_one_line(capsys, argv, words):
     (["devices", "--out"], "dir", ["--out", "is a folder"]),
     (["devices", "--out"], "missing-parent", ["--out", "does not exist"]),
     (["profile", "mlp", "--out"], "dir", ["--out", "is a folder"]),
+    (["profile", "mlp", "--out"], "missing-parent", ["--out", "does not exist"]),
     (["profile", "mlp", "--export-paper"], "missing-parent", ["--export-paper", "does not exist"]),
     (["train", "mlp", "--workers", "2", "--mode", "async", "--out"], "graph.json", ["--out", "is a file, not a folder"]),
     (["train", "mlp", "--workers", "2", "--mode", "async", "--checkpoint"], "dir", ["--checkpoint", "is a folder"]),
