@@ -378,7 +378,7 @@ EXAMPLES = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="placewise", description="Optimal device placement of DNN operator graphs, "
-                                     "pipelined and asynchronous training, and optimizer fusion.")
+                            "pipelined and asynchronous training, and optimizer fusion.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str, func):
