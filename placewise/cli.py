@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import sys
 from pathlib import Path
 
-from placewise.errors import PlacewiseError
+from placewise.errors import PlacewiseError, dump_json
+from placewise.validate import (OneLineParser, device_count, finite_non_negative, finite_positive, input_file,
+                                learning_rate, momentum, non_negative_int, output_file, output_file_in_new_folder,
+                                output_folder, positive_int, seed)
 
 
 
 # ---- shared helpers -------------------------------------------------------------------------------
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("devices (override what the graph file carries)")
-    g.add_argument("--accelerators", "-k", type=int, metavar="K", help="number of accelerators")
-    g.add_argument("--cpus", "-l", type=int, metavar="L", help="number of CPU cores")
-    g.add_argument("--memory", type=float, metavar="BYTES", help="memory of one accelerator, bytes")
+    g.add_argument("--accelerators", "-k", type=device_count, metavar="K", help="number of accelerators")
+    g.add_argument("--cpus", "-l", type=device_count, metavar="L", help="number of CPU cores")
+    g.add_argument("--memory", type=finite_positive, metavar="BYTES", help="memory of one accelerator, bytes")
     g.add_argument("--devices", metavar="FILE", help="a device file (YAML or JSON) describing the cluster")
 
 
@@ -31,7 +33,7 @@ def _graph_command(p: argparse.ArgumentParser) -> None:
 
 
 def _graph_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bandwidth", type=float, default=None, metavar="BYTES_PER_S",
+    p.add_argument("--bandwidth", type=finite_positive, default=None, metavar="BYTES_PER_S",
                    help="link bandwidth for PipeDream graphs (bytes/s; default 10e9)")
 
 
@@ -114,7 +116,7 @@ def _emit(plan, args, title: str) -> None:
     if getattr(args, "out", None):
         plan.save(args.out)
     if args.json:
-        print(json.dumps(plan.to_json(), indent=1))
+        print(dump_json(plan.to_json()))
     else:
         print_plan(plan, title)
         if getattr(args, "out", None):
@@ -175,7 +177,7 @@ def cmd_compare(args) -> int:
     if args.plot:
         plot(result, args.plot)
     if args.json:
-        print(json.dumps(result.to_json(), indent=1))
+        print(dump_json(result.to_json()))
         return 0
     what = "max-load" if args.objective == "throughput" else "latency"
     table = Table(title=f"{graph.name}: {cluster.accelerators} accelerator(s), {cluster.cpus} CPU(s), {what} by method "
@@ -228,7 +230,7 @@ def cmd_profile(args) -> int:
         export_paper(graph, args.export_paper)
         written.append(f"paper JSON written to {args.export_paper}")
     if args.json:
-        print(json.dumps(summary(graph), indent=1))
+        print(dump_json(summary(graph)))
     else:
         print_summary(graph, written)
     return 0
@@ -240,7 +242,7 @@ def cmd_devices(args) -> int:
     if args.out:
         Path(args.out).write_text(machine_device_file(info))
     if args.json:
-        print(json.dumps(info, indent=1))
+        print(dump_json(info))
         return 0
     from rich.table import Table
     table = Table(title="this machine")
@@ -303,9 +305,9 @@ def _run_pipeline_job(args, mode: str) -> int:
     report.update(model=args.model, plan=str(args.plan), threads_per_process=args.threads)
     if getattr(args, "out", None):
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"{mode}-report.json").write_text(json.dumps(report, indent=1) + "\n")
+        (Path(args.out) / f"{mode}-report.json").write_text(dump_json(report) + "\n")
     if args.json:
-        print(json.dumps(report, indent=1))
+        print(dump_json(report))
     else:
         print_report(report, f"{args.model}: {mode} on {len(results)} pipeline stage(s), {args.threads} thread(s) each")
     return 0
@@ -340,7 +342,7 @@ def _train_data_parallel(args) -> int:
     if args.out:
         write_outputs(report, args.out)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
+        print(dump_json(report.to_dict()))
     else:
         print_report(report)
     return 0
@@ -375,8 +377,8 @@ EXAMPLES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="placewise", description="Optimal device placement of DNN operator graphs, "
-                                     "pipelined and asynchronous training, and optimizer fusion.")
+    parser = OneLineParser(prog="placewise", description="Optimal device placement of DNN operator graphs, "
+                            "pipelined and asynchronous training, and optimizer fusion.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str, func):
@@ -391,51 +393,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("split", help="split file (reference {fpgas, cpus} format or a placewise plan)")
     p.add_argument("--noncontiguous", action="store_true", help="do not require contiguous sets")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
-    p.add_argument("--out", metavar="PLAN.json", help="also write the scored plan")
+    p.add_argument("--out", type=output_file, metavar="PLAN.json", help="also write the scored plan")
 
     p = add("plan", "find a split of a graph across devices", cmd_plan)
     _graph_command(p)
     p.add_argument("--solver", default="dp", help="dp (exact, default), ip, or a baseline")
     p.add_argument("--noncontiguous", action="store_true", help="allow non-contiguous sets (integer program)")
-    p.add_argument("--time-limit", type=float, metavar="S", help="stop after S seconds with the best plan found")
-    p.add_argument("--gap", type=float, default=1e-4, metavar="G", help="relative optimality gap to stop at (ip)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", metavar="PLAN.json", help="write the plan")
+    p.add_argument("--time-limit", type=finite_positive, metavar="S", help="stop after S seconds with the best plan found")
+    p.add_argument("--gap", type=finite_non_negative, default=1e-4, metavar="G", help="relative optimality gap to stop at (ip)")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--out", type=output_file, metavar="PLAN.json", help="write the plan")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
 
     p = add("compare", "run the exact planner and the baselines side by side", cmd_compare)
     _graph_command(p)
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="solvers/baselines to run (default: all)")
-    p.add_argument("--expert", metavar="SPLIT", help="an expert split file to include as a row")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-limit", type=float, metavar="S", help="per-method time limit (ip, local-search; default 60)")
-    p.add_argument("--plot", metavar="FILE.png", help="write a bar chart")
+    p.add_argument("--expert", type=input_file, metavar="SPLIT", help="an expert split file to include as a row")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--time-limit", type=finite_positive, metavar="S", help="per-method time limit (ip, local-search; default 60)")
+    p.add_argument("--plot", type=output_file, metavar="FILE.png", help="write a bar chart")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
 
     p = add("profile", "trace and time a PyTorch model into an operator graph", cmd_profile)
     p.add_argument("model", help="torchvision name (resnet18), transformers config (bert-base, gpt2) or package.module:factory")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N")
-    p.add_argument("--input-shape", type=int, nargs="+", metavar="D", help="input shape without the batch (e.g. 3 224 224, or a sequence length)")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N")
+    p.add_argument("--input-shape", type=positive_int, nargs="+", metavar="D", help="input shape without the batch (e.g. 3 224 224, or a sequence length)")
     p.add_argument("--granularity", choices=["layer", "operator"], default="layer")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--training", action="store_true", help="also time backward passes (training graph)")
-    p.add_argument("--repeats", type=int, default=5, metavar="R", help="timed runs per node (median)")
+    p.add_argument("--repeats", type=positive_int, default=5, metavar="R", help="timed runs per node (median)")
     p.add_argument("--devices", metavar="FILE", help="device file: cluster to store with the graph")
-    p.add_argument("--out", metavar="GRAPH.json", help="write the graph (placewise JSON)")
-    p.add_argument("--export-paper", metavar="FILE.json", help="also write the paper's JSON format")
+    p.add_argument("--out", type=output_file, metavar="GRAPH.json", help="write the graph (placewise JSON)")
+    p.add_argument("--export-paper", type=output_file, metavar="FILE.json", help="also write the paper's JSON format")
     p.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
-    p.add_argument("--layers", type=int, metavar="N", help="transformer blocks (transformers models only)")
-    p.add_argument("--warmup", type=int, default=1, metavar="W", help="untimed runs before timing (after one check run)")
-    p.add_argument("--threads", type=int, default=1, metavar="T", help="torch threads while profiling (1: one core)")
+    p.add_argument("--layers", type=positive_int, metavar="N", help="transformer blocks (transformers models only)")
+    p.add_argument("--warmup", type=non_negative_int, default=1, metavar="W", help="untimed runs before timing (after one check run)")
+    p.add_argument("--threads", type=positive_int, default=1, metavar="T", help="torch threads while profiling (1: one core)")
     p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                    help="CPU timing: process CPU time, wall time, or auto (CPU time for one thread)")
     p.add_argument("--optimizer", choices=["sgd", "momentum", "adagrad", "adam", "adamw"], default="adam",
                    help="optimizer whose state a training graph's memory counts")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the random weights and inputs")
 
     p = add("devices", "show the devices of this machine", cmd_devices)
     p.add_argument("--json", action="store_true", help="print as JSON on stdout")
-    p.add_argument("--out", metavar="FILE.yaml", help="write a device file describing this machine")
+    p.add_argument("--out", type=output_file, metavar="FILE.yaml", help="write a device file describing this machine")
 
     p = add("train", "train a model as a pipeline (from a plan) and/or with data-parallel workers", cmd_train)
     p.add_argument("model", help="model name (as for profile) or package.module:factory")
@@ -447,9 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, metavar="N")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
     p.add_argument("--input-shape", type=int, nargs="+", metavar="D")
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--lr", type=learning_rate, default=0.05)
     p.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "adagrad"], default="sgd")
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--momentum", type=momentum, default=0.9)
     p.add_argument("--fuse", choices=["none", "backward", "backward-overlap", "forward"], default="none",
                    help="optimizer fusion: each update inside backward (backward-overlap: on a second thread, "
                         "for runs with fewer torch threads than cores) or just before the next forward")
@@ -467,10 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["digits", "synthetic"], default="digits")
     p.add_argument("--epochs", type=int, default=None, metavar="E")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K", help="server checkpoint every K updates")
-    p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file")
+    p.add_argument("--checkpoint", type=output_file_in_new_folder, metavar="PATH", help="checkpoint file")
     p.add_argument("--resume", metavar="CHECKPOINT", help="resume from a checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", metavar="DIR", help="folder for reports and pictures")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--out", type=output_folder, metavar="DIR", help="folder for reports and pictures")
     p.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
 
     p = add("serve-bench", "measure pipelined inference throughput of a plan", cmd_serve_bench)
@@ -485,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
     p = add("demo", "profile, plan, compare, pipeline-train and async-train a small model, with pictures", cmd_demo)
-    p.add_argument("--out", default="placewise-out", metavar="DIR", help="folder for pictures and files")
+    p.add_argument("--out", type=output_folder, default="placewise-out", metavar="DIR", help="folder for pictures and files")
     p.add_argument("--quick", action="store_true", help="a reduced run (fewer repeats, steps and epochs)")
     return parser
 
