@@ -25,7 +25,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from placewise.run.async_sgd import TrainConfig, plot_staleness, train_data_parallel
+from placewise.pictures import plot_staleness
+from placewise.run.dataparallel.config import TrainConfig
+from placewise.run.dataparallel.train import train_data_parallel
 
 TARGET = 0.95
 BASE, ASYNC, DDP = "1 worker", "2 workers async", "2 workers DDP"

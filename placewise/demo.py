@@ -74,7 +74,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> list[Ste
                       ["graph.json"]))
 
     # 2. plan ------------------------------------------------------------------------------------------
-    from placewise.cli import print_plan
+    from placewise.console import print_plan
     from placewise.pictures import draw_graph, draw_loads
     from placewise.plan import SolveOptions, solve
 
@@ -134,7 +134,9 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> list[Ste
 
 
 def _pipeline_step(settings: DemoSettings, plan, console: Console) -> Step:
-    from placewise.run.pipeline import PipelineJob, mapping_from_plan, run_pipeline
+    from placewise.run.cut import mapping_from_plan
+    from placewise.run.job import PipelineJob
+    from placewise.run.pipeline import run_pipeline
     from placewise.run.report import pipeline_report, print_report
 
     n = len(plan.stages)
@@ -163,8 +165,9 @@ def _pipeline_step(settings: DemoSettings, plan, console: Console) -> Step:
 
 
 def _async_step(settings: DemoSettings, console: Console) -> Step:
-    from placewise.pictures import draw_training_curves
-    from placewise.run.async_sgd import TrainConfig, plot_staleness, train_data_parallel
+    from placewise.pictures import draw_training_curves, plot_staleness
+    from placewise.run.dataparallel.config import TrainConfig
+    from placewise.run.dataparallel.train import train_data_parallel
 
     epochs = 2 if settings.quick else 10
     _header(console, 5, f"asynchronous SGD: 2 workers and a parameter server on the digits data, {epochs} epochs")
