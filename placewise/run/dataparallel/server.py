@@ -34,7 +34,7 @@ import torch.distributed as dist
 from placewise.errors import PlacewiseError
 from placewise.run.choices import BOUND, SERVER_MODES
 from placewise.run.dataparallel.checkpoint import checkpoint_path, save_checkpoint
-from placewise.run.dataparallel.protocol import CONTINUE, HEADER, REPLY, STOP, Kind, flat_views, views_like
+from placewise.run.dataparallel.protocol import CONTINUE, HEADER, STOP, Kind, flat_views, views_like
 from placewise.run.dataparallel.shared import SharedBuffers
 from placewise.run.dataparallel.staleness import Staleness
 from placewise.run.optim import make_optimizer
