@@ -15,8 +15,8 @@ from placewise.console import fmt_bytes as _fmt_bytes
 from placewise.console import print_plan
 from placewise.errors import PlacewiseError
 from placewise.plan.schedule import DEFAULT_SCHEDULE, GPIPE, SCHEDULES
-from placewise.run.choices import (DATASETS, FUSE_MODES, OPTIMIZERS, STALENESS_HELP, TRAIN_MODES,
-                                   TRANSPORTS)
+from placewise.run.choices import (ASYNC, DATASETS, FUSE_MODES, OPTIMIZERS, PIPELINE, STALENESS_HELP,
+                                   TRAIN_MODES, TRANSPORTS)
 
 # ---- shared helpers -------------------------------------------------------------------------------
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -221,7 +221,7 @@ def cmd_devices(args) -> int:
 
 # ---- train and serve-bench (run issue: pipelines; async issue: data parallel) ----------------------
 def cmd_train(args) -> int:
-    if args.workers is not None or args.mode != "pipeline":
+    if args.workers is not None or args.mode != PIPELINE:
         return _train_data_parallel(args)
     return _train_pipeline(args)
 
@@ -279,7 +279,7 @@ def _train_data_parallel(args) -> int:
     from placewise.run.dataparallel.config import TrainConfig
     from placewise.run.dataparallel.report import print_report, write_outputs
     from placewise.run.dataparallel.train import train_data_parallel
-    mode = "async" if args.mode == "pipeline" else args.mode
+    mode = ASYNC if args.mode == PIPELINE else args.mode
     mapping = {}
     if args.plan:  # every worker is a pipeline of the plan's stages
         from placewise.plan import load_plan
@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "for runs with fewer torch threads than cores) or just before the next forward")
     p.add_argument("--threads", type=int, default=1, metavar="T", help="torch threads per process")
     p.add_argument("--workers", type=int, metavar="W", help="data-parallel workers (async/sync/ddp); with --plan, each a pipeline")
-    p.add_argument("--mode", choices=TRAIN_MODES, default="pipeline")
+    p.add_argument("--mode", choices=TRAIN_MODES, default=PIPELINE)
     p.add_argument("--n-push", type=int, default=1, metavar="N", help="push gradients every N steps")
     p.add_argument("--n-fetch", type=int, default=1, metavar="N", help="fetch parameters every N steps")
     p.add_argument("--staleness", default="none", metavar="POLICY", help=STALENESS_HELP)

@@ -10,11 +10,13 @@ OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "adagrad")
 # thread) or just before the next forward.
 FUSE_MODES: tuple[str, ...] = ("none", "backward", "backward-overlap", "forward")
 # Data-parallel modes: workers around a parameter server (async, sync) or DDP.
-DATA_PARALLEL_MODES: tuple[str, ...] = ("async", "sync", "ddp")
+ASYNC, SYNC, DDP = "async", "sync", "ddp"
+DATA_PARALLEL_MODES: tuple[str, ...] = (ASYNC, SYNC, DDP)
 # The modes a parameter server runs in.
-SERVER_MODES: tuple[str, ...] = ("async", "sync")
+SERVER_MODES: tuple[str, ...] = (ASYNC, SYNC)
 # `placewise train --mode`: one pipeline (from a plan), or data parallelism.
-TRAIN_MODES: tuple[str, ...] = ("pipeline", *DATA_PARALLEL_MODES)
+PIPELINE = "pipeline"
+TRAIN_MODES: tuple[str, ...] = (PIPELINE, *DATA_PARALLEL_MODES)
 # How gradients and parameters travel between workers and servers.
 TRANSPORTS: tuple[str, ...] = ("auto", "shared", "gloo")
 # Staleness policies of asynchronous pushes; BOUND takes its bound S as "bound:S".

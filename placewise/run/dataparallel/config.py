@@ -10,7 +10,7 @@ from typing import Any
 
 from placewise.errors import PlacewiseError
 from placewise.plan.schedule import DEFAULT_SCHEDULE
-from placewise.run.choices import DATA_PARALLEL_MODES, TRANSPORTS
+from placewise.run.choices import ASYNC, DATA_PARALLEL_MODES, DDP, SYNC, TRANSPORTS
 from placewise.run.dataparallel.model import parse_model
 from placewise.run.dataparallel.staleness import Staleness
 from placewise.run.job import PipelineJob
@@ -23,7 +23,7 @@ MAX_PROCESSES = 64
 @dataclass
 class TrainConfig:
     model: str = "mlp"
-    mode: str = "async"
+    mode: str = ASYNC
     workers: int = 2
     servers: int = 1
     n_push: int = 1
@@ -68,16 +68,16 @@ class TrainConfig:
 
     def world_size(self) -> int:
         """Processes of the run; with a plan, at most this (a stage without parameters has no server)."""
-        return self.workers if self.mode == "ddp" else (self.servers + self.workers) * self.stages
+        return self.workers if self.mode == DDP else (self.servers + self.workers) * self.stages
 
     def server_count(self) -> int:
-        return 0 if self.mode == "ddp" else self.servers * self.stages
+        return 0 if self.mode == DDP else self.servers * self.stages
 
     def total_steps(self, train_size: int) -> int:
         """Server updates of the run: `steps`, or `epochs` passes over the data (all workers together)."""
         if self.steps is not None:
             return self.steps
-        per_update = self.batch_size * self.n_push * (1 if self.mode == "async" else self.workers)
+        per_update = self.batch_size * self.n_push * (1 if self.mode == ASYNC else self.workers)
         return max(1, int(-(-self.epochs * train_size // per_update)))
 
     def validate(self) -> None:
@@ -97,16 +97,16 @@ class TrainConfig:
             if value < 1:
                 raise PlacewiseError(f"{flag} {value}: must be 1 or more (steps between pushes/fetches)")
         policy = self.policy()
-        if self.mode != "async" and policy.policy != "none":
+        if self.mode != ASYNC and policy.policy != "none":
             raise PlacewiseError(f"--staleness {self.staleness} applies to --mode async only; {self.mode} has no "
                                  f"stale gradients")
-        if self.mode == "ddp" and (self.n_push, self.n_fetch, self.servers) != (1, 1, 1):
+        if self.mode == DDP and (self.n_push, self.n_fetch, self.servers) != (1, 1, 1):
             raise PlacewiseError("--mode ddp has no parameter server: drop --n-push, --n-fetch and --servers")
-        if self.mode == "sync" and self.n_fetch != self.n_push:
+        if self.mode == SYNC and self.n_fetch != self.n_push:
             raise PlacewiseError(f"--mode sync: --n-fetch {self.n_fetch} must equal --n-push {self.n_push} "
                                  f"(every worker takes the parameters of each synchronous round)")
         if self.fuse != "none":
-            if self.mode != "ddp":
+            if self.mode != DDP:
                 fix = ("use --fuse none, or drop --workers/--mode to fuse the optimizer into each stage of one "
                        "pipeline" if self.mapping else "use --mode ddp or --fuse none")
                 raise PlacewiseError(f"--fuse {self.fuse} does not apply to --mode {self.mode}: the parameter "
@@ -131,7 +131,7 @@ class TrainConfig:
             raise PlacewiseError(f"--transport {self.transport!r}: use one of {', '.join(TRANSPORTS)}")
 
     def _validate_pipelines(self) -> None:
-        if self.mode == "ddp":
+        if self.mode == DDP:
             raise PlacewiseError("--plan with --mode ddp: DDP all-reduces the gradients of whole-model replicas, "
                                  "pipeline workers would need one all-reduce group per stage, which is not built; "
                                  "use --mode sync (the same mean gradient, through the server) or drop --plan")

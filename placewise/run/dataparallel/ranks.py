@@ -20,6 +20,7 @@ from placewise.run.dataparallel.layout import Layout, parameter_layout
 from placewise.run.dataparallel.model import build_model
 from placewise.run.dataparallel.server import ParameterServer, ServerSettings
 from placewise.run.dataparallel.shared import SharedBuffers
+from placewise.run.choices import DDP
 from placewise.run.dataparallel.worker import run_pipeline_worker, run_worker
 
 
@@ -45,7 +46,7 @@ def rank_main(rank: int, world_size: int, cfg: TrainConfig, data: Dataset | None
     `data` comes from the launching process when there is one (loaded once, no scikit-learn import
     per rank); under torchrun each rank loads it."""
     data = data if data is not None else load_dataset(cfg.dataset, cfg.seed)
-    if cfg.mode == "ddp":
+    if cfg.mode == DDP:
         return run_ddp(rank, world_size, cfg, data)
     model = build_model(cfg.model, data.features, data.classes, cfg.seed)
     layout, prepared = parameter_layout(cfg, model, data)

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from placewise.run.choices import ASYNC
+
 
 @dataclass
 class TrainReport:
@@ -60,7 +62,7 @@ def write_outputs(report: TrainReport, out: str | Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "report.json"]
     written[0].write_text(json.dumps(report.to_dict(with_history=True), indent=1))
-    if report.mode == "async" and report.staleness:
+    if report.mode == ASYNC and report.staleness:
         runs = ({f"stage {s} of {report.workers} pipelines": values for s, values in enumerate(report.stage_staleness)}
                 if report.stage_staleness else {f"{report.workers} workers": report.staleness})
         from placewise.pictures import plot_staleness
@@ -83,7 +85,7 @@ def print_report(report: TrainReport) -> None:
                                                   if report.resumed_from is not None else "")),
             ("seconds", f"{report.seconds:.2f}"), ("updates/s", f"{report.updates_per_s:.1f}"),
             ("final training loss", f"{report.final_loss:.4f}"), ("test accuracy", f"{report.test_accuracy:.2%}")]
-    if report.mode == "async":
+    if report.mode == ASYNC:
         rows += [("mean staleness", f"{report.mean_staleness:.2f}"), ("max staleness", str(report.max_staleness))]
         for stage, values in enumerate(report.stage_staleness):
             rows.append((f"stage {stage}: pushes, mean / max staleness",

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from placewise.errors import PlacewiseError
-from placewise.run.choices import BOUND, SERVER_MODES
+from placewise.run.choices import BOUND, SERVER_MODES, SYNC
 from placewise.run.dataparallel.checkpoint import checkpoint_path, save_checkpoint
 from placewise.run.dataparallel.protocol import CONTINUE, HEADER, STOP, Kind, flat_views, views_like
 from placewise.run.dataparallel.shared import SharedBuffers
@@ -178,7 +178,7 @@ class ParameterServer:
             self._finish(worker) if self.done else self._reply(worker, CONTINUE, fetch=True)
         elif self.done:
             self._finish(worker)
-        elif self.settings.mode == "sync":
+        elif self.settings.mode == SYNC:
             self.round[worker] = header
             self._maybe_close_round()
         else:
@@ -279,7 +279,7 @@ class ParameterServer:
         self.round.pop(worker, None)
         self.deferred.pop(worker, None)
         # A dead worker must not hold up a synchronous round or the slowest-worker bound.
-        if self.settings.mode == "sync":
+        if self.settings.mode == SYNC:
             self._maybe_close_round()
         else:
             self._release_deferred()

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from placewise.errors import PlacewiseError
+from placewise.run.choices import DDP
 from placewise.run.dataparallel.config import TrainConfig
 from placewise.run.dataparallel.layout import Layout
 
@@ -60,7 +61,7 @@ def shared_folder(cfg: TrainConfig, needed: int) -> Iterator[str | None]:
     and for `auto` when the folder's file system has less than twice that free (a full tmpfs would
     kill a rank writing its buffer with SIGBUS instead of an error)."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-    if cfg.mode == "ddp" or cfg.transport == "gloo":
+    if cfg.mode == DDP or cfg.transport == "gloo":
         yield None
         return
     free = shutil.disk_usage(base).free

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from placewise.errors import PlacewiseError
+from placewise.run.choices import DDP
 from placewise.run.data import Dataset, load_dataset
 from placewise.run.dataparallel.checkpoint import checkpoint_path, load_checkpoint
 from placewise.run.dataparallel.config import TrainConfig, check_processes
@@ -75,13 +76,13 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
     model = build_model(cfg.model, data.features, data.classes, cfg.seed)
     params = list(model.parameters())
     layout, _ = parameter_layout(cfg, model, data)
-    world_size = cfg.workers if cfg.mode == "ddp" else layout.world_size
+    world_size = cfg.workers if cfg.mode == DDP else layout.world_size
     check_processes(cfg, world_size)
     if cfg.resume:
         for s in range(cfg.server_count() or 1):
             load_checkpoint(checkpoint_path(cfg.resume, s, cfg.server_count() or 1),
                             cfg.fingerprint(data.features, data.classes))
-    worker_ranks = [] if cfg.mode == "ddp" else [layout.worker_ranks(w) for w in range(cfg.workers)]
+    worker_ranks = [] if cfg.mode == DDP else [layout.worker_ranks(w) for w in range(cfg.workers)]
     if is_torchrun():
         if cfg.transport == "shared":
             raise PlacewiseError("--transport shared needs every rank started by placewise on this machine; under "
@@ -122,7 +123,7 @@ def _server_view(cfg: TrainConfig, layout: Layout, params: list[nn.Parameter],
     """The servers' results, the update history and each server's parameter indices. A DDP run's rank 0
     stands for its one "server"; each of its updates gets the loss and accuracy of all ranks' minibatches
     together, as the sync server reports them."""
-    if cfg.mode != "ddp":
+    if cfg.mode != DDP:
         server_results = results[:layout.servers]
         return server_results, server_results[0]["history"], [list(shard) for shard in layout.shards]
     lead = results[0]
