@@ -100,6 +100,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "async_sgd.json").write_text(json.dumps({"args": vars(args), "rows": rows, "summary": summary}, indent=1))
+    import matplotlib
+    matplotlib.use("Agg")  # a script writing files; placewise's library leaves the backend to its caller
     picture = plot_staleness({f"{name}, every setting": [v for (n, _), reports in runs.items() if n == name
                                                          for r in reports for v in r.staleness]
                               for name in ASYNC_ROWS},

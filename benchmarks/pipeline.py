@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 from placewise.graph import Cluster
 from placewise.plan import SolveOptions, solve
 from placewise.profile import profile_model
-from placewise.run.launcher import launch
 from placewise.run.cut import mapping_from_plan
 from placewise.run.job import PipelineJob
+from placewise.run.launcher import launch
 from placewise.run.pipeline import pipeline_rank
 from placewise.run.workload import build
 
