@@ -37,8 +37,9 @@ from numba import njit
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, DeviceKind, OpGraph
 from placewise.plan.cost import MEMORY_TOLERANCE
-from placewise.plan.ideals import (DEFAULT_IDEAL_LIMIT, IdealLattice, Units, chain_lattice, enumerate_ideals, pendants,
+from placewise.plan.ideals import (IdealLattice, Units, chain_lattice, enumerate_ideals, pendants,
                                    simplify)
+from placewise.plan.options import DPOptions
 from placewise.plan.plan import Plan, plan_from_assignment
 
 INF = math.inf
@@ -778,7 +779,7 @@ def _merged_pendants(graph: OpGraph, units: Units) -> OpGraph | None:
                                       for i, n in enumerate(graph.nodes)))
 
 
-def solve(graph: OpGraph, cluster: Cluster, options) -> Plan:
+def solve(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Plan:
     """Optimal contiguous split for throughput (least max-load)."""
     start = time.perf_counter()
     if options.objective != "throughput":
@@ -797,7 +798,7 @@ def solve(graph: OpGraph, cluster: Cluster, options) -> Plan:
     deadline = None if options.time_limit is None else start + options.time_limit
     lower = _lower_bound(units, problem)
     # Listed first: a graph with too many ideals fails here at once, before any restricted solve.
-    limit = int(options.extra.get("ideal_limit", DEFAULT_IDEAL_LIMIT))
+    limit = int(options.ideal_limit)
     lattice = enumerate_ideals(units.pred_units, limit)
     # A side branch that ends the graph multiplies its ideals: the optimum with such branches kept
     # on the unit they hang off is found on far fewer ideals, and is often the optimum here too.

@@ -29,9 +29,8 @@ from numba import njit
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, OpGraph
 from placewise.plan.cost import MEMORY_TOLERANCE
+from placewise.plan.options import DEFAULT_IDEAL_LIMIT
 
-# Ideals beyond this many would need more memory and time than a planner run should take.
-DEFAULT_IDEAL_LIMIT = 4_000_000
 
 
 class _UnionFind:

@@ -37,6 +37,8 @@ import numpy as np
 
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, DeviceKind, OpGraph
+from placewise.plan.cost import MEMORY_TOLERANCE
+from placewise.plan.options import OBJECTIVES, IPOptions
 from placewise.plan.plan import Plan, plan_from_assignment
 
 # How far the cost model's value may sit above the solver's objective before it is a modelling bug
@@ -46,8 +48,6 @@ AGREEMENT_TOLERANCE = 1e-6
 # target tests take over; it finds good splits, the tests prove bounds.
 DIRECT_SHARE = 0.15
 DIRECT_SECONDS = 30.0
-# The DP's warm start may take this share of a time limit (past it, the DP returns its best split).
-WARM_SHARE = 0.25
 # The smallest relative step a target test takes below the best split.
 MIN_TARGET_GAP = 1e-7
 # Bisecting target tests stop halving once the gap is within this many times the one asked for.
@@ -246,13 +246,13 @@ def _check_placeable(graph: OpGraph, cluster: Cluster, units: _Units) -> None:
         raise PlacewiseError(f"no split exists: node {graph.nodes[bad[0]].id} is not supported on an accelerator and the "
                              "cluster has no CPU; add a CPU (--cpus 1)")
     biggest = max((math.inf if k.memory is None else k.memory) for k in accs)
-    too_big = np.flatnonzero(units.memory > biggest * (1 + 1e-9))
+    too_big = np.flatnonzero(units.memory > biggest * (1 + MEMORY_TOLERANCE))
     if len(too_big):
         raise PlacewiseError(f"no split exists: {units.label[too_big[0]]} (with its colocation class) needs "
                              f"{units.memory[too_big[0]]:.6g} bytes, more than any accelerator's {biggest:.6g}, and the "
                              "cluster has no CPU; add a CPU or memory (--memory)")
     capacity = sum(math.inf if k.memory is None else k.memory * k.count for k in accs)
-    if units.memory.sum() > capacity * (1 + 1e-9):
+    if units.memory.sum() > capacity * (1 + MEMORY_TOLERANCE):
         raise PlacewiseError(f"no split exists: the graph needs {units.memory.sum():.6g} bytes, more than the "
                              f"{capacity:.6g} of all accelerators together, and the cluster has no CPU; add devices or memory")
 
@@ -271,7 +271,7 @@ def _kinds(cluster: Cluster) -> list[DeviceKind]:
 
 
 def _limit(kind: DeviceKind) -> float:
-    return math.inf if kind.memory is None else kind.memory * (1 + 1e-9)
+    return math.inf if kind.memory is None else kind.memory * (1 + MEMORY_TOLERANCE)
 
 
 def _order_identical(m: _Milp, block: np.ndarray) -> None:
@@ -403,7 +403,7 @@ def _contiguous_model(m: _Milp, graph: OpGraph, units: _Units, kinds: list[Devic
         m.add([(c[1:], 1.0), (c[:-1], -1.0)], ub=0.0)
     for ki, k in enumerate(kinds):
         if k.memory is not None:
-            m.add([(y[:, :, ki].T, units.memory[None, :]), (c[:, ki], -k.memory * (1 + 1e-9))], ub=0.0)
+            m.add([(y[:, :, ki].T, units.memory[None, :]), (c[:, ki], -k.memory * (1 + MEMORY_TOLERANCE))], ub=0.0)
     # Z[g, t] = is unit g within the first t+1 positions; every such prefix must be an ideal.
     if T > 1 and len(units.forward_edges):
         Z = m.var((U, T - 1), 0.0, 1.0)
@@ -570,29 +570,6 @@ def _latency_model(graph: OpGraph, cluster: Cluster, options, warm: Plan | None)
 
 
 # ---- entry point ----------------------------------------------------------------------------------
-def _warm_start(graph: OpGraph, cluster: Cluster, options) -> Plan | None:
-    """The DP's plan for throughput (when registered), else the greedy baseline, if feasible."""
-    from placewise.plan.latency_greedy import solve as greedy
-    from placewise.plan.solvers import SOLVERS, SolveOptions, get_solver
-    if options.warm_start is not None:
-        return options.warm_start
-    # The DP's contiguous optimum is a valid start for the non-contiguous program too.
-    plain = SolveOptions(objective=options.objective, contiguous=True, seed=options.seed,
-                         time_limit=None if options.time_limit is None else WARM_SHARE * options.time_limit)
-    candidates = []
-    if options.objective != "latency" and "dp" in SOLVERS:
-        candidates.append(lambda: get_solver("dp")(graph, cluster, plain))
-    candidates.append(lambda: greedy(graph, cluster, SolveOptions(objective=options.objective, contiguous=options.contiguous)))
-    for make in candidates:
-        try:
-            plan = make()
-        except PlacewiseError:
-            continue
-        if plan.feasible and (options.objective != "latency" or plan.latency is not None):
-            return plan
-    return None
-
-
 def _search(graph: OpGraph, cluster: Cluster, options, warm: Plan | None, what: str, contiguous: bool) -> tuple[Plan, float | None, dict]:
     """Minimise, then certify: returns the best plan (scored by the cost model), a proven lower bound, notes.
 
@@ -672,15 +649,19 @@ def _search(graph: OpGraph, cluster: Cluster, options, warm: Plan | None, what: 
     return best, bound, notes
 
 
-def solve(graph: OpGraph, cluster: Cluster, options) -> Plan:
+def _best_start(plans: tuple[Plan, ...]) -> Plan | None:
+    """The feasible warm start of least value, else the first one given."""
+    feasible = [p for p in plans if p.feasible and p.value is not None and math.isfinite(p.value)]
+    return min(feasible, key=lambda p: p.value) if feasible else (plans[0] if plans else None)
+
+
+def solve(graph: OpGraph, cluster: Cluster, options: IPOptions) -> Plan:
     """Registry entry `ip`: the throughput IP (contiguous or not) or the latency IP, by `options`."""
     begin = time.perf_counter()
-    if options.objective not in ("throughput", "latency"):
+    if options.objective not in OBJECTIVES:
         raise PlacewiseError(f"objective {options.objective!r} is not known; use throughput or latency")
-    if options.extra.get("blocks", 1) != 1:
-        raise PlacewiseError("the latency IP runs one block per accelerator (the cost model scores only that); drop blocks")
     _check_placeable(graph, cluster, _Units.of(graph))
-    warm = _warm_start(graph, cluster, options)
+    warm = _best_start(options.warm_starts)
     latency = options.objective == "latency"
     # Latency splits let CPU nodes interleave with accelerator blocks: no chain of device sets is asked for.
     contiguous = options.contiguous and not latency

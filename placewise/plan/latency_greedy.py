@@ -17,6 +17,7 @@ import numpy as np
 
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, OpGraph
+from placewise.plan.options import SolveOptions
 from placewise.plan.plan import Plan, plan_from_assignment
 
 
@@ -83,7 +84,7 @@ def greedy_assignment(graph: OpGraph, cluster: Cluster) -> dict[int, Device]:
     return assignment
 
 
-def solve(graph: OpGraph, cluster: Cluster, options) -> Plan:
+def solve(graph: OpGraph, cluster: Cluster, options: SolveOptions) -> Plan:
     """Registry entry `greedy-latency`: the greedy split, scored by the cost model."""
     start = time.perf_counter()
     assignment = greedy_assignment(graph, cluster)

@@ -5,7 +5,7 @@ then repeatedly makes the single move (one unit to another accelerator) that low
 most, until no move lowers it; the best of N restarts wins (the paper used 10). Like the paper's, it
 ignores memory and contiguity and uses accelerators only; the split is scored by the cost model as a
 non-contiguous one (infeasible where memory is exceeded). Seeded: `options.seed` fixes the starts;
-`options.extra["restarts"]` sets N; `options.time_limit` stops it early with the best so far.
+`options.restarts` sets N; `options.time_limit` stops it early with the best so far.
 
 A move changes only the loads of the unit's old and new device, so only moves touching a device at
 the max-load can lower it; the scan skips the others.
@@ -22,9 +22,9 @@ from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, OpGraph
 from placewise.plan.baselines._incremental import DeviceTable, State, move_delta, relocate
 from placewise.plan.baselines.common import accelerators, score, unit_nodes, units
+from placewise.plan.options import LocalSearchOptions
 from placewise.plan.plan import Plan
 
-DEFAULT_RESTARTS = 10
 # A move must lower the max-load by more than this fraction (the paper's code: 1e-5 absolute).
 IMPROVEMENT = 1e-9
 
@@ -49,10 +49,10 @@ def _best_move(unit_ptr, unit_members, unit_device, device, count, placed, load,
     return best, best_unit, best_target
 
 
-def local_search(graph: OpGraph, cluster: Cluster, options) -> Plan:
+def local_search(graph: OpGraph, cluster: Cluster, options: LocalSearchOptions) -> Plan:
     start = time.perf_counter()
     devices = accelerators(cluster, "local-search")
-    restarts = int(options.extra.get("restarts", DEFAULT_RESTARTS))
+    restarts = int(options.restarts)
     if restarts < 1:
         raise PlacewiseError(f"local-search: restarts is {restarts}; use 1 or more")
     u = units(graph, cluster)

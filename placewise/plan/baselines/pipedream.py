@@ -29,6 +29,7 @@ from placewise.graph import Cluster, OpGraph
 from placewise.plan.baselines._incremental import csr
 from placewise.plan.baselines.common import accelerators, chain_assignment, score, unit_nodes, units
 from placewise.plan.cost import MEMORY_TOLERANCE
+from placewise.plan.options import PipeDreamOptions
 from placewise.plan.plan import Plan
 
 
@@ -109,9 +110,9 @@ def _plan(graph: OpGraph, cluster: Cluster, options, method: str, transfers: boo
                  objective=options.objective, notes={"transfers": transfers, "planner_max_stage": float(best[n])})
 
 
-def pipedream(graph: OpGraph, cluster: Cluster, options) -> Plan:
-    """PipeDream's straight-pipeline DP; `options.extra["transfers"] = False` drops transfers from its objective."""
-    transfers = bool(options.extra.get("transfers", True))
+def pipedream(graph: OpGraph, cluster: Cluster, options: PipeDreamOptions) -> Plan:
+    """PipeDream's straight-pipeline DP; `options.transfers = False` drops transfers from its objective."""
+    transfers = bool(options.transfers)
     return _plan(graph, cluster, options, "pipedream" if transfers else "pipedream-nocomm", transfers)
 
 
