@@ -37,8 +37,8 @@ from numba import njit
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, DeviceKind, OpGraph
 from placewise.plan.cost import MEMORY_TOLERANCE
-from placewise.plan.ideals import (IdealLattice, Units, chain_lattice, enumerate_ideals, pendants,
-                                   simplify)
+from placewise.plan.ideals import IdealLattice, chain_lattice, enumerate_ideals, pendants
+from placewise.plan.units import Units, simplify
 from placewise.plan.options import DPOptions
 from placewise.plan.plan import Plan, plan_from_assignment
 

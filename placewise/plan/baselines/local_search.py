@@ -21,7 +21,8 @@ from numba import njit
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, OpGraph
 from placewise.plan.baselines._incremental import DeviceTable, State, move_delta, relocate
-from placewise.plan.baselines.common import accelerators, score, unit_nodes, units
+from placewise.plan.baselines.common import accelerators, score, units
+from placewise.plan.csr import csr
 from placewise.plan.options import LocalSearchOptions
 from placewise.plan.plan import Plan
 
@@ -60,7 +61,7 @@ def local_search(graph: OpGraph, cluster: Cluster, options: LocalSearchOptions) 
     if bad:
         raise PlacewiseError(f"local-search places on accelerators only, but node {bad[0]} is not supported on one; "
                              "use dp or greedy")
-    ptr, members = unit_nodes(u)
+    ptr, members = csr(u.members)
     table = DeviceTable(cluster, devices)
     starts = np.random.default_rng(options.seed).integers(0, len(devices), size=(restarts, u.count))
     best_value, best_device, steps, done = np.inf, None, 0, 0

@@ -26,9 +26,9 @@ from numba import njit
 
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, OpGraph
-from placewise.plan.baselines._incremental import csr
-from placewise.plan.baselines.common import accelerators, chain_assignment, score, unit_nodes, units
+from placewise.plan.baselines.common import accelerators, chain_assignment, score, units
 from placewise.plan.cost import MEMORY_TOLERANCE
+from placewise.plan.csr import csr
 from placewise.plan.options import PipeDreamOptions
 from placewise.plan.plan import Plan
 
@@ -84,7 +84,7 @@ def _plan(graph: OpGraph, cluster: Cluster, options, method: str, transfers: boo
     if transfers:
         pred_ptr, pred = csr(graph.pred)
         out_degree = np.array([len(s) for s in graph.succ], dtype=np.int64)
-        transfer = _segment_transfers(*unit_nodes(u), len(graph.nodes), pred_ptr, pred, out_degree, graph.out_cost)
+        transfer = _segment_transfers(*csr(u.members), len(graph.nodes), pred_ptr, pred, out_degree, graph.out_cost)
     else:
         transfer = 0.0
     best = np.full(n + 1, np.inf)
