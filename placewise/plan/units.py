@@ -143,17 +143,14 @@ def _memory_never_binds(graph: OpGraph, cluster: Cluster) -> bool:
     return not limits or float(graph.memory.sum()) <= min(limits) * (1 + MEMORY_TOLERANCE)
 
 
-def simplify(graph: OpGraph, cluster: Cluster) -> Units:
-    """Contract colocation classes, order orphans, fuse forward cycles, merge dominated zero-time units."""
-    n = len(graph.nodes)
-    classes, n_cls = colocation_classes(graph)
-    cls = classes.tolist()  # plain ints: the loops below index with them many times
+def _forward_class_edges(graph: OpGraph, cls: list[int], n_cls: int) -> tuple[set[tuple[int, int]], np.ndarray]:
+    """Forward class graph: real forward edges, and mirrored backward edges at orphan classes.
+    Returns the edges and, per class, whether it has a forward node."""
     backward = graph.is_backward
     has_forward = np.zeros(n_cls, dtype=bool)
-    for i in range(n):
+    for i in range(len(graph.nodes)):
         if not backward[i]:
             has_forward[cls[i]] = True
-    # Forward class graph: real forward edges, and mirrored backward edges at orphan classes.
     class_edges: set[tuple[int, int]] = set()
     for u, v in graph.edge_array:
         a, b = cls[u], cls[v]
@@ -163,7 +160,11 @@ def simplify(graph: OpGraph, cluster: Cluster) -> Units:
             class_edges.add((a, b))
         elif backward[u] and backward[v] and (not has_forward[a] or not has_forward[b]):
             class_edges.add((b, a))
-    uf = _UnionFind(n_cls)
+    return class_edges, has_forward
+
+
+def _fuse_cycles(uf: _UnionFind, n_cls: int, class_edges: set[tuple[int, int]]) -> int:
+    """Union the classes on a common forward cycle; returns how many were fused away."""
     dag = nx.DiGraph()
     dag.add_nodes_from(range(n_cls))
     dag.add_edges_from(class_edges)
@@ -173,17 +174,24 @@ def simplify(graph: OpGraph, cluster: Cluster) -> Units:
         fused += len(comp) - 1
         for c in comp[1:]:
             uf.union(c, comp[0])
+    return fused
 
-    # Zero-time merges. A unit whose every edge (forward, backward or mirrored) meets one other unit
-    # m and that takes no time can move onto m's device without raising any load: its own outputs
-    # stop crossing, m's outputs cross no more than before, nothing else changes; the forward
-    # quotient graph only loses edges, so contiguity holds. It must also not add memory that could
-    # bind, nor bring an unsupported operator onto an accelerator.
+
+def _merge_zero_time(graph: OpGraph, cluster: Cluster, uf: _UnionFind, cls: list[int], n_cls: int,
+                     class_edges: set[tuple[int, int]]) -> int:
+    """Zero-time merges; returns how many units were merged away.
+
+    A unit whose every edge (forward, backward or mirrored) meets one other unit m and that takes no
+    time can move onto m's device without raising any load: its own outputs stop crossing, m's outputs
+    cross no more than before, nothing else changes; the forward quotient graph only loses edges, so
+    contiguity holds. It must also not add memory that could bind, nor bring an unsupported operator
+    onto an accelerator.
+    """
     roots = sorted({uf.find(c) for c in range(n_cls)})
     time = np.zeros(n_cls)
     mem = np.zeros(n_cls)
     unsupported = np.zeros(n_cls, dtype=bool)
-    for i in range(n):
+    for i in range(len(graph.nodes)):
         r = uf.find(cls[i])
         time[r] += graph.acc_time[i] + graph.cpu_time[i]
         mem[r] += graph.memory[i]
@@ -212,6 +220,36 @@ def simplify(graph: OpGraph, cluster: Cluster) -> Units:
         del neighbours[r]
         merged += 1
         queue.append(m)
+    return merged
+
+
+def _ports(graph: OpGraph, unit_of: np.ndarray) -> tuple[list[tuple[int, tuple[int, ...]]], list[float]]:
+    """Ports: nodes grouped by (unit, set of other units their outputs reach); their keys and costs."""
+    out_units: list[set[int]] = [set() for _ in graph.nodes]
+    for u, v in graph.edge_array:
+        if unit_of[u] != unit_of[v]:
+            out_units[u].add(int(unit_of[v]))
+    port_index: dict[tuple[int, tuple[int, ...]], int] = {}
+    port_cost: list[float] = []
+    for i in range(len(graph.nodes)):
+        if out_units[i] and graph.out_cost[i] > 0:
+            key = (int(unit_of[i]), tuple(sorted(out_units[i])))
+            if key not in port_index:
+                port_index[key] = len(port_cost)
+                port_cost.append(0.0)
+            port_cost[port_index[key]] += float(graph.out_cost[i])
+    return sorted(port_index, key=port_index.get), port_cost
+
+
+def simplify(graph: OpGraph, cluster: Cluster) -> Units:
+    """Contract colocation classes, order orphans, fuse forward cycles, merge dominated zero-time units."""
+    n = len(graph.nodes)
+    classes, n_cls = colocation_classes(graph)
+    cls = classes.tolist()  # plain ints: the loops below index with them many times
+    class_edges, has_forward = _forward_class_edges(graph, cls, n_cls)
+    uf = _UnionFind(n_cls)
+    fused = _fuse_cycles(uf, n_cls, class_edges)
+    merged = _merge_zero_time(graph, cluster, uf, cls, n_cls, class_edges)
 
     # Number the units in a topological order of the forward unit DAG.
     root_of_class = [uf.find(c) for c in range(n_cls)]
@@ -227,22 +265,7 @@ def simplify(graph: OpGraph, cluster: Cluster) -> Units:
     for i in range(n):
         members[unit_of[i]].append(i)
     pred_units = tuple(tuple(sorted(number[p] for p in unit_dag.predecessors(r))) for r in order)
-
-    # Ports: nodes grouped by (unit, set of other units their outputs reach).
-    out_units: list[set[int]] = [set() for _ in range(n)]
-    for u, v in graph.edge_array:
-        if unit_of[u] != unit_of[v]:
-            out_units[u].add(int(unit_of[v]))
-    port_index: dict[tuple[int, tuple[int, ...]], int] = {}
-    port_cost: list[float] = []
-    for i in range(n):
-        if out_units[i] and graph.out_cost[i] > 0:
-            key = (int(unit_of[i]), tuple(sorted(out_units[i])))
-            if key not in port_index:
-                port_index[key] = len(port_cost)
-                port_cost.append(0.0)
-            port_cost[port_index[key]] += float(graph.out_cost[i])
-    keys = sorted(port_index, key=port_index.get)
+    keys, port_cost = _ports(graph, unit_of)
     ptr, targets_flat = csr([targets for _, targets in keys])
 
     def per_unit(values: np.ndarray, reduce=np.add) -> np.ndarray:
