@@ -1,6 +1,8 @@
-"""The exact throughput planner (`problem`: the encoding; `kernels`: the compiled core; `run`: one
-DP run at a bound; `bound_search`: the bound search; `pendants`: the side-branch restriction;
-`infeasible`: what it says when no split exists; `solve`: the entry point): a DP over the ideals of the forward graph (the paper's algorithm).
+"""The exact throughput planner: a DP over the ideals of the forward graph (the paper's algorithm).
+
+Modules: `problem` (the encoding), `kernels` (the compiled core), `run` (one DP run at a bound),
+`bound_search`, `pendants` (the side-branch restriction), `infeasible` (what it says when no split
+exists), `solve` (the entry point).
 
 A contiguous split is a chain of ideals ∅ = I_0 ⊆ I_1 ⊆ ... ⊆ I_d = all units; device j runs
 I_j \\ I_{j-1} (with the backward operators of its units). For every ideal I and every vector s of
