@@ -5,14 +5,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 from pathlib import Path
 
+from placewise.console import console as _console
+from placewise.console import fmt_bytes as _fmt_bytes
+from placewise.console import print_plan
 from placewise.errors import PlacewiseError, dump_json
+from placewise.plan.options import OBJECTIVES
+from placewise.plan.schedule import DEFAULT_SCHEDULE, GPIPE, SCHEDULES
+from placewise.run.choices import (ASYNC, DATASETS, FUSE_MODES, OPTIMIZERS, PIPELINE, STALENESS_HELP,
+                                   TRAIN_MODES, TRANSPORTS)
 from placewise.validate import (OneLineParser, device_count, finite_non_negative, finite_positive, input_file,
                                 learning_rate, momentum, non_negative_int, output_file, output_file_in_new_folder,
                                 output_folder, positive_int, seed)
-
 
 
 # ---- shared helpers -------------------------------------------------------------------------------
@@ -27,7 +34,7 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
 def _graph_command(p: argparse.ArgumentParser) -> None:
     """What every command that reads a graph takes: the graph file, the objective, the devices."""
     p.add_argument("graph", help="graph file (paper JSON, placewise JSON or PipeDream graph.txt)")
-    p.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
+    p.add_argument("--objective", choices=OBJECTIVES, default="throughput")
     _cluster_flags(p)
     _graph_flags(p)
 
@@ -64,52 +71,6 @@ def _cluster(args, graph):
 def _check_time_limit(args) -> None:
     if args.time_limit is not None and args.time_limit <= 0:
         raise PlacewiseError(f"--time-limit is {args.time_limit}; use a positive number of seconds")
-
-
-def _console(width: int = 140):
-    """A rich console on stdout; a fixed width when piped, so tables do not wrap at 80 columns."""
-    from rich.console import Console
-    return Console(width=None if sys.stdout.isatty() else width)
-
-
-def _fmt_bytes(b: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(b) < 1024 or unit == "TB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
-        b /= 1024
-    return str(b)
-
-
-def _nodes_text(nodes: list[int]) -> str:
-    text = ", ".join(map(str, nodes[:12]))
-    return text + (f", ... ({len(nodes)} in all)" if len(nodes) > 12 else "")
-
-
-def print_plan(plan, title: str) -> None:
-    from rich.table import Table
-    table = Table(title=title)
-    for col in ("stage", "device", "load", "compute", "transfer", "memory", "nodes"):
-        table.add_column(col, justify="right" if col in ("load", "compute", "transfer", "memory") else "left")
-    for i, s in enumerate(plan.stages):
-        table.add_row(str(i), f"{s.kind}:{s.index}", f"{s.load:.6g}", f"{s.compute:.6g}", f"{s.transfer:.6g}",
-                      _fmt_bytes(s.memory), _nodes_text(s.nodes))
-    console = _console()
-    console.print(table)
-    # The objective's value in bold; a latency objective with no latency says why.
-    on_latency = plan.objective == "latency"
-    line = f"max-load {'' if on_latency else '[bold]'}{plan.max_load:.10g}{'' if on_latency else '[/bold]'}"
-    if plan.latency is not None:
-        line += f"   latency {'[bold]' if on_latency else ''}{plan.latency:.10g}{'[/bold]' if on_latency else ''}"
-    elif on_latency:
-        line += "   latency [red]none[/red] (accelerator blocks wait on each other in a cycle)"
-    line += f"   solver {plan.solver}   {plan.seconds:.3f} s"
-    if plan.lower_bound is not None:
-        line += f"   lower bound {plan.lower_bound:.10g}"
-    if plan.gap is not None:
-        line += f"   gap {100 * plan.gap:.3g}%"
-    console.print(line)
-    if not plan.feasible:
-        console.print(f"[red]infeasible:[/red] {'; '.join(plan.violations)}")
 
 
 def _emit(plan, args, title: str) -> None:
@@ -155,27 +116,28 @@ def cmd_compare(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from placewise.plan import SolveOptions
-    from placewise.plan.compare import compare, plot
+    from placewise.plan import SolveOptions, get_entry
+    from placewise.pictures import plot_comparison
+    from placewise.plan.compare import compare
     graph = _load_graph(args)
     cluster = _cluster(args, graph)
     _check_time_limit(args)
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise PlacewiseError(f"--plot {args.plot}: the chart is a PNG; give a file name ending in .png")
-    extra = {"split": args.expert} if args.expert else {}
     methods = args.methods
     if methods is not None and args.expert and "expert" not in methods:
         methods = [*methods, "expert"]
     # Without a limit an integer program may run for hours on a large graph; a comparison should end.
     time_limit = COMPARE_TIME_LIMIT if args.time_limit is None else args.time_limit
-    options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed, extra=extra)
+    options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed)
+    specific = {"expert": get_entry("expert").options(options, split=args.expert)} if args.expert else {}
     err = Console(stderr=True)
     show = not args.json and sys.stderr.isatty()
     with err.status("comparing...", spinner="dots") if show else contextlib.nullcontext() as status:
-        result = compare(graph, cluster, methods, options,
+        result = compare(graph, cluster, methods, options, specific,
                          on_start=(lambda m: status.update(f"running {m}...")) if show else None)
     if args.plot:
-        plot(result, args.plot)
+        plot_comparison(result, args.plot)
     if args.json:
         print(dump_json(result.to_json()))
         return 0
@@ -264,14 +226,15 @@ def cmd_devices(args) -> int:
 
 # ---- train and serve-bench (run issue: pipelines; async issue: data parallel) ----------------------
 def cmd_train(args) -> int:
-    if args.workers is not None or args.mode != "pipeline":
+    if args.workers is not None or args.mode != PIPELINE:
         return _train_data_parallel(args)
     return _train_pipeline(args)
 
 
 def _pipeline_job(args, mode: str):
     from placewise.plan import load_plan
-    from placewise.run.pipeline import PipelineJob, mapping_from_plan
+    from placewise.run.cut import mapping_from_plan
+    from placewise.run.job import PipelineJob
     if not args.plan:
         raise PlacewiseError(f"{mode} of a pipeline needs --plan PLAN.json; make one with `placewise profile MODEL "
                              "--out G.json` then `placewise plan G.json --out PLAN.json`")
@@ -280,7 +243,7 @@ def _pipeline_job(args, mode: str):
     plan = load_plan(args.plan)
     job = PipelineJob(model=args.model, batch_size=args.batch_size, mapping=mapping_from_plan(plan),
                       input_shape=tuple(args.input_shape) if args.input_shape else None, mode=mode,
-                      schedule=getattr(args, "schedule", "gpipe"), microbatches=args.microbatches, steps=args.steps,
+                      schedule=getattr(args, "schedule", GPIPE), microbatches=args.microbatches, steps=args.steps,
                       warmup=1, lr=getattr(args, "lr", 0.0), optimizer=getattr(args, "optimizer", "sgd"),
                       momentum=getattr(args, "momentum", 0.0), fuse=getattr(args, "fuse", "none"),
                       seed=getattr(args, "seed", 0), progress=not args.json and sys.stderr.isatty())
@@ -318,12 +281,14 @@ def _train_pipeline(args) -> int:
 
 
 def _train_data_parallel(args) -> int:
-    from placewise.run.async_sgd import TrainConfig, print_report, train_data_parallel, write_outputs
-    mode = "async" if args.mode == "pipeline" else args.mode
+    from placewise.run.dataparallel.config import TrainConfig
+    from placewise.run.dataparallel.report import print_report, write_outputs
+    from placewise.run.dataparallel.train import train_data_parallel
+    mode = ASYNC if args.mode == PIPELINE else args.mode
     mapping = {}
     if args.plan:  # every worker is a pipeline of the plan's stages
         from placewise.plan import load_plan
-        from placewise.run.pipeline import mapping_from_plan
+        from placewise.run.cut import mapping_from_plan
         mapping = mapping_from_plan(load_plan(args.plan))
     checkpoint = args.checkpoint
     if checkpoint is None and args.checkpoint_every and args.out:
@@ -444,29 +409,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", metavar="PLAN.json", help="plan to cut the model into pipeline stages (with --mode "
                    "async|sync: every worker is such a pipeline)")
     p.add_argument("--graph", metavar="GRAPH.json", help="the profiled graph the plan came from (per-sample prediction)")
-    p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b", help="pipeline schedule (with --plan)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=DEFAULT_SCHEDULE, help="pipeline schedule (with --plan)")
     p.add_argument("--microbatches", type=int, default=4, metavar="M", help="microbatches per batch (with --plan)")
     p.add_argument("--steps", type=int, default=10, metavar="N")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
     p.add_argument("--input-shape", type=int, nargs="+", metavar="D")
     p.add_argument("--lr", type=learning_rate, default=0.05)
-    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "adagrad"], default="sgd")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
     p.add_argument("--momentum", type=momentum, default=0.9)
-    p.add_argument("--fuse", choices=["none", "backward", "backward-overlap", "forward"], default="none",
+    p.add_argument("--fuse", choices=FUSE_MODES, default="none",
                    help="optimizer fusion: each update inside backward (backward-overlap: on a second thread, "
                         "for runs with fewer torch threads than cores) or just before the next forward")
     p.add_argument("--threads", type=int, default=1, metavar="T", help="torch threads per process")
     p.add_argument("--workers", type=int, metavar="W", help="data-parallel workers (async/sync/ddp); with --plan, each a pipeline")
-    p.add_argument("--mode", choices=["pipeline", "async", "sync", "ddp"], default="pipeline")
+    p.add_argument("--mode", choices=TRAIN_MODES, default=PIPELINE)
     p.add_argument("--n-push", type=int, default=1, metavar="N", help="push gradients every N steps")
     p.add_argument("--n-fetch", type=int, default=1, metavar="N", help="fetch parameters every N steps")
-    p.add_argument("--staleness", default="none", metavar="POLICY", help="none, lr, or bound:S")
+    p.add_argument("--staleness", default="none", metavar="POLICY", help=STALENESS_HELP)
     p.add_argument("--servers", type=int, default=1, metavar="S",
                    help="parameter-server shards (per stage with --plan)")
-    p.add_argument("--transport", choices=["auto", "shared", "gloo"], default="auto",
+    p.add_argument("--transport", choices=TRANSPORTS, default="auto",
                    help="how gradients and parameters reach the servers: shared memory (processes placewise starts "
                         "on this machine), gloo messages, or auto (shared when possible)")
-    p.add_argument("--dataset", choices=["digits", "synthetic"], default="digits")
+    p.add_argument("--dataset", choices=DATASETS, default="digits")
     p.add_argument("--epochs", type=int, default=None, metavar="E")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K", help="server checkpoint every K updates")
     p.add_argument("--checkpoint", type=output_file_in_new_folder, metavar="PATH", help="checkpoint file")
@@ -493,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Pictures go to files: matplotlib's file-only backend, chosen here, before anything imports it.
+    os.environ["MPLBACKEND"] = "Agg"
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
