@@ -31,7 +31,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator
 
 from placewise.errors import PlacewiseError
-from placewise.run.faults import INCARNATION
+from placewise.run.faults import FAIL_AT, INCARNATION
 
 # Seconds a terminated rank gets before it is killed.
 GRACE = 3.0
@@ -87,6 +87,11 @@ class _RankContext:
 
 
 _context: _RankContext | None = None
+
+
+def run_folder() -> str | None:
+    """The run's own temporary folder, shared by its ranks and its launcher (None under torchrun)."""
+    return _context.run_dir if _context is not None else None
 
 
 def rejoin_group() -> None:
@@ -189,9 +194,10 @@ def _stop(procs: Iterable[mp.Process]) -> None:
             p.join(1.0)
 
 
-# restart(rank, failure, dead) -> the failed rank's new args (its fresh process joins the next group
-# generation), or None to fail the run as usual; it may raise PlacewiseError to fail it with a reason.
-Restart = Callable[[int, "RankFailure", dict[int, "RankFailure"]], "tuple | None"]
+# restart(rank, failure, gone, run_folder) -> the failed rank's new args (its fresh process joins the next
+# group generation), or None to fail the run as usual; it may raise PlacewiseError to fail it with a
+# reason. `gone`: the ranks that will not join that generation (failed before, or finished).
+Restart = Callable[[int, "RankFailure", set[int], str], "tuple | None"]
 
 
 @dataclass
@@ -212,7 +218,6 @@ class _Launch:
     failures: dict[int, RankFailure] = field(default_factory=dict)
     ready: set[int] = field(default_factory=set)
     generation: int = 0
-    restarts: list[tuple[int, str]] = field(default_factory=list)
 
     def start(self, rank: int, fn: Callable[..., Any], args: tuple) -> mp.Process:
         backend, threads, timeout_s, results, env = self.settings
@@ -221,7 +226,8 @@ class _Launch:
             self.incarnations[rank] = k
         p = self.ctx.Process(target=_child, name=f"placewise-rank{rank}", args=(
             fn, rank, self.world_size, args, self.run_dir, backend, threads, timeout_s, results,
-            {**env, INCARNATION: str(k)}, self.generation, self.cleanup))
+            # The launching process's faults now, not the fork server's environment from its start.
+            {**env, INCARNATION: str(k), FAIL_AT: os.environ.get(FAIL_AT, "")}, self.generation, self.cleanup))
         p.start()
         return p
 
@@ -240,7 +246,7 @@ class _Launch:
             raise PlacewiseError(f"rank {rank} failed while the ranks were joining their process group: "
                                  f"{failure.message}")
         if self.restart is not None:
-            args = self.restart(rank, failure, dict(self.failures))
+            args = self.restart(rank, failure, {*self.failures, *self.values}, self.run_dir)
             if args is not None:
                 self._restart(rank, args, failure)
                 return
@@ -249,11 +255,11 @@ class _Launch:
             raise _failed(failure)
 
     def _restart(self, rank: int, args: tuple, failure: RankFailure) -> None:
-        self.restarts.append((rank, failure.message))
         self.generation += 1
-        self.ready = set(self.failures)  # the dead stay dead; everyone else joins the new generation
+        gone = {*self.failures, *self.values}
+        self.ready = set(gone)  # the gone stay gone (stood in for); everyone else joins the new generation
         self.procs[rank] = self.start(rank, self.fn, args)
-        self.placeholders += [self.start(r, _absent, ()) for r in self.failures]
+        self.placeholders += [self.start(r, _absent, ()) for r in gone]
 
     def dead_without_a_word(self) -> RankFailure | None:
         for r in self.pending():
