@@ -241,6 +241,7 @@ def _pipeline_job(args, mode: str):
     if args.threads < 1:
         raise PlacewiseError(f"--threads is {args.threads}; use 1 or more")
     plan = load_plan(args.plan)
+    plan.check_made_for(args.model, args.plan, "model")
     job = PipelineJob(model=args.model, batch_size=args.batch_size, mapping=mapping_from_plan(plan),
                       input_shape=tuple(args.input_shape) if args.input_shape else None, mode=mode,
                       schedule=getattr(args, "schedule", GPIPE), microbatches=args.microbatches, steps=args.steps,
@@ -258,6 +259,7 @@ def _run_pipeline_job(args, mode: str) -> int:
     if getattr(args, "graph", None):
         from placewise.graph import load_graph
         graph = load_graph(args.graph)
+        plan.check_made_for(graph.name, args.plan)
         batch, unit, profiled_mode = profiled_batch(graph), graph.meta_dict.get("time_unit"), graph.meta_dict.get("mode")
     results = run_pipeline(job, threads=args.threads)
     if results is None:  # a torchrun rank other than 0: rank 0 reports
@@ -289,7 +291,9 @@ def _train_data_parallel(args) -> int:
     if args.plan:  # every worker is a pipeline of the plan's stages
         from placewise.plan import load_plan
         from placewise.run.cut import mapping_from_plan
-        mapping = mapping_from_plan(load_plan(args.plan))
+        plan = load_plan(args.plan)
+        plan.check_made_for(args.model, args.plan, "model")
+        mapping = mapping_from_plan(plan)
     checkpoint = args.checkpoint
     if checkpoint is None and args.checkpoint_every and args.out:
         checkpoint = str(Path(args.out) / "checkpoint.pt")

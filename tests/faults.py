@@ -83,12 +83,15 @@ def shm_in_use() -> set[str]:
     """/dev/shm entries that a live process maps or holds open (any session's: other test sessions on
     this machine make their own; what nobody holds any more is what was left behind)."""
     used = shm_mapped(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
-    # Some name their creator (joblib's `sem.loky-PID-...`, placewise's `placewise-server-PID-...`), which
-    # may hold them closed a while and removes them when it ends.
-    # This process's own are not spared: its runs have ended when it asks.
-    used.update(name for name in shm_entries() if (m := re.search(r"-(\d+)-", name)) and
-                int(m.group(1)) != os.getpid() and Path(f"/proc/{m.group(1)}").exists())
-    return used
+    return used | {name for name in shm_entries() if _creator_lives(name)}
+
+
+def _creator_lives(name: str) -> bool:
+    """Whether `name` names a live creator other than this process: joblib's `sem.loky-PID-...`,
+    placewise's `placewise-server-PID-...` and `placewise-run-PID-...`, which may sit unheld a while
+    and go when their creator ends. This process's own count: its runs have ended when it asks."""
+    m = re.search(r"-(\d+)-", name)
+    return bool(m) and int(m.group(1)) != os.getpid() and Path(f"/proc/{m.group(1)}").exists()
 
 
 @dataclass
@@ -113,7 +116,8 @@ class Snapshot:
                     (marked_processes(*marker, spare_helpers_of) if marker else {}).items()]
             left += [f"/dev/shm/{n}" for n in sorted(shm_entries() - self.shm - shm_in_use())
                      if not n.startswith("sem.mp-") or n in seen]
-            left += [f"{tempfile.gettempdir()}/{n}" for n in sorted(run_folders() - self.runs)]
+            left += [f"{tempfile.gettempdir()}/{n}" for n in sorted(run_folders() - self.runs)
+                     if not _creator_lives(n)]
             if not left or time.monotonic() > deadline:
                 return left
             time.sleep(0.2)

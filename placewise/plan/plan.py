@@ -107,6 +107,14 @@ class Plan:
             raise PlacewiseError(f"{source}: not a valid placewise plan ({type(e).__name__}: {e}); "
                                  "write it with `placewise plan --out`") from None
 
+    def check_made_for(self, name: str, source: str, what: str = "graph") -> None:
+        """One line when the plan was made for another graph (named after its model) than `name`: its node
+        ids and module names would then point at the wrong operators, or at none."""
+        if self.graph and name and self.graph != name:
+            raise PlacewiseError(f"{source}: the plan was made for {self.graph!r}, not for the {what} {name!r}; "
+                                 f"plan {name} itself (`placewise profile {name} --out G.json`, then `placewise "
+                                 f"plan G.json --out PLAN.json`)")
+
     def to_reference(self) -> dict:
         """The paper code's split format (accelerators as 'fpgas')."""
         out: dict[str, Any] = {"fpgas": [], "cpus": []}
@@ -184,7 +192,9 @@ def read_split(data: Any, graph: OpGraph, source: str = "split") -> dict[int, De
         raise PlacewiseError(f"{source}: top level is a {type(data).__name__}; write a split as "
                              "{\"fpgas\": [{\"nodes\": [...]}], \"cpus\": [...]} or give a placewise plan")
     if data.get("format") == PLAN_FORMAT:
-        assignment = Plan.from_json(data, source).assignment()
+        plan = Plan.from_json(data, source)
+        plan.check_made_for(graph.name, source)
+        assignment = plan.assignment()
     elif "fpgas" in data or "cpus" in data:
         assignment = {}
         for key, kind in (("fpgas", ACCELERATOR), ("cpus", CPU)):

@@ -93,6 +93,9 @@ class TrainConfig:
             raise PlacewiseError(f"--servers {self.servers}: use 1 or more parameter-server shards")
         if self.mapping:
             self._validate_pipelines()
+        elif self.server_count() >= MAX_PROCESSES:
+            raise PlacewiseError(f"--servers {self.servers}: use 1..{MAX_PROCESSES - 1} (at most {MAX_PROCESSES} "
+                                 f"processes on one machine, the servers and at least one worker)")
         elif self.workers < 1 or self.world_size() > MAX_PROCESSES:
             raise PlacewiseError(f"--workers {self.workers}: use 1..{MAX_PROCESSES - self.server_count()} "
                                  f"(at most {MAX_PROCESSES} processes with the servers on one machine)")

@@ -31,7 +31,7 @@ from torch import nn
 
 from placewise.errors import PlacewiseError
 from placewise.run.choices import DDP
-from placewise.run.data import Dataset, load_dataset
+from placewise.run.data import BatchStream, Dataset, load_dataset
 from placewise.run.dataparallel.checkpoint import checkpoint_path, load_checkpoint
 from placewise.run.dataparallel.config import TrainConfig, check_processes
 from placewise.run.dataparallel.layout import Layout, parameter_layout
@@ -74,6 +74,7 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
     (then only rank 0 returns the report; the others return None)."""
     cfg.validate()
     data = load_dataset(cfg.dataset, cfg.seed)
+    BatchStream(data.x_train, data.y_train, cfg.batch_size, cfg.seed, 0)  # a batch that fits, checked here once
     model = build_model(cfg.model, data.features, data.classes, cfg.seed)
     params = list(model.parameters())
     layout, _ = parameter_layout(cfg, model, data)
@@ -82,6 +83,10 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
     resumed_at = [load_checkpoint(checkpoint_path(cfg.resume, s, cfg.server_count() or 1),
                                   cfg.fingerprint(data.features, data.classes))["version"]
                   for s in range(cfg.server_count() or 1)] if cfg.resume else []
+    if resumed_at and max(resumed_at) >= cfg.total_steps(data.train_size):
+        raise PlacewiseError(f"--resume {cfg.resume}: the checkpoint is at update {max(resumed_at)}, where this run "
+                             f"would already end ({cfg.total_steps(data.train_size)} updates); ask for more "
+                             f"--epochs or --steps to train on")
     worker_ranks = [] if cfg.mode == DDP else [layout.worker_ranks(w) for w in range(cfg.workers)]
     recovery = None
     if is_torchrun():
@@ -145,11 +150,11 @@ def _server_view(cfg: TrainConfig, layout: Layout, params: list[nn.Parameter],
 def _lost(cfg: TrainConfig, server_results: list[dict[str, Any]], failures: list,
           worker_ranks: list[list[int]]) -> dict[int, str]:
     """Lost ranks and why; a PlacewiseError when no worker survived to the end."""
-    lost = {}
+    # A rank's own error says why it stopped; a server only saw its connection close.
+    lost = {f.rank: f.message for f in failures}
     for r in server_results:
-        lost.update(r["lost"])
-    for f in failures:
-        lost.setdefault(f.rank, f.message)
+        for rank, message in r["lost"].items():
+            lost.setdefault(rank, message)
     # A pipeline is lost with any of its stages (its siblings cannot go on without it).
     lost_workers = [w for w, ranks in enumerate(worker_ranks) if any(r in lost for r in ranks)] if worker_ranks \
         else list(lost)
