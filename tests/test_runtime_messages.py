@@ -83,3 +83,9 @@ def test_report_file_is_strict_json(tmp_path):
     path = write_outputs(report, tmp_path)[0]
     data = json.loads(path.read_text(), parse_constant=lambda token: pytest.fail(f"{token} in {path}"))
     assert data["final_loss"] is None and data["test_accuracy"] is None
+
+
+def test_input_shape_that_does_not_fit_the_model_is_one_line(capsys, tmp_path):
+    plan = _plan_for(tmp_path, "", ["conv1", "fc"])
+    line = _error(capsys, ["serve-bench", "resnet18", "--plan", str(plan), "--input-shape", "5"])
+    assert "a forward pass on inputs of shape [32, 5] fails" in line and "check --input-shape" in line

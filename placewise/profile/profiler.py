@@ -91,7 +91,7 @@ def _shapes(inputs: tuple) -> str:
     return ", ".join(str(list(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
 
 
-def _check_runs(model: nn.Module, inputs: tuple, name: str) -> None:
+def check_runs(model: nn.Module, inputs: tuple, name: str) -> None:
     """Run once before tracing, so bad input shapes get a clear message instead of a trace error."""
     try:
         with torch.no_grad():
@@ -199,7 +199,7 @@ def profile_model(model: nn.Module, example_inputs: Sequence[Any], *, name: str 
         if clock == "auto":
             clock = "cpu" if torch.get_num_threads() == 1 else "wall"
         model.train(training)
-        _check_runs(model, inputs, name)
+        check_runs(model, inputs, name)
         tick = bar.task("tracing", 1)
         gm = trace_model(model, inputs, granularity)
         tick()

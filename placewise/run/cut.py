@@ -24,8 +24,14 @@ def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> fx.Grap
     Trace in the mode the model will run in: fx fixes branches on `self.training`."""
     try:
         from placewise.profile import trace_model
+        from placewise.profile.profiler import check_runs
+        from placewise.profile.timing import model_preserved
     except ImportError:
         trace_model = None
+    else:
+        # Bad input shapes: one line, not a trace error. Preserved: batch-norm statistics must not move.
+        with model_preserved(model):
+            check_runs(model, example_inputs, type(model).__name__)
     try:
         if trace_model is not None:
             return trace_model(model, example_inputs, granularity="layer")

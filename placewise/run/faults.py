@@ -2,7 +2,8 @@
 
 `PLACEWISE_FAIL_AT="RANK@STEP[,RANK@STEP...]"` makes rank RANK kill itself (SIGKILL, no clean-up: what
 a crash or the OOM killer does) when it reaches STEP: a worker or stage at its training step, a
-parameter server or DDP rank at its update. The launcher counts how often it started each rank
+parameter server or DDP rank at its update; STEP `join` is just before the rank joins its group
+(start-up, while the others wait for it in the rendezvous). The launcher counts how often it started each rank
 (its incarnation, in `PLACEWISE_INCARNATION`): the k-th entry for a rank applies to its k-th
 process, so `0@40,0@90` kills the server at update 40 and its restarted successor at update 90,
 and a restarted rank never repeats its predecessor's fault.
@@ -18,6 +19,7 @@ from placewise.errors import PlacewiseError
 
 FAIL_AT = "PLACEWISE_FAIL_AT"
 INCARNATION = "PLACEWISE_INCARNATION"
+JOIN = -1  # the step of `RANK@join`
 
 
 @functools.lru_cache(maxsize=8)  # read at every step: parse each text once
@@ -26,9 +28,10 @@ def parse_fail_at(text: str) -> dict[int, tuple[int, ...]]:
     plan: dict[int, list[int]] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         rank, _, step = item.partition("@")
-        if not (rank.isdigit() and step.isdigit()):
-            raise PlacewiseError(f"{FAIL_AT}={text!r}: {item!r} is not RANK@STEP (two whole numbers, e.g. 0@40)")
-        plan.setdefault(int(rank), []).append(int(step))
+        if not (rank.isdigit() and (step.isdigit() or step == "join")):
+            raise PlacewiseError(f"{FAIL_AT}={text!r}: {item!r} is not RANK@STEP (whole numbers, e.g. 0@40) or "
+                                 f"RANK@join")
+        plan.setdefault(int(rank), []).append(JOIN if step == "join" else int(step))
     return {rank: tuple(steps) for rank, steps in plan.items()}
 
 

@@ -31,7 +31,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator
 
 from placewise.errors import PlacewiseError
-from placewise.run.faults import FAIL_AT, INCARNATION
+from placewise.run.faults import FAIL_AT, INCARNATION, JOIN, maybe_fail
 
 # Seconds a terminated rank gets before it is killed.
 GRACE = 3.0
@@ -81,6 +81,7 @@ class _RankContext:
     def join(self) -> None:
         """Join generation `generation`'s group (a fresh store file: no key of an older one is seen)."""
         import torch.distributed as dist
+        maybe_fail(self.rank, JOIN)
         store = dist.FileStore(os.path.join(self.run_dir, f"store.{self.generation}"), self.world_size)
         _init_group(self.rank, self.world_size, self.backend, self.timeout_s, store)
         self.results.put(("ready", self.rank, self.generation))
