@@ -124,6 +124,9 @@ def cmd_compare(args) -> int:
     _check_time_limit(args)
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise PlacewiseError(f"--plot {args.plot}: the chart is a PNG; give a file name ending in .png")
+    if args.expert:
+        from placewise.plan import load_split
+        load_split(args.expert, graph)  # a bad file is one line now, not a table row after every solver ran
     methods = args.methods
     if methods is not None and args.expert and "expert" not in methods:
         methods = [*methods, "expert"]

@@ -89,3 +89,18 @@ def test_input_shape_that_does_not_fit_the_model_is_one_line(capsys, tmp_path):
     plan = _plan_for(tmp_path, "", ["conv1", "fc"])
     line = _error(capsys, ["serve-bench", "resnet18", "--plan", str(plan), "--input-shape", "5"])
     assert "a forward pass on inputs of shape [32, 5] fails" in line and "check --input-shape" in line
+
+
+def test_compare_with_a_malformed_expert_split_is_one_line(capsys, tmp_path):
+    split = tmp_path / "expert.json"
+    split.write_text('{"fpgas": 5}')
+    line = _error(capsys, ["compare", str(THROUGHPUT_LAYER / "bert24_inference.json"), "--expert", str(split),
+                           "--methods", "greedy"])
+    assert line == f'placewise: error: {split}: fpgas: expected a list of {{"nodes": [...]}}; fix it'
+
+
+def test_plan_missing_layers_is_one_line(capsys, tmp_path):
+    # Only the first of the MLP's two linear layers (fx nodes _0, _2) is placed: a hand-edited plan.
+    plan = _plan_for(tmp_path, "", ["_0", "_1"])
+    line = _error(capsys, ["serve-bench", "mlp", "--plan", str(plan), "--batch-size", "8"])
+    assert "the plan leaves out 1 of the model's layers with weights" in line

@@ -65,6 +65,15 @@ def assign_stages(gm: fx.GraphModule, mapping: Mapping[str, int]) -> dict[str, i
     if unknown:
         raise PlacewiseError(f"the plan names {len(unknown)} node(s) the traced model lacks ({', '.join(unknown[:4])}); "
                              "profile and plan this same model")
+    # Unplanned nodes are placed by their inputs below (sizes, masks, constants); a layer with weights
+    # is never left out of a profiled plan, so one missing means another model's plan or an edited one.
+    modules = dict(gm.named_modules())
+    missing = [n.name for n in nodes if n.op == "call_module" and n.name not in mapping
+               and next(modules[n.target].parameters(), None) is not None]
+    if missing:
+        raise PlacewiseError(f"the plan leaves out {len(missing)} of the model's layers with weights "
+                             f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); it was made for "
+                             f"another model or edited: profile and plan this same model")
     stages = sorted(set(mapping.values()))
     if stages != list(range(len(stages))):
         raise PlacewiseError(f"the plan's stage indices are {stages}; expected 0..{len(stages) - 1}")
