@@ -86,12 +86,18 @@ def shm_in_use() -> set[str]:
     return used | {name for name in shm_entries() if _creator_lives(name)}
 
 
-def _creator_lives(name: str) -> bool:
-    """Whether `name` names a live creator other than this process: joblib's `sem.loky-PID-...`,
-    placewise's `placewise-server-PID-...` and `placewise-run-PID-...`, which may sit unheld a while
-    and go when their creator ends. This process's own count: its runs have ended when it asks."""
+def _named_pid(name: str) -> int | None:
+    """The creator's pid in joblib's `sem.loky-PID-...` and placewise's `placewise-server-PID-...` and
+    `placewise-run-PID-...`."""
     m = re.search(r"-(\d+)-", name)
-    return bool(m) and int(m.group(1)) != os.getpid() and Path(f"/proc/{m.group(1)}").exists()
+    return int(m.group(1)) if m else None
+
+
+def _creator_lives(name: str) -> bool:
+    """Whether `name` names a live creator other than this process: such entries may sit unheld a
+    while and go when their creator ends. This process's own count: its runs have ended when it asks."""
+    pid = _named_pid(name)
+    return pid is not None and pid != os.getpid() and Path(f"/proc/{pid}").exists()
 
 
 @dataclass
@@ -105,17 +111,17 @@ class Snapshot:
         return Snapshot(shm_entries(), run_folders())
 
     def leftovers(self, marker: tuple[str, str] | None, within: float, spare_helpers_of: int | None = None,
-                  seen: set[str] = frozenset()) -> list[str]:
+                  ours: Callable[[str], bool] | None = None) -> list[str]:
         """What remains after waiting up to `within` seconds for it to go: processes carrying `marker`,
-        new /dev/shm entries nobody holds, new run folders. Python's anonymous semaphores (`sem.mp-*`)
-        count only when `seen` (held by the run at some moment): other sessions on this machine make
-        and leak their own, which nothing tells apart from ours."""
+        new /dev/shm entries nobody holds, new run folders. With `ours`, only the /dev/shm entries it
+        says are the run's: other sessions on this machine make and leak their own. Without it, only
+        those that name their creator's pid (Python's anonymous `sem.mp-*` tell nothing apart)."""
+        ours = ours or (lambda name: _named_pid(name) is not None)
         deadline = time.monotonic() + within
         while True:
             left = [f"process {pid}: {cmd[:160]}" for pid, cmd in
                     (marked_processes(*marker, spare_helpers_of) if marker else {}).items()]
-            left += [f"/dev/shm/{n}" for n in sorted(shm_entries() - self.shm - shm_in_use())
-                     if not n.startswith("sem.mp-") or n in seen]
+            left += [f"/dev/shm/{n}" for n in sorted(shm_entries() - self.shm - shm_in_use()) if ours(n)]
             left += [f"{tempfile.gettempdir()}/{n}" for n in sorted(run_folders() - self.runs)
                      if not _creator_lives(n)]
             if not left or time.monotonic() > deadline:
@@ -145,12 +151,14 @@ def run_placewise(argv: list[str], *, fail_at: str = "", fault: Callable[[int], 
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "placewise.cli", *argv], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    seen, running = set(), threading.Event()
+    seen, pids, running = set(), {proc.pid}, threading.Event()
     running.set()
 
     def watch() -> None:  # what the run's processes hold, so that what they leave is known to be theirs
         while running.is_set():
-            seen.update(shm_mapped(marked_processes(RUN_MARKER, marker)))
+            found = marked_processes(RUN_MARKER, marker)
+            pids.update(found)
+            seen.update(shm_mapped(found))
             time.sleep(0.25)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -171,7 +179,8 @@ def run_placewise(argv: list[str], *, fail_at: str = "", fault: Callable[[int], 
         running.clear()
         watcher.join()
     seconds = time.monotonic() - started
-    left = before.leftovers((RUN_MARKER, marker), CLEAN_WITHIN, seen=seen)
+    left = before.leftovers((RUN_MARKER, marker), CLEAN_WITHIN,
+                            ours=lambda name: name in seen or _named_pid(name) in pids)
     _kill_marked(marker)  # the test fails on `left`; the session must not inherit them too
     return Outcome(proc.returncode, out, err, seconds, left)
 

@@ -9,6 +9,7 @@ Each starts real processes over 127.0.0.1 on a small model; every run is bounded
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 from pathlib import Path
@@ -21,9 +22,12 @@ from faults import kill_rank, run_placewise, signal_launcher  # noqa: E402
 from placewise.run.launcher import launch  # noqa: E402
 
 ASYNC = ["train", "mlp", "--workers", "2", "--mode", "async", "--dataset", "digits"]
-# Seconds from a fault to the end of the run: the issue's 5 s for the run's own work, and room for a
-# loaded test machine to schedule the exits.
-STOPS_WITHIN = 15.0
+
+
+def stops_within() -> float:
+    """Seconds from a fault to the end of every process of the run: the issue's 5 s on an idle machine,
+    stretched by the load (a shared test machine may run several times more processes than cores)."""
+    return 5.0 * max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
 
 
 def _one_line(err: str) -> str:
@@ -85,7 +89,7 @@ def test_rank_killed_at_any_moment_never_leaves_the_others_waiting():
     out = run_placewise([*ASYNC, "--epochs", "5", "--json"], fault=kill_rank(3, after=0.5), timeout=240)
     if out.returncode == 2:
         assert "failed while the ranks were joining their process group" in _one_line(out.stderr)
-        assert out.seconds < STOPS_WITHIN
+        assert out.seconds < stops_within()
     else:
         assert out.returncode == 0 and len(json.loads(out.stdout)["lost_workers"]) == 1, out.stderr
     assert not out.left, out.left
@@ -109,7 +113,7 @@ def test_signalled_launcher_leaves_nothing_behind(tmp_path, mode, signum):
         assert out.returncode == 2
         assert _one_line(out.stderr) == ("placewise: error: stopped by SIGTERM; every process of the run was "
                                          "stopped")
-        assert out.seconds < STOPS_WITHIN
+        assert out.seconds < stops_within()
     else:
         assert out.returncode == -signal.SIGKILL
     assert not out.left, out.left

@@ -124,10 +124,22 @@ def _watch_launcher(cleanup: list[str]) -> None:
     threading.Thread(target=watch, daemon=True, name="watch-launcher").start()
 
 
+def _no_shared_tqdm_lock() -> None:
+    """torch.fx's Interpreter opens a tqdm bar, and tqdm's first bar makes a process-shared lock: a named
+    semaphore that a killed rank leaks, and the launcher's resource tracker then warns about at exit.
+    A rank draws no bar shared with other processes: a lock of its own threads is enough."""
+    try:
+        from tqdm.std import TqdmDefaultWriteLock
+    except ImportError:
+        return
+    TqdmDefaultWriteLock.mp_lock = None
+
+
 def _child(fn, rank: int, world_size: int, args: tuple, run_dir: str, backend: str, threads: int | None,
            timeout_s: float, results, env: dict[str, str], generation: int, cleanup: list[str]) -> None:
     global _context
     _watch_launcher(cleanup)
+    _no_shared_tqdm_lock()
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
