@@ -261,13 +261,13 @@ class _Launch:
         if self.restart is not None:
             args = self.restart(rank, failure, {*self.failures, *self.values}, self.run_dir)
             if args is not None:
-                self._restart(rank, args, failure)
+                self._restart(rank, args)
                 return
         self.failures[rank] = failure
         if rank not in self.tolerated:
             raise _failed(failure)
 
-    def _restart(self, rank: int, args: tuple, failure: RankFailure) -> None:
+    def _restart(self, rank: int, args: tuple) -> None:
         self.generation += 1
         gone = {*self.failures, *self.values}
         self.ready = set(gone)  # the gone stay gone (stood in for); everyone else joins the new generation
