@@ -210,6 +210,33 @@ def measure_round(jobs: dict, seed: int) -> dict:
     return {k: [results[0][i], results[1][i]] for i, k in enumerate(keys)}
 
 
+def memory_rank(rank: int, world_size: int, jobs: list[PipelineJob]) -> list[int]:
+    """Each job's stage run for two steps with its live tensor bytes counted: the peak per job.
+    The stage's parameters and buffers count from the start; the batches are made beforehand (the
+    data loader's, not the stage's)."""
+    import torch.distributed as dist
+    from placewise.run.pipeline import _output_tensor, batch, prepare, stage_schedule
+    from placewise.run.tensor_memory import LiveTensorBytes
+    peaks = []
+    for job in jobs:
+        prepared = prepare(job)
+        module, _, schedule = stage_schedule(prepared, rank, schedule=job.schedule, microbatches=job.microbatches,
+                                             training=True)
+        optimizer = torch.optim.SGD(module.parameters(), lr=job.lr, momentum=0.9)
+        output_like = _output_tensor(prepared.values, prepared.gm)
+        batches = [batch(job, prepared.example_inputs, output_like, step) for step in range(2)]
+        with LiveTensorBytes() as live:
+            live.hold(module.parameters())
+            live.hold(module.buffers())
+            for inputs, target in batches:
+                schedule.step(*(inputs if rank == 0 else ()), **({"target": target} if rank == world_size - 1 else {}))
+                optimizer.step()
+                optimizer.zero_grad()
+        peaks.append(live.peak)
+        dist.barrier()
+    return peaks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)

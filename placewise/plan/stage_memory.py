@@ -28,10 +28,13 @@ class StageBytes:
     activations: float = 0.0  # saved for backward, per microbatch
     inputs: float = 0.0  # tensors received from the previous stage, per microbatch
     outputs: float = 0.0  # tensors sent to the next stage, per microbatch
+    gradients: float | None = None  # None: as many bytes as the parameters (buffers get none)
 
     def __post_init__(self) -> None:
-        for name in ("parameters", "optimizer_state", "activations", "inputs", "outputs"):
+        for name in ("parameters", "optimizer_state", "activations", "inputs", "outputs", "gradients"):
             value = getattr(self, name)
+            if value is None and name == "gradients":
+                continue
             if not (value >= 0):
                 raise PlacewiseError(f"stage memory: {name} is {value!r}; give bytes >= 0")
 
@@ -63,7 +66,8 @@ def stage_memory(stage: StageBytes, position: int, stages: int, schedule: Schedu
         return StageMemory(stage.parameters, 0.0, 0.0, stage.activations, buffers, 1)
     in_flight = schedule.in_flight(position, stages)
     buffers = (m * stage.inputs if position > 0 else 0.0) + (m * stage.outputs if position < stages - 1 else 0.0)
-    return StageMemory(stage.parameters, stage.parameters, stage.optimizer_state, in_flight * stage.activations,
+    gradients = stage.parameters if stage.gradients is None else stage.gradients
+    return StageMemory(stage.parameters, gradients, stage.optimizer_state, in_flight * stage.activations,
                        buffers, in_flight)
 
 
