@@ -31,7 +31,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -43,6 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 from placewise.graph import Cluster, OpGraph
 from placewise.plan import SolveOptions, solve
+from placewise.plan.plan import Plan
+from placewise.plan.predict import Link, Prediction, predict
 from placewise.plan.schedule import GPIPE, ONE_F_ONE_B, SCHEDULES, Schedule
 from placewise.plan.simulate import LinkTimes, SimulateOptions, StageTimes, simulate
 from placewise.profile import profile_model
@@ -54,6 +56,7 @@ MICRO = 8  # samples per microbatch: the batch is MICRO x microbatches
 MICROBATCHES = (2, 4, 8)
 IMAGE = (3, 32, 32)
 TOKENS, FEATURES = 32, 64
+CLUSTER = Cluster.simple(0, 2)
 
 
 # ---- three held-out models ---------------------------------------------------------------------------
@@ -140,44 +143,22 @@ def spec(model: str) -> str:
 class Planned:
     name: str
     graph: OpGraph
-    plan: object
-    crossing_bytes: list[float]  # per boundary: bytes per microbatch sent forward
+    plan: Plan
 
 
 def profile_and_plan(name: str) -> Planned:
     model, inputs = build(spec(name), MICRO)
     graph = profile_model(model, inputs, name=name, training=True, threads=1, repeats=5, warmup=2,
                           optimizer="momentum")
-    plan = solve(graph, Cluster.simple(0, 2), "dp", SolveOptions())
-    stage_of = {n: i for i, s in enumerate(plan.stages) for n in s.nodes}
-    crossing = [0.0] * (len(plan.stages) - 1)
-    sent: set[tuple[int, int]] = set()
-    for e in graph.edges:
-        a, b = stage_of[e.src], stage_of[e.dst]
-        if b > a and not graph.node(e.src).backward and (e.src, b) not in sent:
-            sent.add((e.src, b))
-            for boundary in range(a, b):  # a value skipping stages rides through each boundary
-                crossing[boundary] += e.bytes or 0.0
-    return Planned(name, graph, plan, crossing)
+    return Planned(name, graph, solve(graph, CLUSTER, "dp", SolveOptions()))
 
 
-def stage_times(planned: Planned) -> list[StageTimes]:
-    """Per stage: profiled forward and backward ms per microbatch."""
-    g = planned.graph
-    out = []
-    for s in planned.plan.stages:
-        fwd = sum(g.node(n).cpu_time for n in s.nodes if not g.node(n).backward)
-        bwd = sum(g.node(n).cpu_time for n in s.nodes if g.node(n).backward)
-        out.append(StageTimes(fwd, bwd))
-    return out
-
-
-def predict(planned: Planned, schedule: Schedule, link: LinkMeasurement, options: SimulateOptions,
-            share: float = 1.0) -> float:
-    """Predicted ms per step, with the stages getting `share` of a core each (1: a core to itself)."""
-    links = [LinkTimes(1e3 * link.transfer_seconds(b), 1e3 * link.transfer_seconds(b)) for b in planned.crossing_bytes]
-    times = [StageTimes(t.forward / share, t.backward / share) for t in stage_times(planned)]
-    return simulate(times, links, schedule, options).step_time
+def predict_ms(planned: Planned, schedule: Schedule, link: LinkMeasurement, options: SimulateOptions,
+               share: float = 1.0) -> Prediction:
+    """The plan's prediction (ms, bytes) with each stage getting `share` of a core (1: a core to itself)."""
+    ms_link = Link(1e3 * link.latency, link.bandwidth / 1e3)
+    cluster = Cluster(tuple(replace(k, speed=k.speed * share) for k in CLUSTER.kinds))
+    return predict(planned.graph, cluster, planned.plan, schedule, link=ms_link, options=options)
 
 
 def core_share(reports: list[dict]) -> float:
@@ -237,12 +218,56 @@ def memory_rank(rank: int, world_size: int, jobs: list[PipelineJob]) -> list[int
     return peaks
 
 
+def measure_memory(jobs: dict) -> dict:
+    """Each job's per-stage peak live tensor bytes (one launch, every job in turn)."""
+    keys = list(jobs)
+    results, _ = launch(memory_rank, 2, ([jobs[k] for k in keys],), threads=1, timeout_s=1800, preload=["torch"])
+    return {k: [results[0][i], results[1][i]] for i, k in enumerate(keys)}
+
+
+def rows_for(jobs: dict, planned: dict, rounds: list[dict], memory: dict | None, link: LinkMeasurement,
+             options: SimulateOptions) -> list[dict]:
+    rows = []
+    for key in jobs:
+        name, kind, m = key
+        schedule = Schedule(kind, m)
+        measured = statistics.median(1e3 * statistics.median(r[key][1]["step_seconds"]) for r in rounds)
+        sim_measured = statistics.median(simulate([measured_stage_times(rep, m) for rep in r[key]], [LinkTimes()],
+                                                  schedule, options).step_time for r in rounds)
+        share = statistics.median(core_share(r[key]) for r in rounds)
+        alone = predict_ms(planned[name], schedule, link, options)
+        at_share = predict_ms(planned[name], schedule, link, options, share)
+        row = {"model": name, "schedule": kind, "microbatches": m, "measured_ms": measured,
+               "predicted_ms": alone.step_time, "core_share": share, "predicted_at_share_ms": at_share.step_time,
+               "time_error": at_share.step_time / measured - 1, "sim_measured_ms": sim_measured}
+        if memory is not None and alone.memory is not None:
+            row["measured_mb"] = [b / 1e6 for b in memory[key]]
+            row["predicted_mb"] = [mem.total / 1e6 for mem in alone.memory]
+            row["memory_error"] = max(abs(p / q - 1) for p, q in zip(row["predicted_mb"], row["measured_mb"]))
+        rows.append(row)
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(f"{'model':12} {'sched':6} {'m':>2} {'measured':>9} {'alone':>7} {'share':>6} {'pred@share':>10} "
+          f"{'error':>7} {'sim(meas)':>9} {'mem MB meas':>13} {'mem MB pred':>13} {'mem err':>7}")
+    for r in rows:
+        mem = ""
+        if "measured_mb" in r:
+            mem = (f" {'/'.join(f'{x:.1f}' for x in r['measured_mb']):>13} "
+                   f"{'/'.join(f'{x:.1f}' for x in r['predicted_mb']):>13} {r['memory_error']:7.1%}")
+        print(f"{r['model']:12} {r['schedule']:6} {r['microbatches']:>2} {r['measured_ms']:9.1f} "
+              f"{r['predicted_ms']:7.1f} {r['core_share']:6.2f} {r['predicted_at_share_ms']:10.1f} "
+              f"{r['time_error']:+7.1%} {r['sim_measured_ms']:9.1f}{mem}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--rendezvous", action="store_true")
+    parser.add_argument("--rendezvous", action="store_true", help="simulate transfers as rendezvous (see plan.simulate)")
+    parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     started = time.time()
@@ -252,29 +277,12 @@ def main() -> None:
     planned = {name: profile_and_plan(name) for name in args.models.split(",")}
     jobs = {k: v for p in planned.values() for k, v in jobs_for(p, args.steps).items()}
     rounds = [measure_round(jobs, seed) for seed in range(args.rounds)]
-    options = SimulateOptions(rendezvous=args.rendezvous)
-    rows = []
-    for key in jobs:
-        name, kind, m = key
-        measured = statistics.median(1e3 * statistics.median(r[key][1]["step_seconds"]) for r in rounds)
-        sim_measured = statistics.median(
-            simulate([measured_stage_times(rep, m) for rep in r[key]], [LinkTimes()], Schedule(kind, m),
-                     options).step_time for r in rounds)
-        share = statistics.median(core_share(r[key]) for r in rounds)
-        predicted = predict(planned[name], Schedule(kind, m), link, options)
-        at_share = predict(planned[name], Schedule(kind, m), link, options, share)
-        rows.append({"model": name, "schedule": kind, "microbatches": m, "measured_ms": measured,
-                     "predicted_ms": predicted, "core_share": share, "predicted_at_share_ms": at_share,
-                     "error": at_share / measured - 1, "sim_measured_ms": sim_measured})
-    print(f"{'model':12} {'sched':6} {'m':>2} {'measured':>9} {'predicted':>9} {'share':>6} {'pred@share':>10} "
-          f"{'error':>7} {'sim(meas)':>9}")
-    for r in rows:
-        print(f"{r['model']:12} {r['schedule']:6} {r['microbatches']:>2} {r['measured_ms']:9.1f} "
-              f"{r['predicted_ms']:9.1f} {r['core_share']:6.2f} {r['predicted_at_share_ms']:10.1f} "
-              f"{r['error']:+7.1%} {r['sim_measured_ms']:9.1f}")
+    memory = None if args.no_memory else measure_memory(jobs)
+    rows = rows_for(jobs, planned, rounds, memory, link, SimulateOptions(rendezvous=args.rendezvous))
+    print_rows(rows)
     print(f"load after: {os.getloadavg()}; {time.time() - started:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "link": link.to_json()}, indent=1))
+        args.json.write_text(json.dumps({"rows": rows, "link": link.to_json(), "load": os.getloadavg()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -54,10 +54,11 @@ def test_memory_by_position():
     pred = predict(graph, cluster, plan, Schedule(ONE_F_ONE_B, 4))
     first, middle, last = pred.memory
     assert (first.in_flight, middle.in_flight, last.in_flight) == (3, 2, 1)
-    # Stage 0: parameters 10, gradients 10, optimizer state 10, 3 x 5 activations, 4 x 100 outgoing buffers.
-    assert first.total == pytest.approx(30 + 15 + 400)
-    # Stage 2: 30 x 3, one microbatch's activations, 4 x 200 incoming buffers.
-    assert last.total == pytest.approx(90 + 5 + 800)
+    # Stage 0: parameters 10, gradients 10, optimizer state 10, 3 x 5 activations, 4 x 100 outgoing
+    # buffers, and room for two gradients of its largest output (100).
+    assert first.total == pytest.approx(30 + 15 + 400 + 200)
+    # Stage 2: 30 x 3, one microbatch's activations, 4 x 200 incoming buffers, 2 x 100.
+    assert last.total == pytest.approx(90 + 5 + 800 + 200)
     gpipe = predict(graph, cluster, plan, Schedule(GPIPE, 4))
     assert [m.in_flight for m in gpipe.memory] == [4, 4, 4]
 

@@ -40,3 +40,9 @@ def test_bad_input_is_one_line():
         stage_memory(STAGE, 3, 3, Schedule(GPIPE, 2))
     with pytest.raises(PlacewiseError, match="activations"):
         StageBytes(parameters=1.0, activations=-1.0)
+
+
+def test_workspace_is_added_once_whatever_the_position():
+    stage = StageBytes(parameters=0.0, activations=10.0, workspace=7.0)
+    mems = pipeline_memory([stage] * 2, Schedule(ONE_F_ONE_B, 4))
+    assert [m.total for m in mems] == [pytest.approx(20 + 7), pytest.approx(10 + 7)]

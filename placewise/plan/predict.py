@@ -19,7 +19,7 @@ from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, OpGraph
 from placewise.plan.schedule import Schedule
 from placewise.plan.simulate import LinkTimes, Simulation, SimulateOptions, StageTimes, simulate
-from placewise.plan.stage_memory import StageBytes, StageMemory, pipeline_memory
+from placewise.plan.stage_memory import StageBytes, StageMemory, backward_workspace, pipeline_memory
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ class Prediction:
                 "boundary_bytes": list(self.boundary_bytes),
                 "stage_memory": None if self.memory is None else [
                     {"total": m.total, "in_flight": m.in_flight, "parameters": m.parameters, "gradients": m.gradients,
-                     "optimizer_state": m.optimizer_state, "activations": m.activations, "buffers": m.buffers}
+                     "optimizer_state": m.optimizer_state, "activations": m.activations, "buffers": m.buffers,
+                     "workspace": m.workspace}
                     for m in self.memory]}
 
 
@@ -73,14 +74,16 @@ def boundary_bytes(graph: OpGraph, stage_of: dict[int, int], stages: int) -> lis
     return crossing
 
 
-def _stage_bytes(plan, inputs: list[float], outputs: list[float], scale: float) -> list[StageBytes] | None:
+def _stage_bytes(graph: OpGraph, plan, inputs: list[float], outputs: list[float], scale: float,
+                 training: bool) -> list[StageBytes] | None:
     out = []
     for i, s in enumerate(plan.stages):
         b = s.memory_breakdown
         if b is None or None in (b.parameters, b.optimizer_state, b.activations):
             return None
+        largest = max((graph.node(n).output or 0.0 for n in s.nodes if not graph.node(n).backward), default=0.0)
         out.append(StageBytes(b.parameters, b.optimizer_state, b.activations * scale, inputs[i], outputs[i],
-                              b.gradients))
+                              b.gradients, backward_workspace(largest * scale) if training else 0.0))
     return out
 
 
@@ -108,7 +111,7 @@ def predict(graph: OpGraph, cluster: Cluster, plan, schedule: Schedule, *, link:
     # Gradients flow back over a boundary with the bytes of the values that crossed it forward.
     links = [LinkTimes(link.time(b), link.time(b) if options.training else 0.0) for b in crossing]
     sim = simulate(times, links, schedule, options)
-    stage_bytes = _stage_bytes(plan, [0.0] + crossing, crossing + [0.0], microbatch_scale)
+    stage_bytes = _stage_bytes(graph, plan, [0.0] + crossing, crossing + [0.0], microbatch_scale, options.training)
     memory = None if stage_bytes is None else tuple(pipeline_memory(stage_bytes, schedule, training=options.training))
     per_microbatch = max(t.forward + t.backward for t in times)
     return Prediction(schedule, sim.step_time, per_microbatch, tuple(times), tuple(crossing), memory, sim)

@@ -5,7 +5,8 @@ activations its forward saved for backward for every microbatch whose backward h
 m under GPipe, min(m, p - i) at position i under 1F1B (`Schedule.in_flight`). So under 1F1B the
 first stage of a "balanced" pipeline needs the most. torch's `PipelineStage` also keeps one receive
 buffer per microbatch for each tensor it takes in (and, training, one for the gradient of each tensor
-it sends on), allocated on the first step and kept: `buffers` counts those.
+it sends on), allocated on the first step and kept: `buffers` counts those. On top, a backward
+needs transient room for the gradients it is passing (`backward_workspace`).
 
 The planner's older one-figure rule (each node's `memory` summed over a stage: parameters, gradients,
 optimizer state and one profiled batch's outputs) knows neither the schedule nor the position.
@@ -29,9 +30,10 @@ class StageBytes:
     inputs: float = 0.0  # tensors received from the previous stage, per microbatch
     outputs: float = 0.0  # tensors sent to the next stage, per microbatch
     gradients: float | None = None  # None: as many bytes as the parameters (buffers get none)
+    workspace: float = 0.0  # transient bytes of one microbatch's backward (see `backward_workspace`)
 
     def __post_init__(self) -> None:
-        for name in ("parameters", "optimizer_state", "activations", "inputs", "outputs", "gradients"):
+        for name in ("parameters", "optimizer_state", "activations", "inputs", "outputs", "gradients", "workspace"):
             value = getattr(self, name)
             if value is None and name == "gradients":
                 continue
@@ -47,10 +49,12 @@ class StageMemory:
     activations: float  # saved activations of the microbatches in flight
     buffers: float  # torch's per-microbatch receive buffers
     in_flight: int
+    workspace: float = 0.0  # transient backward bytes on top of the held ones
 
     @property
     def total(self) -> float:
-        return self.parameters + self.gradients + self.optimizer_state + self.activations + self.buffers
+        return (self.parameters + self.gradients + self.optimizer_state + self.activations + self.buffers
+                + self.workspace)
 
 
 def stage_memory(stage: StageBytes, position: int, stages: int, schedule: Schedule, *,
@@ -68,7 +72,14 @@ def stage_memory(stage: StageBytes, position: int, stages: int, schedule: Schedu
     buffers = (m * stage.inputs if position > 0 else 0.0) + (m * stage.outputs if position < stages - 1 else 0.0)
     gradients = stage.parameters if stage.gradients is None else stage.gradients
     return StageMemory(stage.parameters, gradients, stage.optimizer_state, in_flight * stage.activations,
-                       buffers, in_flight)
+                       buffers, in_flight, stage.workspace)
+
+
+def backward_workspace(largest_output: float) -> float:
+    """Transient bytes while one microbatch's backward runs: the gradient arriving at the operator
+    with the largest output and the gradient it makes for its input (about as large) are alive at
+    once, beside everything held."""
+    return 2.0 * largest_output
 
 
 def pipeline_memory(stages: list[StageBytes], schedule: Schedule, *, training: bool = True) -> list[StageMemory]:
