@@ -50,7 +50,10 @@ from placewise.plan.simulate import LinkTimes, SimulateOptions, StageTimes, simu
 from placewise.profile import profile_model
 from placewise.run.launcher import launch
 from placewise.run.links import LinkMeasurement, measure_link
-from placewise.run.pipeline import PipelineJob, build, mapping_from_plan, pipeline_rank
+from placewise.run.cut import mapping_from_plan
+from placewise.run.job import PipelineJob
+from placewise.run.pipeline import pipeline_rank
+from placewise.run.workload import build
 
 MICRO = 8  # samples per microbatch: the batch is MICRO x microbatches
 MICROBATCHES = (2, 4, 8)
@@ -191,38 +194,12 @@ def measure_round(jobs: dict, seed: int) -> dict:
     return {k: [results[0][i], results[1][i]] for i, k in enumerate(keys)}
 
 
-def memory_rank(rank: int, world_size: int, jobs: list[PipelineJob]) -> list[int]:
-    """Each job's stage run for two steps with its live tensor bytes counted: the peak per job.
-    The stage's parameters and buffers count from the start; the batches are made beforehand (the
-    data loader's, not the stage's)."""
-    import torch.distributed as dist
-    from placewise.run.pipeline import _output_tensor, batch, prepare, stage_schedule
-    from placewise.run.tensor_memory import LiveTensorBytes
-    peaks = []
-    for job in jobs:
-        prepared = prepare(job)
-        module, _, schedule = stage_schedule(prepared, rank, schedule=job.schedule, microbatches=job.microbatches,
-                                             training=True)
-        optimizer = torch.optim.SGD(module.parameters(), lr=job.lr, momentum=0.9)
-        output_like = _output_tensor(prepared.values, prepared.gm)
-        batches = [batch(job, prepared.example_inputs, output_like, step) for step in range(2)]
-        with LiveTensorBytes() as live:
-            live.hold(module.parameters())
-            live.hold(module.buffers())
-            for inputs, target in batches:
-                schedule.step(*(inputs if rank == 0 else ()), **({"target": target} if rank == world_size - 1 else {}))
-                optimizer.step()
-                optimizer.zero_grad()
-        peaks.append(live.peak)
-        dist.barrier()
-    return peaks
-
-
 def measure_memory(jobs: dict) -> dict:
-    """Each job's per-stage peak live tensor bytes (one launch, every job in turn)."""
+    """Each job's per-stage peak live tensor bytes over two steps (one launch, every job in turn)."""
     keys = list(jobs)
-    results, _ = launch(memory_rank, 2, ([jobs[k] for k in keys],), threads=1, timeout_s=1800, preload=["torch"])
-    return {k: [results[0][i], results[1][i]] for i, k in enumerate(keys)}
+    counted = [replace(jobs[k], steps=2, warmup=0, collect=("memory",)) for k in keys]
+    results, _ = launch(pipeline_rank, 2, (counted,), threads=1, timeout_s=1800, preload=["torch"])
+    return {k: [results[0][i]["peak_memory_bytes"], results[1][i]["peak_memory_bytes"]] for i, k in enumerate(keys)}
 
 
 def rows_for(jobs: dict, planned: dict, rounds: list[dict], memory: dict | None, link: LinkMeasurement,

@@ -10,8 +10,9 @@ step, optimizer state) are added with `hold`.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,7 +27,17 @@ class LiveTensorBytes(TorchDispatchMode):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.counting = True
         self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Tensors made meanwhile are not counted (a step's input data: the data loader's, not the stage's)."""
+        self.counting = False
+        try:
+            yield
+        finally:
+            self.counting = True
 
     def hold(self, tensors: Iterable[torch.Tensor]) -> None:
         """Count tensors made before the mode started (each storage once)."""
@@ -48,6 +59,8 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None) -> Any:
         out = func(*args, **(kwargs or {}))
+        if not self.counting:
+            return out
         inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             # A view or an in-place result shares an input's storage: not new memory.
