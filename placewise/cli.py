@@ -115,24 +115,24 @@ def cmd_compare(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from placewise.plan import SolveOptions
+    from placewise.plan import SolveOptions, get_entry
     from placewise.plan.compare import compare, plot
     graph = _load_graph(args)
     cluster = _cluster(args, graph)
     _check_time_limit(args)
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise PlacewiseError(f"--plot {args.plot}: the chart is a PNG; give a file name ending in .png")
-    extra = {"split": args.expert} if args.expert else {}
     methods = args.methods
     if methods is not None and args.expert and "expert" not in methods:
         methods = [*methods, "expert"]
     # Without a limit an integer program may run for hours on a large graph; a comparison should end.
     time_limit = COMPARE_TIME_LIMIT if args.time_limit is None else args.time_limit
-    options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed, extra=extra)
+    options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed)
+    specific = {"expert": get_entry("expert").options(options, split=args.expert)} if args.expert else {}
     err = Console(stderr=True)
     show = not args.json and sys.stderr.isatty()
     with err.status("comparing...", spinner="dots") if show else contextlib.nullcontext() as status:
-        result = compare(graph, cluster, methods, options,
+        result = compare(graph, cluster, methods, options, specific,
                          on_start=(lambda m: status.update(f"running {m}...")) if show else None)
     if args.plot:
         plot(result, args.plot)
