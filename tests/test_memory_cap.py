@@ -15,7 +15,8 @@ from placewise.graph import Cluster, DeviceKind  # noqa: E402
 from placewise.plan import SolveOptions, solve  # noqa: E402
 from placewise.plan.predict import predict  # noqa: E402
 from placewise.plan.schedule import GPIPE, Schedule  # noqa: E402
-from placewise.plan.schedule_dp import ScheduleDPOptions, solve as solve_schedule_aware  # noqa: E402
+from placewise.plan.options import ScheduleDPOptions  # noqa: E402
+from placewise.plan.schedule_dp import solve as solve_schedule_aware  # noqa: E402
 from placewise.profile import profile_model  # noqa: E402
 from placewise.run.cut import mapping_from_plan  # noqa: E402
 from placewise.run.job import PipelineJob  # noqa: E402
@@ -51,7 +52,7 @@ def test_schedule_aware_plan_fits_the_cap_the_one_figure_plan_exceeds():
     cap = 0.8 * need
     one_figure = solve(graph, _cpus(cap), "dp", SolveOptions())
     assert one_figure.feasible and max(s.memory for s in one_figure.stages) <= cap  # the old rule admits it
-    aware = solve_schedule_aware(graph, _cpus(cap), ScheduleDPOptions(SCHEDULE))
+    aware = solve_schedule_aware(graph, _cpus(cap), ScheduleDPOptions(schedule=SCHEDULE))
     jobs = [PipelineJob(model=SPEC, batch_size=MICRO * SCHEDULE.microbatches, mapping=mapping_from_plan(plan),
                         schedule=SCHEDULE.kind, microbatches=SCHEDULE.microbatches, steps=2, lr=0.01,
                         collect=("memory",)) for plan in (one_figure, aware)]

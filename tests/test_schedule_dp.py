@@ -12,7 +12,8 @@ from placewise.plan.cost import MEMORY_TOLERANCE
 from placewise.plan.plan import plan_from_assignment
 from placewise.plan.predict import predict
 from placewise.plan.schedule import GPIPE, ONE_F_ONE_B, Schedule
-from placewise.plan.schedule_dp import ScheduleDPOptions, in_order, solve
+from placewise.plan.options import ScheduleDPOptions
+from placewise.plan.schedule_dp import in_order, solve
 
 
 def _graph(seed: int, n: int = 6) -> OpGraph:
@@ -83,16 +84,16 @@ def _cluster(memory: float) -> Cluster:
 def test_equals_brute_force(seed, kind, m):
     graph = _graph(seed)
     schedule = Schedule(kind, m)
-    free = solve(graph, _cluster(1e12), ScheduleDPOptions(schedule))
+    free = solve(graph, _cluster(1e12), ScheduleDPOptions(schedule=schedule))
     unconstrained = free.max_load
     # A cap just under what the unconstrained optimum's fullest stage needs, so that memory binds.
     cap = 0.97 * max(mem.total for mem in predict(graph, _cluster(1e12), free, schedule).memory)
     expected = _brute(graph, _cluster(cap), schedule)
     if expected == float("inf"):
         with pytest.raises(PlacewiseError, match="fits"):
-            solve(graph, _cluster(cap), ScheduleDPOptions(schedule))
+            solve(graph, _cluster(cap), ScheduleDPOptions(schedule=schedule))
         return
-    plan = solve(graph, _cluster(cap), ScheduleDPOptions(schedule))
+    plan = solve(graph, _cluster(cap), ScheduleDPOptions(schedule=schedule))
     assert plan.max_load == pytest.approx(expected)
     assert plan.max_load >= unconstrained - 1e-9
     assert plan.schedule == schedule
@@ -103,7 +104,7 @@ def test_equals_brute_force(seed, kind, m):
 def test_the_cap_moves_the_optimum_and_position_matters():
     graph = _graph(3)
     schedule = Schedule(ONE_F_ONE_B, 4)
-    free = solve(graph, _cluster(1e12), ScheduleDPOptions(schedule))
+    free = solve(graph, _cluster(1e12), ScheduleDPOptions(schedule=schedule))
     need = [mem.total for mem in predict(graph, _cluster(1e12), free, schedule).memory]
-    capped = solve(graph, _cluster(0.97 * max(need)), ScheduleDPOptions(schedule))
+    capped = solve(graph, _cluster(0.97 * max(need)), ScheduleDPOptions(schedule=schedule))
     assert capped.max_load > free.max_load + 1e-9

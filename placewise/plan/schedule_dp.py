@@ -26,19 +26,15 @@ import numpy as np
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, OpGraph
 from placewise.plan.cost import MEMORY_TOLERANCE
-from placewise.plan.ideals import enumerate_ideals, simplify
+from placewise.plan.ideals import enumerate_ideals
+from placewise.plan.options import ScheduleDPOptions
 from placewise.plan.plan import Plan, plan_from_assignment
 from placewise.plan.schedule import Schedule
+from placewise.plan.units import simplify
 from placewise.plan.stage_memory import StageBytes, backward_workspace, stage_memory
 
 # Ideals beyond this many make the pure-Python DP too slow for a planner run.
 IDEAL_LIMIT = 5000
-
-
-@dataclass(frozen=True)
-class ScheduleDPOptions:
-    schedule: Schedule = Schedule()
-    microbatch_scale: float = 1.0  # microbatch size over the profiled batch size (scales activations, bytes)
 
 
 @dataclass(frozen=True)
@@ -95,6 +91,9 @@ def solve(graph: OpGraph, cluster: Cluster, options: ScheduleDPOptions | None = 
     """The least max-load contiguous plan whose every stage fits its device's memory at its position
     under `options.schedule`; one device per stage. Transfers are paid as the cost model pays them."""
     options = options or ScheduleDPOptions()
+    if options.objective != "throughput" or not options.contiguous:
+        raise PlacewiseError("the dp-schedule solver plans contiguous pipelines for throughput; drop --objective "
+                             "latency and --noncontiguous, or use another solver")
     started = time.perf_counter()
     schedule, scale = options.schedule, options.microbatch_scale
     kinds = [k for k in cluster.kinds if k.count > 0]
