@@ -199,6 +199,9 @@ def cmd_profile(args) -> int:
 def cmd_devices(args) -> int:
     from placewise.profile.machine import describe_machine, machine_device_file
     info = describe_machine()
+    if args.measure:
+        from placewise.run.links import measure_link
+        info["link"] = measure_link().to_json()
     if args.out:
         Path(args.out).write_text(machine_device_file(info))
     if args.json:
@@ -217,6 +220,10 @@ def cmd_devices(args) -> int:
     if info["torch"]:
         print(f"torch {info['torch']['version']}, {info['torch']['threads']} intra-op thread(s)"
               + ("" if info["cuda"] else "; no CUDA device"))
+    if info.get("link"):
+        link = info["link"]
+        print(f"link between two processes ({link['backend']}): latency {1e6 * link['latency']:.0f} us, "
+              f"bandwidth {link['bandwidth'] / 1e9:.2f} GB/s")
     if args.out:
         print(f"device file written to {args.out}")
     return 0
@@ -401,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("devices", "show the devices of this machine", cmd_devices)
     p.add_argument("--json", action="store_true", help="print as JSON on stdout")
     p.add_argument("--out", type=output_file, metavar="FILE.yaml", help="write a device file describing this machine")
+    p.add_argument("--measure", action="store_true", help="time send/receive between two processes here (gloo, or "
+                   "NCCL between two GPUs) and write the measured latency and bandwidth into the device file")
 
     p = add("train", "train a model as a pipeline (from a plan) and/or with data-parallel workers", cmd_train)
     p.add_argument("model", help="model name (as for profile) or package.module:factory")

@@ -27,3 +27,26 @@ def test_two_processes_measure_a_positive_link():
     assert link.backend == "gloo"
     assert link.latency > 0 and link.bandwidth > 1e6  # loopback moves far more than 1 MB/s
     assert len(link.one_way) == 2
+
+
+def test_device_file_latency_units_and_round_trip():
+    from placewise.graph import Cluster
+    from placewise.graph.devicefile import device_file_text, parse_device_file
+    import yaml
+    cluster = parse_device_file({"bandwidth": "2 GB/s", "latency": "80 us", "kinds": [{"name": "cpu", "count": 2}]})
+    assert cluster.latency == pytest.approx(80e-6)
+    assert parse_device_file(yaml.safe_load(device_file_text(cluster))) == cluster
+    assert Cluster.from_json(cluster.to_json()) == cluster
+    with pytest.raises(PlacewiseError, match="latency"):
+        parse_device_file({"latency": "3 parsecs", "kinds": [{"name": "cpu"}]})
+
+
+@pytest.mark.timeout(150)
+def test_devices_measure_writes_the_link(tmp_path):
+    from placewise.cli import main
+    from placewise.graph.devicefile import load_device_file
+    out = tmp_path / "here.yaml"
+    assert main(["devices", "--measure", "--out", str(out)]) == 0
+    cluster = load_device_file(out)
+    assert cluster.latency is not None and cluster.latency > 0
+    assert cluster.bandwidth is not None and cluster.bandwidth > 1e6
