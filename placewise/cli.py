@@ -11,7 +11,7 @@ from pathlib import Path
 
 from placewise.console import console as _console
 from placewise.console import fmt_bytes as _fmt_bytes
-from placewise.console import print_plan
+from placewise.console import print_plan, print_prediction
 from placewise.errors import PlacewiseError, dump_json
 from placewise.plan.options import OBJECTIVES
 from placewise.plan.schedule import DEFAULT_SCHEDULE, GPIPE, SCHEDULES
@@ -103,9 +103,42 @@ def cmd_plan(args) -> int:
     _check_time_limit(args)
     options = SolveOptions(objective=args.objective, contiguous=not args.noncontiguous, time_limit=args.time_limit,
                            gap=args.gap, seed=args.seed, progress=not args.json and sys.stderr.isatty())
+    schedule = _schedule(args)
+    scale = _microbatch_scale(args, graph)
+    if args.solver == "dp-schedule":
+        from placewise.plan import get_entry
+        if schedule is None:
+            raise PlacewiseError("--solver dp-schedule plans for a schedule; give --microbatches M (and --schedule)")
+        options = get_entry("dp-schedule").options(options, schedule=schedule, microbatch_scale=scale)
     plan = solve(graph, cluster, args.solver, options)
+    if schedule is not None:
+        from placewise.plan.predict import with_prediction
+        plan = with_prediction(graph, cluster, plan, schedule, microbatch_scale=scale)
     _emit(plan, args, f"{graph.name}: {plan.solver} plan on {cluster.accelerators} accelerator(s), {cluster.cpus} CPU(s)")
+    if not args.json:
+        print_prediction(plan, f" {graph.meta_dict.get('time_unit', '')}".rstrip())
     return 0
+
+
+def _schedule(args):
+    """The schedule `--schedule`/`--microbatches` ask for; None when neither is given."""
+    if args.microbatches is None and args.schedule is None:
+        return None
+    from placewise.plan.schedule import DEFAULT_SCHEDULE, Schedule
+    return Schedule(args.schedule or DEFAULT_SCHEDULE, args.microbatches or 1)
+
+
+def _microbatch_scale(args, graph) -> float:
+    """Microbatch size over the profiled batch size (times and activations scale with it)."""
+    if args.batch_size is None:
+        return 1.0
+    from placewise.run.report import profiled_batch
+    profiled = profiled_batch(graph)
+    if profiled is None:
+        raise PlacewiseError("--batch-size needs a graph made by `placewise profile` (its batch size is recorded)")
+    if args.batch_size % (args.microbatches or 1):
+        raise PlacewiseError(f"--batch-size {args.batch_size} does not split into {args.microbatches} equal microbatches")
+    return args.batch_size / (args.microbatches or 1) / profiled
 
 
 # ---- compare (baselines issue) --------------------------------------------------------------------
@@ -276,11 +309,29 @@ def _run_pipeline_job(args, mode: str) -> int:
     if getattr(args, "out", None):
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"{mode}-report.json").write_text(dump_json(report) + "\n")
+        if mode == "train" and len(results) > 1:
+            _draw_timelines(plan, job, results, Path(args.out) / "timeline.png")
     if args.json:
         print(dump_json(report))
     else:
         print_report(report, f"{args.model}: {mode} on {len(results)} pipeline stage(s), {args.threads} thread(s) each")
     return 0
+
+
+def _draw_timelines(plan, job, results, path: Path) -> None:
+    """The measured step's timeline, under the plan's predicted one where the plan has a prediction."""
+    from placewise.pictures import draw_timeline
+    from placewise.plan.predict import TIME_UNITS, simulate_plan
+    from placewise.plan.schedule import Schedule
+    recorded = plan.notes.get("prediction") or {}
+    predicted = None
+    if recorded:
+        predicted = simulate_plan(plan, Schedule(job.schedule, job.microbatches))
+    unit = recorded.get("time_unit")
+    draw_timeline(results, path, f"{job.model}: {job.schedule}, {job.microbatches} microbatches of "
+                  f"{job.batch_size // job.microbatches}", predicted=predicted,
+                  predicted_scale=1e3 * TIME_UNITS[unit] if unit in TIME_UNITS else 1.0)
+    print(f"timeline written to {path}")
 
 
 def _train_pipeline(args) -> int:
@@ -317,6 +368,35 @@ def _train_data_parallel(args) -> int:
         print(dump_json(report.to_dict()))
     else:
         print_report(report)
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from placewise.plan import load_plan
+    from placewise.plan.predict import TIME_UNITS, simulate_plan
+    from placewise.plan.schedule import Schedule
+    plan = load_plan(args.plan)
+    schedule = plan.schedule
+    if args.schedule or args.microbatches:
+        base = schedule or Schedule()
+        schedule = Schedule(args.schedule or base.kind, args.microbatches or base.microbatches)
+    sim = simulate_plan(plan, schedule)
+    unit = (plan.notes.get("prediction") or {}).get("time_unit") or ""
+    result = {"schedule": schedule.to_json() if schedule else None, "step_time": sim.step_time,
+              "first_step": sim.first_step, "bubble": sim.bubble, "busy": list(sim.busy), "time_unit": unit}
+    if args.picture:
+        from placewise.pictures import draw_timeline
+        scale = 1e3 * TIME_UNITS[unit] if unit in TIME_UNITS else 1.0
+        draw_timeline(None, args.picture, f"{Path(args.plan).name}: {schedule.kind if schedule else ''} "
+                      f"{schedule.microbatches if schedule else ''} microbatches, predicted step "
+                      f"{sim.step_time:.4g} {unit}", predicted=sim, predicted_scale=scale)
+    if args.json:
+        print(dump_json(result))
+        return 0
+    print(f"{schedule.kind} with {schedule.microbatches} microbatches: predicted step {sim.step_time:.6g} {unit} "
+          f"(first step from empty {sim.first_step:.6g}; busiest stage {max(sim.busy):.6g}; bubble {100 * sim.bubble:.0f}%)")
+    if args.picture:
+        print(f"timeline written to {args.picture}")
     return 0
 
 
@@ -374,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=finite_positive, metavar="S", help="stop after S seconds with the best plan found")
     p.add_argument("--gap", type=finite_non_negative, default=1e-4, metavar="G", help="relative optimality gap to stop at (ip)")
     p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--schedule", choices=SCHEDULES, help="plan for this pipeline schedule: per-position memory, "
+                   "predicted step time (default 1f1b when --microbatches is given)")
+    p.add_argument("--microbatches", type=positive_int, metavar="M", help="microbatches per step of the schedule")
+    p.add_argument("--batch-size", type=positive_int, metavar="N", help="training batch (default: M x the profiled "
+                   "batch, so one microbatch is what was profiled)")
     p.add_argument("--out", type=output_file, metavar="PLAN.json", help="write the plan")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
 
@@ -448,6 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", type=output_folder, metavar="DIR", help="folder for reports and pictures")
     p.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
+
+    p = add("simulate", "simulate a plan's pipeline schedule: predicted step time and timeline", cmd_simulate)
+    p.add_argument("plan", type=input_file, metavar="PLAN.json", help="a plan made with --schedule/--microbatches")
+    p.add_argument("--schedule", choices=SCHEDULES, help="another schedule than the plan's")
+    p.add_argument("--microbatches", type=positive_int, metavar="M", help="another microbatch count than the plan's")
+    p.add_argument("--picture", type=output_file, metavar="FILE.png", help="draw the predicted timeline of one step")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
     p = add("serve-bench", "measure pipelined inference throughput of a plan", cmd_serve_bench)
     p.add_argument("model", help="model name (as for profile) or package.module:factory")

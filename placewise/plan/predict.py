@@ -13,10 +13,12 @@ microbatch size, the accurate way). The optimizer's update is not in a graph and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, OpGraph
+from placewise.plan.cost import MEMORY_TOLERANCE
+from placewise.plan.plan import Plan
 from placewise.plan.schedule import Schedule
 from placewise.plan.simulate import LinkTimes, Simulation, SimulateOptions, StageTimes, simulate
 from placewise.plan.stage_memory import StageBytes, StageMemory, backward_workspace, pipeline_memory
@@ -39,6 +41,7 @@ class Prediction:
     max_load: float  # steady state: the busiest stage's work per microbatch
     stage_times: tuple[StageTimes, ...]
     boundary_bytes: tuple[float, ...]  # per boundary, per microbatch
+    links: tuple[LinkTimes, ...]  # per boundary: forward and backward transfer time of one microbatch
     memory: tuple[StageMemory, ...] | None  # None: the graph does not split its memory
     simulation: Simulation
 
@@ -47,6 +50,7 @@ class Prediction:
                 "bubble": self.simulation.bubble,
                 "stage_times": [{"forward": t.forward, "backward": t.backward} for t in self.stage_times],
                 "boundary_bytes": list(self.boundary_bytes),
+                "links": [{"forward": link.forward, "backward": link.backward} for link in self.links],
                 "stage_memory": None if self.memory is None else [
                     {"total": m.total, "in_flight": m.in_flight, "parameters": m.parameters, "gradients": m.gradients,
                      "optimizer_state": m.optimizer_state, "activations": m.activations, "buffers": m.buffers,
@@ -74,7 +78,7 @@ def boundary_bytes(graph: OpGraph, stage_of: dict[int, int], stages: int) -> lis
     return crossing
 
 
-def _stage_bytes(graph: OpGraph, plan, inputs: list[float], outputs: list[float], scale: float,
+def _stage_bytes(graph: OpGraph, plan: Plan, inputs: list[float], outputs: list[float], scale: float,
                  training: bool) -> list[StageBytes] | None:
     out = []
     for i, s in enumerate(plan.stages):
@@ -87,7 +91,7 @@ def _stage_bytes(graph: OpGraph, plan, inputs: list[float], outputs: list[float]
     return out
 
 
-def predict(graph: OpGraph, cluster: Cluster, plan, schedule: Schedule, *, link: Link | None = None,
+def predict(graph: OpGraph, cluster: Cluster, plan: Plan, schedule: Schedule, *, link: Link | None = None,
             microbatch_scale: float = 1.0, options: SimulateOptions | None = None) -> Prediction:
     """Simulate `plan` (stages in pipeline order) under `schedule`; `link` defaults to the cluster's
     bandwidth (graph time units: the graph's transfer cost per byte) with no latency."""
@@ -114,10 +118,52 @@ def predict(graph: OpGraph, cluster: Cluster, plan, schedule: Schedule, *, link:
     stage_bytes = _stage_bytes(graph, plan, [0.0] + crossing, crossing + [0.0], microbatch_scale, options.training)
     memory = None if stage_bytes is None else tuple(pipeline_memory(stage_bytes, schedule, training=options.training))
     per_microbatch = max(t.forward + t.backward for t in times)
-    return Prediction(schedule, sim.step_time, per_microbatch, tuple(times), tuple(crossing), memory, sim)
+    return Prediction(schedule, sim.step_time, per_microbatch, tuple(times), tuple(crossing), tuple(links), memory, sim)
 
 
 def _graph_link(graph: OpGraph) -> Link:
     """The link the graph's transfer costs imply: its cost per byte (no latency)."""
     rates = [e.transfer_cost / e.bytes for e in graph.edges if e.bytes]
     return Link(0.0, 1.0 / max(rates)) if rates and max(rates) > 0 else Link()
+
+
+# Seconds per unit of the time units graphs declare (`time_unit` in their meta).
+TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
+def cluster_link(graph: OpGraph, cluster: Cluster) -> Link:
+    """The cluster's link (bandwidth, latency) in the graph's time unit; the graph's own transfer
+    costs where the cluster has no bandwidth or the graph does not say its unit."""
+    unit = TIME_UNITS.get(graph.meta_dict.get("time_unit", ""))
+    if cluster.bandwidth is None or unit is None:
+        return _graph_link(graph)
+    return Link((cluster.latency or 0.0) / unit, cluster.bandwidth * unit)
+
+
+def with_prediction(graph: OpGraph, cluster: Cluster, plan: Plan, schedule: Schedule, *,
+                    microbatch_scale: float = 1.0) -> Plan:
+    """The plan for `schedule`: the schedule recorded, the prediction in `notes["prediction"]`, and
+    every stage whose memory at its position exceeds its device's memory listed as a violation."""
+    pred = predict(graph, cluster, plan, schedule, link=cluster_link(graph, cluster), microbatch_scale=microbatch_scale)
+    violations = list(plan.violations)
+    for i, (stage, mem) in enumerate(zip(plan.stages, pred.memory or ())):
+        limit = cluster.kind(stage.kind).memory
+        if limit is not None and mem.total > limit * (1 + MEMORY_TOLERANCE):
+            violations.append(f"stage {i} ({stage.kind}:{stage.index}) needs {mem.total:.6g} bytes under {schedule.kind} "
+                              f"({mem.in_flight} of {schedule.microbatches} microbatches in flight), over its "
+                              f"{limit:.6g}; plan with --solver dp-schedule, fewer microbatches or 1F1B")
+    recorded = {**pred.to_json(), "time_unit": graph.meta_dict.get("time_unit")}
+    return replace(plan, schedule=schedule, notes={**plan.notes, "prediction": recorded},
+                   violations=violations, feasible=not violations)
+
+
+def simulate_plan(plan: Plan, schedule: Schedule | None = None, options: SimulateOptions | None = None) -> Simulation:
+    """Replay a plan's recorded prediction (`with_prediction`), under its own schedule or another one."""
+    recorded = plan.notes.get("prediction")
+    if not isinstance(recorded, dict) or "stage_times" not in recorded or "links" not in recorded:
+        raise PlacewiseError("the plan has no prediction to simulate; plan with --schedule and --microbatches")
+    times = [StageTimes(t["forward"], t["backward"]) for t in recorded["stage_times"]]
+    links = [LinkTimes(link["forward"], link["backward"]) for link in recorded["links"]]
+    training = any(t.backward > 0 for t in times)
+    return simulate(times, links, schedule or plan.schedule or Schedule.from_json(recorded["schedule"]),
+                    options or SimulateOptions(training=training))
