@@ -413,11 +413,14 @@ def cmd_demo(args) -> int:
 EXAMPLES = {
     "evaluate": "placewise evaluate ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/bert24_inference.json "
                 "../shared/workloads/dnn-partitioning/human-experts/bert24_inference_expert.json",
-    "plan": "placewise plan ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/resnet50_inference.json -k 4 --out plan.json",
+    "plan": "placewise plan ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/resnet50_inference.json -k 4 --out plan.json"
+            "\n  placewise plan resnet18.json --devices here.yaml --solver dp-schedule --schedule gpipe --microbatches 8",
     "compare": "placewise compare ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/bert24_inference.json "
                "--plot compare.png",
     "profile": "placewise profile resnet18 --input-shape 3 64 64 --batch-size 8 --training --out resnet18.json",
-    "devices": "placewise devices --json",
+    "devices": "placewise devices --json\n  placewise devices --measure --out here.yaml  # with the link measured",
+    "simulate": "placewise simulate plan.json --microbatches 8 --picture timeline.png  # a plan made with:"
+                "\n  placewise plan resnet18.json --devices here.yaml --schedule 1f1b --microbatches 4 --out plan.json",
     "train": "placewise train resnet18 --plan plan.json --graph resnet18.json --input-shape 3 64 64 --batch-size 8 "
              "--microbatches 4 --steps 3 --fuse backward\n  placewise train mlp --workers 2 --mode async --epochs 5"
              "\n  placewise train mlp:256x256 --plan mlp-plan.json --workers 2 --mode async --epochs 5  "
