@@ -22,6 +22,10 @@ from placewise.validate import (OneLineParser, device_count, finite_non_negative
                                 output_folder, positive_int, seed)
 
 
+# Microbatches per step when neither the command line nor the plan says.
+DEFAULT_MICROBATCHES = 4
+
+
 # ---- shared helpers -------------------------------------------------------------------------------
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("devices (override what the graph file carries)")
@@ -283,11 +287,25 @@ def _pipeline_job(args, mode: str):
     plan = load_plan(args.plan)
     job = PipelineJob(model=args.model, batch_size=args.batch_size, mapping=mapping_from_plan(plan),
                       input_shape=tuple(args.input_shape) if args.input_shape else None, mode=mode,
-                      schedule=getattr(args, "schedule", GPIPE), microbatches=args.microbatches, steps=args.steps,
+                      schedule=_train_schedule(args, plan), microbatches=_train_microbatches(args, plan), steps=args.steps,
                       warmup=1, lr=getattr(args, "lr", 0.0), optimizer=getattr(args, "optimizer", "sgd"),
                       momentum=getattr(args, "momentum", 0.0), fuse=getattr(args, "fuse", "none"),
                       seed=getattr(args, "seed", 0), progress=not args.json and sys.stderr.isatty())
     return plan, job
+
+
+def _train_schedule(args, plan=None) -> str:
+    """--schedule, else the schedule the plan was made for, else the default (serve-bench: GPipe, forward only)."""
+    if not hasattr(args, "schedule"):
+        return GPIPE
+    return args.schedule or (plan.schedule.kind if plan is not None and plan.schedule else DEFAULT_SCHEDULE)
+
+
+def _train_microbatches(args, plan=None) -> int:
+    """--microbatches, else the plan's schedule's, else 4."""
+    if args.microbatches is not None:
+        return args.microbatches
+    return plan.schedule.microbatches if plan is not None and plan.schedule else DEFAULT_MICROBATCHES
 
 
 def _run_pipeline_job(args, mode: str) -> int:
@@ -357,8 +375,8 @@ def _train_data_parallel(args) -> int:
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                       momentum=args.momentum, fuse=args.fuse, seed=args.seed, threads=args.threads,
                       checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      progress=not args.json and sys.stderr.isatty(), mapping=mapping, schedule=args.schedule,
-                      microbatches=args.microbatches, transport=args.transport)
+                      progress=not args.json and sys.stderr.isatty(), mapping=mapping, schedule=_train_schedule(args),
+                      microbatches=_train_microbatches(args), transport=args.transport)
     report = train_data_parallel(cfg)
     if report is None:
         return 0  # a rank other than 0 under torchrun: rank 0 reports
@@ -506,8 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", metavar="PLAN.json", help="plan to cut the model into pipeline stages (with --mode "
                    "async|sync: every worker is such a pipeline)")
     p.add_argument("--graph", metavar="GRAPH.json", help="the profiled graph the plan came from (per-sample prediction)")
-    p.add_argument("--schedule", choices=SCHEDULES, default=DEFAULT_SCHEDULE, help="pipeline schedule (with --plan)")
-    p.add_argument("--microbatches", type=int, default=4, metavar="M", help="microbatches per batch (with --plan)")
+    p.add_argument("--schedule", choices=SCHEDULES, help="pipeline schedule (with --plan; default: the plan's, "
+                   f"else {DEFAULT_SCHEDULE})")
+    p.add_argument("--microbatches", type=int, metavar="M", help="microbatches per batch (with --plan; default: the "
+                   f"plan's, else {DEFAULT_MICROBATCHES})")
     p.add_argument("--steps", type=int, default=10, metavar="N")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
     p.add_argument("--input-shape", type=int, nargs="+", metavar="D")
