@@ -11,7 +11,7 @@ from pathlib import Path
 
 from placewise.console import console as _console
 from placewise.console import fmt_bytes as _fmt_bytes
-from placewise.console import print_plan, print_prediction
+from placewise.console import print_plan
 from placewise.errors import PlacewiseError, dump_json
 from placewise.plan.options import OBJECTIVES
 from placewise.plan.schedule import DEFAULT_SCHEDULE, GPIPE, SCHEDULES
@@ -119,8 +119,9 @@ def cmd_plan(args) -> int:
         from placewise.plan.predict import with_prediction
         plan = with_prediction(graph, cluster, plan, schedule, microbatch_scale=scale)
     _emit(plan, args, f"{graph.name}: {plan.solver} plan on {cluster.accelerators} accelerator(s), {cluster.cpus} CPU(s)")
-    if not args.json:
-        print_prediction(plan, f" {graph.meta_dict.get('time_unit', '')}".rstrip())
+    if not args.json and schedule is not None:
+        from placewise.predicted import print_prediction
+        print_prediction(plan)
     return 0
 
 
@@ -328,28 +329,15 @@ def _run_pipeline_job(args, mode: str) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"{mode}-report.json").write_text(dump_json(report) + "\n")
         if mode == "train" and len(results) > 1:
-            _draw_timelines(plan, job, results, Path(args.out) / "timeline.png")
+            from placewise.predicted import draw_predicted_and_measured
+            draw_predicted_and_measured(plan, job.model, job.schedule, job.microbatches, job.batch_size, results,
+                                        Path(args.out) / "timeline.png")
+            print(f"timeline written to {Path(args.out) / 'timeline.png'}")
     if args.json:
         print(dump_json(report))
     else:
         print_report(report, f"{args.model}: {mode} on {len(results)} pipeline stage(s), {args.threads} thread(s) each")
     return 0
-
-
-def _draw_timelines(plan, job, results, path: Path) -> None:
-    """The measured step's timeline, under the plan's predicted one where the plan has a prediction."""
-    from placewise.pictures import draw_timeline
-    from placewise.plan.predict import TIME_UNITS, simulate_plan
-    from placewise.plan.schedule import Schedule
-    recorded = plan.notes.get("prediction") or {}
-    predicted = None
-    if recorded:
-        predicted = simulate_plan(plan, Schedule(job.schedule, job.microbatches))
-    unit = recorded.get("time_unit")
-    draw_timeline(results, path, f"{job.model}: {job.schedule}, {job.microbatches} microbatches of "
-                  f"{job.batch_size // job.microbatches}", predicted=predicted,
-                  predicted_scale=1e3 * TIME_UNITS[unit] if unit in TIME_UNITS else 1.0)
-    print(f"timeline written to {path}")
 
 
 def _train_pipeline(args) -> int:
@@ -391,28 +379,15 @@ def _train_data_parallel(args) -> int:
 
 def cmd_simulate(args) -> int:
     from placewise.plan import load_plan
-    from placewise.plan.predict import TIME_UNITS, simulate_plan
-    from placewise.plan.schedule import Schedule
-    plan = load_plan(args.plan)
-    schedule = plan.schedule
-    if args.schedule or args.microbatches:
-        base = schedule or Schedule()
-        schedule = Schedule(args.schedule or base.kind, args.microbatches or base.microbatches)
-    sim = simulate_plan(plan, schedule)
-    unit = (plan.notes.get("prediction") or {}).get("time_unit") or ""
-    result = {"schedule": schedule.to_json() if schedule else None, "step_time": sim.step_time,
-              "first_step": sim.first_step, "bubble": sim.bubble, "busy": list(sim.busy), "time_unit": unit}
-    if args.picture:
-        from placewise.pictures import draw_timeline
-        scale = 1e3 * TIME_UNITS[unit] if unit in TIME_UNITS else 1.0
-        draw_timeline(None, args.picture, f"{Path(args.plan).name}: {schedule.kind if schedule else ''} "
-                      f"{schedule.microbatches if schedule else ''} microbatches, predicted step "
-                      f"{sim.step_time:.4g} {unit}", predicted=sim, predicted_scale=scale)
+    from placewise.predicted import simulate_report
+    result = simulate_report(load_plan(args.plan), Path(args.plan).name, args.schedule, args.microbatches, args.picture)
     if args.json:
         print(dump_json(result))
         return 0
-    print(f"{schedule.kind} with {schedule.microbatches} microbatches: predicted step {sim.step_time:.6g} {unit} "
-          f"(first step from empty {sim.first_step:.6g}; busiest stage {max(sim.busy):.6g}; bubble {100 * sim.bubble:.0f}%)")
+    unit = result["time_unit"]
+    print(f"{result['schedule']['kind']} with {result['schedule']['microbatches']} microbatches: predicted step "
+          f"{result['step_time']:.6g} {unit} (first step from empty {result['first_step']:.6g}; busiest stage "
+          f"{max(result['busy']):.6g}; bubble {100 * result['bubble']:.0f}%)")
     if args.picture:
         print(f"timeline written to {args.picture}")
     return 0

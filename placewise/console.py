@@ -59,20 +59,3 @@ def print_plan(plan: Plan, title: str) -> None:
     if not plan.feasible:
         out.print(f"[red]infeasible:[/red] {'; '.join(plan.violations)}")
 
-
-def print_prediction(plan: "Plan", unit: str = "") -> None:
-    """The plan's predicted step under its schedule (from `plan.predict.with_prediction`): step time
-    against the steady state, and each stage's memory at its position."""
-    pred = plan.notes.get("prediction")
-    if not pred:
-        return
-    out = console()
-    schedule = pred["schedule"]
-    m = schedule["microbatches"]
-    steady = pred["max_load"] * m
-    out.print(f"{schedule['kind']} with {m} microbatches: predicted step [bold]{pred['step_time']:.6g}[/bold]{unit} "
-              f"(steady state {steady:.6g}{unit}, bubble {100 * pred['bubble']:.0f}%; simulated: fill, drain, transfers)")
-    if pred.get("stage_memory"):
-        parts = ", ".join(f"stage {i}: {fmt_bytes(mem['total'])} ({mem['in_flight']} in flight)"
-                          for i, mem in enumerate(pred["stage_memory"]))
-        out.print(f"memory at each position: {parts}")

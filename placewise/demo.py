@@ -111,7 +111,8 @@ def _this_machine():
 
 def _plan_here(settings: DemoSettings, graph, here, console: Console):
     """Step 2: the exact plan for this machine's cores, with its schedule's prediction."""
-    from placewise.console import print_plan, print_prediction
+    from placewise.console import print_plan
+    from placewise.predicted import print_prediction
     from placewise.pictures import draw_graph, draw_loads
     from placewise.plan import SolveOptions, solve
     from placewise.plan.predict import with_prediction
@@ -124,7 +125,7 @@ def _plan_here(settings: DemoSettings, graph, here, console: Console):
     plan.save(settings.out / "plan.json")
     print_plan(plan, f"{settings.model}: optimal contiguous plan for this machine (ms per microbatch of "
                      f"{settings.batch_size})")
-    print_prediction(plan, " ms")
+    print_prediction(plan)
     draw_graph(graph, plan, settings.out / "plan_graph.png",
                title=f"{settings.model}: layers coloured by the core the optimal plan puts them on")
     draw_loads(plan, settings.out / "plan_loads.png", plan.notes.get("work_lower_bound"),
@@ -197,8 +198,7 @@ def _pipeline_step(settings: DemoSettings, plan, console: Console) -> Step:
     import os
     from dataclasses import replace
 
-    from placewise.pictures import draw_timeline
-    from placewise.plan.predict import simulate_plan
+    from placewise.predicted import draw_predicted_and_measured
     from placewise.run.cut import mapping_from_plan
     from placewise.run.job import PipelineJob
     from placewise.run.pipeline import run_pipeline
@@ -229,8 +229,8 @@ def _pipeline_step(settings: DemoSettings, plan, console: Console) -> Step:
     console.print(table)
     console.print(f"The stage processes got {share:.0%} of a core while computing (their CPU time over wall time): "
                   f"other work on this machine slows them by {1 / share:.2f}x, which no plan can know in advance.")
-    draw_timeline(results, settings.out / "pipeline_timeline.png", predicted=simulate_plan(plan),
-                  title=f"{settings.model}: one 1F1B training step over {n} stage processes, predicted and measured")
+    draw_predicted_and_measured(plan, settings.model, job.schedule, job.microbatches, job.batch_size, results,
+                                settings.out / "pipeline_timeline.png")
     losses = results[-1]["losses"]
     # The runner cycles through a few synthetic batches, so consecutive losses are of different batches.
     return Step("pipeline", f"step predicted {prediction['step_time']:.1f} ms, measured {measured_ms:.1f} ms "
