@@ -45,8 +45,8 @@ class Replay:
 
     def __init__(self, task: Task, seed: int, lr: float, momentum: float, batch_size: int) -> None:
         self.task, self.batch_size, self.seed = task, batch_size, seed
-        self.server = task.rebuild(seed)
-        self.scratch = task.rebuild(seed)
+        self.server = task.build(seed)
+        self.scratch = task.build(seed)
         tensors = [p.detach() for p in self.server.parameters()]
         self.flat = torch.cat([t.reshape(-1) for t in tensors])
         self.params = _views(self.flat, tensors)
@@ -141,7 +141,7 @@ def plain_sgd(task: Task, steps: int, *, seed: int, lr: float, momentum: float, 
               n_threads: int = 1) -> tuple[list[float], nn.Module]:
     """One worker's run without any server: torch.optim.SGD on the model itself, worker 0's batches."""
     with threads(n_threads):
-        model = task.rebuild(seed)
+        model = task.build(seed)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
         stream = BatchStream(task.data.x_train, task.data.y_train, batch_size, seed, worker=0)
         losses = []

@@ -23,7 +23,7 @@ positions whose arg-max is the target, averaged per sample; None for regression 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -58,17 +58,22 @@ def hits(output: torch.Tensor, target: torch.Tensor) -> float:
 
 @dataclass
 class Task:
-    """A model (weights from the seed), its data, its loss and, for class targets, its accuracy."""
+    """A model (weights from the seed), its data, its loss and, for class targets, its accuracy. Sent to
+    every rank without its `model` (`shipped`): each rank builds its own copy (`build`)."""
     spec: str
-    model: nn.Module
     data: Dataset
     input_shape: tuple[int, ...] | None     # what the model was built for (None: its own default)
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     hits: Callable[[torch.Tensor, torch.Tensor], float] | None
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
 
-    def rebuild(self, seed: int) -> nn.Module:
-        """The same model again (every rank builds its own copy)."""
+    def build(self, seed: int) -> nn.Module:
+        """The model again, weights from `seed` (the same on every rank)."""
         return build_task_model(self.spec, self.input_shape, seed)[0]
+
+    def shipped(self) -> "Task":
+        """This task without its model, to send to the ranks (which build their own)."""
+        return replace(self, model=None)
 
     def test_accuracy(self, model: nn.Module) -> float:
         """Test accuracy of `model`; NaN for regression targets (see `test_loss`)."""
@@ -153,7 +158,7 @@ def make_task(spec: str, dataset: str, seed: int = 0, input_shape: Sequence[int]
     else:
         data = _synthetic_for(spec, example, output, seed)
     classes = data.y_train.dtype == torch.int64
-    return Task(spec, model, data, shape, loss_fn, hits if classes else None)
+    return Task(spec, data, shape, loss_fn, hits if classes else None, model)
 
 
 def _digits_for(spec: str, example: torch.Tensor, output: torch.Tensor, seed: int) -> Dataset:
