@@ -9,7 +9,7 @@ dc-asgd at every lambda of --dc-lambdas); a variant's "best" is its setting with
 to --target test accuracy, measured from when serving begins to the first snapshot at the target.
 Variants are rotated within each repetition, so load from other processes hits them alike.
 
-Part 2, throughput: resnet18 (3x32x32 synthetic images) and the gpt2-tiny config (32 tokens of the
+Part 2, throughput: resnet18 (3x16x16 synthetic images) and the gpt2-tiny config (32 tokens of the
 synthetic copy task) as 1 worker, 2 workers async and 2 workers DDP: updates/s and samples/s over
 --throughput-steps updates.
 

@@ -1,8 +1,9 @@
 """Models by name, so `profile`, `train` and `serve-bench` build the same model from the same words.
 
-Four kinds of name:
+Five kinds of name:
 - `mlp`, `mlp:H` or `mlp:H1xH2`: the multilayer perceptron of data-parallel training (hidden widths
   H...; 64 inputs by default, as the digits data has, and 10 classes);
+- `cnn` or `cnn:C1xC2`: a small convolutional classifier of 8x8 one-channel images (`cnn.py`);
 - a torchvision classification model (`resnet18`, `resnet50`, `vgg16`, ...), random weights;
 - a Hugging Face `transformers` architecture built from its config with random weights
   (`bert-base`, `bert-large`, `bert-tiny`, `gpt2`, `gpt2-medium`, `gpt2-tiny`); nothing is
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from placewise.errors import PlacewiseError
+from placewise.profile.cnn import CNN_IMAGE, build_cnn, cnn_widths
 
 # Never reach the network for configs, weights or tokenizers.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,7 +107,7 @@ def _torchvision_names() -> list[str]:
 
 def model_names() -> list[str]:
     """Every built-in name (the MLP, torchvision classification models and the transformers configs)."""
-    return ["mlp", *sorted(TRANSFORMERS), *_torchvision_names()]
+    return ["mlp", "cnn", *sorted(TRANSFORMERS), *_torchvision_names()]
 
 
 def _build_transformer(name: str, spec: _Transformer, layers: int | None) -> tuple[nn.Module, int]:
@@ -139,7 +141,7 @@ def _import_factory(name: str) -> Callable[[], Any]:
 def _unknown(name: str) -> PlacewiseError:
     close = difflib.get_close_matches(name, model_names(), n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    return PlacewiseError(f"unknown model {name!r}; {hint}use mlp[:H1xH2...], a torchvision name (resnet18, vgg16, ...), "
+    return PlacewiseError(f"unknown model {name!r}; {hint}use mlp[:H1xH2...], cnn[:C1xC2...], a torchvision name (resnet18, vgg16, ...), "
                           f"a transformers config ({', '.join(sorted(TRANSFORMERS))}) or package.module:factory")
 
 
@@ -182,6 +184,10 @@ def build_model(name: str, batch_size: int = 8, input_shape: Sequence[int] | Non
                                      f"its input features (e.g. --input-shape {MLP_FEATURES})")
             features = int(input_shape[0]) if input_shape else MLP_FEATURES
             return build_mlp(hidden, features, MLP_CLASSES), (torch.randn(batch_size, features),)
+        channels = cnn_widths(name)
+        if channels is not None:
+            image = tuple(int(d) for d in input_shape) if input_shape else CNN_IMAGE
+            return build_cnn(channels, image), (torch.randn(batch_size, *image),)
         if ":" in name:
             built = _import_factory(name)()
             if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module):

@@ -31,20 +31,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from placewise.errors import PlacewiseError
-from placewise.run.data import DATASETS, Dataset, digits, synthetic
+from placewise.run.choices import DATASETS
+from placewise.run.data import Dataset, digits, synthetic
+from placewise.run.workload import loss_fn
 
 SYNTHETIC_SAMPLES = 512
 TEST_FRACTION = 0.25
 # Small inputs when the user gives none: data-parallel runs on a few cores, not a 224x224 benchmark.
-IMAGE_SHAPE = (3, 32, 32)
+IMAGE_SHAPE = (3, 16, 16)
 SEQUENCE_LENGTH = 32
 TEACHER_CLASSES = 10
 EVAL_CHUNK = 256
-
-
-def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    from placewise.run.pipeline import loss_fn as pipeline_loss
-    return pipeline_loss(output, target)
 
 
 def hits(output: torch.Tensor, target: torch.Tensor) -> float:
@@ -75,19 +72,20 @@ class Task:
         """This task without its model, to send to the ranks (which build their own)."""
         return replace(self, model=None)
 
-    def test_accuracy(self, model: nn.Module) -> float:
-        """Test accuracy of `model`; NaN for regression targets (see `test_loss`)."""
-        if self.hits is None:
-            return float("nan")
-        return sum(self.hits(out, y) for out, y in _test_outputs(model, self.data)) / len(self.data.y_test)
 
-    def test_loss(self, model: nn.Module) -> float:
-        total = sum(float(self.loss(out, y)) * len(y) for out, y in _test_outputs(model, self.data))
-        return total / len(self.data.y_test)
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Accuracy of `model` on (x, y) (`hits` per sample, averaged); NaN for regression targets."""
+    if y.dtype != torch.int64:
+        return float("nan")
+    return sum(hits(out, t) for out, t in _outputs(model, x, y)) / len(y)
 
 
-def _test_outputs(model: nn.Module, data: Dataset):
-    """The model's outputs on the test set, in chunks. Evaluated in eval mode (no dropout), except batch
+def mean_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return sum(float(loss_fn(out, t)) * len(t) for out, t in _outputs(model, x, y)) / len(y)
+
+
+def _outputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """The model's outputs on (x, y), in chunks. Evaluated in eval mode (no dropout), except batch
     normalisation, which uses each chunk's statistics: the servers train parameters, not the running
     statistics each worker keeps for itself."""
     training = model.training
@@ -97,8 +95,8 @@ def _test_outputs(model: nn.Module, data: Dataset):
             m.train()
     try:
         with torch.no_grad():
-            for start in range(0, len(data.y_test), EVAL_CHUNK):
-                yield model(data.x_test[start:start + EVAL_CHUNK]), data.y_test[start:start + EVAL_CHUNK]
+            for start in range(0, len(y), EVAL_CHUNK):
+                yield model(x[start:start + EVAL_CHUNK]), y[start:start + EVAL_CHUNK]
     finally:
         model.train(training)
 
@@ -117,21 +115,25 @@ def default_input_shape(spec: str) -> tuple[int, ...] | None:
     return IMAGE_SHAPE
 
 
+def libraries(spec: str) -> tuple[str, ...]:
+    """The modules building `spec` imports: worth importing once in the launcher's fork server (torchvision
+    alone took 5.6 s per process on a busy 2-core machine)."""
+    from placewise.profile.cnn import cnn_widths
+    from placewise.profile.models import TRANSFORMERS, mlp_widths
+    if spec in TRANSFORMERS:
+        return ("transformers",)
+    if mlp_widths(spec) is not None or cnn_widths(spec) is not None or ":" in spec:
+        return ()
+    return ("torchvision",)
+
+
 def build_task_model(spec: str, input_shape: Sequence[int] | None, seed: int,
                      batch_size: int = 2) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """The model `spec` for inputs of `input_shape` (None: `default_input_shape`), weights from `seed`,
     and example inputs of `batch_size`."""
-    from placewise.profile.cnn import build_cnn, cnn_widths
     from placewise.profile.models import build_model
     shape = tuple(input_shape) if input_shape else default_input_shape(spec)
-    channels = cnn_widths(spec)
-    if channels is None:
-        model, inputs = build_model(spec, batch_size=batch_size, input_shape=shape, seed=seed)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = build_cnn(channels, shape)
-        inputs = (torch.randn(batch_size, *shape),)
+    model, inputs = build_model(spec, batch_size=batch_size, input_shape=shape, seed=seed)
     if len(inputs) != 1:
         raise PlacewiseError(f"model {spec!r} takes {len(inputs)} inputs; data-parallel training feeds one tensor "
                              f"per sample (wrap the model in a factory that takes one)")

@@ -11,7 +11,7 @@ from typing import Any
 from placewise.errors import PlacewiseError
 from placewise.plan.schedule import DEFAULT_SCHEDULE
 from placewise.run.choices import ASYNC, DATA_PARALLEL_MODES, DDP, SYNC, TRANSPORTS
-from placewise.run.dataparallel.model import parse_model
+from placewise.run.compensation import BackupWorkers, DcAsgdOptions, GapAwareOptions
 from placewise.run.dataparallel.staleness import Staleness
 from placewise.run.job import PipelineJob
 from placewise.run.optim import optimizer_class
@@ -29,7 +29,11 @@ class TrainConfig:
     n_push: int = 1
     n_fetch: int = 1
     staleness: str = "none"
+    dc_asgd: DcAsgdOptions = field(default_factory=DcAsgdOptions)       # with --staleness dc-asgd
+    gap_aware: GapAwareOptions = field(default_factory=GapAwareOptions)  # with --staleness gap-aware
+    backup_workers: int = 0         # sync: each round takes the first workers - backup_workers gradients
     dataset: str = "digits"
+    input_shape: tuple[int, ...] | None = None  # one sample's shape (None: the model's data-parallel default)
     steps: int | None = None        # server updates (async: one per push; sync/ddp: one per round)
     epochs: float | None = None     # or this many passes over the training set, summed over workers
     batch_size: int = 32
@@ -61,6 +65,9 @@ class TrainConfig:
     def policy(self) -> Staleness:
         return Staleness.parse(self.staleness)
 
+    def backup(self) -> BackupWorkers:
+        return BackupWorkers(self.workers, self.backup_workers)
+
     @property
     def stages(self) -> int:
         """Processes per worker: the plan's stages, or 1."""
@@ -84,7 +91,6 @@ class TrainConfig:
         """Reject bad settings with one line each (the CLI exits 2)."""
         if self.mode not in DATA_PARALLEL_MODES:
             raise PlacewiseError(f"--mode {self.mode!r}: data-parallel modes are {', '.join(DATA_PARALLEL_MODES)}")
-        parse_model(self.model)
         optimizer_class(self.optimizer)
         if self.servers < 1:
             raise PlacewiseError(f"--servers {self.servers}: use 1 or more parameter-server shards")
@@ -100,6 +106,12 @@ class TrainConfig:
         if self.mode != ASYNC and policy.policy != "none":
             raise PlacewiseError(f"--staleness {self.staleness} applies to --mode async only; {self.mode} has no "
                                  f"stale gradients")
+        self.dc_asgd.check()
+        self.gap_aware.check()
+        if self.backup_workers and self.mode != SYNC:
+            raise PlacewiseError(f"--backup-workers {self.backup_workers} applies to --mode sync only (a round that "
+                                 f"takes the first W - B gradients); {self.mode} has no rounds to drop them from")
+        self.backup().check()
         if self.mode == DDP and (self.n_push, self.n_fetch, self.servers) != (1, 1, 1):
             raise PlacewiseError("--mode ddp has no parameter server: drop --n-push, --n-fetch and --servers")
         if self.mode == SYNC and self.n_fetch != self.n_push:

@@ -31,15 +31,16 @@ from torch import nn
 
 from placewise.errors import PlacewiseError
 from placewise.run.choices import DDP
-from placewise.run.data import Dataset, load_dataset
+from placewise.run.data import Dataset
 from placewise.run.dataparallel.checkpoint import checkpoint_path, load_checkpoint
 from placewise.run.dataparallel.config import TrainConfig, check_processes
 from placewise.run.dataparallel.layout import Layout, parameter_layout
-from placewise.run.dataparallel.model import accuracy, build_model
 from placewise.run.dataparallel.ranks import rank_main
 from placewise.run.dataparallel.report import TrainReport
 from placewise.run.dataparallel.shared import shared_bytes, shared_folder
 from placewise.run.launcher import is_torchrun, launch, run_rank
+from placewise.profile.profiler import torch_threads
+from placewise.run.tasks import accuracy, libraries, make_task
 
 # Imported once by the launcher's fork server: later runs in the same process start in well under a second.
 PRELOAD = ("torch", "torch.distributed", "torch.nn.parallel", "torch.distributed.pipelining",
@@ -72,8 +73,11 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
     Starts every rank on this machine over 127.0.0.1, or, under torchrun, is one of the ranks
     (then only rank 0 returns the report; the others return None)."""
     cfg.validate()
-    data = load_dataset(cfg.dataset, cfg.seed)
-    model = build_model(cfg.model, data.features, data.classes, cfg.seed)
+    # This process computes (the task, the evaluation) with the ranks' thread count: on a busy machine more
+    # threads than cores cost far more than they bring.
+    with torch_threads(cfg.threads):
+        task = make_task(cfg.model, cfg.dataset, cfg.seed, cfg.input_shape)
+    data, model = task.data, task.model
     params = list(model.parameters())
     layout, _ = parameter_layout(cfg, model, data)
     world_size = cfg.workers if cfg.mode == DDP else layout.world_size
@@ -94,10 +98,12 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
         with shared_folder(cfg, shared_bytes(layout, params)) as shared_dir:
             results, failures = launch(rank_main, world_size, (replace(cfg, shared_dir=shared_dir), data),
                                        threads=cfg.threads, timeout_s=cfg.timeout_s,
-                                       tolerate=[r for ranks in worker_ranks for r in ranks], preload=PRELOAD)
+                                       tolerate=[r for ranks in worker_ranks for r in ranks],
+                                       preload=PRELOAD + libraries(cfg.model))
     server_results, history, shards = _server_view(cfg, layout, params, results)
     lost = _lost(cfg, server_results, failures, worker_ranks)
-    curve = _evaluate(model, params, shards, server_results, data)
+    with torch_threads(cfg.threads):
+        curve = _evaluate(model, params, shards, server_results, data)
     version = server_results[0]["version"]
     resumed_from = server_results[0]["resumed_from"]
     new_updates = [u for u in history if resumed_from is None or u["version"] > resumed_from]
