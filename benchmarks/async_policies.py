@@ -2,8 +2,8 @@
 
 Part 1, time to accuracy: the `cnn` (two 3x3 convolutions of 32 and 64 channels, a hidden layer of
 128; 150k parameters) on scikit-learn's 8x8 digits, the same number of epochs for each of: 1 worker
-(through the server), 2 workers sync, 2 workers sync with 1 backup worker (each round takes the first
-gradient, drops the other), 2 workers async with each staleness policy (none, lr, dc-asgd, gap-aware),
+(through the server), 2 workers sync, 3 workers sync with 1 backup worker (each round takes the first
+two gradients, as 2 workers sync, and drops the third), 2 workers async with each staleness policy (none, lr, dc-asgd, gap-aware),
 and 2 workers DDP. Every variant runs at every learning rate and momentum of --lrs and --momenta (and
 dc-asgd at every lambda of --dc-lambdas); a variant's "best" is its setting with the least median time
 to --target test accuracy, measured from when serving begins to the first snapshot at the target.
@@ -35,7 +35,7 @@ from placewise.run.dataparallel.train import train_data_parallel
 ACCURACY_VARIANTS: dict[str, dict[str, Any]] = {
     "1 worker": dict(mode="async", workers=1),
     "2 workers sync": dict(mode="sync", workers=2),
-    "2 workers sync, 1 backup": dict(mode="sync", workers=2, backup_workers=1),
+    "3 workers sync, 1 backup": dict(mode="sync", workers=3, backup_workers=1),
     "2 workers async": dict(mode="async", workers=2),
     "2 workers async, lr": dict(mode="async", workers=2, staleness="lr"),
     "2 workers async, dc-asgd": dict(mode="async", workers=2, staleness="dc-asgd"),

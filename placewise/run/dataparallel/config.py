@@ -152,10 +152,15 @@ class TrainConfig:
         # The pipeline's own checks: schedule, optimizer, microbatches against the batch and the stages.
         PipelineJob(model=self.model, batch_size=self.batch_size, mapping=self.mapping, schedule=self.schedule,
                     microbatches=self.microbatches, optimizer=self.optimizer).check()
-        if self.checkpoint or self.checkpoint_every or self.resume:
-            raise PlacewiseError("--checkpoint/--resume with --plan are not supported yet: each stage's server "
-                                 "saves at its own moment, so the files would not describe one state of the run; "
-                                 "drop them or drop --plan")
+        if self.backup_workers:
+            raise PlacewiseError("--backup-workers with --plan: each stage's server would take its own first W - B "
+                                 "pipelines, so one update could mix stages of different pipelines; drop one of them")
+        # Sync stage servers all save after the same rounds: the same pipelines' same steps. Async ones
+        # apply pushes in their own orders, so their files would not describe one state of the run.
+        if self.mode == ASYNC and (self.checkpoint or self.checkpoint_every or self.resume):
+            raise PlacewiseError("--checkpoint/--resume with --plan are not supported yet for --mode async: each "
+                                 "stage's server applies pushes in its own order, so the files would not describe one "
+                                 "state of the run; use --mode sync, or drop them or --plan")
 
     def snapshot_interval(self, train_size: int) -> int:
         """Updates between parameter copies for the accuracy curve."""

@@ -28,7 +28,7 @@ from placewise.run.dataparallel.worker import run_pipeline_worker, run_worker
 def run_server(rank: int, cfg: TrainConfig, data: Dataset, model: nn.Module, layout: Layout) -> dict[str, Any]:
     params = list(model.parameters())
     fingerprint = cfg.fingerprint(data.features, data.classes)
-    resume = load_checkpoint(checkpoint_path(cfg.resume, rank, cfg.servers), fingerprint) if cfg.resume else None
+    resume = load_checkpoint(checkpoint_path(cfg.resume, rank, layout.servers), fingerprint) if cfg.resume else None
     settings = ServerSettings(mode=cfg.mode, steps=cfg.total_steps(data.train_size), optimizer=cfg.optimizer,
                               lr=cfg.lr, momentum=cfg.momentum, staleness=cfg.policy(), dc_asgd=cfg.dc_asgd,
                               gap_aware=cfg.gap_aware, backup_workers=cfg.backup_workers, checkpoint=cfg.checkpoint,

@@ -83,9 +83,12 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
     world_size = cfg.workers if cfg.mode == DDP else layout.world_size
     check_processes(cfg, world_size)
     if cfg.resume:
-        for s in range(cfg.server_count() or 1):
-            load_checkpoint(checkpoint_path(cfg.resume, s, cfg.server_count() or 1),
-                            cfg.fingerprint(data.features, data.classes))
+        versions = {load_checkpoint(checkpoint_path(cfg.resume, s, layout.servers),  # DDP's one file counts as one
+                                    cfg.fingerprint(data.features, data.classes))["version"]
+                    for s in range(layout.servers)}
+        if len(versions) > 1:  # a run stopped between two stage servers' saves of the same update
+            raise PlacewiseError(f"the checkpoints of {cfg.resume} are at different updates ({sorted(versions)}); "
+                                 f"resume from files written at the same update")
     worker_ranks = [] if cfg.mode == DDP else [layout.worker_ranks(w) for w in range(cfg.workers)]
     if is_torchrun():
         if cfg.transport == "shared":
