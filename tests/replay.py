@@ -3,7 +3,8 @@
 A replay takes the order a run applied its pushes in (what the server records: which worker, at which
 of its steps, how stale) and recomputes the whole run in one process: each gradient on the parameters
 that worker had fetched, the staleness policy on it, then the optimizer, over one flat parameter
-buffer laid out as a one-shard server lays it out. Nothing of the server's code is used.
+buffer laid out as a one-shard server lays it out. Of the server's code only the plumbing that lays
+views over a flat buffer is shared.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from placewise.run.compensation import Compensation
+from placewise.run.dataparallel.protocol import views_like
 from placewise.run.data import BatchStream
 from placewise.run.tasks import Task
 
@@ -49,9 +51,9 @@ class Replay:
         self.scratch = task.build(seed)
         tensors = [p.detach() for p in self.server.parameters()]
         self.flat = torch.cat([t.reshape(-1) for t in tensors])
-        self.params = _views(self.flat, tensors)
+        self.params = views_like(self.flat, tensors)
         self.grad_flat = torch.zeros_like(self.flat)
-        for p, g in zip(self.params, _views(self.grad_flat, tensors)):
+        for p, g in zip(self.params, views_like(self.grad_flat, tensors)):
             p.grad = g
         self.optimizer = torch.optim.SGD(self.params, lr=lr, momentum=momentum)
         self.streams: dict[int, BatchStream] = {}
@@ -64,7 +66,7 @@ class Replay:
                                                              self.seed, worker))
         x, y = stream.batch(step - 1)
         with torch.no_grad():
-            for p, v in zip(self.scratch.parameters(), _views(at, list(self.scratch.parameters()))):
+            for p, v in zip(self.scratch.parameters(), views_like(at, list(self.scratch.parameters()))):
                 p.copy_(v)
         self.scratch.zero_grad(set_to_none=False)
         loss = self.task.loss(self.scratch(x), y)
@@ -127,14 +129,6 @@ def replay_sync(task: Task, rounds: list[list[tuple[int, int]]], *, seed: int, l
             r.apply(total.div_(len(members)))
             r.losses.append(loss_sum / len(members))
     return r
-
-
-def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    views, offset = [], 0
-    for t in like:
-        views.append(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return views
 
 
 def plain_sgd(task: Task, steps: int, *, seed: int, lr: float, momentum: float, batch_size: int,

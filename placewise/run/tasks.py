@@ -104,8 +104,7 @@ def _outputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
 # ---- the model ---------------------------------------------------------------------------------------
 def default_input_shape(spec: str) -> tuple[int, ...] | None:
     """The input shape a data-parallel run builds `spec` for when the user gives none."""
-    from placewise.profile.cnn import CNN_IMAGE, cnn_widths
-    from placewise.profile.models import TRANSFORMERS, mlp_widths
+    from placewise.profile.models import CNN_IMAGE, TRANSFORMERS, cnn_widths, mlp_widths
     if mlp_widths(spec) is not None or (":" in spec and cnn_widths(spec) is None):
         return None  # the MLP's 64 features; a factory's own example inputs
     if cnn_widths(spec) is not None:
@@ -118,8 +117,7 @@ def default_input_shape(spec: str) -> tuple[int, ...] | None:
 def libraries(spec: str) -> tuple[str, ...]:
     """The modules building `spec` imports: worth importing once in the launcher's fork server (torchvision
     alone took 5.6 s per process on a busy 2-core machine)."""
-    from placewise.profile.cnn import cnn_widths
-    from placewise.profile.models import TRANSFORMERS, mlp_widths
+    from placewise.profile.models import TRANSFORMERS, cnn_widths, mlp_widths
     if spec in TRANSFORMERS:
         return ("transformers",)
     if mlp_widths(spec) is not None or cnn_widths(spec) is not None or ":" in spec:
