@@ -343,6 +343,7 @@ EXAMPLES = {
     "devices": "placewise devices --json",
     "train": "placewise train resnet18 --plan plan.json --graph resnet18.json --input-shape 3 64 64 --batch-size 8 "
              "--microbatches 4 --steps 3 --fuse backward\n  placewise train mlp --workers 2 --mode async --epochs 5"
+             "\n  placewise train cnn --workers 2 --mode async --staleness dc-asgd --epochs 5  # any model"
              "\n  placewise train mlp:256x256 --plan mlp-plan.json --workers 2 --mode async --epochs 5  "
              "# pipelines as workers",
     "serve-bench": "placewise serve-bench resnet18 --plan plan.json --graph resnet18.json --input-shape 3 64 64 "
