@@ -28,6 +28,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from placewise.errors import PlacewiseError
 from placewise.run.compensation import DcAsgdOptions
 from placewise.run.dataparallel.config import TrainConfig
 from placewise.run.dataparallel.train import train_data_parallel
@@ -96,7 +97,7 @@ def time_to_accuracy(args: argparse.Namespace, console: Console) -> list[dict[st
             name, setting = combos[i]
             cfg = TrainConfig(model="cnn", dataset="digits", epochs=args.epochs, batch_size=32, seed=rep,
                               snapshot_every=5, **ACCURACY_VARIANTS[name], **setting)
-            report = train_data_parallel(cfg)
+            report = _train(cfg)
             runs[i].append(report)
             t = report.time_to_accuracy(args.target)
             console.print(f"rep {rep} {name}, {_label(setting)}: {report.updates_per_s:.1f} updates/s, "
@@ -141,7 +142,7 @@ def throughput(args: argparse.Namespace, console: Console) -> list[dict[str, Any
             steps = args.throughput_steps // (variant["workers"] if variant["mode"] == "ddp" else 1)
             cfg = TrainConfig(model=model, steps=steps, lr=0.01, momentum=0.9, seed=rep, snapshot_every=steps,
                               **THROUGHPUT_MODELS[model], **variant)
-            report = train_data_parallel(cfg)
+            report = _train(cfg)
             runs[model, name].append(report)
             console.print(f"rep {rep} {model} {name}: {report.updates_per_s:.2f} updates/s")
     table = Table(title=f"data-parallel throughput, medians of {args.reps} ({os.cpu_count()} cores, load {load:.2f} "
@@ -159,6 +160,16 @@ def throughput(args: argparse.Namespace, console: Console) -> list[dict[str, Any
                       f"{rate:.2f}", f"{rate * per_update:.1f}")
     Console(width=160).print(table)
     return rows
+
+
+def _train(cfg: TrainConfig, tries: int = 3):
+    """One run; again when another process on this shared machine took the port between its choice and use."""
+    for attempt in range(tries):
+        try:
+            return train_data_parallel(cfg)
+        except PlacewiseError as e:
+            if "EADDRINUSE" not in str(e) or attempt == tries - 1:
+                raise
 
 
 def _fmt(seconds: float | None) -> str:
