@@ -62,3 +62,17 @@ def test_simulate_a_plan_without_prediction_is_one_line(graph_file, tmp_path, ca
     assert main(["plan", str(graph_file), "--cpus", "2", "--accelerators", "0", "--out", str(out)]) == 0
     assert main(["simulate", str(out)]) == 2
     assert "no prediction" in capsys.readouterr().err
+
+
+def test_train_report_gives_the_simulated_step_and_the_core_share(graph_file, tmp_path):
+    from placewise.run.report import pipeline_report
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(graph_file), "--cpus", "2", "--accelerators", "0", "--microbatches", "4",
+                 "--out", str(out), "--json"]) == 0
+    plan = load_plan(out)
+    results = [{"stage": i, "nodes": s.nodes, "forward_seconds": 0.1, "backward_seconds": 0.3, "cpu_seconds": 0.2,
+                "samples": 8, "step_seconds": [0.5], "losses": [1.0]} for i, s in enumerate(plan.stages)]
+    report = pipeline_report(results, plan=plan, batch_size=8, mode="train", schedule="1f1b", microbatches=4)
+    assert report["predicted_step_ms"] == pytest.approx(plan.notes["prediction"]["step_time"])  # graph in ms
+    assert report["predicted_step_ms_per_sample"] == pytest.approx(report["predicted_step_ms"] / 8)
+    assert report["core_share"] == pytest.approx(0.5)
