@@ -1,0 +1,206 @@
+"""Replicable nodes: cheap values with small outputs that every stage reading them recomputes.
+
+Tensor sizes, attention masks, position ids, rotary tables and lifted constants depend only on the
+model's inputs and constants, cost next to nothing and are read all along a model. In the ideal
+lattice each of them may sit anywhere between its inputs and its first reader, so k of them
+multiply the number of ideals by up to the product of their spans (GPT-2's operator graph: one size
+node read by 109 operators, 24 lifted constants each read by one far-away layer). Replicating them
+removes them from the lattice without changing what the pipeline computes.
+
+The rule (`ReplicationRule`), applied to the forward graph:
+- a node is a *candidate* when it is a forward node supported on accelerators whose accelerator and
+  CPU times are each at most `time_fraction` of the graph's total time of that kind, whose output's
+  transfer cost is at most `output_fraction` of the median positive transfer cost, that holds no
+  parameters (its memory is no more than its output's, as far as the graph says), and whose
+  colocation mates are backward nodes with no edges (no gradient flows through it);
+- the *replicable* set R is the largest set of candidates closed under predecessors (every
+  predecessor of a node in R is in R: it depends only on model inputs and constants, so any stage
+  can recompute it), less the nodes from which no node outside R can be reached (nothing keeps
+  them: they are not replicated, just placed);
+- the cost of a split under replication: a device pays, besides its own nodes outside R, the time
+  and memory of every replicable node (with its backward mates) that some node of its own outside R
+  needs, once per device; edges out of replicable nodes carry nothing. `needs(v)` is every node of R
+  from which v is reached through R only (the closure a stage must recompute to compute v's inputs).
+
+Pure data (an OpGraph in, arrays out); nothing here knows solvers or torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from placewise.graph import OpGraph
+
+# Relative to the graph: a replicable node's time per kind at most this share of the graph's total.
+TIME_FRACTION = 1e-3
+# ... and its output's transfer cost at most this share of the median positive transfer cost.
+OUTPUT_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class ReplicationRule:
+    """Which nodes may be replicated (see the module's docstring); `enabled=False` replicates none."""
+
+    enabled: bool = True
+    time_fraction: float = TIME_FRACTION
+    output_fraction: float = OUTPUT_FRACTION
+
+
+@dataclass(frozen=True)
+class Replication:
+    """The replicable nodes of one graph and what each other node needs of them (dense indices)."""
+
+    replicable: np.ndarray  # bool per node: in R, or a backward mate of a node in R
+    needs: tuple[tuple[int, ...], ...]  # per node outside R: the forward nodes of R it needs; () inside R
+    mates: tuple[tuple[int, ...], ...]  # per forward node of R: it and its backward mates
+    reasons: dict[str, int]  # why candidates were not replicated, counted (for the report)
+
+    @property
+    def count(self) -> int:
+        """Forward nodes replicated."""
+        return sum(1 for m in self.mates if m)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.replicable.any())
+
+    def closure(self, nodes) -> set[int]:
+        """The forward nodes of R that a device holding `nodes` (dense indices) recomputes."""
+        out: set[int] = set()
+        for v in nodes:
+            if not self.replicable[v]:
+                out.update(self.needs[v])
+        return out
+
+    def copies(self, nodes) -> list[int]:
+        """Every node (with backward mates) a device holding `nodes` pays for as its own copy."""
+        return [i for r in sorted(self.closure(nodes)) for i in self.mates[r]]
+
+
+def _empty(n: int, reasons: dict[str, int] | None = None) -> Replication:
+    return Replication(np.zeros(n, dtype=bool), tuple(() for _ in range(n)), tuple(() for _ in range(n)),
+                       dict(reasons or {}))
+
+
+def _mates(graph: OpGraph) -> list[list[int]]:
+    """Per node, the other nodes of its colocation class."""
+    out: list[list[int]] = [[] for _ in graph.nodes]
+    for group in graph.colocation_groups:
+        for i in group:
+            out[i] = [j for j in group if j != i]
+    return out
+
+
+def _candidates(graph: OpGraph, rule: ReplicationRule) -> tuple[np.ndarray, dict[str, int]]:
+    n = len(graph.nodes)
+    forward = ~graph.is_backward
+    reasons: dict[str, int] = {}
+    ok = forward & graph.supported
+
+    def drop(mask: np.ndarray, why: str) -> None:
+        hit = int((ok & ~mask).sum())
+        if hit:
+            reasons[why] = reasons.get(why, 0) + hit
+        ok[:] &= mask
+
+    for times, kind in ((graph.acc_time, "accelerator"), (graph.cpu_time, "CPU")):
+        total = float(times.sum())
+        drop(times <= rule.time_fraction * total, f"{kind} time over {rule.time_fraction:g} of the graph's")
+    positive = graph.out_cost[graph.out_cost > 0]
+    limit = rule.output_fraction * float(np.median(positive)) if len(positive) else 0.0
+    drop(graph.out_cost <= limit, f"output over {rule.output_fraction:g} of the median transfer")
+    out_bytes = np.zeros(n)
+    for e in graph.edges:
+        if e.bytes is not None:
+            out_bytes[graph.index[e.src]] = e.bytes
+    # A node that holds more than its output holds parameters or buffers: copies would diverge.
+    drop(graph.memory <= out_bytes + 1e-9 * np.maximum(1.0, out_bytes), "holds parameters")
+    has_edges = np.zeros(n, dtype=bool)
+    for u, v in graph.edge_array:
+        has_edges[u] = has_edges[v] = True
+    mates = _mates(graph)
+    lone = np.array([all(graph.is_backward[j] and not has_edges[j] for j in mates[i]) for i in range(n)], dtype=bool)
+    drop(lone, "has a gradient or a forward colocation mate")
+    return ok, reasons
+
+
+def find_replicable(graph: OpGraph, rule: ReplicationRule | None = None) -> Replication:
+    """The replicable nodes of `graph` under `rule` (default: the stated rule, enabled)."""
+    rule = rule or ReplicationRule()
+    n = len(graph.nodes)
+    if not rule.enabled:
+        return _empty(n)
+    ok, reasons = _candidates(graph, rule)
+    forward = ~graph.is_backward
+    # Closed under forward predecessors, in topological order.
+    inside = np.zeros(n, dtype=bool)
+    for v in graph.topological_order:
+        if ok[v] and all(inside[p] for p in graph.pred[v] if forward[p]):
+            inside[v] = True
+    closed_out = int((ok & ~inside).sum())
+    if closed_out:
+        reasons["reads a node that is not replicable"] = closed_out
+    # Keep only nodes from which a node outside R is reached (walk backwards from such readers).
+    kept = np.zeros(n, dtype=bool)
+    for v in reversed(graph.topological_order):
+        if inside[v]:
+            kept[v] = any((forward[s] and not inside[s]) or kept[s] for s in graph.succ[v])
+    unread = int((inside & ~kept).sum())
+    if unread:
+        reasons["read by no node outside the replicable set"] = unread
+    if not kept.any():
+        return _empty(n, reasons)
+    # needs: closure of R-predecessors, built in topological order over R.
+    ancestors: dict[int, frozenset[int]] = {}
+    for v in graph.topological_order:
+        if kept[v]:
+            ancestors[v] = frozenset({v}).union(*(ancestors[p] for p in graph.pred[v] if forward[p]))
+    mates = _mates(graph)
+    replicable = kept.copy()
+    for r in np.flatnonzero(kept):
+        replicable[mates[r]] = True
+    needs = []
+    for v in range(n):
+        if replicable[v]:
+            needs.append(())
+            continue
+        got: set[int] = set()
+        for p in graph.pred[v]:
+            if kept[p]:
+                got |= ancestors[p]
+        needs.append(tuple(sorted(got)))
+    mate_lists = tuple((int(i), *sorted(mates[i])) if kept[i] else () for i in range(n))
+    return Replication(replicable, tuple(needs), mate_lists, reasons)
+
+
+@dataclass(frozen=True)
+class ReplicationReport:
+    """What replication did to one graph: the nodes, why others were not, units and ideals before/after."""
+
+    nodes: tuple[str, ...]  # labels of the replicated forward nodes
+    replicated_time: float  # their total accelerator time: the most any one device pays extra
+    not_replicated: dict[str, int]
+    units_before: int
+    units_after: int
+    ideals_before: int | None  # None: over the counting limit
+    ideals_after: int | None
+    limit: int
+
+    def to_notes(self) -> dict:
+        def ideals(value: int | None) -> int | str:
+            return value if value is not None else f"over {self.limit:,}"
+        shown = ", ".join(self.nodes[:8]) + (f" and {len(self.nodes) - 8} more" if len(self.nodes) > 8 else "")
+        return {"replicated_nodes": len(self.nodes), "replicated": shown,
+                "replicated_time": self.replicated_time, "units_before_replication": self.units_before,
+                "units_after_replication": self.units_after, "ideals_before_replication": ideals(self.ideals_before),
+                "ideals_after_replication": ideals(self.ideals_after)}
+
+
+def report(graph: OpGraph, replication: Replication, units_before: int, units_after: int,
+           ideals_before: int | None, ideals_after: int | None, limit: int) -> ReplicationReport:
+    labels = tuple(graph.nodes[i].label for i, m in enumerate(replication.mates) if m)
+    time = float(sum(graph.acc_time[list(m)].sum() for m in replication.mates if m))
+    return ReplicationReport(labels, time, dict(replication.reasons), units_before, units_after, ideals_before,
+                             ideals_after, limit)
