@@ -110,3 +110,28 @@ def test_a_replicable_node_with_a_gradient_stays():
     edges = list(graph.edges) + [Edge(1000 + 6, 1000 + 5, 0.0, 8.0)]
     rep = find_replicable(OpGraph.build(nodes, edges))
     assert not rep.any
+
+
+def test_dead_end_checks_run_with_what_they_check():
+    """Shape asserts hanging off each layer (dim -> eq -> assert, read by nothing) multiply the
+    ideals; they are put with the node they read, and a check reading only replicable sizes goes
+    with the first node outside R."""
+    from placewise.plan.replicable import attach_dead_ends
+    nodes = [Node(i, f"h{i}", 10.0, 10.0, 100.0, True) for i in range(6)]
+    edges = [Edge(i, i + 1, 1.0, 100.0) for i in range(5)]
+    for i in range(6):
+        nodes += [Node(100 + i, f"dim{i}", 1e-3, 1e-3, 0.0, True), Node(200 + i, f"assert{i}", 1e-3, 1e-3, 0.0, True)]
+        edges += [Edge(i, 100 + i, 1.0, 100.0), Edge(100 + i, 200 + i, 0.0, 0.0)]
+    nodes += [Node(300, "size", 0.0, 0.0, 0.0, True), Node(301, "size_check", 0.0, 0.0, 0.0, True)]
+    edges += [Edge(300, 3, 0.0, 0.0), Edge(300, 301, 0.0, 0.0)]
+    graph = OpGraph.build(nodes, edges)
+    rep = find_replicable(graph)
+    ix = graph.index
+    anchors = {graph.nodes[v].name: graph.nodes[a].name for v, a in rep.attached}
+    assert anchors == {**{f"dim{i}": f"h{i}" for i in range(6)}, **{f"assert{i}": f"h{i}" for i in range(6)},
+                       "size_check": "h0"}
+    attached = attach_dead_ends(graph, rep)
+    assert attached.node(200 + 4).colocate == attached.node(4).colocate is not None
+    assert attached.node(5).colocate != attached.node(4).colocate
+    assert rep.replicable[ix[300]]
+    assert _ideals(graph)[1] > _ideals(attached, rep.replicable)[1] == 7

@@ -27,7 +27,7 @@ Pure data (an OpGraph in, arrays out); nothing here knows solvers or torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -56,6 +56,7 @@ class Replication:
     needs: tuple[tuple[int, ...], ...]  # per node outside R: the forward nodes of R it needs; () inside R
     mates: tuple[tuple[int, ...], ...]  # per forward node of R: it and its backward mates
     reasons: dict[str, int]  # why candidates were not replicated, counted (for the report)
+    attached: tuple[tuple[int, int], ...] = ()  # (dead-end check, the node it runs with)
 
     @property
     def count(self) -> int:
@@ -79,9 +80,8 @@ class Replication:
         return [i for r in sorted(self.closure(nodes)) for i in self.mates[r]]
 
 
-def _empty(n: int, reasons: dict[str, int] | None = None) -> Replication:
-    return Replication(np.zeros(n, dtype=bool), tuple(() for _ in range(n)), tuple(() for _ in range(n)),
-                       dict(reasons or {}))
+def _empty(n: int) -> Replication:
+    return Replication(np.zeros(n, dtype=bool), tuple(() for _ in range(n)), tuple(() for _ in range(n)), {})
 
 
 def _mates(graph: OpGraph) -> list[list[int]]:
@@ -150,29 +150,90 @@ def find_replicable(graph: OpGraph, rule: ReplicationRule | None = None) -> Repl
     unread = int((inside & ~kept).sum())
     if unread:
         reasons["read by no node outside the replicable set"] = unread
-    if not kept.any():
-        return _empty(n, reasons)
-    # needs: closure of R-predecessors, built in topological order over R.
-    ancestors: dict[int, frozenset[int]] = {}
-    for v in graph.topological_order:
-        if kept[v]:
-            ancestors[v] = frozenset({v}).union(*(ancestors[p] for p in graph.pred[v] if forward[p]))
     mates = _mates(graph)
     replicable = kept.copy()
     for r in np.flatnonzero(kept):
         replicable[mates[r]] = True
-    needs = []
-    for v in range(n):
-        if replicable[v]:
-            needs.append(())
-            continue
-        got: set[int] = set()
-        for p in graph.pred[v]:
-            if kept[p]:
-                got |= ancestors[p]
-        needs.append(tuple(sorted(got)))
+    needs = _needs(graph, kept, replicable)
     mate_lists = tuple((int(i), *sorted(mates[i])) if kept[i] else () for i in range(n))
-    return Replication(replicable, tuple(needs), mate_lists, reasons)
+    return Replication(replicable, needs, mate_lists, reasons, _dead_ends(graph, ok, kept))
+
+
+def _needs(graph: OpGraph, kept: np.ndarray, replicable: np.ndarray) -> tuple[tuple[int, ...], ...]:
+    """Per node outside R, the closure of its R-predecessors (built over R in topological order)."""
+    forward = ~graph.is_backward
+    ancestors: dict[int, frozenset[int]] = {}
+    for v in graph.topological_order:
+        if kept[v]:
+            ancestors[v] = frozenset({v}).union(*(ancestors[p] for p in graph.pred[v] if forward[p]))
+    needs = []
+    for v in range(len(graph.nodes)):
+        got: set[int] = set()
+        if not replicable[v]:
+            for p in graph.pred[v]:
+                if kept[p]:
+                    got |= ancestors[p]
+        needs.append(tuple(sorted(got)))
+    return tuple(needs)
+
+
+def _dead_ends(graph: OpGraph, ok: np.ndarray, kept: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """(node, anchor) for dead-end checks: candidates outside R whose outputs lead only to other such
+    nodes (shape asserts, unused size reads), grouped into connected pieces; a piece that reads one
+    node outside R runs with it, one that reads only R runs with the first node outside R. A piece
+    reading several nodes outside R stays a free choice (putting it with one could break contiguity)."""
+    forward = ~graph.is_backward
+    dead = np.zeros(len(graph.nodes), dtype=bool)
+    for v in reversed(graph.topological_order):
+        dead[v] = bool(ok[v] and not kept[v] and all(dead[s] for s in graph.succ[v] if forward[s]))
+    if not dead.any():
+        return ()
+    piece = {int(v): int(v) for v in np.flatnonzero(dead)}
+
+    def find(x: int) -> int:
+        while piece[x] != x:
+            piece[x] = piece[piece[x]]
+            x = piece[x]
+        return x
+
+    for v in piece:
+        for p in graph.pred[v]:
+            if dead[p]:
+                piece[find(v)] = find(int(p))
+    anchors: dict[int, set[int]] = {}
+    for v in piece:
+        anchors.setdefault(find(v), set()).update(int(p) for p in graph.pred[v]
+                                                  if forward[p] and not dead[p] and not kept[p])
+    first = next((int(v) for v in graph.topological_order if forward[v] and not kept[v] and not dead[v]), None)
+    out = []
+    for v in sorted(piece):
+        found = anchors[find(v)]
+        anchor = next(iter(found)) if len(found) == 1 else (first if not found else None)
+        if anchor is not None:
+            out.append((v, anchor))
+    return tuple(out)
+
+
+def attach_dead_ends(graph: OpGraph, replication: Replication) -> OpGraph:
+    """`graph` with each dead-end check in one colocation class with its anchor (see `_dead_ends`)."""
+    if not replication.attached:
+        return graph
+    cls = [n.colocate if n.colocate is not None else ("node", i) for i, n in enumerate(graph.nodes)]
+    parent: dict = {c: c for c in cls}
+
+    def find(c):
+        while parent[c] != c:
+            c = parent[c]
+        return c
+
+    for v, anchor in replication.attached:
+        parent[find(cls[v])] = find(cls[anchor])
+    roots = [find(c) for c in cls]
+    touched = {find(cls[v]) for v, _ in replication.attached}
+    fresh = max((n.colocate for n in graph.nodes if n.colocate is not None), default=-1) + 1
+    number = {r: fresh + k for k, r in enumerate(sorted(touched, key=str))}
+    return replace(graph, nodes=tuple(replace(n, colocate=number[roots[i]]) if roots[i] in number else n
+                                      for i, n in enumerate(graph.nodes)))
 
 
 @dataclass(frozen=True)
