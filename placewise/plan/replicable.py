@@ -265,3 +265,87 @@ def report(graph: OpGraph, replication: Replication, units_before: int, units_af
     time = float(sum(graph.acc_time[list(m)].sum() for m in replication.mates if m))
     return ReplicationReport(labels, time, dict(replication.reasons), units_before, units_after, ideals_before,
                              ideals_after, limit)
+
+
+def device_copies(graph: OpGraph, replication: Replication, device_of: np.ndarray, n_devices: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per device, what its copies of replicable nodes cost: (accelerator time, CPU time, memory),
+    each replicable node (with its backward mates) counted once per device that needs it."""
+    acc, cpu, mem = np.zeros(n_devices), np.zeros(n_devices), np.zeros(n_devices)
+    needed: set[tuple[int, int]] = set()
+    for v in range(len(graph.nodes)):
+        d = int(device_of[v])
+        if d >= 0 and not replication.replicable[v]:
+            needed.update((d, r) for r in replication.needs[v])
+    for d, r in needed:
+        members = list(replication.mates[r])
+        acc[d] += graph.acc_time[members].sum()
+        cpu[d] += graph.cpu_time[members].sum()
+        mem[d] += graph.memory[members].sum()
+    return acc, cpu, mem
+
+
+def without_replicable(graph: OpGraph, replication: Replication) -> tuple[OpGraph, np.ndarray]:
+    """The graph the lattice is built on: `graph` less its replicable nodes and their edges, and
+    each of its nodes' dense index in `graph`."""
+    keep = np.flatnonzero(~replication.replicable)
+    ids = {graph.nodes[i].id for i in keep}
+    reduced = replace(graph, nodes=tuple(graph.nodes[i] for i in keep),
+                      edges=tuple(e for e in graph.edges if e.src in ids and e.dst in ids))
+    return reduced, keep
+
+
+@dataclass(frozen=True)
+class SharedCopies:
+    """Replicable nodes as the DP sees them, per unit of the reduced graph.
+
+    Nodes needed by one unit only are paid exactly when that unit is on a device: their cost is
+    folded into the unit (`unit_acc`, `unit_cpu`, `unit_memory`). The others are grouped by the set
+    of units that need them; a group is paid once by a device holding any of its units.
+    """
+
+    unit_acc: np.ndarray
+    unit_cpu: np.ndarray
+    unit_memory: np.ndarray
+    acc: np.ndarray  # per group
+    cpu: np.ndarray
+    memory: np.ndarray
+    needer_ptr: np.ndarray  # CSR over groups: the units that need the group
+    needers: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.acc)
+
+
+def shared_copies(graph: OpGraph, replication: Replication, kept: np.ndarray, unit_of: np.ndarray,
+                  n_units: int) -> SharedCopies:
+    """Group the replicable nodes by the units (of the reduced graph, whose node k is `kept[k]` in
+    `graph`) that need them; see `SharedCopies`."""
+    needers: dict[int, set[int]] = {}
+    for k, v in enumerate(kept):
+        for r in replication.needs[v]:
+            needers.setdefault(r, set()).add(int(unit_of[k]))
+    unit_acc, unit_cpu, unit_mem = np.zeros(n_units), np.zeros(n_units), np.zeros(n_units)
+    groups: dict[tuple[int, ...], list[float]] = {}
+    for r, units in needers.items():
+        members = list(replication.mates[r])
+        cost = [float(graph.acc_time[members].sum()), float(graph.cpu_time[members].sum()),
+                float(graph.memory[members].sum())]
+        if len(units) == 1:
+            (u,) = units
+            unit_acc[u] += cost[0]
+            unit_cpu[u] += cost[1]
+            unit_mem[u] += cost[2]
+        else:
+            total = groups.setdefault(tuple(sorted(units)), [0.0, 0.0, 0.0])
+            for j in range(3):
+                total[j] += cost[j]
+    keys = sorted(groups)
+    ptr = np.zeros(len(keys) + 1, dtype=np.int64)
+    for g, key in enumerate(keys):
+        ptr[g + 1] = ptr[g] + len(key)
+    flat = np.array([u for key in keys for u in key], dtype=np.int64)
+    costs = np.array([groups[k] for k in keys], dtype=float).reshape(-1, 3)
+    return SharedCopies(unit_acc, unit_cpu, unit_mem, costs[:, 0].copy(), costs[:, 1].copy(), costs[:, 2].copy(),
+                        ptr, flat)
