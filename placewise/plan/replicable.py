@@ -93,7 +93,9 @@ def _mates(graph: OpGraph) -> list[list[int]]:
     return out
 
 
-def _candidates(graph: OpGraph, rule: ReplicationRule) -> tuple[np.ndarray, dict[str, int]]:
+def _candidates(graph: OpGraph, rule: ReplicationRule) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """(cheap, candidate, reasons): cheap forward nodes (time, output, no parameters), and those of
+    them that may also be replicated (no gradient through them, no forward colocation mate)."""
     n = len(graph.nodes)
     forward = ~graph.is_backward
     reasons: dict[str, int] = {}
@@ -122,8 +124,9 @@ def _candidates(graph: OpGraph, rule: ReplicationRule) -> tuple[np.ndarray, dict
         has_edges[u] = has_edges[v] = True
     mates = _mates(graph)
     lone = np.array([all(graph.is_backward[j] and not has_edges[j] for j in mates[i]) for i in range(n)], dtype=bool)
+    cheap = ok.copy()
     drop(lone, "has a gradient or a forward colocation mate")
-    return ok, reasons
+    return cheap, ok, reasons
 
 
 def find_replicable(graph: OpGraph, rule: ReplicationRule | None = None) -> Replication:
@@ -132,7 +135,7 @@ def find_replicable(graph: OpGraph, rule: ReplicationRule | None = None) -> Repl
     n = len(graph.nodes)
     if not rule.enabled:
         return _empty(n)
-    ok, reasons = _candidates(graph, rule)
+    cheap, ok, reasons = _candidates(graph, rule)
     forward = ~graph.is_backward
     # Closed under forward predecessors, in topological order.
     inside = np.zeros(n, dtype=bool)
@@ -156,7 +159,7 @@ def find_replicable(graph: OpGraph, rule: ReplicationRule | None = None) -> Repl
         replicable[mates[r]] = True
     needs = _needs(graph, kept, replicable)
     mate_lists = tuple((int(i), *sorted(mates[i])) if kept[i] else () for i in range(n))
-    return Replication(replicable, needs, mate_lists, reasons, _dead_ends(graph, ok, kept))
+    return Replication(replicable, needs, mate_lists, reasons, _dead_ends(graph, cheap, kept))
 
 
 def _needs(graph: OpGraph, kept: np.ndarray, replicable: np.ndarray) -> tuple[tuple[int, ...], ...]:
@@ -177,15 +180,15 @@ def _needs(graph: OpGraph, kept: np.ndarray, replicable: np.ndarray) -> tuple[tu
     return tuple(needs)
 
 
-def _dead_ends(graph: OpGraph, ok: np.ndarray, kept: np.ndarray) -> tuple[tuple[int, int], ...]:
-    """(node, anchor) for dead-end checks: candidates outside R whose outputs lead only to other such
+def _dead_ends(graph: OpGraph, cheap: np.ndarray, kept: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """(node, anchor) for dead-end checks: cheap nodes outside R whose outputs lead only to other such
     nodes (shape asserts, unused size reads), grouped into connected pieces; a piece that reads one
     node outside R runs with it, one that reads only R runs with the first node outside R. A piece
     reading several nodes outside R stays a free choice (putting it with one could break contiguity)."""
     forward = ~graph.is_backward
     dead = np.zeros(len(graph.nodes), dtype=bool)
     for v in reversed(graph.topological_order):
-        dead[v] = bool(ok[v] and not kept[v] and all(dead[s] for s in graph.succ[v] if forward[s]))
+        dead[v] = bool(cheap[v] and not kept[v] and all(dead[s] for s in graph.succ[v] if forward[s]))
     if not dead.any():
         return ()
     piece = {int(v): int(v) for v in np.flatnonzero(dead)}
