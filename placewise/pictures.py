@@ -1,15 +1,19 @@
-"""Pictures of plans and runs (matplotlib, written to files; no display needed)."""
+"""Pictures of plans and runs (matplotlib, written to files). The backend is chosen by the caller:
+the CLI selects Agg, so no display is needed."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+from placewise.errors import PlacewiseError
 from placewise.graph import OpGraph
 from placewise.plan import Plan
+from placewise.plan.compare import Comparison
 
 
 def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
+    # The backend is the caller's choice (the CLI picks Agg); imported late, as only pictures need it.
     import matplotlib.pyplot as plt
     return plt
 
@@ -139,3 +143,60 @@ def draw_timeline(stage_reports: list[dict], path: str | Path, title: str = "") 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_staleness(runs: dict[str, list[int]], path: str | Path) -> Path:
+    """A histogram of push staleness per run (label -> staleness values), written as a PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    top = max((max(v, default=0) for v in runs.values()), default=0)
+    bins = [b - 0.5 for b in range(top + 2)]
+    for label, values in runs.items():
+        mean = sum(values) / max(1, len(values))
+        # Shares, not counts: runs of different lengths compare on one scale.
+        ax.hist(values, bins=bins, alpha=0.6, weights=[1 / max(1, len(values))] * len(values),
+                label=f"{label} (mean {mean:.2f}, {len(values)} pushes)")
+    ax.set_xlabel("staleness (server updates since the worker fetched)")
+    ax.set_ylabel("share of pushes")
+    ax.set_ylim(0, 1.35)  # room for the legend above the bars
+    ax.set_xticks(range(top + 1))
+    ax.set_title("Staleness of asynchronous pushes")
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(result: Comparison, path: str | Path, title: str | None = None) -> None:
+    """A horizontal bar chart of each method's value (PNG)."""
+    plt = _pyplot()
+
+    rows = [r for r in result.rows if r.value is not None and math.isfinite(r.value)]
+    failed = [r.method for r in result.rows if r not in rows]
+    if not rows:
+        raise PlacewiseError("no method produced a plan, so there is nothing to plot; see the table for why")
+    best = result.best
+    label = "max-load (time per sample)" if result.objective == "throughput" else "latency"
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.6))
+    names = [r.method + ("" if r.contiguous else "*") + ("" if r.feasible else " (infeasible)") for r in rows]
+    colors = ["#2a9d8f" if best is not None and r is best else ("#457b9d" if r.feasible else "#bbbbbb") for r in rows]
+    bars = ax.barh(range(len(rows)), [r.value for r in rows], color=colors)
+    for bar, r in zip(bars, rows):
+        if not r.feasible:
+            bar.set_hatch("//")
+        text = f" {r.value:.4g}" + (f"  ({r.ratio:.3f}x)" if r.ratio is not None else "")
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), names, fontsize=9)
+    ax.invert_yaxis()
+    starred = "; * not contiguous" if any(not r.contiguous for r in rows) else ""
+    ax.set_xlabel(f"{label}, lower is better (x: over the best feasible){starred}")
+    ax.set_xlim(0, max(r.value for r in rows) * 1.3)
+    note = f"; not shown (no plan or no value): {', '.join(failed)}" if failed else ""
+    ax.set_title(title or f"{result.graph}: {label} by method{note}", fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, OpGraph
 from placewise.plan.plan import Plan
-from placewise.plan.solvers import SOLVERS, SolveOptions, get_solver
+from placewise.plan.options import ExpertOptions, SolveOptions
+from placewise.plan.solvers import SOLVERS, get_entry, run
 
 # Rows come in this order (the exact planners first); other registered methods follow by name.
 PREFERRED_ORDER = ("dp", "ip", "pipedream", "pipedream-nocomm", "block-time", "block-params", "block-uniform",
@@ -73,7 +74,7 @@ def default_methods(objective: str = "throughput", with_expert: bool = False) ->
 def run_method(graph: OpGraph, cluster: Cluster, method: str, options: SolveOptions) -> Row:
     start = time.perf_counter()
     try:
-        plan = get_solver(method)(graph, cluster, options)
+        plan = run(graph, cluster, method, options)
     except PlacewiseError as e:
         return Row(method, None, None, None, None, None, None, time.perf_counter() - start, error=str(e))
     seconds = time.perf_counter() - start
@@ -82,11 +83,18 @@ def run_method(graph: OpGraph, cluster: Cluster, method: str, options: SolveOpti
 
 
 def compare(graph: OpGraph, cluster: Cluster, methods: list[str] | None = None, options: SolveOptions | None = None,
+            specific: Mapping[str, SolveOptions] | None = None,
             on_start: Callable[[str], None] | None = None) -> Comparison:
-    """Run `methods` (default: `default_methods`) and give each row its ratio to the best feasible one."""
+    """Run `methods` (default: `default_methods`) and give each row its ratio to the best feasible one.
+
+    Every method gets the shared `options`, as its own options type; `specific` gives a method its own
+    options instead (e.g. `expert`'s split file, `local-search`'s restarts).
+    """
     options = options or SolveOptions()
+    specific = dict(specific or {})
     if methods is None:
-        methods = default_methods(options.objective, bool(options.extra.get("split")))
+        expert = specific.get("expert")
+        methods = default_methods(options.objective, isinstance(expert, ExpertOptions) and bool(expert.split))
     unknown = [m for m in methods if m not in SOLVERS]
     if unknown:
         raise PlacewiseError(f"unknown method {unknown[0]!r}; choose from {', '.join(default_methods(options.objective, True))}")
@@ -96,45 +104,11 @@ def compare(graph: OpGraph, cluster: Cluster, methods: list[str] | None = None, 
     for method in methods:
         if on_start:
             on_start(method)
-        # Each method gets its own copy of the options, so none can leak settings into the next.
-        rows.append(run_method(graph, cluster, method, replace(options, extra=dict(options.extra))))
+        own = get_entry(method).coerce(specific.get(method, options))
+        rows.append(run_method(graph, cluster, method, own))
     result = Comparison(graph.name, options.objective, cluster.to_json(), rows)
     best = result.best
     for r in rows:
         if best is not None and r.value is not None and best.value > 0:
             r.ratio = r.value / best.value
     return result
-
-
-def plot(result: Comparison, path: str | Path, title: str | None = None) -> None:
-    """A horizontal bar chart of each method's value (PNG, matplotlib's Agg backend)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in result.rows if r.value is not None and math.isfinite(r.value)]
-    failed = [r.method for r in result.rows if r not in rows]
-    if not rows:
-        raise PlacewiseError("no method produced a plan, so there is nothing to plot; see the table for why")
-    best = result.best
-    label = "max-load (time per sample)" if result.objective == "throughput" else "latency"
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.6))
-    names = [r.method + ("" if r.contiguous else "*") + ("" if r.feasible else " (infeasible)") for r in rows]
-    colors = ["#2a9d8f" if best is not None and r is best else ("#457b9d" if r.feasible else "#bbbbbb") for r in rows]
-    bars = ax.barh(range(len(rows)), [r.value for r in rows], color=colors)
-    for bar, r in zip(bars, rows):
-        if not r.feasible:
-            bar.set_hatch("//")
-        text = f" {r.value:.4g}" + (f"  ({r.ratio:.3f}x)" if r.ratio is not None else "")
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=8)
-    ax.set_yticks(range(len(rows)), names, fontsize=9)
-    ax.invert_yaxis()
-    starred = "; * not contiguous" if any(not r.contiguous for r in rows) else ""
-    ax.set_xlabel(f"{label}, lower is better (x: over the best feasible){starred}")
-    ax.set_xlim(0, max(r.value for r in rows) * 1.3)
-    note = f"; not shown (no plan or no value): {', '.join(failed)}" if failed else ""
-    ax.set_title(title or f"{result.graph}: {label} by method{note}", fontsize=10)
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
