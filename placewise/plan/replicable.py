@@ -8,10 +8,11 @@ node read by 109 operators, 24 lifted constants each read by one far-away layer)
 removes them from the lattice without changing what the pipeline computes.
 
 The rule (`ReplicationRule`), applied to the forward graph:
+- only graphs that give output sizes (edge bytes) replicate anything;
 - a node is a *candidate* when it is a forward node supported on accelerators whose accelerator and
   CPU times are each at most `time_fraction` of the graph's total time of that kind, whose output's
-  transfer cost is at most `output_fraction` of the median positive transfer cost, that holds no
-  parameters (its memory is no more than its output's, as far as the graph says), and whose
+  transfer cost is at most `output_fraction` of the median positive transfer cost, that the graph
+  says holds no parameters (the profiler and PipeDream's format say; the paper's does not), and whose
   colocation mates are backward nodes with no edges (no gradient flows through it);
 - the *replicable* set R is the largest set of candidates closed under predecessors (every
   predecessor of a node in R is in R: it depends only on model inputs and constants, so any stage
@@ -28,6 +29,7 @@ Pure data (an OpGraph in, arrays out); nothing here knows solvers or torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import numpy as np
 
@@ -113,12 +115,10 @@ def _candidates(graph: OpGraph, rule: ReplicationRule) -> tuple[np.ndarray, np.n
     positive = graph.out_cost[graph.out_cost > 0]
     limit = rule.output_fraction * float(np.median(positive)) if len(positive) else 0.0
     drop(graph.out_cost <= limit, f"output over {rule.output_fraction:g} of the median transfer")
-    out_bytes = np.zeros(n)
-    for e in graph.edges:
-        if e.bytes is not None:
-            out_bytes[graph.index[e.src]] = e.bytes
-    # A node that holds more than its output holds parameters or buffers: copies would diverge.
-    drop(graph.memory <= out_bytes + 1e-9 * np.maximum(1.0, out_bytes), "holds parameters")
+    # A node with parameters cannot be copied (the copies' weights would diverge); a graph that does
+    # not say what a node holds (the paper's format) replicates nothing.
+    drop(np.array([n.parameters is not None and n.parameters <= 0 for n in graph.nodes], dtype=bool),
+         "holds parameters, or the graph does not say")
     has_edges = np.zeros(n, dtype=bool)
     for u, v in graph.edge_array:
         has_edges[u] = has_edges[v] = True
@@ -129,11 +129,18 @@ def _candidates(graph: OpGraph, rule: ReplicationRule) -> tuple[np.ndarray, np.n
     return cheap, ok, reasons
 
 
+@lru_cache(maxsize=16)
+def replication_of(graph: OpGraph) -> Replication:
+    """`find_replicable` under the default rule, computed once per graph (the cost model's view)."""
+    return find_replicable(graph)
+
+
 def find_replicable(graph: OpGraph, rule: ReplicationRule | None = None) -> Replication:
     """The replicable nodes of `graph` under `rule` (default: the stated rule, enabled)."""
     rule = rule or ReplicationRule()
     n = len(graph.nodes)
-    if not rule.enabled:
+    # Without output sizes (the paper's format) nothing says an output is small.
+    if not rule.enabled or all(e.bytes is None for e in graph.edges):
         return _empty(n)
     cheap, ok, reasons = _candidates(graph, rule)
     forward = ~graph.is_backward
