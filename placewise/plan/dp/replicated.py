@@ -16,8 +16,8 @@ from placewise.plan.replicable import (Replication, ReplicationRule, attach_dead
 from placewise.plan.units import Units, simplify
 
 # Ideals of the graph before replication are counted up to this many for the notes (counting more
-# would cost what replication saves).
-COUNT_BEFORE = 200_000
+# would cost what replication saves: their bit rows grow with the units).
+COUNT_BEFORE = 20_000
 
 
 @dataclass(frozen=True)

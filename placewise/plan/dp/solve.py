@@ -19,7 +19,7 @@ from placewise.plan.ideals import chain_lattice, enumerate_ideals
 from placewise.plan.options import DPOptions
 from placewise.plan.plan import Plan, plan_from_assignment
 from placewise.plan.progress import progress_line
-from placewise.plan.dp.beyond import COARSE_IDEALS, beyond_limit, coarse_restriction
+from placewise.plan.dp.beyond import COARSE_TRIGGER, beyond_limit, coarse_restriction
 from placewise.plan.dp.replicated import Reduced
 from placewise.plan.units import Units
 
@@ -55,7 +55,7 @@ def solve(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Plan:
     # A side branch that ends the graph multiplies its ideals: the optimum with such branches kept
     # on the unit they hang off is found on far fewer ideals, and is often the optimum here too.
     restricted = _restricted(reduced, cluster, options, units, deadline, upper)
-    if lattice.count > COARSE_IDEALS:
+    if lattice.count > COARSE_TRIGGER:
         # Light branchy regions (attention's q/k/v branches) multiply the ideals too: the optimum
         # with them collapsed is found on far fewer ideals and is often the optimum here as well.
         left = None if deadline is None else max(deadline - time.perf_counter(), 1e-3)
