@@ -100,3 +100,20 @@ def test_switched_off_every_node_is_placed_once():
     assert on.max_load == pytest.approx(11.0)
     assert off.max_load == pytest.approx(11.05)
     assert evaluate(graph, cluster, off.assignment(), replicate=False).max_load == pytest.approx(off.max_load)
+
+
+def test_cli_explains_replication_and_switches_it_off(tmp_path, capsys):
+    import json
+
+    from placewise.cli import main
+    from placewise.graph import save_graph
+    nodes = [_node(i, f"h{i}", 5.0, 5.0, BIG, True) for i in range(4)] + [_node(9, "size", 0.0, 0.0, 0.0, True)]
+    edges = [Edge(i, i + 1, 1.0, BIG) for i in range(3)] + [Edge(9, v, 0.05, 8.0) for v in range(4)]
+    path = tmp_path / "g.json"
+    save_graph(OpGraph.build(nodes, edges, name="sizes"), path)
+    assert main(["plan", str(path), "--accelerators", "2", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "replicated nodes: 1" in out and "units after replication" in out
+    assert main(["plan", str(path), "--accelerators", "2", "--no-replicate", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["notes"]["replication"] == "off" and plan["max_load"] == pytest.approx(11.05)

@@ -10,9 +10,9 @@ acyclic, and every contiguous split of the coarsened DAG is a contiguous split o
 DP on it gives an upper bound, with a map back to the original units. Each family is laminar
 (nested or disjoint); a region crossing one already collapsed is skipped.
 
-Which regions to collapse: only those with parallel branches inside (a chain inside a region
-multiplies nothing), the lightest first, while they stay small against a device's share of the
-work; refinement then opens the regions next to the cut points of a plan and solves again.
+Which regions to collapse: the lightest first, while they stay small against a device's share of
+the work, until the coarsened DAG fits; refinement then opens the regions next to the cut points
+of a plan and solves again.
 
 Pure functions of predecessor lists and per-unit work; nothing here knows solvers or torch.
 """
@@ -149,10 +149,11 @@ def _subtrees(parent: np.ndarray, root: int, work: np.ndarray, share: float, max
     return out
 
 
-def regions(pred: Pred, work: np.ndarray, *, share: float = np.inf, max_size: int = 4096) -> list[Region]:
+def regions(pred: Pred, work: np.ndarray, *, share: float = np.inf, max_size: int = 512) -> list[Region]:
     """The single-entry regions (a unit with everything it dominates) and single-exit regions (a
-    unit with everything it post-dominates) of at most `share` work and `max_size` units, smallest
-    first. Each is convex: a path between two members that left it would have to come back in
+    unit with everything it post-dominates) of at most `share` work and `max_size` units (a NAS cell
+    or a transformer layer has tens; the cap keeps long chains from listing quadratically many),
+    smallest first. Each is convex: a path between two members that left it would have to come back in
     through its one entry (or leave twice through its one exit), a cycle."""
     _check_topological(pred)
     n = len(pred)
@@ -222,14 +223,15 @@ def collapse(pred: Pred, chosen: Sequence[Region]) -> Coarsening:
 
 def coarsen(pred: Pred, work: np.ndarray, fits: Callable[[Coarsening], bool], *, share: float,
             keep_open: frozenset[int] = frozenset()) -> Coarsening:
-    """Collapse branchy regions, lightest first, until `fits` accepts the coarsened DAG.
+    """Collapse regions, lightest first, until `fits` accepts the coarsened DAG.
 
     Regions heavier than `share` (a device's fair share of the work, say) are never collapsed: a
     stage could not be balanced around them. Regions holding a unit of `keep_open` (the cut points
     being refined) stay open. Regions are added in rounds of doubling size; the first coarsening
     that fits is returned, or the coarsest one tried.
     """
-    candidates = [r for r in regions(pred, work, share=share) if r.branchy and not (r.interior & keep_open)]
+    # Chains are taken too: a light chain beside a branch is what lets the branch's region close.
+    candidates = [r for r in regions(pred, work, share=share) if not (r.interior & keep_open)]
     candidates.sort(key=lambda r: r.work)
     current = collapse(pred, [])
     if fits(current):

@@ -30,6 +30,8 @@ from placewise.plan.units import Units
 BEYOND_SECONDS = 60.0
 # A coarsened graph is solved exactly when it has at most this many ideals.
 COARSE_IDEALS = 5_000
+# Beyond the limit the coarsened graph may have this many ideals (its DP gets half the time left).
+BEYOND_COARSE_IDEALS = 20_000
 # Within the limit, a lattice this large first gets the coarse restriction's optimum as its upper
 # bound (certified by one run just below it when it is optimal): on a Llama with 8 layers and 72k
 # ideals the bound search took 156 s, the restriction and its certificate 24 s. Smaller lattices
@@ -97,10 +99,10 @@ def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Clus
     _offer_baselines(found, reduced, cluster, options)
     work = problem.time.min(axis=0)
     share = REGION_SHARE * float(work.sum()) / sum(k.count for k in problem.kinds)
-    coarse = coarsen(units.pred_units, work, lambda c: _fits(c.pred, COARSE_IDEALS), share=share)
+    coarse = coarsen(units.pred_units, work, lambda c: _fits(c.pred, BEYOND_COARSE_IDEALS), share=share)
     notes: dict = {"coarse_units": len(coarse.groups), "collapsed_regions": len(coarse.collapsed)}
     refinements = 0
-    while _fits(coarse.pred, COARSE_IDEALS) and time.perf_counter() < deadline:
+    while _fits(coarse.pred, BEYOND_COARSE_IDEALS) and time.perf_counter() < deadline:
         left = deadline - time.perf_counter()
         try:
             plan = _coarse_plan(reduced, units, coarse, cluster, options, solve, left / 2)
@@ -114,7 +116,7 @@ def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Clus
         opened = near_cuts(coarse, stage_of_group)
         if not opened:
             break
-        finer = coarsen(units.pred_units, work, lambda c: _fits(c.pred, COARSE_IDEALS), share=share,
+        finer = coarsen(units.pred_units, work, lambda c: _fits(c.pred, BEYOND_COARSE_IDEALS), share=share,
                         keep_open=opened)
         if len(finer.groups) <= len(coarse.groups):
             break
