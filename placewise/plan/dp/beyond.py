@@ -23,7 +23,7 @@ from placewise.plan.cost import evaluate
 from placewise.plan.dp.problem import Problem
 from placewise.plan.dp.replicated import Reduced
 from placewise.plan.ideals import enumerate_ideals
-from placewise.plan.options import DPOptions, SolveOptions
+from placewise.plan.options import DPOptions, PipeDreamOptions, SolveOptions
 from placewise.plan.units import Units
 
 # Without a time limit, the search beyond the ideal limit takes at most this long.
@@ -39,8 +39,6 @@ BEYOND_COARSE_IDEALS = 20_000
 COARSE_TRIGGER = 50_000
 # Regions heavier than this share of one device's fair work are never collapsed.
 REGION_SHARE = 0.25
-# Baselines that cut one chain of units, so their splits are contiguous.
-CHAIN_BASELINES = ("pipedream", "pipedream-nocomm", "block-time", "block-params", "block-uniform", "one-accelerator")
 
 
 @dataclass
@@ -131,10 +129,20 @@ def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Clus
 
 
 def _offer_baselines(found: Candidates, reduced: Reduced, cluster: Cluster, options: DPOptions) -> None:
-    from placewise.plan.solvers import solve as run_solver  # the registry names this module's caller
-    for name in CHAIN_BASELINES:
+    # The baselines themselves, not the registry (which names this module's caller).
+    from placewise.plan.baselines.block import block_params, block_time, block_uniform
+    from placewise.plan.baselines.pipedream import pipedream, pipedream_nocomm
+    from placewise.plan.baselines.simple import one_accelerator
+    common = SolveOptions(seed=options.seed, replicate=options.replicate)
+    chain_baselines = {"pipedream": lambda g, c: pipedream(g, c, PipeDreamOptions(**vars(common))),
+                       "pipedream-nocomm": lambda g, c: pipedream_nocomm(g, c, common),
+                       "block-time": lambda g, c: block_time(g, c, common),
+                       "block-params": lambda g, c: block_params(g, c, common),
+                       "block-uniform": lambda g, c: block_uniform(g, c, common),
+                       "one-accelerator": lambda g, c: one_accelerator(g, c, common)}
+    for name, run in chain_baselines.items():
         try:
-            plan = run_solver(reduced.graph, cluster, name, SolveOptions(seed=options.seed, replicate=options.replicate))
+            plan = run(reduced.graph, cluster)
         except PlacewiseError:
             continue
         if plan.contiguous and math.isfinite(plan.max_load):
