@@ -91,7 +91,8 @@ def cmd_evaluate(args) -> int:
     cluster = _cluster(args, graph)
     assignment = load_split(args.split, graph)
     plan = plan_from_assignment(graph, cluster, assignment, solver=f"split:{Path(args.split).name}", seconds=0.0,
-                                objective=args.objective, contiguous=not args.noncontiguous)
+                                objective=args.objective, contiguous=not args.noncontiguous,
+                                replicate=not args.no_replicate)
     _emit(plan, args, f"{graph.name}: {Path(args.split).name}")
     return 0 if plan.feasible else 1
 
@@ -102,9 +103,13 @@ def cmd_plan(args) -> int:
     cluster = _cluster(args, graph)
     _check_time_limit(args)
     options = SolveOptions(objective=args.objective, contiguous=not args.noncontiguous, time_limit=args.time_limit,
-                           gap=args.gap, seed=args.seed, progress=not args.json and sys.stderr.isatty())
+                           gap=args.gap, seed=args.seed, progress=not args.json and sys.stderr.isatty(),
+                           replicate=not args.no_replicate)
     plan = solve(graph, cluster, args.solver, options)
     _emit(plan, args, f"{graph.name}: {plan.solver} plan on {cluster.accelerators} accelerator(s), {cluster.cpus} CPU(s)")
+    if args.explain and not args.json:
+        from placewise.console import print_explanation
+        print_explanation(plan)
     return 0
 
 
@@ -129,7 +134,8 @@ def cmd_compare(args) -> int:
         methods = [*methods, "expert"]
     # Without a limit an integer program may run for hours on a large graph; a comparison should end.
     time_limit = COMPARE_TIME_LIMIT if args.time_limit is None else args.time_limit
-    options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed)
+    options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed,
+                           replicate=not args.no_replicate)
     specific = {"expert": get_entry("expert").options(options, split=args.expert)} if args.expert else {}
     err = Console(stderr=True)
     show = not args.json and sys.stderr.isatty()
@@ -179,7 +185,8 @@ def cmd_profile(args) -> int:
     from placewise.profile import build_model, export_paper, profile_model
     from placewise.profile.report import print_summary, summary
     cluster = load_device_file(args.devices) if args.devices else None
-    model, inputs = build_model(args.model, args.batch_size, args.input_shape, layers=args.layers, seed=args.seed)
+    model, inputs = build_model(args.model, args.batch_size, args.input_shape, layers=args.layers, hidden=args.hidden,
+                                heads=args.heads, seed=args.seed)
     graph = profile_model(model, inputs, name=args.model, granularity=args.granularity, device=args.device,
                           training=args.training, repeats=args.repeats, warmup=args.warmup, cluster=cluster,
                           optimizer=args.optimizer, threads=args.threads, clock=args.clock,
@@ -352,6 +359,12 @@ EXAMPLES = {
 }
 
 
+def _replicate_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-replicate", action="store_true",
+                   help="place every node once (default: cheap input-derived nodes such as sizes, masks and position "
+                        "ids are recomputed by each stage that needs them)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="placewise", description="Optimal device placement of DNN operator graphs, "
                             "pipelined and asynchronous training, and optimizer fusion.")
@@ -370,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noncontiguous", action="store_true", help="do not require contiguous sets")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
     p.add_argument("--out", type=output_file, metavar="PLAN.json", help="also write the scored plan")
+    _replicate_flag(p)
 
     p = add("plan", "find a split of a graph across devices", cmd_plan)
     _graph_command(p)
@@ -380,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", type=output_file, metavar="PLAN.json", help="write the plan")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
+    _replicate_flag(p)
+    p.add_argument("--explain", action="store_true",
+                   help="also say what was replicated, units and ideals before and after, and where the bound came from")
 
     p = add("compare", "run the exact planner and the baselines side by side", cmd_compare)
     _graph_command(p)
@@ -389,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=finite_positive, metavar="S", help="per-method time limit (ip, local-search; default 60)")
     p.add_argument("--plot", type=output_file, metavar="FILE.png", help="write a bar chart")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    _replicate_flag(p)
 
     p = add("profile", "trace and time a PyTorch model into an operator graph", cmd_profile)
     p.add_argument("model", help="torchvision name (resnet18), transformers config (bert-base, gpt2) or package.module:factory")
@@ -403,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-paper", type=output_file, metavar="FILE.json", help="also write the paper's JSON format")
     p.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
     p.add_argument("--layers", type=positive_int, metavar="N", help="transformer blocks (transformers models only)")
+    p.add_argument("--hidden", type=positive_int, metavar="H", help="transformer hidden width (transformers models only)")
+    p.add_argument("--heads", type=positive_int, metavar="N", help="attention heads (transformers models only)")
     p.add_argument("--warmup", type=non_negative_int, default=1, metavar="W", help="untimed runs before timing (after one check run)")
     p.add_argument("--threads", type=positive_int, default=1, metavar="T", help="torch threads while profiling (1: one core)")
     p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
