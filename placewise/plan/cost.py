@@ -7,13 +7,13 @@ host memory, so no transfers). The max-load is the pipeline's time per sample. T
 the paper's model: CPU nodes start when their inputs are done, an accelerator runs its whole set as
 one block once all of its inputs have arrived and pays its transfers inside that block.
 
-Memory checked today is each device's sum of node `memory`. `memory_breakdown` gives the same
+Memory checked here is each device's sum of node `memory`. `memory_breakdown` gives the same
 stage's bytes split by what they hold (parameters, gradients, optimizer state, activations saved
-for backward, output) where the graph knows them. What comes next goes here, in `evaluate`:
-schedule-aware memory (a stage at position i of p keeps `Schedule.in_flight(i, p)` microbatches'
-activations beside its parameters, gradients and optimizer state, checked against its kind's
-memory), and replicated stages (`Stage.replicas` devices of one kind: compute spread over the
-replicas, plus a gradient all-reduce costed from the stage's parameter bytes and the link).
+for backward, output) where the graph knows them. Schedule-aware memory needs the stages' pipeline
+order, which a split alone does not fix (independent stages may go in either order): it is checked
+on a plan, in its stage order, by `plan.predict.with_prediction` (and planned for exactly by
+`plan.schedule_dp`), both through `plan.stage_memory`. Replicated stages (`Stage.replicas`) are
+not costed yet.
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ imports nothing heavy, so the registry can name every options type without loadi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from placewise.errors import PlacewiseError
+from placewise.plan.schedule import Schedule
 
 if TYPE_CHECKING:
     from placewise.plan.plan import Plan
@@ -40,6 +41,13 @@ class SolveOptions:
 @dataclass(frozen=True)
 class DPOptions(SolveOptions):
     ideal_limit: int = DEFAULT_IDEAL_LIMIT  # refuse graphs with more ideals (cut points) than this
+
+
+@dataclass(frozen=True)
+class ScheduleDPOptions(SolveOptions):
+    """The schedule-aware DP (`dp-schedule`): the schedule whose per-position memory it checks."""
+    schedule: Schedule = field(default_factory=Schedule)
+    microbatch_scale: float = 1.0  # microbatch size over the profiled batch size (scales activations, bytes)
 
 
 @dataclass(frozen=True)
