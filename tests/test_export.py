@@ -224,3 +224,30 @@ def test_a_12_layer_gpt2_plan_in_every_format(gpt2):
     assert deepspeed_partition(plan, outline, root="model").parts == [0, 7, 12, 16]
     with pytest.raises(PlacewiseError, match="cuts inside transformer layer model.h.6"):
         megatron_layout(cut_before(outline, ["model_h_6_mlp_c_fc"]), outline)
+
+
+def chain_graph(outline: Outline):
+    """A profiled-like graph of the outline: one node per operation, a chain, uneven times."""
+    from placewise.graph import Edge, Node, OpGraph
+    nodes = [Node(i, c.name, 1.0 + (i * 7) % 5, 10.0, 1.0, True, module=c.name) for i, c in enumerate(outline.calls)]
+    edges = [Edge(i, i + 1, 0.1, 100.0) for i in range(len(nodes) - 1)]
+    return OpGraph.build(nodes, edges, name="tiny-gpt")
+
+
+@pytest.mark.parametrize("fmt", ["torch", "torchtitan", "megatron", "deepspeed"])
+def test_plans_of_the_colocated_graph_always_export(fmt):
+    from placewise.export import colocate_for
+    from placewise.graph import Cluster
+    from placewise.plan import solve
+    outline = tiny_gpt(layers=6)
+    graph = chain_graph(outline)
+    colocated = colocate_for(graph, outline, fmt)
+    for k in (2, 3, 4):
+        plan = solve(colocated, Cluster.simple(k), "dp")
+        export_plan(plan, outline, fmt)  # raises if the format cannot say it
+    classes = {n.module: n.colocate for n in colocated.nodes}
+    if fmt != "torch":  # a block is one class; the torch cut may fall inside a block, at a module boundary
+        assert len({classes[f"l2_{part}"] for part in ("ln1", "attn", "add1", "mlp", "add2")}) == 1
+    assert classes["scale"] == classes["add"]  # between two functions no module begins or ends: never a cut
+    if fmt == "megatron":
+        assert classes["tok"] == classes["scale"] and classes["norm"] == classes["head"]

@@ -12,17 +12,27 @@ the format cannot express raises PlacewiseError with the reason.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from placewise.errors import PlacewiseError
+from placewise.export import deepspeed, megatron, torch_spec, torchtitan
 from placewise.export.deepspeed import Partition
 from placewise.export.deepspeed import partition as deepspeed_partition
 from placewise.export.megatron import layout as megatron_layout
 from placewise.export.torch_spec import split_points, to_torch_split_spec
 from placewise.export.torchtitan import module_names_per_stage
-from placewise.export.utils import Call, Outline
+from placewise.export.utils import Call, Outline, colocate_runs
 
-FORMATS: tuple[str, ...] = ("torch", "torchtitan", "megatron", "deepspeed")
+FORMATS: tuple[str, ...] = (torch_spec.FORMAT, torchtitan.FORMAT, megatron.FORMAT, deepspeed.FORMAT)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """`root`: the module whose children torchtitan and DeepSpeed name ("" the model; "model" for a wrapped
+    Hugging Face model); `layers`: the dotted name of Megatron's transformer layers (default: found)."""
+    root: str = ""
+    layers: str | None = None
 
 
 def outline_model(model: Any, example_inputs: Any) -> Outline:
@@ -31,21 +41,39 @@ def outline_model(model: Any, example_inputs: Any) -> Outline:
     return outline(model, example_inputs)
 
 
-def export_plan(plan, outline: Outline, fmt: str, *, root: str = "", layers: str | None = None) -> Any:
-    """The plan in format `fmt` as plain data (what `placewise export --json` prints)."""
-    if fmt == "torch":
+def export_plan(plan, outline: Outline, fmt: str, options: ExportOptions = ExportOptions()) -> Any:
+    """The plan in format `fmt` as plain JSON-able data (what `placewise export` prints)."""
+    if fmt == torch_spec.FORMAT:
         return split_points(plan, outline)
-    if fmt == "torchtitan":
-        return module_names_per_stage(plan, outline, root)
-    if fmt == "megatron":
+    if fmt == torchtitan.FORMAT:
+        return module_names_per_stage(plan, outline, options.root)
+    if fmt == megatron.FORMAT:
         return {"pipeline_model_parallel_size": len(plan.stages),
-                "pipeline_model_parallel_layout": megatron_layout(plan, outline, layers)}
-    if fmt == "deepspeed":
-        part = deepspeed_partition(plan, outline, root=root)
+                "pipeline_model_parallel_layout": megatron_layout(plan, outline, options.layers)}
+    if fmt == deepspeed.FORMAT:
+        part = deepspeed_partition(plan, outline, root=options.root)
         return {"parts": part.parts, "layers": part.layers}
-    raise PlacewiseError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    raise _unknown(fmt)
 
 
+def colocate_for(graph, outline: Outline, fmt: str, options: ExportOptions = ExportOptions()):
+    """A copy of `graph` (profiled from the outlined model) whose colocation classes keep together what format
+    `fmt` cannot cut apart, so that the planner's plans can always be exported to it (given the planner
+    keeps stages in run order, as it does for chains of blocks)."""
+    rules: dict[str, Callable[[], Callable[[int], bool]]] = {
+        torch_spec.FORMAT: lambda: torch_spec.cuts(outline),
+        torchtitan.FORMAT: lambda: torchtitan.cuts(outline, options.root),
+        megatron.FORMAT: lambda: megatron.cuts(outline, options.layers),
+        deepspeed.FORMAT: lambda: deepspeed.cuts(outline, root=options.root)}
+    if fmt not in rules:
+        raise _unknown(fmt)
+    return colocate_runs(graph, outline, rules[fmt]())
 
-__all__ = ["FORMATS", "Call", "Outline", "Partition", "deepspeed_partition", "export_plan", "megatron_layout",
-           "module_names_per_stage", "outline_model", "split_points", "to_torch_split_spec"]
+
+def _unknown(fmt: str) -> PlacewiseError:
+    return PlacewiseError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+__all__ = ["FORMATS", "Call", "ExportOptions", "Outline", "Partition", "colocate_for", "deepspeed_partition",
+           "export_plan", "megatron_layout", "module_names_per_stage", "outline_model", "split_points",
+           "to_torch_split_spec"]

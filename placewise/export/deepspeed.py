@@ -12,10 +12,10 @@ usually flattened for DeepSpeed). Functions between layers (a flatten) are the u
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from placewise.errors import PlacewiseError
-from placewise.export.utils import DICT, LIST, SEQUENTIAL, Outline, unit_lookup, unit_stages
+from placewise.export.utils import DICT, LIST, SEQUENTIAL, Outline, unit_cuts, unit_lookup, unit_stages
 
 FORMAT = "deepspeed"
 
@@ -35,7 +35,7 @@ def partition(plan, outline: Outline, layers: Sequence[str] | None = None, root:
 
     Raises PlacewiseError when a layer's operations span two stages, a layer never runs, or the stages are
     not consecutive runs of the list."""
-    names = list(layers) if layers is not None else outline.units(root, expand=(LIST, DICT, SEQUENTIAL))
+    names = _layers(outline, layers, root)
     split = unit_stages(plan, outline, unit_lookup(names), FORMAT, what="layer")
     stage = dict(split.units)
     idle = [name for name in names if name not in stage]
@@ -49,3 +49,12 @@ def partition(plan, outline: Outline, layers: Sequence[str] | None = None, root:
                                  f"(stage {order[i - 1]}) in the layer list; list the layers in the order they run")
     parts = [order.index(s) for s in range(split.n_stages)] + [len(names)]
     return Partition(parts, names)
+
+
+def cuts(outline: Outline, layers: Sequence[str] | None = None, root: str = "") -> Callable[[int], bool]:
+    """Where a stage may start: anywhere but inside a layer."""
+    return unit_cuts(outline, unit_lookup(_layers(outline, layers, root)))
+
+
+def _layers(outline: Outline, layers: Sequence[str] | None, root: str) -> list[str]:
+    return list(layers) if layers is not None else outline.units(root, expand=(LIST, DICT, SEQUENTIAL))

@@ -11,8 +11,10 @@ everything after the last layer (final norm, head) on the last. The transformer 
 
 from __future__ import annotations
 
+from typing import Callable
+
 from placewise.errors import PlacewiseError
-from placewise.export.utils import DICT, LIST, SEQUENTIAL, Outline, stage_of_calls, unit_lookup, unit_stages
+from placewise.export.utils import DICT, LIST, SEQUENTIAL, Outline, stage_of_calls, unit_cuts, unit_lookup, unit_stages
 
 FORMAT = "megatron"
 EMBEDDING, LAYER, LOSS = "E", "t", "L"
@@ -40,10 +42,7 @@ def layout(plan, outline: Outline, layers: str | None = None) -> str:
 
     Raises PlacewiseError when the plan cuts inside a transformer layer, keeps part of the embedding off
     the first stage or part of the head off the last, or is not a split of the forward pass in run order."""
-    container = layers or find_layers(outline)
-    if container not in outline.children:
-        raise PlacewiseError(f"{FORMAT}: the model has no module {container!r}; give the layers' container")
-    items = list(outline.children[container])
+    items = _items(outline, layers)
     last = len(plan.stages) - 1
     # The first stage may hold only the embedding, the last only the head: "E|t*12|L" is a layout.
     split = unit_stages(plan, outline, unit_lookup(items), FORMAT, what="transformer layer", empty_ok=(0, last))
@@ -61,6 +60,21 @@ def layout(plan, outline: Outline, layers: str | None = None) -> str:
             parts.append(LOSS)
         stages.append(",".join(parts))
     return "|".join(stages)
+
+
+def cuts(outline: Outline, layers: str | None = None) -> Callable[[int], bool]:
+    """Where a stage may start: where a transformer layer starts, or right after the last one (the head)."""
+    items = _items(outline, layers)
+    layer_starts = unit_cuts(outline, unit_lookup(items))
+    inside = [i for i, call in enumerate(outline.calls) if set(items).intersection(call.scopes)]
+    return lambda p: p == inside[-1] + 1 or (inside[0] <= p <= inside[-1] and layer_starts(p))
+
+
+def _items(outline: Outline, layers: str | None) -> list[str]:
+    container = layers or find_layers(outline)
+    if container not in outline.children:
+        raise PlacewiseError(f"{FORMAT}: the model has no module {container!r}; give the layers' container")
+    return list(outline.children[container])
 
 
 def _check_ends(outline: Outline, stages: list[int], items: set[str], last: int) -> None:

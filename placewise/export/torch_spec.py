@@ -9,7 +9,7 @@ would cut twice and is never used. The outermost such module is chosen ("layer2"
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from placewise.errors import PlacewiseError
 from placewise.export.utils import Outline, check_in_order, stage_of_calls
@@ -18,39 +18,51 @@ FORMAT = "torch"
 BEGINNING, END = "BEGINNING", "END"
 
 
-def split_points(plan, outline: Outline) -> dict[str, str]:
-    """{module name: "BEGINNING" | "END"}, one per cut, in pipeline order (torch-free form of the spec)."""
-    stages = stage_of_calls(plan, outline)
-    check_in_order(outline, stages, FORMAT)
+def _bounds(outline: Outline) -> tuple[dict[str, int], dict[str, int]]:
+    """The first and last call of each module, by position in the outline."""
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     for i, call in enumerate(outline.calls):
         for scope in call.scopes:
             first.setdefault(scope, i)
             last[scope] = i
+    return first, last
+
+
+def _marks(outline: Outline, p: int, first: dict[str, int], last: dict[str, int], taken) -> list[tuple[str, str]]:
+    """The split points that start a stage at call p, best first: a module beginning there, else one ending
+    right before; never a module run twice (it would cut twice) nor one marked already."""
+    def usable(scope: str) -> bool:
+        return outline.calls_of.get(scope, 1) == 1 and scope not in taken
+    return ([(s, BEGINNING) for s in outline.calls[p].scopes if first[s] == p and usable(s)]
+            + [(s, END) for s in outline.calls[p - 1].scopes if last[s] == p - 1 and usable(s)])
+
+
+def cuts(outline: Outline) -> Callable[[int], bool]:
+    """Where a stage may start: where a module's forward begins or ends."""
+    first, last = _bounds(outline)
+    return lambda p: bool(_marks(outline, p, first, last, ()))
+
+
+def split_points(plan, outline: Outline) -> dict[str, str]:
+    """{module name: "BEGINNING" | "END"}, one per cut, in pipeline order (torch-free form of the spec)."""
+    stages = stage_of_calls(plan, outline)
+    check_in_order(outline, stages, FORMAT)
+    first, last = _bounds(outline)
     spec: dict[str, str] = {}
-
-    def usable(scope: str) -> bool:  # a module run twice would cut twice; one marked already is taken
-        return outline.calls_of.get(scope, 1) == 1 and scope not in spec
-
     for p in range(1, len(stages)):
         if stages[p] == stages[p - 1]:
             continue
         if stages[p] != stages[p - 1] + 1:
             raise PlacewiseError(f"{FORMAT}: stage {stages[p - 1] + 1} holds no operation of the traced model; "
                                  "drop the empty stage")
-        begins = [s for s in outline.calls[p].scopes if first[s] == p and usable(s)]
-        ends = [s for s in outline.calls[p - 1].scopes if last[s] == p - 1 and usable(s)]
-        if begins:
-            spec[begins[0]] = BEGINNING
-        elif ends:
-            spec[ends[0]] = END
+        marks = _marks(outline, p, first, last, spec)
+        if marks:
+            spec[marks[0][0]] = marks[0][1]
         else:
             raise PlacewiseError(f"{FORMAT}: stage {stages[p]} starts at {outline.calls[p].name}, where no module's "
                                  f"forward (run once) begins or ends; torch cuts only at module boundaries: move the "
                                  f"cut before or after a module ({outline.calls[p - 1].name} ends stage {stages[p - 1]})")
-    if not spec and len(plan.stages) > 1:
-        raise PlacewiseError(f"{FORMAT}: the plan's {len(plan.stages)} stages leave the traced model uncut")
     return spec
 
 

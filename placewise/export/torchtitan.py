@@ -11,7 +11,9 @@ lies on one stage and the stages run in order; functions between modules run whe
 
 from __future__ import annotations
 
-from placewise.export.utils import DICT, LIST, Outline, unit_lookup, unit_stages
+from typing import Callable
+
+from placewise.export.utils import DICT, LIST, Outline, unit_cuts, unit_lookup, unit_stages
 
 FORMAT = "torchtitan"
 
@@ -23,3 +25,8 @@ def module_names_per_stage(plan, outline: Outline, root: str = "") -> list[list[
     forward pass in run order."""
     units = outline.units(root, expand=(LIST, DICT))
     return unit_stages(plan, outline, unit_lookup(units), FORMAT).per_stage()
+
+
+def cuts(outline: Outline, root: str = "") -> Callable[[int], bool]:
+    """Where a stage may start: anywhere but inside one of the named modules."""
+    return unit_cuts(outline, unit_lookup(outline.units(root, expand=(LIST, DICT))))

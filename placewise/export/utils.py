@@ -72,7 +72,8 @@ def stage_of_calls(plan, outline: Outline) -> list[int]:
     missing = [c.name for c in outline.calls if c.name not in stage]
     if missing:
         raise PlacewiseError(f"the plan does not place {len(missing)} operation(s) of the traced model "
-                             f"({', '.join(missing[:4])}); profile and plan this same model")
+                             f"({', '.join(missing[:4])}); profile and plan this same model, traced in the same mode "
+                             "(a model profiled with training=True is outlined in train mode)")
     return [stage[c.name] for c in outline.calls]
 
 
@@ -131,3 +132,32 @@ def unit_lookup(units: Sequence[str]) -> Callable[[Call], str | None]:
     """`unit_of` for a set of unit names: the outermost module that ran a call and is one of them."""
     wanted = set(units)
     return lambda call: next((scope for scope in call.scopes if scope in wanted), None)
+
+
+def unit_cuts(outline: Outline, unit_of: Callable[[Call], str | None]) -> Callable[[int], bool]:
+    """`cut_allowed` for a unit format: a stage starts where a unit starts, so no cut falls inside a unit
+    and functions between units go with the unit after them (every stage then holds a unit)."""
+    units = [unit_of(call) for call in outline.calls]
+    return lambda p: units[p] is not None and units[p] != units[p - 1]
+
+
+def colocate_runs(graph, outline: Outline, cut_allowed: Callable[[int], bool]):
+    """A copy of `graph` (an OpGraph profiled from the outlined model) in which the operations between two
+    allowed cuts share one colocation class, so a planner keeps each run on one stage and makes only plans
+    that a format can say. `cut_allowed(p)`: may a stage start at call p of the outline (p >= 1)?"""
+    from dataclasses import replace
+    run_of: dict[str, int] = {}
+    run = 0
+    for p, call in enumerate(outline.calls):
+        if p and cut_allowed(p):
+            run += 1
+        run_of[call.name] = run
+    if not any(node.module in run_of for node in graph.nodes):
+        raise PlacewiseError("the graph's operations are not the outlined model's; profile this same model")
+    # Classes already in the graph (a backward beside its forward) move above the runs' numbers.
+    offset = run + 1
+    nodes = [replace(node, colocate=run_of[node.module] if node.module in run_of
+                     else None if node.colocate is None else node.colocate + offset)
+             for node in graph.nodes]
+    return type(graph).build(nodes, graph.edges, cluster=graph.cluster, name=graph.name, split=graph.split,
+                             meta=dict(graph.meta), source=graph.name or "graph")
