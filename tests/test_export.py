@@ -170,7 +170,8 @@ def _stage_parameters(model, example_inputs, plan, outline):
     from placewise.run.pipeline import cut, record_values, trace
     gm = trace(model, example_inputs)
     mapping = {name: s for s, stage in enumerate(plan.stages) for name in stage.modules}
-    ours = [sorted(n for n, _ in part.module.named_parameters()) for part in cut(gm, mapping, record_values(gm, example_inputs))]
+    parts = cut(gm, mapping, record_values(gm, example_inputs))
+    ours = [sorted(n for n, _ in part.module.named_parameters()) for part in parts]
     pipe = pipeline(copy.deepcopy(model), example_inputs, split_spec=to_torch_split_spec(plan, outline=outline))
     theirs = [sorted(n for n, _ in pipe.get_stage_module(i).named_parameters()) for i in range(pipe.num_stages)]
     return ours, theirs
