@@ -56,6 +56,21 @@ def export_plan(plan, outline: Outline, fmt: str, options: ExportOptions = Expor
     raise _unknown(fmt)
 
 
+def render(fmt: str, data: Any) -> str:
+    """`export_plan`'s result as the text the framework takes (what `placewise export` prints)."""
+    import json
+    if fmt == torch_spec.FORMAT:
+        return "{" + ", ".join(f"{json.dumps(name)}: SplitPoint.{point}" for name, point in data.items()) + "}"
+    if fmt == torchtitan.FORMAT:
+        return f"module_fqns_per_model_part = {json.dumps(data)}"
+    if fmt == megatron.FORMAT:
+        return (f"--pipeline-model-parallel-size {data['pipeline_model_parallel_size']} "
+                f"--pipeline-model-parallel-layout \"{data['pipeline_model_parallel_layout']}\"")
+    if fmt == deepspeed.FORMAT:
+        return f"parts = {json.dumps(data['parts'])}  # over layers {json.dumps(data['layers'])}"
+    raise _unknown(fmt)
+
+
 def colocate_for(graph, outline: Outline, fmt: str, options: ExportOptions = ExportOptions()):
     """A copy of `graph` (profiled from the outlined model) whose colocation classes keep together what format
     `fmt` cannot cut apart, so that the planner's plans can always be exported to it (given the planner
@@ -75,5 +90,5 @@ def _unknown(fmt: str) -> PlacewiseError:
 
 
 __all__ = ["FORMATS", "Call", "ExportOptions", "Outline", "Partition", "colocate_for", "deepspeed_partition",
-           "export_plan", "megatron_layout", "module_names_per_stage", "outline_model", "split_points",
+           "export_plan", "megatron_layout", "module_names_per_stage", "outline_model", "render", "split_points",
            "to_torch_split_spec"]

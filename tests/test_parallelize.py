@@ -1,0 +1,146 @@
+"""`placewise.parallelize` on a user's own nn.Module (not in the model registry): embedded stage processes and
+torchrun-style ranks train it as a pipeline with the losses and gradients of one process, and its state
+round-trips into the unsplit model. Processes run on 127.0.0.1; every launch is time-bounded."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from placewise.errors import PlacewiseError  # noqa: E402
+
+pytestmark = pytest.mark.torch
+ATOL = 1e-5
+STEPS = 3
+LR = 0.1
+
+
+class Mixer(nn.Module):
+    """A user's model: a residual MLP whose skip crosses the middle, written in plain torch."""
+
+    def __init__(self, width: int = 96, classes: int = 5) -> None:
+        super().__init__()
+        self.inp = nn.Linear(24, width)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(4))
+        self.out = nn.Linear(width, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        skip = h
+        for block in self.blocks:
+            h = block(h) + h
+        return self.out(h + skip)
+
+
+def batches(n: int = STEPS, batch: int = 8):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(batch, 24, generator=g), torch.randint(0, 5, (batch,), generator=g)) for _ in range(n)]
+
+
+def reference(model: nn.Module, data) -> tuple[list[float], list[dict], dict]:
+    """The same training in this process on the unsplit model: losses, each step's gradients, the final state."""
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses, grads = [], []
+    for x, y in data:
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(float(loss))
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+        opt.step()
+    return losses, grads, model.state_dict()
+
+
+def train(pipe, data) -> tuple[list[float], list[dict]]:
+    losses, grads = [], []
+    for x, y in data:
+        losses.append(pipe.step(x, y))
+        grads.append(pipe.gradients())
+    return losses, grads
+
+
+def assert_same(losses, grads, ref_losses, ref_grads) -> None:
+    assert losses == pytest.approx(ref_losses, abs=ATOL)
+    for step, (ours, theirs) in enumerate(zip(grads, ref_grads)):
+        assert ours.keys() == theirs.keys(), step
+        for k in theirs:
+            torch.testing.assert_close(ours[k], theirs[k], atol=ATOL, rtol=0, msg=f"step {step}: {k}")
+
+
+@pytest.mark.timeout(300)
+def test_parallelize_trains_a_users_model_like_one_process_and_round_trips_its_state():
+    from placewise import parallelize
+    torch.manual_seed(0)
+    model, data = Mixer(), batches()
+    ref_losses, ref_grads, ref_state = reference(model, data)
+    initial = copy.deepcopy(model.state_dict())
+    with parallelize(model, data[0][0], cluster=2, microbatches=2, loss_fn=F.cross_entropy,
+                     optimizer=functools.partial(torch.optim.SGD, lr=LR)) as pipe:
+        assert pipe.n_stages == 2 and len(pipe.plan.stages) == 2
+        losses, grads = train(pipe, data)
+        assert_same(losses, grads, ref_losses, ref_grads)
+        state = pipe.state_dict()
+        assert list(state) == list(model.state_dict())  # the unsplit model's keys, in its order
+        fresh = Mixer()
+        fresh.load_state_dict(state)
+        for k, v in ref_state.items():
+            torch.testing.assert_close(fresh.state_dict()[k], v, atol=ATOL, rtol=0)
+        torch.testing.assert_close(pipe.eval_step(data[0][0]), fresh.eval()(data[0][0]), atol=ATOL, rtol=0)
+        # And back: the initial state scattered to the stages trains the same first step again.
+        pipe.load_state_dict(initial)
+        assert pipe.step(*data[0]) == pytest.approx(ref_losses[0], abs=ATOL)
+        with pytest.raises(PlacewiseError, match="lacks 1 key"):
+            pipe.load_state_dict({k: v for k, v in initial.items() if k != "out.bias"})
+
+
+def _torchrun_rank(rank: int, world_size: int, cluster: int) -> tuple:
+    """What each rank of a torchrun job runs (the launcher sets RANK, WORLD_SIZE, MASTER_ADDR as torchrun does)."""
+    from placewise import parallelize
+    torch.manual_seed(0)
+    model, data = Mixer(), batches()
+    with parallelize(model, data[0][0], cluster=cluster, microbatches=4, loss_fn=F.cross_entropy,
+                     optimizer=functools.partial(torch.optim.SGD, lr=LR)) as pipe:
+        losses, grads = train(pipe, data)
+        return len(pipe.plan.stages), losses, grads, pipe.state_dict()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_parallelize_under_torchrun_plans_on_rank_0_and_trains_like_one_process(ranks):
+    from placewise.run.launcher import launch
+    torch.manual_seed(0)
+    model, data = Mixer(), batches()
+    ref_losses, ref_grads, ref_state = reference(model, data)
+    results, _ = launch(_torchrun_rank, ranks, (ranks,), timeout_s=240)
+    for n_stages, losses, grads, state in results:  # every rank gets the losses, gradients and whole state
+        assert n_stages == ranks
+        assert_same(losses, grads, ref_losses, ref_grads)
+        for k, v in ref_state.items():
+            torch.testing.assert_close(state[k], v, atol=ATOL, rtol=0)
+
+
+def test_parallelize_says_what_is_wrong_in_one_line():
+    from placewise import parallelize
+    model, data = Mixer(), batches(1)
+    with pytest.raises(PlacewiseError, match="does not split into 3 equal microbatches"):
+        parallelize(model, data[0][0], cluster=2, microbatches=3)
+    with pytest.raises(PlacewiseError, match="cluster='nowhere.yaml'|nowhere.yaml"):
+        parallelize(model, data[0][0], cluster="nowhere.yaml")
+
+
+def test_profiles_are_cached_by_structure_shapes_and_device():
+    from placewise.parallel.planning import profile_key
+    x = torch.randn(8, 24)
+    torch.manual_seed(0)
+    a, b = Mixer(), Mixer()
+    assert profile_key(a, (x,), "cpu") == profile_key(b, (x,), "cpu")  # other weights, same structure
+    assert profile_key(a, (x,), "cpu") != profile_key(Mixer(width=64), (x,), "cpu")
+    assert profile_key(a, (x,), "cpu") != profile_key(a, (torch.randn(16, 24),), "cpu")
+    assert profile_key(a, (x,), "cpu") != profile_key(a, (x,), "cuda")
