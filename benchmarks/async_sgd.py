@@ -25,7 +25,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from placewise.run.async_sgd import TrainConfig, plot_staleness, train_data_parallel
+from placewise.pictures import plot_staleness
+from placewise.run.dataparallel.config import TrainConfig
+from placewise.run.dataparallel.train import train_data_parallel
 
 TARGET = 0.95
 BASE, ASYNC, DDP = "1 worker", "2 workers async", "2 workers DDP"
@@ -98,6 +100,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "async_sgd.json").write_text(json.dumps({"args": vars(args), "rows": rows, "summary": summary}, indent=1))
+    import matplotlib
+    matplotlib.use("Agg")  # a script writing files; placewise's library leaves the backend to its caller
     picture = plot_staleness({f"{name}, every setting": [v for (n, _), reports in runs.items() if n == name
                                                          for r in reports for v in r.staleness]
                               for name in ASYNC_ROWS},

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from placewise.graph import load_graph  # noqa: E402
-from placewise.plan import SOLVERS, SolveOptions  # noqa: E402
+from placewise.plan import SOLVERS, SolveOptions, get_entry  # noqa: E402
 from placewise.plan.compare import Row, run_method  # noqa: E402
 
 PAPER = ROOT.parent / "shared" / "workloads" / "dnn-partitioning"
@@ -73,10 +73,8 @@ def expert_split(path: Path) -> Path | None:
 
 def run(path: Path, method: str, args) -> Row:
     graph = load_graph(path)
-    extra = {"restarts": args.restarts}
-    if method == "expert":
-        extra["split"] = str(expert_split(path))
-    options = SolveOptions(seed=0, extra=extra)
+    own = {"local-search": {"restarts": args.restarts}, "expert": {"split": str(expert_split(path))}}
+    options = get_entry(method).options(SolveOptions(seed=0), **own.get(method, {}))
     rows = []
     spent = 0.0
     while len(rows) < args.repeats and (not rows or spent + rows[-1].seconds < args.repeat_budget):
@@ -335,7 +333,8 @@ def main() -> int:
     warm = PAPER / "throughput-inputs" / "LayerGraphs" / "bert24_training.json"
     for method in args.methods:
         if method in SOLVERS and method != "expert":
-            run_method(load_graph(warm), load_graph(warm).cluster, method, SolveOptions(extra={"restarts": 1}))
+            restarts = {"restarts": 1} if method == "local-search" else {}
+            run_method(load_graph(warm), load_graph(warm).cluster, method, get_entry(method).options(**restarts))
     results: dict[str, dict[str, Row]] = {}
     for path in INPUTS:
         results[key(path)] = {}

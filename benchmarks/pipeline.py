@@ -35,8 +35,11 @@ sys.path.insert(0, str(ROOT))
 from placewise.graph import Cluster
 from placewise.plan import SolveOptions, solve
 from placewise.profile import profile_model
+from placewise.run.cut import mapping_from_plan
+from placewise.run.job import PipelineJob
 from placewise.run.launcher import launch
-from placewise.run.pipeline import PipelineJob, build, mapping_from_plan, pipeline_rank
+from placewise.run.pipeline import pipeline_rank
+from placewise.run.workload import build
 
 WIDTH, DEPTH, CLASSES = 1024, 8, 10
 

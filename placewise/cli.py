@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
+import os
 import sys
 from pathlib import Path
 
-from placewise.errors import PlacewiseError
-
+from placewise.console import console as _console
+from placewise.console import fmt_bytes as _fmt_bytes
+from placewise.console import print_plan
+from placewise.errors import PlacewiseError, dump_json
+from placewise.plan.schedule import DEFAULT_SCHEDULE, GPIPE, SCHEDULES
+from placewise.run.choices import (ASYNC, DATASETS, FUSE_MODES, OPTIMIZERS, PIPELINE, STALENESS_HELP,
+                                   TRAIN_MODES, TRANSPORTS)
+from placewise.validate import (OneLineParser, device_count, finite_non_negative, finite_positive, input_file,
+                                learning_rate, momentum, non_negative_int, output_file, output_file_in_new_folder,
+                                output_folder, positive_int, seed)
 
 
 # ---- shared helpers -------------------------------------------------------------------------------
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("devices (override what the graph file carries)")
-    g.add_argument("--accelerators", "-k", type=int, metavar="K", help="number of accelerators")
-    g.add_argument("--cpus", "-l", type=int, metavar="L", help="number of CPU cores")
-    g.add_argument("--memory", type=float, metavar="BYTES", help="memory of one accelerator, bytes")
+    g.add_argument("--accelerators", "-k", type=device_count, metavar="K", help="number of accelerators")
+    g.add_argument("--cpus", "-l", type=device_count, metavar="L", help="number of CPU cores")
+    g.add_argument("--memory", type=finite_positive, metavar="BYTES", help="memory of one accelerator, bytes")
     g.add_argument("--devices", metavar="FILE", help="a device file (YAML or JSON) describing the cluster")
 
 
@@ -31,7 +39,7 @@ def _graph_command(p: argparse.ArgumentParser) -> None:
 
 
 def _graph_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bandwidth", type=float, default=None, metavar="BYTES_PER_S",
+    p.add_argument("--bandwidth", type=finite_positive, default=None, metavar="BYTES_PER_S",
                    help="link bandwidth for PipeDream graphs (bytes/s; default 10e9)")
 
 
@@ -64,57 +72,11 @@ def _check_time_limit(args) -> None:
         raise PlacewiseError(f"--time-limit is {args.time_limit}; use a positive number of seconds")
 
 
-def _console(width: int = 140):
-    """A rich console on stdout; a fixed width when piped, so tables do not wrap at 80 columns."""
-    from rich.console import Console
-    return Console(width=None if sys.stdout.isatty() else width)
-
-
-def _fmt_bytes(b: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(b) < 1024 or unit == "TB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
-        b /= 1024
-    return str(b)
-
-
-def _nodes_text(nodes: list[int]) -> str:
-    text = ", ".join(map(str, nodes[:12]))
-    return text + (f", ... ({len(nodes)} in all)" if len(nodes) > 12 else "")
-
-
-def print_plan(plan, title: str) -> None:
-    from rich.table import Table
-    table = Table(title=title)
-    for col in ("stage", "device", "load", "compute", "transfer", "memory", "nodes"):
-        table.add_column(col, justify="right" if col in ("load", "compute", "transfer", "memory") else "left")
-    for i, s in enumerate(plan.stages):
-        table.add_row(str(i), f"{s.kind}:{s.index}", f"{s.load:.6g}", f"{s.compute:.6g}", f"{s.transfer:.6g}",
-                      _fmt_bytes(s.memory), _nodes_text(s.nodes))
-    console = _console()
-    console.print(table)
-    # The objective's value in bold; a latency objective with no latency says why.
-    on_latency = plan.objective == "latency"
-    line = f"max-load {'' if on_latency else '[bold]'}{plan.max_load:.10g}{'' if on_latency else '[/bold]'}"
-    if plan.latency is not None:
-        line += f"   latency {'[bold]' if on_latency else ''}{plan.latency:.10g}{'[/bold]' if on_latency else ''}"
-    elif on_latency:
-        line += "   latency [red]none[/red] (accelerator blocks wait on each other in a cycle)"
-    line += f"   solver {plan.solver}   {plan.seconds:.3f} s"
-    if plan.lower_bound is not None:
-        line += f"   lower bound {plan.lower_bound:.10g}"
-    if plan.gap is not None:
-        line += f"   gap {100 * plan.gap:.3g}%"
-    console.print(line)
-    if not plan.feasible:
-        console.print(f"[red]infeasible:[/red] {'; '.join(plan.violations)}")
-
-
 def _emit(plan, args, title: str) -> None:
     if getattr(args, "out", None):
         plan.save(args.out)
     if args.json:
-        print(json.dumps(plan.to_json(), indent=1))
+        print(dump_json(plan.to_json()))
     else:
         print_plan(plan, title)
         if getattr(args, "out", None):
@@ -153,29 +115,29 @@ def cmd_compare(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from placewise.plan import SolveOptions
+    from placewise.plan import SolveOptions, get_entry
     from placewise.plan.compare import compare, plot
     graph = _load_graph(args)
     cluster = _cluster(args, graph)
     _check_time_limit(args)
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise PlacewiseError(f"--plot {args.plot}: the chart is a PNG; give a file name ending in .png")
-    extra = {"split": args.expert} if args.expert else {}
     methods = args.methods
     if methods is not None and args.expert and "expert" not in methods:
         methods = [*methods, "expert"]
     # Without a limit an integer program may run for hours on a large graph; a comparison should end.
     time_limit = COMPARE_TIME_LIMIT if args.time_limit is None else args.time_limit
-    options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed, extra=extra)
+    options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed)
+    specific = {"expert": get_entry("expert").options(options, split=args.expert)} if args.expert else {}
     err = Console(stderr=True)
     show = not args.json and sys.stderr.isatty()
     with err.status("comparing...", spinner="dots") if show else contextlib.nullcontext() as status:
-        result = compare(graph, cluster, methods, options,
+        result = compare(graph, cluster, methods, options, specific,
                          on_start=(lambda m: status.update(f"running {m}...")) if show else None)
     if args.plot:
         plot(result, args.plot)
     if args.json:
-        print(json.dumps(result.to_json(), indent=1))
+        print(dump_json(result.to_json()))
         return 0
     what = "max-load" if args.objective == "throughput" else "latency"
     table = Table(title=f"{graph.name}: {cluster.accelerators} accelerator(s), {cluster.cpus} CPU(s), {what} by method "
@@ -228,7 +190,7 @@ def cmd_profile(args) -> int:
         export_paper(graph, args.export_paper)
         written.append(f"paper JSON written to {args.export_paper}")
     if args.json:
-        print(json.dumps(summary(graph), indent=1))
+        print(dump_json(summary(graph)))
     else:
         print_summary(graph, written)
     return 0
@@ -240,7 +202,7 @@ def cmd_devices(args) -> int:
     if args.out:
         Path(args.out).write_text(machine_device_file(info))
     if args.json:
-        print(json.dumps(info, indent=1))
+        print(dump_json(info))
         return 0
     from rich.table import Table
     table = Table(title="this machine")
@@ -262,14 +224,15 @@ def cmd_devices(args) -> int:
 
 # ---- train and serve-bench (run issue: pipelines; async issue: data parallel) ----------------------
 def cmd_train(args) -> int:
-    if args.workers is not None or args.mode != "pipeline":
+    if args.workers is not None or args.mode != PIPELINE:
         return _train_data_parallel(args)
     return _train_pipeline(args)
 
 
 def _pipeline_job(args, mode: str):
     from placewise.plan import load_plan
-    from placewise.run.pipeline import PipelineJob, mapping_from_plan
+    from placewise.run.cut import mapping_from_plan
+    from placewise.run.job import PipelineJob
     if not args.plan:
         raise PlacewiseError(f"{mode} of a pipeline needs --plan PLAN.json; make one with `placewise profile MODEL "
                              "--out G.json` then `placewise plan G.json --out PLAN.json`")
@@ -278,7 +241,7 @@ def _pipeline_job(args, mode: str):
     plan = load_plan(args.plan)
     job = PipelineJob(model=args.model, batch_size=args.batch_size, mapping=mapping_from_plan(plan),
                       input_shape=tuple(args.input_shape) if args.input_shape else None, mode=mode,
-                      schedule=getattr(args, "schedule", "gpipe"), microbatches=args.microbatches, steps=args.steps,
+                      schedule=getattr(args, "schedule", GPIPE), microbatches=args.microbatches, steps=args.steps,
                       warmup=1, lr=getattr(args, "lr", 0.0), optimizer=getattr(args, "optimizer", "sgd"),
                       momentum=getattr(args, "momentum", 0.0), fuse=getattr(args, "fuse", "none"),
                       seed=getattr(args, "seed", 0), progress=not args.json and sys.stderr.isatty())
@@ -303,9 +266,9 @@ def _run_pipeline_job(args, mode: str) -> int:
     report.update(model=args.model, plan=str(args.plan), threads_per_process=args.threads)
     if getattr(args, "out", None):
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"{mode}-report.json").write_text(json.dumps(report, indent=1) + "\n")
+        (Path(args.out) / f"{mode}-report.json").write_text(dump_json(report) + "\n")
     if args.json:
-        print(json.dumps(report, indent=1))
+        print(dump_json(report))
     else:
         print_report(report, f"{args.model}: {mode} on {len(results)} pipeline stage(s), {args.threads} thread(s) each")
     return 0
@@ -316,12 +279,14 @@ def _train_pipeline(args) -> int:
 
 
 def _train_data_parallel(args) -> int:
-    from placewise.run.async_sgd import TrainConfig, print_report, train_data_parallel, write_outputs
-    mode = "async" if args.mode == "pipeline" else args.mode
+    from placewise.run.dataparallel.config import TrainConfig
+    from placewise.run.dataparallel.report import print_report, write_outputs
+    from placewise.run.dataparallel.train import train_data_parallel
+    mode = ASYNC if args.mode == PIPELINE else args.mode
     mapping = {}
     if args.plan:  # every worker is a pipeline of the plan's stages
         from placewise.plan import load_plan
-        from placewise.run.pipeline import mapping_from_plan
+        from placewise.run.cut import mapping_from_plan
         mapping = mapping_from_plan(load_plan(args.plan))
     checkpoint = args.checkpoint
     if checkpoint is None and args.checkpoint_every and args.out:
@@ -340,7 +305,7 @@ def _train_data_parallel(args) -> int:
     if args.out:
         write_outputs(report, args.out)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1))
+        print(dump_json(report.to_dict()))
     else:
         print_report(report)
     return 0
@@ -375,8 +340,8 @@ EXAMPLES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="placewise", description="Optimal device placement of DNN operator graphs, "
-                                     "pipelined and asynchronous training, and optimizer fusion.")
+    parser = OneLineParser(prog="placewise", description="Optimal device placement of DNN operator graphs, "
+                            "pipelined and asynchronous training, and optimizer fusion.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str, func):
@@ -391,86 +356,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("split", help="split file (reference {fpgas, cpus} format or a placewise plan)")
     p.add_argument("--noncontiguous", action="store_true", help="do not require contiguous sets")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
-    p.add_argument("--out", metavar="PLAN.json", help="also write the scored plan")
+    p.add_argument("--out", type=output_file, metavar="PLAN.json", help="also write the scored plan")
 
     p = add("plan", "find a split of a graph across devices", cmd_plan)
     _graph_command(p)
     p.add_argument("--solver", default="dp", help="dp (exact, default), ip, or a baseline")
     p.add_argument("--noncontiguous", action="store_true", help="allow non-contiguous sets (integer program)")
-    p.add_argument("--time-limit", type=float, metavar="S", help="stop after S seconds with the best plan found")
-    p.add_argument("--gap", type=float, default=1e-4, metavar="G", help="relative optimality gap to stop at (ip)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", metavar="PLAN.json", help="write the plan")
+    p.add_argument("--time-limit", type=finite_positive, metavar="S", help="stop after S seconds with the best plan found")
+    p.add_argument("--gap", type=finite_non_negative, default=1e-4, metavar="G", help="relative optimality gap to stop at (ip)")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--out", type=output_file, metavar="PLAN.json", help="write the plan")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
 
     p = add("compare", "run the exact planner and the baselines side by side", cmd_compare)
     _graph_command(p)
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="solvers/baselines to run (default: all)")
-    p.add_argument("--expert", metavar="SPLIT", help="an expert split file to include as a row")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-limit", type=float, metavar="S", help="per-method time limit (ip, local-search; default 60)")
-    p.add_argument("--plot", metavar="FILE.png", help="write a bar chart")
+    p.add_argument("--expert", type=input_file, metavar="SPLIT", help="an expert split file to include as a row")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--time-limit", type=finite_positive, metavar="S", help="per-method time limit (ip, local-search; default 60)")
+    p.add_argument("--plot", type=output_file, metavar="FILE.png", help="write a bar chart")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
 
     p = add("profile", "trace and time a PyTorch model into an operator graph", cmd_profile)
     p.add_argument("model", help="torchvision name (resnet18), transformers config (bert-base, gpt2) or package.module:factory")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N")
-    p.add_argument("--input-shape", type=int, nargs="+", metavar="D", help="input shape without the batch (e.g. 3 224 224, or a sequence length)")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N")
+    p.add_argument("--input-shape", type=positive_int, nargs="+", metavar="D", help="input shape without the batch (e.g. 3 224 224, or a sequence length)")
     p.add_argument("--granularity", choices=["layer", "operator"], default="layer")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--training", action="store_true", help="also time backward passes (training graph)")
-    p.add_argument("--repeats", type=int, default=5, metavar="R", help="timed runs per node (median)")
+    p.add_argument("--repeats", type=positive_int, default=5, metavar="R", help="timed runs per node (median)")
     p.add_argument("--devices", metavar="FILE", help="device file: cluster to store with the graph")
-    p.add_argument("--out", metavar="GRAPH.json", help="write the graph (placewise JSON)")
-    p.add_argument("--export-paper", metavar="FILE.json", help="also write the paper's JSON format")
+    p.add_argument("--out", type=output_file, metavar="GRAPH.json", help="write the graph (placewise JSON)")
+    p.add_argument("--export-paper", type=output_file, metavar="FILE.json", help="also write the paper's JSON format")
     p.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
-    p.add_argument("--layers", type=int, metavar="N", help="transformer blocks (transformers models only)")
-    p.add_argument("--warmup", type=int, default=1, metavar="W", help="untimed runs before timing (after one check run)")
-    p.add_argument("--threads", type=int, default=1, metavar="T", help="torch threads while profiling (1: one core)")
+    p.add_argument("--layers", type=positive_int, metavar="N", help="transformer blocks (transformers models only)")
+    p.add_argument("--warmup", type=non_negative_int, default=1, metavar="W", help="untimed runs before timing (after one check run)")
+    p.add_argument("--threads", type=positive_int, default=1, metavar="T", help="torch threads while profiling (1: one core)")
     p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                    help="CPU timing: process CPU time, wall time, or auto (CPU time for one thread)")
     p.add_argument("--optimizer", choices=["sgd", "momentum", "adagrad", "adam", "adamw"], default="adam",
                    help="optimizer whose state a training graph's memory counts")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the random weights and inputs")
 
     p = add("devices", "show the devices of this machine", cmd_devices)
     p.add_argument("--json", action="store_true", help="print as JSON on stdout")
-    p.add_argument("--out", metavar="FILE.yaml", help="write a device file describing this machine")
+    p.add_argument("--out", type=output_file, metavar="FILE.yaml", help="write a device file describing this machine")
 
     p = add("train", "train a model as a pipeline (from a plan) and/or with data-parallel workers", cmd_train)
     p.add_argument("model", help="model name (as for profile) or package.module:factory")
     p.add_argument("--plan", metavar="PLAN.json", help="plan to cut the model into pipeline stages (with --mode "
                    "async|sync: every worker is such a pipeline)")
     p.add_argument("--graph", metavar="GRAPH.json", help="the profiled graph the plan came from (per-sample prediction)")
-    p.add_argument("--schedule", choices=["gpipe", "1f1b"], default="1f1b", help="pipeline schedule (with --plan)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=DEFAULT_SCHEDULE, help="pipeline schedule (with --plan)")
     p.add_argument("--microbatches", type=int, default=4, metavar="M", help="microbatches per batch (with --plan)")
     p.add_argument("--steps", type=int, default=10, metavar="N")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
     p.add_argument("--input-shape", type=int, nargs="+", metavar="D")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "adagrad"], default="sgd")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--fuse", choices=["none", "backward", "backward-overlap", "forward"], default="none",
+    p.add_argument("--lr", type=learning_rate, default=0.05)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    p.add_argument("--momentum", type=momentum, default=0.9)
+    p.add_argument("--fuse", choices=FUSE_MODES, default="none",
                    help="optimizer fusion: each update inside backward (backward-overlap: on a second thread, "
                         "for runs with fewer torch threads than cores) or just before the next forward")
     p.add_argument("--threads", type=int, default=1, metavar="T", help="torch threads per process")
     p.add_argument("--workers", type=int, metavar="W", help="data-parallel workers (async/sync/ddp); with --plan, each a pipeline")
-    p.add_argument("--mode", choices=["pipeline", "async", "sync", "ddp"], default="pipeline")
+    p.add_argument("--mode", choices=TRAIN_MODES, default=PIPELINE)
     p.add_argument("--n-push", type=int, default=1, metavar="N", help="push gradients every N steps")
     p.add_argument("--n-fetch", type=int, default=1, metavar="N", help="fetch parameters every N steps")
-    p.add_argument("--staleness", default="none", metavar="POLICY", help="none, lr, or bound:S")
+    p.add_argument("--staleness", default="none", metavar="POLICY", help=STALENESS_HELP)
     p.add_argument("--servers", type=int, default=1, metavar="S",
                    help="parameter-server shards (per stage with --plan)")
-    p.add_argument("--transport", choices=["auto", "shared", "gloo"], default="auto",
+    p.add_argument("--transport", choices=TRANSPORTS, default="auto",
                    help="how gradients and parameters reach the servers: shared memory (processes placewise starts "
                         "on this machine), gloo messages, or auto (shared when possible)")
-    p.add_argument("--dataset", choices=["digits", "synthetic"], default="digits")
+    p.add_argument("--dataset", choices=DATASETS, default="digits")
     p.add_argument("--epochs", type=int, default=None, metavar="E")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K", help="server checkpoint every K updates")
-    p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file")
+    p.add_argument("--checkpoint", type=output_file_in_new_folder, metavar="PATH", help="checkpoint file")
     p.add_argument("--resume", metavar="CHECKPOINT", help="resume from a checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", metavar="DIR", help="folder for reports and pictures")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--out", type=output_folder, metavar="DIR", help="folder for reports and pictures")
     p.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
 
     p = add("serve-bench", "measure pipelined inference throughput of a plan", cmd_serve_bench)
@@ -485,12 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
     p = add("demo", "profile, plan, compare, pipeline-train and async-train a small model, with pictures", cmd_demo)
-    p.add_argument("--out", default="placewise-out", metavar="DIR", help="folder for pictures and files")
+    p.add_argument("--out", type=output_folder, default="placewise-out", metavar="DIR", help="folder for pictures and files")
     p.add_argument("--quick", action="store_true", help="a reduced run (fewer repeats, steps and epochs)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Pictures go to files: matplotlib's file-only backend, chosen here, before anything imports it.
+    os.environ["MPLBACKEND"] = "Agg"
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

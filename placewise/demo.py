@@ -74,7 +74,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> list[Ste
                       ["graph.json"]))
 
     # 2. plan ------------------------------------------------------------------------------------------
-    from placewise.cli import print_plan
+    from placewise.console import print_plan
     from placewise.pictures import draw_graph, draw_loads
     from placewise.plan import SolveOptions, solve
 
@@ -94,10 +94,27 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> list[Ste
                       ["plan.json", "plan_graph.png", "plan_loads.png"]))
 
     # 3. compare ---------------------------------------------------------------------------------------
+    steps.append(_compare_step(settings, graph, cluster, console))
+
+    # 4. pipeline training with optimizer fusion -------------------------------------------------------
+    steps.append(_pipeline_step(settings, plan, console))
+
+    # 5. asynchronous data parallelism ----------------------------------------------------------------
+    steps.append(_async_step(settings, console))
+
+    # 6. summary ---------------------------------------------------------------------------------------
+    _summary(steps, out)
+    return steps
+
+
+def _compare_step(settings: DemoSettings, graph, cluster, console: Console) -> Step:
+    """Step 3: the baselines beside the exact DP, on the same cost model."""
+    from placewise.plan import SolveOptions
     from placewise.plan.compare import compare, plot
 
     _header(console, 3, "compare with the baselines on the same cost model")
     started = time.perf_counter()
+    out = settings.out
     comparison = compare(graph, cluster, BASELINES, SolveOptions(seed=0, time_limit=30.0),
                          on_start=lambda m: console.print(f"  running {m} ..."))
     plot(comparison, out / "baselines.png", title=f"{settings.model} on {DEVICE_FILE.name}: max-load per method")
@@ -112,17 +129,13 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> list[Ste
     console.print(table)
     feasible = [r for r in comparison.rows if r.ratio is not None and r.feasible]
     worst = max(feasible, key=lambda r: r.ratio)
-    steps.append(Step("compare", f"best: {comparison.best.method} ({comparison.best.max_load:.3f}); baselines up to "
-                      f"{worst.ratio:.2f}x worse ({worst.method})",
-                      time.perf_counter() - started, ["baselines.png", "compare.json"]))
+    return Step("compare", f"best: {comparison.best.method} ({comparison.best.max_load:.3f}); baselines up to "
+                f"{worst.ratio:.2f}x worse ({worst.method})",
+                time.perf_counter() - started, ["baselines.png", "compare.json"])
 
-    # 4. pipeline training with optimizer fusion -------------------------------------------------------
-    steps.append(_pipeline_step(settings, plan, console))
 
-    # 5. asynchronous data parallelism ----------------------------------------------------------------
-    steps.append(_async_step(settings, console))
-
-    # 6. summary ---------------------------------------------------------------------------------------
+def _summary(steps: list[Step], out: Path) -> None:
+    """Step 6: one table of every step, also written as summary.json."""
     table = Table(title=f"placewise demo: summary (pictures and files in {out}/)")
     for col in ("step", "result", "seconds", "files"):
         table.add_column(col, justify="right" if col == "seconds" else "left")
@@ -130,11 +143,12 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> list[Ste
         table.add_row(s.name, s.result, f"{s.seconds:.1f}", ", ".join(s.pictures))
     Console().print(table)
     (out / "summary.json").write_text(json.dumps([s.__dict__ for s in steps], indent=1))
-    return steps
 
 
 def _pipeline_step(settings: DemoSettings, plan, console: Console) -> Step:
-    from placewise.run.pipeline import PipelineJob, mapping_from_plan, run_pipeline
+    from placewise.run.cut import mapping_from_plan
+    from placewise.run.job import PipelineJob
+    from placewise.run.pipeline import run_pipeline
     from placewise.run.report import pipeline_report, print_report
 
     n = len(plan.stages)
@@ -163,8 +177,9 @@ def _pipeline_step(settings: DemoSettings, plan, console: Console) -> Step:
 
 
 def _async_step(settings: DemoSettings, console: Console) -> Step:
-    from placewise.pictures import draw_training_curves
-    from placewise.run.async_sgd import TrainConfig, plot_staleness, train_data_parallel
+    from placewise.pictures import draw_training_curves, plot_staleness
+    from placewise.run.dataparallel.config import TrainConfig
+    from placewise.run.dataparallel.train import train_data_parallel
 
     epochs = 2 if settings.quick else 10
     _header(console, 5, f"asynchronous SGD: 2 workers and a parameter server on the digits data, {epochs} epochs")

@@ -1,4 +1,5 @@
-"""Pictures of plans and runs (matplotlib, written to files; no display needed)."""
+"""Pictures of plans and runs (matplotlib, written to files). The backend is chosen by the caller:
+the CLI selects Agg, so no display is needed."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ from placewise.plan import Plan
 
 
 def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
+    # The backend is the caller's choice (the CLI picks Agg); imported late, as only pictures need it.
     import matplotlib.pyplot as plt
     return plt
 
@@ -139,3 +139,28 @@ def draw_timeline(stage_reports: list[dict], path: str | Path, title: str = "") 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_staleness(runs: dict[str, list[int]], path: str | Path) -> Path:
+    """A histogram of push staleness per run (label -> staleness values), written as a PNG."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    top = max((max(v, default=0) for v in runs.values()), default=0)
+    bins = [b - 0.5 for b in range(top + 2)]
+    for label, values in runs.items():
+        mean = sum(values) / max(1, len(values))
+        # Shares, not counts: runs of different lengths compare on one scale.
+        ax.hist(values, bins=bins, alpha=0.6, weights=[1 / max(1, len(values))] * len(values),
+                label=f"{label} (mean {mean:.2f}, {len(values)} pushes)")
+    ax.set_xlabel("staleness (server updates since the worker fetched)")
+    ax.set_ylabel("share of pushes")
+    ax.set_ylim(0, 1.35)  # room for the legend above the bars
+    ax.set_xticks(range(top + 1))
+    ax.set_title("Staleness of asynchronous pushes")
+    ax.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -16,10 +16,15 @@ import torch.nn.functional as F
 
 from placewise.cli import main
 from placewise.errors import PlacewiseError
-from placewise.run.async_sgd import TrainConfig, build_model, train_data_parallel
+from placewise.run.dataparallel.config import TrainConfig
+from placewise.run.dataparallel.model import build_model
+from placewise.run.dataparallel.train import train_data_parallel
 from placewise.run.data import BatchStream, digits
-from placewise.run.server import (CONTINUE, STOP, Kind, ParameterServer, ServerSettings, Staleness, load_checkpoint,
-                                  shard_parameters)
+from placewise.run.dataparallel.checkpoint import load_checkpoint
+from placewise.run.dataparallel.layout import shard_parameters
+from placewise.run.dataparallel.protocol import CONTINUE, STOP, Kind
+from placewise.run.dataparallel.server import ParameterServer, ServerSettings
+from placewise.run.dataparallel.staleness import Staleness
 
 TIMEOUT = 240.0
 # 2 workers x 32 samples per synchronous round: 21 rounds per epoch of the 1347 training digits.
@@ -222,22 +227,22 @@ class RecordingServer(ParameterServer):
 
 
 def test_shared_transport_needs_room_for_its_buffers(monkeypatch):
-    from placewise.run import async_sgd
+    from placewise.run.dataparallel import shared
     usage = shutil.disk_usage
-    monkeypatch.setattr(async_sgd.shutil, "disk_usage", lambda path: usage(path)._replace(free=10 << 20))
-    with async_sgd._shared_folder(TrainConfig(steps=5), needed=4 << 20) as folder:
+    monkeypatch.setattr(shared.shutil, "disk_usage", lambda path: usage(path)._replace(free=10 << 20))
+    with shared.shared_folder(TrainConfig(steps=5), needed=4 << 20) as folder:
         assert folder is not None and Path(folder).is_dir()  # 4 MiB fit twice into 10 MiB
     assert not Path(folder).exists()
-    with async_sgd._shared_folder(TrainConfig(steps=5), needed=6 << 20) as folder:
+    with shared.shared_folder(TrainConfig(steps=5), needed=6 << 20) as folder:
         assert folder is None  # auto falls back to gloo
     with pytest.raises(PlacewiseError, match=r"needs 6 MiB in .*, which has 10 MiB free; .* --transport gloo"):
-        with async_sgd._shared_folder(TrainConfig(steps=5, transport="shared"), needed=6 << 20):
+        with shared.shared_folder(TrainConfig(steps=5, transport="shared"), needed=6 << 20):
             pass
 
 
 def test_staleness_picture_takes_a_stage_without_pushes(tmp_path):
     # A pipeline stage without parameters has no server, so no pushes: its histogram is empty.
-    from placewise.run.async_sgd import plot_staleness
+    from placewise.pictures import plot_staleness
     path = plot_staleness({"stage 0": [0, 1, 1, 2], "stage 1": []}, tmp_path / "staleness.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 
 from placewise.cli import main
 from placewise.plan.plan import Plan, Stage
-from placewise.run.async_sgd import TrainConfig, build_model, train_data_parallel
+from placewise.run.dataparallel.config import TrainConfig
+from placewise.run.dataparallel.model import build_model
+from placewise.run.dataparallel.train import train_data_parallel
 from placewise.run.data import BatchStream, digits
-from placewise.run.pipeline import trace
+from placewise.run.cut import trace
 
 pytestmark = pytest.mark.torch
 TIMEOUT = 120.0

@@ -12,7 +12,7 @@ from conftest import EXPERTS, PAPER, WORKLOADS
 from placewise.cli import main
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, Edge, Node, OpGraph, load_graph
-from placewise.plan import SOLVERS, SolveOptions, evaluate, solve
+from placewise.plan import SOLVERS, ExpertOptions, LocalSearchOptions, SolveOptions, evaluate, get_entry, solve
 from placewise.plan.baselines._incremental import DeviceTable, State
 from placewise.plan.baselines.block import min_max_cuts
 from placewise.plan.baselines.common import chain_assignment, units
@@ -116,9 +116,9 @@ def test_incremental_loads_match_the_cost_model(seed):
 
 def test_local_search_stops_at_a_local_optimum_and_is_reproducible():
     graph = _random_graph(random.Random(7), 10, accelerators=3)
-    options = SolveOptions(seed=3, extra={"restarts": 3})
+    options = LocalSearchOptions(seed=3, restarts=3)
     plan = solve(graph, graph.cluster, "local-search", options)
-    again = solve(graph, graph.cluster, "local-search", SolveOptions(seed=3, extra={"restarts": 3}))
+    again = solve(graph, graph.cluster, "local-search", LocalSearchOptions(seed=3, restarts=3))
     assert plan.assignment() == again.assignment() and plan.notes["restarts_done"] == 3
     # No single unit (here: node) moved to another accelerator lowers the max-load.
     assignment = plan.assignment()
@@ -145,12 +145,12 @@ def test_optimal_dp_is_no_worse_than_any_contiguous_baseline(path):
     graph = load_graph(path)
     assert "dp" in SOLVERS, "the exact DP is not registered"
     expert = EXPERTS / f"{path.stem.replace('_training', '_inference')}_expert.json"
-    extra = {"restarts": 2}
+    specific = {"local-search": LocalSearchOptions(restarts=2)}
     methods = list(BASELINES)
     if path.parent.name == "LayerGraphs" and expert.exists():
-        extra["split"] = str(expert)
+        specific["expert"] = ExpertOptions(split=str(expert))
         methods.append("expert")
-    result = compare(graph, graph.cluster, ["dp", *methods], SolveOptions(extra=extra))
+    result = compare(graph, graph.cluster, ["dp", *methods], SolveOptions(), specific)
     rows = {r.method: r for r in result.rows}
     dp = rows["dp"]
     assert dp.error is None and dp.feasible and dp.contiguous, dp.error or dp.violations
@@ -189,8 +189,9 @@ def test_pipedream_reproduces_pipedreams_split_within_its_max_load(model, bandwi
 def test_baselines_are_deterministic_for_a_seed():
     graph = load_graph(PAPER / "throughput-inputs" / "LayerGraphs" / "resnet50_inference.json")
     for method in BASELINES:
-        first = solve(graph, graph.cluster, method, SolveOptions(seed=5, extra={"restarts": 2}))
-        second = solve(graph, graph.cluster, method, SolveOptions(seed=5, extra={"restarts": 2}))
+        options = get_entry(method).options(SolveOptions(seed=5), **({"restarts": 2} if method == "local-search" else {}))
+        first = solve(graph, graph.cluster, method, options)
+        second = solve(graph, graph.cluster, method, options)
         assert first.assignment() == second.assignment(), method
         assert first.max_load == second.max_load
 

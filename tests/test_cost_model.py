@@ -1,8 +1,12 @@
+import json
+from dataclasses import fields, replace
+
 import pytest
 
 from conftest import EXPERTS, THROUGHPUT_LAYER
 from placewise.graph import Cluster, Device, Edge, Node, OpGraph, load_graph
-from placewise.plan import evaluate, load_split, plan_from_assignment
+from placewise.errors import PlacewiseError
+from placewise.plan import Plan, evaluate, load_split, plan_from_assignment
 
 A0, A1, C0 = Device("accelerator", 0), Device("accelerator", 1), Device("cpu", 0)
 
@@ -102,3 +106,91 @@ def test_plan_json_and_reference_roundtrip(tmp_path):
     again = load_plan(path)
     assert again == plan
     assert read_split(plan.to_reference(), g) == plan.assignment()
+
+
+# ---- memory breakdown, replicas, schedule and the plan JSON version ------------------------------------
+def _split_memory_graph() -> OpGraph:
+    """The diamond with its memory split: parameters + output = memory on every node."""
+    parts = {1: (2.0, 3.0), 2: (1.0, 4.0), 3: (4.0, 1.0), 4: (0.0, 5.0)}
+    nodes = [replace(n, parameters=parts[n.id][0], output=parts[n.id][1], gradients=0.0, optimizer_state=0.0,
+                     activations=float(n.id)) for n in _diamond().nodes]
+    return OpGraph.build(nodes, _diamond().edges, cluster=_diamond().cluster)
+
+
+def test_memory_breakdown_per_stage():
+    from placewise.plan.cost import MemoryBreakdown, memory_breakdown
+    g = _split_memory_graph()
+    assert memory_breakdown(g, [1, 2]) == MemoryBreakdown(3.0, 0.0, 0.0, 3.0, 7.0)
+    assert memory_breakdown(g, [3, 4]) == MemoryBreakdown(4.0, 0.0, 0.0, 7.0, 6.0)
+    # one node that does not say makes the stage's part unknown, not smaller
+    mixed = OpGraph.build([g.node(1), replace(g.node(2), activations=None)] + [g.node(3), g.node(4)], g.edges)
+    assert memory_breakdown(mixed, [1, 2]).activations is None and memory_breakdown(mixed, [1, 2]).parameters == 3.0
+    assert memory_breakdown(_diamond(), [1, 2, 3, 4]) == MemoryBreakdown()
+
+
+def test_memory_breakdown_follows_the_graph_parts():
+    from placewise.graph.model import MEMORY_PARTS
+    from placewise.plan.cost import MemoryBreakdown
+    assert tuple(f.name for f in fields(MemoryBreakdown)) == MEMORY_PARTS
+
+
+def test_split_memory_leaves_evaluate_unchanged():
+    split = {1: A0, 2: A0, 3: A1, 4: A1}
+    plain, parts = _diamond(), _split_memory_graph()
+    assert evaluate(plain, plain.cluster, split) == evaluate(parts, parts.cluster, split)
+
+
+def test_plan_records_breakdown_replicas_and_schedule(tmp_path):
+    from placewise.plan import load_plan
+    from placewise.plan.cost import MemoryBreakdown
+    from placewise.plan.schedule import GPIPE, Schedule
+    g = _split_memory_graph()
+    plan = plan_from_assignment(g, g.cluster, {1: A0, 2: A0, 3: A1, 4: A1}, solver="hand", seconds=0.0,
+                                schedule=Schedule(GPIPE, 4))
+    assert [s.replicas for s in plan.stages] == [1, 1] and plan.schedule == Schedule(GPIPE, 4)
+    assert [s.memory_breakdown for s in plan.stages] == [MemoryBreakdown(3.0, 0.0, 0.0, 3.0, 7.0),
+                                                          MemoryBreakdown(4.0, 0.0, 0.0, 7.0, 6.0)]
+    assert [s.memory for s in plan.stages] == [10.0, 10.0]  # the total the cost model checks, as before
+    plan.stages[1].replicas = 2  # a stage on accelerators 1 and 2: the data can say it
+    assert plan.stages[1].devices == (A1, Device("accelerator", 2))
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    data = json.loads(path.read_text())
+    assert data["version"] == 2 and data["schedule"] == {"kind": "gpipe", "microbatches": 4}
+    assert data["stages"][0]["memory_breakdown"]["activations"] == 3.0
+    assert load_plan(path) == plan
+
+
+def test_version_1_plan_file_still_loads(tmp_path):
+    from placewise.plan import load_plan
+    v1 = {"format": "placewise-plan", "version": 1, "stages": [
+        {"kind": "accelerator", "index": 0, "accelerator": True, "nodes": [1, 2], "load": 3.75, "compute": 3.0,
+         "transfer": 0.75, "memory": 10.0, "modules": []},
+        {"kind": "accelerator", "index": 1, "accelerator": True, "nodes": [3, 4], "load": 7.75, "compute": 7.0,
+         "transfer": 0.75, "memory": 10.0, "modules": []}],
+        "max_load": 7.75, "latency": 11.5, "solver": "dp", "seconds": 0.01, "objective": "throughput",
+        "lower_bound": 7.75, "gap": 0.0, "feasible": True, "violations": [], "graph": "", "contiguous": True,
+        "cluster": None, "notes": {}}
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(v1))
+    plan = load_plan(path)
+    assert plan.schedule is None and [s.replicas for s in plan.stages] == [1, 1]
+    assert all(s.memory_breakdown is None for s in plan.stages)
+    assert plan.max_load == 7.75 and plan.assignment() == {1: A0, 2: A0, 3: A1, 4: A1}
+    assert Plan.from_json(plan.to_json()) == plan
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda d: d.update(version=3), "version"),
+    (lambda d: d["stages"][0].update(replicas=0), "replicas"),
+    (lambda d: d["stages"][0].update(memory_breakdown={"weights": 1.0}), "memory_breakdown"),
+    (lambda d: d.update(schedule={"kind": "zigzag", "microbatches": 2}), "schedule"),
+])
+def test_bad_plan_fields_are_one_line(change, words):
+    g = _diamond()
+    data = plan_from_assignment(g, g.cluster, {1: A0, 2: A0, 3: A1, 4: A1}, solver="hand", seconds=0.0).to_json()
+    data = json.loads(json.dumps(data))
+    change(data)
+    with pytest.raises(PlacewiseError, match=words) as err:
+        Plan.from_json(data)
+    assert "\n" not in str(err.value)

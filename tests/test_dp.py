@@ -17,7 +17,10 @@ from placewise.cli import main
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, DeviceKind, Edge, Node, OpGraph, load_graph
 from placewise.plan import SolveOptions, dp, evaluate, load_split, solve
-from placewise.plan.ideals import enumerate_ideals, simplify
+from placewise.plan.dp import bound_search
+from placewise.plan.dp import run as dp_run
+from placewise.plan.ideals import enumerate_ideals
+from placewise.plan.units import simplify
 
 README = WORKLOADS / "README.md"
 REL = 1e-6
@@ -143,7 +146,7 @@ def test_dp_equals_brute_force(problem) -> None:
     assert plan.max_load == pytest.approx(expected[0], rel=1e-9, abs=1e-9)
     # Both ways of finding sub-ideals (walking down, scanning the work band) give the optimum alone.
     units = simplify(graph, cluster)
-    problem = dp._problem(units, cluster)
+    problem = dp.make_problem(units, cluster)
     lattice = enumerate_ideals(units.pred_units)
     for walk_cost in (0, -1):
         alone = dp.run_dp(units, problem, lattice, plan.notes["upper_bound"], walk_cost=walk_cost)
@@ -250,10 +253,10 @@ def test_side_branch_restriction_is_only_a_start(pendant_time: float, expected: 
     _check_plan(graph, cluster, plan)
     # The search itself, handed the restricted optimum as the split to certify.
     units = simplify(graph, cluster)
-    restricted = solve(dp._merged_pendants(graph, units), cluster, "dp")
-    problem = dp._problem(units, cluster)
+    restricted = solve(dp.merged_pendants(graph, units), cluster, "dp")
+    problem = dp.make_problem(units, cluster)
     lattice = enumerate_ideals(units.pred_units)
-    outcome = dp._search(units, problem, lattice, dp.prepare(units, problem, lattice), 0.0, restricted.max_load,
+    outcome = dp.search(units, problem, lattice, dp.prepare(units, problem, lattice), 0.0, restricted.max_load,
                          True, None, None)
     assert outcome.upper_optimal == restricted_optimal
     if restricted_optimal:
@@ -266,8 +269,8 @@ def test_side_branch_restriction_is_only_a_start(pendant_time: float, expected: 
 def test_bound_search_finds_the_reference_optimum(name: str, monkeypatch) -> None:
     # No quick run at the chain bound (it is cut after its first small chunk): only the runs that climb
     # from the work bound remain, and the first that succeeds must be the optimum.
-    monkeypatch.setattr(dp, "QUICK_TRY", 0.0)
-    monkeypatch.setattr(dp, "CHUNK", 16)
+    monkeypatch.setattr(bound_search, "QUICK_TRY", 0.0)
+    monkeypatch.setattr(dp_run, "CHUNK", 16)
     graph = load_graph(PAPER / "throughput-inputs" / f"{name}.json")
     plan = solve(graph, graph.cluster, "dp")
     assert plan.notes["dp_runs"] > 2
@@ -279,8 +282,8 @@ def test_bound_search_finds_the_reference_optimum(name: str, monkeypatch) -> Non
 def test_bound_search_climbs_from_a_zero_work_bound(monkeypatch) -> None:
     # No compute anywhere: the work bound is 0, and only the transfer between the two devices (which
     # memory forces) costs. The climbing runs must still move up to the optimum.
-    monkeypatch.setattr(dp, "QUICK_TRY", 0.0)
-    monkeypatch.setattr(dp, "CHUNK", 1)
+    monkeypatch.setattr(bound_search, "QUICK_TRY", 0.0)
+    monkeypatch.setattr(dp_run, "CHUNK", 1)
     graph = OpGraph.build([Node(0, None, 0.0, 0.0, 1.0, True), Node(1, None, 0.0, 0.0, 1.0, True)],
                           [Edge(0, 1, 2.0)], name="transfer-only")
     cluster = Cluster((DeviceKind("accelerator", 2, True, 1.0, 1.0),))

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from conftest import PAPER, ROOT, THROUGHPUT_LAYER
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, Edge, Node, OpGraph, load_graph
-from placewise.plan import SolveOptions, evaluate, solve
-from placewise.plan.latency_greedy import inseparable_blocks
+from placewise.plan import IPOptions, SolveOptions, evaluate, solve
+from placewise.plan.units import inseparable_blocks
 
 LATENCY_LAYER = PAPER / "latency-inputs" / "LayerGraphs"
 
@@ -54,7 +54,7 @@ def test_contiguous_ip_finds_the_dp_optimum_from_the_greedy_start():
     dp = solve(graph, graph.cluster, "dp")
     greedy = solve(graph, graph.cluster, "greedy-latency")
     assert greedy.value > dp.value * 1.01  # a start far from the optimum
-    ip = solve(graph, graph.cluster, "ip", SolveOptions(time_limit=60, gap=1e-6, warm_start=greedy))
+    ip = solve(graph, graph.cluster, "ip", IPOptions(time_limit=60, gap=1e-6, warm_starts=(greedy,)))
     _certified(ip, 1e-6)
     assert ip.value == pytest.approx(dp.value, rel=1e-6)
 
@@ -161,7 +161,7 @@ def test_an_infeasible_model_says_what_in_one_line():
              Node(3, "c", 1.0, 2.0, 6.0, True, colocate=7)]
     graph = OpGraph.build(nodes, [Edge(1, 2, 0.5), Edge(2, 3, 0.5)], cluster=Cluster.simple(2, 0, 12.0))
     with pytest.raises(PlacewiseError, match="contiguous throughput integer program is infeasible"):
-        solve(graph, graph.cluster, "ip", SolveOptions(warm_start=None))
+        solve(graph, graph.cluster, "ip", IPOptions(warm_starts=()))
 
 
 def test_cli_plan_ip_reports_bound_and_gap_and_exits_2_when_infeasible(tmp_path):
@@ -180,3 +180,23 @@ def test_cli_plan_ip_reports_bound_and_gap_and_exits_2_when_infeasible(tmp_path)
                           "--memory", "1000"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert bad.returncode == 2
     assert bad.stderr.startswith("placewise: error: ") and bad.stderr.count("\n") == 1
+
+
+def test_json_stdout_is_only_json_with_highs_in_the_process():
+    # HiGHS prints a banner on the C-level stdout when the first solver object is made.
+    graph = THROUGHPUT_LAYER / "bert24_inference.json"
+    for command in (["plan", str(graph), "--solver", "ip", "--time-limit", "5"],
+                    ["compare", str(graph), "--methods", "ip", "greedy", "--time-limit", "5"]):
+        run = subprocess.run([sys.executable, "-m", "placewise.cli", *command, "--json"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=120)
+        assert run.returncode == 0, run.stderr
+        json.loads(run.stdout)
+
+
+def test_an_unknown_or_foreign_option_is_an_error_that_names_it():
+    from placewise.plan import LocalSearchOptions, get_entry
+    with pytest.raises(PlacewiseError, match="the ip solver has no option 'blocks'"):
+        get_entry("ip").options(SolveOptions(), blocks=2)
+    graph = OpGraph.build([Node(1, "a", 1.0, 2.0, 1.0, True)], [], cluster=Cluster.simple(1, 0))
+    with pytest.raises(PlacewiseError, match="takes IPOptions, not LocalSearchOptions"):
+        solve(graph, graph.cluster, "ip", LocalSearchOptions())

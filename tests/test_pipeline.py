@@ -22,8 +22,9 @@ import torch.nn as nn  # noqa: E402
 
 from placewise.errors import PlacewiseError  # noqa: E402
 from placewise.run.launcher import launch  # noqa: E402
-from placewise.run.pipeline import (PipelineJob, assign_stages, cut, pipeline_rank, record_values,  # noqa: E402
-                                    run_single, trace)
+from placewise.run.cut import assign_stages, cut, record_values, trace  # noqa: E402
+from placewise.run.job import PipelineJob  # noqa: E402
+from placewise.run.pipeline import pipeline_rank, run_single  # noqa: E402
 
 pytestmark = pytest.mark.torch
 ROOT = Path(__file__).resolve().parents[1]

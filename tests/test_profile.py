@@ -250,3 +250,46 @@ def test_devices_reports_this_machine(tmp_path, capsys):
     cluster = load_device_file(tmp_path / "here.yaml")
     assert cluster.cpus == info["cpu"]["usable_cores"] and cluster.accelerators == len(info["cuda"])
     assert cluster.bandwidth == DEFAULT_BANDWIDTH
+
+
+def test_inference_profile_splits_memory(resnet):
+    graph = load_graph(resnet / "g.json")  # through the graph JSON, version 2
+    model, _ = build_model("resnet18", 2, (3, 64, 64))
+    assert all(n.memory == n.parameters + n.output for n in graph.nodes)
+    assert all(n.activations == n.gradients == n.optimizer_state == 0.0 for n in graph.nodes)
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert sum(n.parameters for n in graph.nodes) == state
+    conv1 = next(n for n in graph.nodes if n.module == "conv1")
+    assert conv1.output == 2 * 64 * 32 * 32 * 4
+
+
+def test_training_profile_splits_memory(trained):
+    model, _, graph, _, _ = trained
+    forward = [n for n in graph.nodes if not n.backward]
+    backward = [n for n in graph.nodes if n.backward]
+    assert all(n.memory == n.parameters + n.output and n.gradients == n.optimizer_state == 0.0 for n in forward)
+    assert all(n.memory == n.gradients + n.optimizer_state and n.parameters == n.activations == 0.0 for n in backward)
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    assert sum(n.gradients for n in backward) == trainable
+    assert sum(n.optimizer_state for n in backward) == 2 * trainable  # Adam's two moments
+    # conv1 saves the input batch for its weight gradient; a block's ReLU saves its output (2 x 64 x 8 x 8
+    # floats), and the convolution after it saves the same tensor again, charged to the ReLU only
+    by_module = {n.module: n for n in forward}
+    assert by_module["conv1"].activations == 2 * 3 * 32 * 32 * 4
+    assert by_module["layer1_0_relu"].activations == 2 * 64 * 8 * 8 * 4 and by_module["layer1_0_conv2"].activations == 0
+
+
+@pytest.mark.parametrize("optimizer,states", [("sgd", 0), ("momentum", 1), ("adamw", 2)])
+def test_saved_activations_and_optimizer_state_by_hand(optimizer, states):
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    graph = profile_model(model, (torch.randn(4, 32),), training=True, repeats=1, warmup=0, optimizer=optimizer)
+    fc1, relu, fc2 = (n for n in graph.nodes if not n.backward)
+    # fc1 saves its input (4 x 32 floats); the ReLU its output (4 x 64), which fc2 saves again: one tensor,
+    # charged once, to the ReLU
+    assert (fc1.activations, relu.activations, fc2.activations) == (4 * 32 * 4, 4 * 64 * 4, 0.0)
+    assert (fc1.output, relu.output, fc2.output) == (4 * 64 * 4, 4 * 64 * 4, 4 * 8 * 4)
+    assert (fc1.parameters, relu.parameters, fc2.parameters) == ((32 * 64 + 64) * 4, 0.0, (64 * 8 + 8) * 4)
+    back = {n.colocate: n for n in graph.nodes if n.backward}
+    assert back[fc2.id].gradients == fc2.parameters and back[fc2.id].optimizer_state == states * fc2.parameters
+    # a backward node outputs the gradients of its inputs: none for fc1 (the data needs none)
+    assert back[fc1.id].output == 0.0 and back[fc2.id].output == 4 * 64 * 4

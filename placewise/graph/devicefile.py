@@ -19,7 +19,8 @@ profiled on a device of that kind (`placewise profile --device cuda --out FILE`)
 the whole-model forward time of the top-level `reference: FILE` graph (the one to be planned, or
 another profile of the same model on the same device) over the kind's own. Relative paths are
 read from the device file's folder. `kinds` may also be a mapping from name to the other fields.
-A cluster written by placewise (`Cluster.to_json`) is a valid device file.
+Units are bytes (`GB`, `GiB`); units in bits (`Gb`) are refused. A cluster written by placewise
+(`Cluster.to_json`) is a valid device file.
 """
 
 from __future__ import annotations
@@ -34,13 +35,17 @@ from typing import Any
 import yaml
 
 from placewise.errors import PlacewiseError, read_text
-from placewise.graph.devices import Cluster, DeviceKind
+from placewise.graph.devices import MAX_DEVICES, Cluster, DeviceKind
 
 TOP_FIELDS = ("kinds", "bandwidth", "reference", "name", "description")
 KIND_FIELDS = ("name", "type", "accelerator", "count", "memory", "speed", "profile", "description")
 KIND_TYPES = {"accelerator": True, "gpu": True, "cuda": True, "fpga": True, "tpu": True, "cpu": False}
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# A unit is a prefix, an optional `i` (powers of 1024) and `B` for bytes: `GB` is 10**9 bytes,
+# `GiB` 2**30. A bare prefix (`16G`, `16Gi`) reads as bytes too, as in Kubernetes. A lowercase `b`
+# means bits (`Gb` is a gigabit, an eighth of a GB), which is almost always a typo for `GB` here.
+_PREFIXES = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+_UNIT = re.compile(r"^([kKmMgGtTpP]?)([iI]?)(B?)$")
+_BITS = re.compile(r"^[kKmMgGtTpP]?[iI]?b(?:ps|it|its)?$")
 _QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([a-zA-Z]*)\s*(?:/\s*s)?\s*$")
 
 
@@ -70,13 +75,28 @@ class _Reader:
             number = float(value)
         elif isinstance(value, str):
             m = _QUANTITY.match(value)
-            if m and m.group(2).lower() in _UNITS:
-                number = float(m.group(1)) * _UNITS[m.group(2).lower()]
+            if m:
+                number = _with_unit(self, float(m.group(1)), m.group(2), value, where)
         if number is None or not math.isfinite(number):
             raise self.fail(where, f"{value!r} is not {what}; write a number or a string such as '16 GiB'")
         if number < 0:
             raise self.fail(where, f"{value!r} is negative; {what} must be 0 or more")
         return number
+
+
+def _with_unit(reader: _Reader, number: float, unit: str, value: str, where: str) -> float | None:
+    """`number` times the bytes `unit` stands for; None for no unit at all, an error for units in bits."""
+    m = _UNIT.match(unit)
+    if m and (m.group(1) or not m.group(2)):
+        prefix, binary, _ = m.groups()
+        return number * (1024 if binary else 1000) ** _PREFIXES[prefix.lower()]
+    if _BITS.match(unit):
+        prefix = unit[0].upper() if unit[0].lower() in _PREFIXES else ""
+        decimal, binary = value.replace(unit, prefix + "B"), value.replace(unit, prefix + "iB")
+        raise reader.fail(where, f"{value!r}: {unit} is in bits; write bytes, e.g. {decimal!r}"
+                          + (f" (powers of 1000) or {binary!r} (powers of 1024)" if prefix else "")
+                          + "; a figure in bits is eight times the bytes")
+    return None
 
 
 def _speed_from_profiles(reader: _Reader, kind_profile: str, reference: str | None, base: Path, accelerator: bool,
@@ -134,6 +154,9 @@ def parse_device_file(data: Any, source: str = "device file", base: Path | None 
             count = int(count)
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise reader.fail(f"{where}.count", f"{count!r}; give a whole number of devices, 0 or more")
+        if count > MAX_DEVICES:
+            raise reader.fail(f"{where}.count", f"{count!r} is more than the {MAX_DEVICES} devices placewise plans for; "
+                              "give a smaller count")
         memory = reader.quantity(spec.get("memory"), f"{where}.memory", "a memory size in bytes", allow_none=True)
         if "speed" in spec and "profile" in spec:
             raise reader.fail(where, "gives both speed and profile; keep one")
@@ -146,7 +169,10 @@ def parse_device_file(data: Any, source: str = "device file", base: Path | None 
             if speed == 0:
                 raise reader.fail(f"{where}.speed", "is 0; a relative speed must be positive (1 = the profiled device)")
         kinds.append(DeviceKind(name, count, accelerator, memory, speed))
-    return Cluster(tuple(kinds), bandwidth)
+    try:
+        return Cluster(tuple(kinds), bandwidth)
+    except PlacewiseError as e:  # too many devices in all
+        raise reader.fail("kinds", str(e)) from None
 
 
 def _kind_type(reader: _Reader, spec: dict, name: str, where: str) -> bool:
@@ -178,6 +204,8 @@ def load_device_file(path: str | Path) -> Cluster:
         at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or type(e).__name__
         raise PlacewiseError(f"{path}: not YAML ({problem}{at}); fix the syntax") from None
+    except RecursionError:  # YAML's block nesting (`- - - ...`), which read_text's bracket count does not see
+        raise PlacewiseError(f"{path}: nests too deep for a device file; give kinds as a list of fields") from None
     return parse_device_file(data, str(path), path.parent)
 
 

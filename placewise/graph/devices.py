@@ -6,6 +6,7 @@ so they pay no transfer cost). A device file may describe more kinds, each with 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -13,6 +14,10 @@ from placewise.errors import PlacewiseError
 
 ACCELERATOR = "accelerator"
 CPU = "cpu"
+# Devices in one cluster, all kinds together. Counts are checked against it before any list of
+# devices is built (a count of 10**30 would otherwise fill memory); the exact planner's state
+# limit is lower still, and no graph has enough nodes to keep more devices busy.
+MAX_DEVICES = 4096
 
 
 class Device(NamedTuple):
@@ -38,9 +43,13 @@ class DeviceKind:
     def __post_init__(self) -> None:
         if self.count < 0:
             raise PlacewiseError(f"device kind {self.name!r}: count is {self.count}; use 0 or more")
-        if self.memory is not None and self.memory < 0:
-            raise PlacewiseError(f"device kind {self.name!r}: memory is {self.memory}; use a non-negative number of bytes")
-        if not self.speed > 0:
+        if self.count > MAX_DEVICES:
+            raise PlacewiseError(f"device kind {self.name!r}: count is {self.count}, more than the {MAX_DEVICES} devices "
+                                 "placewise plans for; give a smaller count")
+        if self.memory is not None and not (self.memory >= 0 and math.isfinite(self.memory)):
+            raise PlacewiseError(f"device kind {self.name!r}: memory is {self.memory}; use a finite, non-negative "
+                                 "number of bytes (or none for unlimited)")
+        if not (self.speed > 0 and math.isfinite(self.speed)):
             raise PlacewiseError(f"device kind {self.name!r}: speed is {self.speed}; use a positive number")
 
 
@@ -49,6 +58,15 @@ class Cluster:
     kinds: tuple[DeviceKind, ...]
     # Link bandwidth in bytes per second, used to turn tensor bytes into transfer time.
     bandwidth: float | None = None
+
+    def __post_init__(self) -> None:
+        total = sum(k.count for k in self.kinds)
+        if total > MAX_DEVICES:
+            raise PlacewiseError(f"the cluster has {total} devices, more than the {MAX_DEVICES} placewise plans for; "
+                                 "give fewer")
+        if self.bandwidth is not None and not (self.bandwidth > 0 and math.isfinite(self.bandwidth)):
+            raise PlacewiseError(f"the cluster's bandwidth is {self.bandwidth}; use a finite, positive number of "
+                                 "bytes per second")
 
     @classmethod
     def simple(cls, accelerators: int, cpus: int = 0, memory: float | None = None) -> "Cluster":
@@ -77,7 +95,7 @@ class Cluster:
 
     def with_overrides(self, accelerators: int | None = None, cpus: int | None = None,
                        memory: float | None = None) -> "Cluster":
-        """Apply the CLI's --accelerators/--cpus/--memory to the paper's two kinds."""
+        """Apply the CLI's --accelerators/--cpus/--memory to the paper's two kinds; the result must have a device."""
         kinds = list(self.kinds)
         names = [k.name for k in kinds]
         for name, accel in ((ACCELERATOR, True), (CPU, False)):
@@ -92,7 +110,12 @@ class Cluster:
             elif k.name == CPU and cpus is not None:
                 k = replace(k, count=cpus)
             out.append(k)
-        return Cluster(tuple(out), self.bandwidth)
+        cluster = Cluster(tuple(out), self.bandwidth)
+        # Checked here, for every command that takes these flags, before any of them starts work
+        # (scoring a split on no devices would otherwise fail inside the cost model).
+        if not cluster.accelerators + cluster.cpus:
+            raise PlacewiseError("the cluster has no devices; give --accelerators and/or --cpus of at least 1")
+        return cluster
 
     def to_json(self) -> dict:
         return {

@@ -12,9 +12,12 @@ from typing import Any
 
 from placewise.errors import PlacewiseError, read_text
 from placewise.graph.devices import Cluster
-from placewise.graph.model import Edge, Node, OpGraph
+from placewise.graph.model import MEMORY_PARTS, Edge, Node, OpGraph
 
 PLACEWISE_FORMAT = "placewise-graph"
+# Version 2 added the node memory split (MEMORY_PARTS); version 1 files (and files without a
+# version) still load, with the split unknown.
+PLACEWISE_VERSION = 2
 # PipeDream profiles have no CPU times; CPU cores are taken this much slower than an accelerator
 # (about the ratio in the paper's own inputs).
 DEFAULT_CPU_SLOWDOWN = 10.0
@@ -95,6 +98,8 @@ def _prefix(path: str, key: str) -> str:
 
 # ---- the paper's JSON -----------------------------------------------------------------------------
 def read_paper(data: Any, source: str, name: str = "") -> OpGraph:
+    """The paper's `size` is a node's memory as one figure; the format has no split, so the
+    memory parts stay unknown (None)."""
     top = _Fields(source, data, "graph")
     top.path = ""
     memory = top.number("maxSizePerFPGA")
@@ -164,7 +169,10 @@ _PD_EDGE = re.compile(r"^\s+(?P<u>node\d+) -- (?P<v>node\d+)\s*$")
 def read_pipedream(text: str, source: str, name: str = "", *, bandwidth: float = DEFAULT_BANDWIDTH,
                    cpu_slowdown: float = DEFAULT_CPU_SLOWDOWN) -> OpGraph:
     """Forward and backward times become a forward and a backward node in one colocation class;
-    activation plus parameter bytes become the forward node's memory; an edge's cost is its source's
+    activation plus parameter bytes become the forward node's memory (split: `parameters` is the
+    parameter bytes, `output` and `activations` the activation bytes, which PipeDream's own planner
+    stashes per microbatch in flight; gradients and optimizer state are not in the file, so unknown);
+    a backward node holds nothing and outputs its gradients. An edge's cost is its source's
     activation bytes over `bandwidth` (bytes/s), in milliseconds like the profile's times. As in
     PipeDream's own planner, `Input` nodes are free: they always sit in the first stage.
     """
@@ -215,20 +223,21 @@ def read_pipedream(text: str, source: str, name: str = "", *, bandwidth: float =
     preds: dict[int, list[int]] = {nid: [] for nid in fwd}
     for u, v, _ in raw_edges:
         preds[v].append(u)
+    # A backward node outputs the gradients of all of its forward node's inputs.
+    grad_bytes = {nid: sum(fwd[p]["act"] for p in preds[nid]) for nid in order}
     nodes = []
     for nid in order:
         d = fwd[nid]
         nodes.append(Node(nid, f"node{nid}", d["f"], d["f"] * cpu_slowdown, d["act"] + d["param"], True,
-                          False, nid, None, d["desc"]))
+                          False, nid, None, d["desc"], parameters=d["param"], activations=d["act"], output=d["act"]))
     for nid in order:
         d = fwd[nid]
         nodes.append(Node(nid + offset, f"node{nid}.backward", d["b"], d["b"] * cpu_slowdown, 0.0, True,
-                          True, nid, None, d["desc"]))
+                          True, nid, None, d["desc"], parameters=0.0, activations=0.0,
+                          output=grad_bytes[nid]))
     edges = [Edge(u, v, fwd[u]["act"] * ms_per_byte, fwd[u]["act"]) for u, v, _ in raw_edges]
-    # A backward node outputs the gradients of all of its forward node's inputs.
     for u, v, _ in raw_edges:
-        grad_bytes = sum(fwd[p]["act"] for p in preds[v])
-        edges.append(Edge(v + offset, u + offset, grad_bytes * ms_per_byte, grad_bytes))
+        edges.append(Edge(v + offset, u + offset, grad_bytes[v] * ms_per_byte, grad_bytes[v]))
     split = [(nid, s) for nid, s in stages.items()] if stages else None
     if split:
         split += [(nid + offset, s) for nid, s in stages.items()]
@@ -240,11 +249,12 @@ def read_pipedream(text: str, source: str, name: str = "", *, bandwidth: float =
 # ---- placewise's own JSON -------------------------------------------------------------------------
 def write_placewise(graph: OpGraph) -> dict:
     return {
-        "format": PLACEWISE_FORMAT, "version": 1, "name": graph.name,
+        "format": PLACEWISE_FORMAT, "version": PLACEWISE_VERSION, "name": graph.name,
         "cluster": graph.cluster.to_json() if graph.cluster else None,
         "nodes": [{"id": n.id, "name": n.name, "acc_time": n.acc_time, "cpu_time": n.cpu_time, "memory": n.memory,
                    "on_accelerator": n.on_accelerator, "backward": n.backward, "colocate": n.colocate,
-                   "layer": n.layer, "module": n.module} for n in graph.nodes],
+                   "layer": n.layer, "module": n.module, **{part: getattr(n, part) for part in MEMORY_PARTS}}
+                  for n in graph.nodes],
         "edges": [{"src": e.src, "dst": e.dst, "transfer_cost": e.transfer_cost, "bytes": e.bytes} for e in graph.edges],
         "split": [list(p) for p in graph.split] if graph.split is not None else None,
         "meta": graph.meta_dict,
@@ -254,17 +264,22 @@ def write_placewise(graph: OpGraph) -> dict:
 def read_placewise(data: Any, source: str) -> OpGraph:
     top = _Fields(source, data, "graph")
     top.path = ""
-    if data.get("version", 1) != 1:
-        raise PlacewiseError(f"{source}: version: {data.get('version')!r} is not supported; this placewise reads version 1")
+    version = data.get("version", 1)
+    if version not in range(1, PLACEWISE_VERSION + 1) or isinstance(version, bool):
+        raise PlacewiseError(f"{source}: version: {version!r} is not supported; this placewise reads versions 1 to "
+                             f"{PLACEWISE_VERSION} (write the file again with this placewise)")
     nodes = []
     for i, raw in enumerate(top.array("nodes")):
         f = _Fields(source, raw, f"nodes[{i}]")
+        # Version 1 has no memory split, so every part reads as unknown (None), as does a null one.
+        parts = {part: f.number(part, optional=True) if raw.get(part) is not None else None for part in MEMORY_PARTS}
         nodes.append(Node(f.integer("id"), f.text("name") if raw.get("name") is not None else None,
                           f.number("acc_time"), f.number("cpu_time"), f.number("memory", 0.0),
                           f.flag("on_accelerator", True), f.flag("backward", False),
                           f.integer("colocate", optional=True) if raw.get("colocate") is not None else None,
                           f.integer("layer", optional=True) if raw.get("layer") is not None else None,
-                          f.text("module") if raw.get("module") is not None else None))
+                          f.text("module") if raw.get("module") is not None else None,
+                          **parts))
     edges = []
     for j, raw in enumerate(top.array("edges")):
         f = _Fields(source, raw, f"edges[{j}]")

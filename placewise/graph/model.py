@@ -4,6 +4,12 @@ Node times are in one unit per graph (the paper's inputs use abstract units, Pip
 milliseconds, placewise's profiler milliseconds). An edge's `transfer_cost` is the time to move its
 source's output between an accelerator and host memory; it is a property of the source node, so all
 edges out of one node carry the same cost.
+
+A node's `memory` is the one figure the cost model checks against a device's memory; what it
+holds depends on the source (the paper's `size`, PipeDream's activation plus parameter bytes, the
+profiler's parameters and output, or gradients and optimizer state on a backward node). Where the
+source says, the same bytes are also given split by what they hold (`MEMORY_PARTS`, None where the
+source does not say), for schedule-aware memory: see `placewise.plan.cost.memory_breakdown`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,11 @@ from placewise.graph.devices import Cluster
 # Costs on edges out of one node may differ by rounding only (the paper's own check uses 1e-6).
 COST_TOLERANCE = 1e-6
 
+# A node's memory split by what it holds, in bytes, defined once: the weights (parameters and
+# buffers), their gradients, the optimizer's state for them, the activations autograd saves for
+# the backward pass (one microbatch's worth), and the node's output.
+MEMORY_PARTS: tuple[str, ...] = ("parameters", "gradients", "optimizer_state", "activations", "output")
+
 
 @dataclass(frozen=True)
 class Node:
@@ -35,6 +46,13 @@ class Node:
     layer: int | None = None
     # For profiled graphs: the fx node or module the operator came from, so a plan can cut the model.
     module: str | None = None
+    # Memory split by what it holds (see MEMORY_PARTS); None: the source does not say, which is not
+    # the same as 0 (a ReLU's known parameter bytes). Not summed into `memory`, which keeps its meaning.
+    parameters: float | None = None
+    gradients: float | None = None
+    optimizer_state: float | None = None
+    activations: float | None = None
+    output: float | None = None
 
     @property
     def label(self) -> str:
@@ -79,8 +97,10 @@ class OpGraph:
             if n.id in seen:
                 raise PlacewiseError(f"{at}nodes[{i}].id: duplicate id {n.id} (also nodes[{seen[n.id]}]); give every node its own id")
             seen[n.id] = i
-            for fname in ("acc_time", "cpu_time", "memory"):
+            for fname in ("acc_time", "cpu_time", "memory") + MEMORY_PARTS:
                 value = getattr(n, fname)
+                if value is None and fname in MEMORY_PARTS:
+                    continue
                 if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                     raise PlacewiseError(f"{at}node {n.id}: {fname} is {value!r}; use a finite non-negative number")
         out_cost: dict[int, tuple[float, int]] = {}

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, OpGraph
 from placewise.plan.plan import Plan
-from placewise.plan.solvers import SOLVERS, SolveOptions, get_solver
+from placewise.plan.options import ExpertOptions, SolveOptions
+from placewise.plan.solvers import SOLVERS, get_entry, run
 
 # Rows come in this order (the exact planners first); other registered methods follow by name.
 PREFERRED_ORDER = ("dp", "ip", "pipedream", "pipedream-nocomm", "block-time", "block-params", "block-uniform",
@@ -73,7 +74,7 @@ def default_methods(objective: str = "throughput", with_expert: bool = False) ->
 def run_method(graph: OpGraph, cluster: Cluster, method: str, options: SolveOptions) -> Row:
     start = time.perf_counter()
     try:
-        plan = get_solver(method)(graph, cluster, options)
+        plan = run(graph, cluster, method, options)
     except PlacewiseError as e:
         return Row(method, None, None, None, None, None, None, time.perf_counter() - start, error=str(e))
     seconds = time.perf_counter() - start
@@ -82,11 +83,18 @@ def run_method(graph: OpGraph, cluster: Cluster, method: str, options: SolveOpti
 
 
 def compare(graph: OpGraph, cluster: Cluster, methods: list[str] | None = None, options: SolveOptions | None = None,
+            specific: Mapping[str, SolveOptions] | None = None,
             on_start: Callable[[str], None] | None = None) -> Comparison:
-    """Run `methods` (default: `default_methods`) and give each row its ratio to the best feasible one."""
+    """Run `methods` (default: `default_methods`) and give each row its ratio to the best feasible one.
+
+    Every method gets the shared `options`, as its own options type; `specific` gives a method its own
+    options instead (e.g. `expert`'s split file, `local-search`'s restarts).
+    """
     options = options or SolveOptions()
+    specific = dict(specific or {})
     if methods is None:
-        methods = default_methods(options.objective, bool(options.extra.get("split")))
+        expert = specific.get("expert")
+        methods = default_methods(options.objective, isinstance(expert, ExpertOptions) and bool(expert.split))
     unknown = [m for m in methods if m not in SOLVERS]
     if unknown:
         raise PlacewiseError(f"unknown method {unknown[0]!r}; choose from {', '.join(default_methods(options.objective, True))}")
@@ -96,8 +104,8 @@ def compare(graph: OpGraph, cluster: Cluster, methods: list[str] | None = None, 
     for method in methods:
         if on_start:
             on_start(method)
-        # Each method gets its own copy of the options, so none can leak settings into the next.
-        rows.append(run_method(graph, cluster, method, replace(options, extra=dict(options.extra))))
+        own = get_entry(method).coerce(specific.get(method, options))
+        rows.append(run_method(graph, cluster, method, own))
     result = Comparison(graph.name, options.objective, cluster.to_json(), rows)
     best = result.best
     for r in rows:

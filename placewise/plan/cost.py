@@ -6,18 +6,27 @@ each such node counted once per direction; a CPU core's load is its nodes' CPU t
 host memory, so no transfers). The max-load is the pipeline's time per sample. The latency follows
 the paper's model: CPU nodes start when their inputs are done, an accelerator runs its whole set as
 one block once all of its inputs have arrived and pays its transfers inside that block.
+
+Memory checked today is each device's sum of node `memory`. `memory_breakdown` gives the same
+stage's bytes split by what they hold (parameters, gradients, optimizer state, activations saved
+for backward, output) where the graph knows them. What comes next goes here, in `evaluate`:
+schedule-aware memory (a stage at position i of p keeps `Schedule.in_flight(i, p)` microbatches'
+activations beside its parameters, gradients and optimizer state, checked against its kind's
+memory), and replicated stages (`Stage.replicas` devices of one kind: compute spread over the
+replicas, plus a gradient all-reduce costed from the stage's parameter bytes and the link).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, OpGraph
+from placewise.graph.model import MEMORY_PARTS
 
 # Memory checks allow rounding in byte sums.
 MEMORY_TOLERANCE = 1e-9
@@ -59,6 +68,40 @@ class Evaluation:
         if self.violations:
             more = f" (and {len(self.violations) - 1} more)" if len(self.violations) > 1 else ""
             raise PlacewiseError(f"{what} is infeasible: {self.violations[0].message}{more}")
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """A stage's memory per device, in bytes, split by what it holds (the fields are
+    `placewise.graph.model.MEMORY_PARTS`). None: some node of the stage does not say, so the total
+    for that part is unknown. `activations` is for one microbatch; the schedule multiplies it."""
+
+    parameters: float | None = None
+    gradients: float | None = None
+    optimizer_state: float | None = None
+    activations: float | None = None
+    output: float | None = None
+
+    def to_json(self) -> dict[str, float | None]:
+        return {part: getattr(self, part) for part in MEMORY_PARTS}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "memory_breakdown") -> "MemoryBreakdown":
+        if not isinstance(data, dict) or not set(data) <= set(MEMORY_PARTS) or not all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in data.values()):
+            raise PlacewiseError(f"{source}: expected an object of byte counts (or null) under keys among "
+                                 f"{', '.join(MEMORY_PARTS)}; fix or remove it")
+        return cls(**{k: None if v is None else float(v) for k, v in data.items()})
+
+
+def memory_breakdown(graph: OpGraph, nodes: Iterable[int]) -> MemoryBreakdown:
+    """Per-part memory totals of the nodes (ids) of one stage; a part is None if any node lacks it."""
+    members = [graph.node(n) for n in nodes]
+    totals = {}
+    for part in MEMORY_PARTS:
+        values = [getattr(n, part) for n in members]
+        totals[part] = None if any(v is None for v in values) else float(sum(values))
+    return MemoryBreakdown(**totals)
 
 
 def _dense(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device]):

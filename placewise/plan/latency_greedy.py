@@ -12,34 +12,13 @@ from __future__ import annotations
 
 import time
 
-import networkx as nx
 import numpy as np
 
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, OpGraph
+from placewise.plan.options import SolveOptions
 from placewise.plan.plan import Plan, plan_from_assignment
-
-
-def inseparable_blocks(graph: OpGraph) -> list[list[int]]:
-    """Dense node indices grouped into inseparable blocks, blocks in topological order."""
-    # Contract colocation classes, then merge classes on a common cycle (they reach each other).
-    klass = np.arange(len(graph.nodes))
-    for group in graph.colocation_groups:
-        klass[list(group)] = group[0]
-    contracted = nx.DiGraph()
-    contracted.add_nodes_from(int(c) for c in np.unique(klass))
-    contracted.add_edges_from((int(klass[u]), int(klass[v])) for u, v in graph.edge_array if klass[u] != klass[v])
-    condensed = nx.condensation(contracted)
-    members: dict[int, list[int]] = {b: [] for b in condensed.nodes}
-    block_of_class = condensed.graph["mapping"]
-    position = {}
-    for pos, i in enumerate(graph.topological_order):
-        block = block_of_class[int(klass[i])]
-        members[block].append(i)
-        position.setdefault(block, pos)
-    # Among ready blocks take the one holding the earliest node, so the order follows the graph's.
-    order = nx.lexicographical_topological_sort(condensed, key=lambda b: position[b])
-    return [members[b] for b in order]
+from placewise.plan.units import inseparable_blocks
 
 
 def greedy_assignment(graph: OpGraph, cluster: Cluster) -> dict[int, Device]:
@@ -83,7 +62,7 @@ def greedy_assignment(graph: OpGraph, cluster: Cluster) -> dict[int, Device]:
     return assignment
 
 
-def solve(graph: OpGraph, cluster: Cluster, options) -> Plan:
+def solve(graph: OpGraph, cluster: Cluster, options: SolveOptions) -> Plan:
     """Registry entry `greedy-latency`: the greedy split, scored by the cost model."""
     start = time.perf_counter()
     assignment = greedy_assignment(graph, cluster)

@@ -2,6 +2,9 @@
 
 Plain data with a JSON round trip, shared by every layer. Also reads and writes the reference
 split format of the paper's code (`{"fpgas": [{"load", "nodes"}], "cpus": [...]}`).
+
+Plan JSON version 2 added a stage's `replicas` and `memory_breakdown` and the plan's `schedule`;
+version-1 files still load (one replica per stage, no breakdown, no schedule).
 """
 
 from __future__ import annotations
@@ -13,13 +16,20 @@ from typing import Any, Mapping
 
 from placewise.errors import PlacewiseError, read_json
 from placewise.graph import ACCELERATOR, CPU, Cluster, Device, OpGraph
-from placewise.plan.cost import Evaluation, complete_by_colocation, evaluate
+from placewise.plan.cost import Evaluation, MemoryBreakdown, complete_by_colocation, evaluate, memory_breakdown
+from placewise.plan.schedule import Schedule
 
 PLAN_FORMAT = "placewise-plan"
+PLAN_VERSION = 2
 
 
 @dataclass
 class Stage:
+    """One pipeline stage: `replicas` devices of kind `kind`, numbered from `index`, each holding
+    the stage's nodes (gradients all-reduced between them). Loads and `memory` are per device;
+    every solver gives one replica today (replication costing comes with the schedule-aware
+    planner, see `placewise.plan.cost`)."""
+
     kind: str
     index: int
     accelerator: bool
@@ -30,10 +40,18 @@ class Stage:
     memory: float
     # Model names (fx nodes / modules) of the stage's operators, for profiled graphs.
     modules: list[str] = field(default_factory=list)
+    replicas: int = 1
+    # `memory` split by what it holds, where the graph knows (see cost.memory_breakdown).
+    memory_breakdown: MemoryBreakdown | None = None
 
     @property
     def device(self) -> Device:
+        """The stage's first device (its only one unless replicated)."""
         return Device(self.kind, self.index)
+
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        return tuple(Device(self.kind, self.index + r) for r in range(self.replicas))
 
 
 @dataclass
@@ -52,6 +70,8 @@ class Plan:
     contiguous: bool = True
     cluster: dict | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    # The pipeline schedule the plan is for; None: not chosen (the steady-state max-load only).
+    schedule: Schedule | None = None
 
     @property
     def value(self) -> float:
@@ -61,20 +81,26 @@ class Plan:
         return self.max_load
 
     def assignment(self) -> dict[int, Device]:
+        """Node id -> the first device of its stage."""
         return {n: s.device for s in self.stages for n in s.nodes}
 
     def to_json(self) -> dict:
-        data = asdict(self)
-        data = {"format": PLAN_FORMAT, "version": 1, **data}
-        return data
+        # asdict writes the schedule and breakdowns as their to_json() objects.
+        return {"format": PLAN_FORMAT, "version": PLAN_VERSION, **asdict(self)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], source: str = "plan") -> "Plan":
+        version = data.get("version", 1)
+        if isinstance(version, bool) or version not in range(1, PLAN_VERSION + 1):
+            raise PlacewiseError(f"{source}: version: {version!r} is not supported; this placewise reads plan versions "
+                                 f"1 to {PLAN_VERSION} (plan again with this placewise)")
         try:
-            stages = [Stage(**{k: v for k, v in s.items() if k in Stage.__dataclass_fields__}) for s in data["stages"]]
-            kwargs = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "stages"}
-            return cls(stages=stages, **kwargs)
-        except (KeyError, TypeError) as e:
+            stages = [_stage_from_json(s, f"{source}: stages[{i}]") for i, s in enumerate(data["stages"])]
+            kwargs = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k not in ("stages", "schedule")}
+            schedule = data.get("schedule")
+            return cls(stages=stages, schedule=None if schedule is None else Schedule.from_json(schedule, f"{source}: schedule"),
+                       **kwargs)
+        except (KeyError, TypeError, AttributeError) as e:
             raise PlacewiseError(f"{source}: not a valid placewise plan ({type(e).__name__}: {e}); "
                                  "write it with `placewise plan --out`") from None
 
@@ -90,19 +116,33 @@ class Plan:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
 
 
+def _stage_from_json(data: Any, source: str) -> Stage:
+    if not isinstance(data, dict):
+        raise PlacewiseError(f"{source}: expected an object; write the plan with `placewise plan --out`")
+    kwargs = {k: v for k, v in data.items() if k in Stage.__dataclass_fields__ and k != "memory_breakdown"}
+    replicas = kwargs.get("replicas", 1)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise PlacewiseError(f"{source}.replicas: {replicas!r}; use a whole number of at least 1")
+    breakdown = data.get("memory_breakdown")
+    return Stage(**kwargs, memory_breakdown=None if breakdown is None else
+                 MemoryBreakdown.from_json(breakdown, f"{source}.memory_breakdown"))
+
+
 def plan_from_assignment(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device], *, solver: str,
                          seconds: float, objective: str = "throughput", contiguous: bool = True,
                          lower_bound: float | None = None, gap: float | None = None,
-                         notes: dict | None = None) -> Plan:
-    """Score a split with the cost model and wrap it as a Plan (stages in pipeline order)."""
+                         notes: dict | None = None, schedule: Schedule | None = None) -> Plan:
+    """Score a split with the cost model and wrap it as a Plan (stages in pipeline order, one
+    replica each), with each stage's memory broken down where the graph knows it."""
     ev: Evaluation = evaluate(graph, cluster, assignment, contiguous=contiguous)
     stages = [Stage(d.device.kind, d.device.index, d.accelerator, list(d.nodes), d.load, d.compute, d.transfer,
-                    d.memory, [graph.node(n).module for n in d.nodes if graph.node(n).module])
+                    d.memory, [graph.node(n).module for n in d.nodes if graph.node(n).module],
+                    memory_breakdown=memory_breakdown(graph, d.nodes))
               for d in ev.devices]
     return Plan(stages=stages, max_load=ev.max_load, latency=ev.latency, solver=solver, seconds=seconds,
                 objective=objective, lower_bound=lower_bound, gap=gap, feasible=ev.feasible,
                 violations=[v.message for v in ev.violations], graph=graph.name, contiguous=contiguous,
-                cluster=cluster.to_json(), notes=dict(notes or {}))
+                cluster=cluster.to_json(), notes=dict(notes or {}), schedule=schedule)
 
 
 def read_split(data: Any, graph: OpGraph, source: str = "split") -> dict[int, Device]:

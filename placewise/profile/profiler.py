@@ -8,6 +8,15 @@ time on this CPU. An edge carries its source's output bytes, and its transfer co
 over the link bandwidth. A node's memory is its parameters and buffers (counted once, at their
 first user) plus its output activation; in a training graph each node also has a backward node,
 in its colocation class, holding the gradient and optimizer-state bytes, with edges reversed.
+
+The memory split (`placewise.graph.model.MEMORY_PARTS`) is filled on every node, so
+`memory` = parameters + output on a forward node and gradients + optimizer_state on a backward
+node: `parameters` are the weights (parameters, buffers, constants) first used by the node;
+`activations` the bytes autograd saves for the backward pass during the node's forward, for one
+batch of the profiled size (see `placewise.profile.memory`; 0 in an inference graph); `output`
+the bytes of the node's output (a backward node's: the gradients it sends). On the backward node,
+`gradients` are the trainable parameters' bytes and `optimizer_state` that many bytes times the
+state tensors of the optimizer the profile assumes (`--optimizer`, default Adam: 2).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from torch.utils._pytree import tree_leaves
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Edge, Node, OpGraph, write_paper
 from placewise.graph.formats import DEFAULT_BANDWIDTH
+from placewise.profile.memory import saved_activation_bytes
 from placewise.profile.timing import (CLOCKS, Clock, model_preserved, time_backward, time_forward,
                                       time_whole_backward)
 from placewise.profile.trace import CALL_OPS, attribute, trace_model
@@ -198,7 +208,8 @@ def profile_model(model: nn.Module, example_inputs: Sequence[Any], *, name: str 
         on_cpu = measured
         if dev.type != "cpu":
             on_cpu, _ = _measure(gm, model, inputs, torch.device("cpu"), **settings)
-        graph = _build_graph(gm, values, measured, on_cpu, name=name, training=training, bandwidth=bandwidth,
+        saved = saved_activation_bytes(gm, inputs) if training else {}
+        graph = _build_graph(gm, values, measured, on_cpu, saved, name=name, training=training, bandwidth=bandwidth,
                              optimizer=optimizer, cluster=cluster)
     meta = graph.meta_dict
     meta.update(model=name, granularity=granularity, tracer=gm.meta.get("placewise_tracer", "fx"),
@@ -208,13 +219,17 @@ def profile_model(model: nn.Module, example_inputs: Sequence[Any], *, name: str 
     return replace(graph, meta=tuple(sorted((k, str(v)) for k, v in meta.items())))
 
 
-def _build_graph(gm: fx.GraphModule, values: dict[str, Any], measured: Measurement, on_cpu: Measurement, *,
-                 name: str, training: bool, bandwidth: float, optimizer: str, cluster: Cluster | None) -> OpGraph:
+def _build_graph(gm: fx.GraphModule, values: dict[str, Any], measured: Measurement, on_cpu: Measurement,
+                 saved: dict[str, int], *, name: str, training: bool, bandwidth: float, optimizer: str,
+                 cluster: Cluster | None) -> OpGraph:
     calls = [n for n in gm.graph.nodes if n.op in CALL_OPS]
     ids = {n.name: i for i, n in enumerate(calls)}
     out_bytes = {n.name: _nbytes(values[n.name]) for n in calls}
     ms_per_byte = 1000.0 / bandwidth
     modules = dict(gm.named_modules())
+    # A backward node sends the gradients of all of its inputs that carry one.
+    grad_in = {n.name: sum(out_bytes[a.name] for a in n.all_input_nodes
+                           if a.name in ids and _carries_grad(values[a.name])) for n in calls}
     seen: set[int] = set()
     count = len(calls)
     nodes: list[Node] = []
@@ -232,19 +247,20 @@ def _build_graph(gm: fx.GraphModule, values: dict[str, Any], measured: Measureme
         grad_bytes = sum(_nbytes(t) for t in own if isinstance(t, nn.Parameter) and t.requires_grad)
         i = ids[n.name]
         nodes.append(Node(i, n.name, measured.forward[n.name], on_cpu.forward[n.name],
-                          float(state_bytes + out_bytes[n.name]), True, False, i if training else None, None, n.name))
+                          float(state_bytes + out_bytes[n.name]), True, False, i if training else None, None, n.name,
+                          parameters=float(state_bytes), gradients=0.0, optimizer_state=0.0,
+                          activations=float(saved.get(n.name, 0)), output=float(out_bytes[n.name])))
         if training:
+            state = float(grad_bytes * OPTIMIZER_STATES[optimizer])
             backward_nodes.append(Node(count + i, f"{n.name}.backward", measured.backward[n.name],
-                                       on_cpu.backward[n.name], float(grad_bytes * (1 + OPTIMIZER_STATES[optimizer])),
-                                       True, True, i, None, n.name))
+                                       on_cpu.backward[n.name], float(grad_bytes) + state, True, True, i, None, n.name,
+                                       parameters=0.0, gradients=float(grad_bytes), optimizer_state=state,
+                                       activations=0.0, output=float(grad_in[n.name])))
     edges = []
-    grad_in: dict[str, int] = {}
     for n in calls:
         producers = [a for a in n.all_input_nodes if a.name in ids]
         edges += [Edge(ids[a.name], ids[n.name], out_bytes[a.name] * ms_per_byte, float(out_bytes[a.name]))
                   for a in producers]
-        # The backward node sends the gradients of all of its inputs that carry one.
-        grad_in[n.name] = sum(out_bytes[a.name] for a in producers if _carries_grad(values[a.name]))
     if training:
         for n in calls:
             for a in n.all_input_nodes:

@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from placewise.graph import OpGraph
+from placewise.plan.cost import memory_breakdown
 
 
 def _float(meta: dict[str, str], key: str) -> float | None:
@@ -25,7 +26,8 @@ def summary(graph: OpGraph, top: int = 8) -> dict[str, Any]:
         whole_forward_ms=_float(meta, "whole_forward_ms"), node_forward_sum_ms=_float(meta, "node_forward_sum_ms"),
         forward_ratio=_float(meta, "forward_ratio"), whole_backward_ms=_float(meta, "whole_backward_ms"),
         node_backward_sum_ms=_float(meta, "node_backward_sum_ms"), backward_ratio=_float(meta, "backward_ratio"),
-        memory_bytes=float(graph.memory.sum()), transfer_bytes=float(sum(e.bytes or 0 for e in graph.edges)),
+        memory_bytes=float(graph.memory.sum()), memory_parts=memory_breakdown(graph, (n.id for n in graph.nodes)).to_json(),
+        transfer_bytes=float(sum(e.bytes or 0 for e in graph.edges)),
         profile_seconds=_float(meta, "profile_seconds"),
         slowest=[{"module": n.module, "acc_time": n.acc_time, "cpu_time": n.cpu_time, "memory": n.memory}
                  for n in sorted(forward, key=lambda n: -n.acc_time)[:top]])
@@ -45,6 +47,9 @@ def print_summary(graph: OpGraph, written: list[str]) -> None:
     if s["backward_ratio"] is not None:
         console.print(f"backward: per-node sum {s['node_backward_sum_ms']:.4g} ms, whole model {s['whole_backward_ms']:.4g} ms, "
                       f"ratio [bold]{s['backward_ratio']:.3f}[/bold]")
+    parts = ", ".join(f"{part} {value / 1e6:.4g}" for part, value in s["memory_parts"].items() if value is not None)
+    if parts:
+        console.print(f"memory (MB): {parts} (activations saved for backward, per batch)")
     table = Table(title="slowest nodes (forward)")
     for col in ("fx node", "acc ms", "cpu ms", "memory MB"):
         table.add_column(col, justify="left" if col == "fx node" else "right")

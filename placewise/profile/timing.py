@@ -139,8 +139,10 @@ class GraphRunner:
         for value, reader in last.items():
             self.last_use.setdefault(reader, []).append(value)
 
-    def run(self, inputs: tuple, *, times: dict[str, list[float]] | None = None,
-            keep: bool = False) -> dict[fx.Node, Any]:
+    def run(self, inputs: tuple, *, times: dict[str, list[float]] | None = None, keep: bool = False,
+            around: Callable[[fx.Node], contextlib.AbstractContextManager] | None = None) -> dict[fx.Node, Any]:
+        """One run of the graph; `around(node)`, if given, is entered around each call node's
+        call (outside the timed region), so a caller can watch what one node does."""
         env: dict[fx.Node, Any] = {}
         args = iter(self.gm.graph.process_inputs(*inputs))
         marks: list[tuple[str, Any, Any]] = []
@@ -155,9 +157,10 @@ class GraphRunner:
             else:
                 fn = self.calls[n.name]
                 a, k = fx.node.map_arg(n.args, load), fx.node.map_arg(n.kwargs, load)
-                start = self.clock.mark(cover=True)
-                env[n] = fn(*a, **k)
-                end = self.clock.mark()
+                with around(n) if around else contextlib.nullcontext():
+                    start = self.clock.mark(cover=True)
+                    env[n] = fn(*a, **k)
+                    end = self.clock.mark()
                 marks.append((n.name, start, end))
             if not keep:
                 for dead in self.last_use.get(n, ()):

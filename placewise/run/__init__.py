@@ -1,1 +1,2 @@
-"""Running plans: pipelines of stages, the parameter server, and the local launcher. Imports torch."""
+"""Running plans: pipelines of stages (workload, cut, job, stage, pipeline), data parallelism
+(`dataparallel/`), and the local launcher. Every module but `choices` imports torch."""

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from placewise.errors import PlacewiseError
-
-DATASETS = ("digits", "synthetic")
+from placewise.run.choices import DATASETS
 
 
 @dataclass(frozen=True)

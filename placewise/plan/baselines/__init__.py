@@ -1,7 +1,7 @@
 """Baselines: the usual ways to split a model, each scored by the one cost model.
 
 Every baseline is a solver `fn(graph, cluster, options) -> Plan`, deterministic for a given
-`options.seed`, registered in `placewise.plan.solvers.SOLVERS` by its module (`block`, `greedy`,
+`options.seed`, registered in `placewise.plan.solvers.SOLVERS` with a loader that imports its module (`block`, `greedy`,
 `local_search`, `metis`, `pipedream`, `simple`) so that `plan --solver` and `compare` load only
 the one they run.
 """

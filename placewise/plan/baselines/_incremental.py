@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit
 
 from placewise.graph import Cluster, Device, OpGraph
+from placewise.plan.csr import csr
 
 
 class DeviceTable:
@@ -25,14 +26,6 @@ class DeviceTable:
         self.accelerator = np.array([k.accelerator for k in kinds], dtype=np.bool_)
         self.speed = np.array([k.speed for k in kinds], dtype=float)
         self.memory = np.array([np.inf if k.memory is None else k.memory for k in kinds], dtype=float)
-
-
-def csr(lists) -> tuple[np.ndarray, np.ndarray]:
-    ptr = np.zeros(len(lists) + 1, dtype=np.int64)
-    for i, lst in enumerate(lists):
-        ptr[i + 1] = ptr[i] + len(lst)
-    flat = np.array([x for lst in lists for x in lst], dtype=np.int64)
-    return ptr, flat
 
 
 class State:

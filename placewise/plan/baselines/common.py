@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import numpy as np
-
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, OpGraph
 from placewise.plan.cost import evaluate
-from placewise.plan.ideals import Units, simplify
 from placewise.plan.plan import Plan, plan_from_assignment
+from placewise.plan.units import Units, simplify
 
 
 def accelerators(cluster: Cluster, method: str) -> list[Device]:
@@ -27,14 +25,6 @@ def units(graph: OpGraph, cluster: Cluster) -> Units:
     node beside its forward node: the "linearized" order that the chain baselines cut.
     """
     return simplify(graph, cluster)
-
-
-def unit_nodes(u: Units) -> tuple[np.ndarray, np.ndarray]:
-    """CSR of each unit's dense node indices (for the numba kernels)."""
-    ptr = np.zeros(u.count + 1, dtype=np.int64)
-    for k, m in enumerate(u.members):
-        ptr[k + 1] = ptr[k] + len(m)
-    return ptr, np.array([i for m in u.members for i in m], dtype=np.int64)
 
 
 def chain_assignment(graph: OpGraph, u: Units, cuts: list[int], devices: list[Device]) -> dict[int, Device]:

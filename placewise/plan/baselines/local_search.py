@@ -5,7 +5,7 @@ then repeatedly makes the single move (one unit to another accelerator) that low
 most, until no move lowers it; the best of N restarts wins (the paper used 10). Like the paper's, it
 ignores memory and contiguity and uses accelerators only; the split is scored by the cost model as a
 non-contiguous one (infeasible where memory is exceeded). Seeded: `options.seed` fixes the starts;
-`options.extra["restarts"]` sets N; `options.time_limit` stops it early with the best so far.
+`options.restarts` sets N; `options.time_limit` stops it early with the best so far.
 
 A move changes only the loads of the unit's old and new device, so only moves touching a device at
 the max-load can lower it; the scan skips the others.
@@ -21,10 +21,11 @@ from numba import njit
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, OpGraph
 from placewise.plan.baselines._incremental import DeviceTable, State, move_delta, relocate
-from placewise.plan.baselines.common import accelerators, score, unit_nodes, units
+from placewise.plan.baselines.common import accelerators, score, units
+from placewise.plan.csr import csr
+from placewise.plan.options import LocalSearchOptions
 from placewise.plan.plan import Plan
 
-DEFAULT_RESTARTS = 10
 # A move must lower the max-load by more than this fraction (the paper's code: 1e-5 absolute).
 IMPROVEMENT = 1e-9
 
@@ -49,10 +50,10 @@ def _best_move(unit_ptr, unit_members, unit_device, device, count, placed, load,
     return best, best_unit, best_target
 
 
-def local_search(graph: OpGraph, cluster: Cluster, options) -> Plan:
+def local_search(graph: OpGraph, cluster: Cluster, options: LocalSearchOptions) -> Plan:
     start = time.perf_counter()
     devices = accelerators(cluster, "local-search")
-    restarts = int(options.extra.get("restarts", DEFAULT_RESTARTS))
+    restarts = int(options.restarts)
     if restarts < 1:
         raise PlacewiseError(f"local-search: restarts is {restarts}; use 1 or more")
     u = units(graph, cluster)
@@ -60,7 +61,7 @@ def local_search(graph: OpGraph, cluster: Cluster, options) -> Plan:
     if bad:
         raise PlacewiseError(f"local-search places on accelerators only, but node {bad[0]} is not supported on one; "
                              "use dp or greedy")
-    ptr, members = unit_nodes(u)
+    ptr, members = csr(u.members)
     table = DeviceTable(cluster, devices)
     starts = np.random.default_rng(options.seed).integers(0, len(devices), size=(restarts, u.count))
     best_value, best_device, steps, done = np.inf, None, 0, 0

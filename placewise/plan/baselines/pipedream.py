@@ -26,9 +26,10 @@ from numba import njit
 
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, OpGraph
-from placewise.plan.baselines._incremental import csr
-from placewise.plan.baselines.common import accelerators, chain_assignment, score, unit_nodes, units
+from placewise.plan.baselines.common import accelerators, chain_assignment, score, units
 from placewise.plan.cost import MEMORY_TOLERANCE
+from placewise.plan.csr import csr
+from placewise.plan.options import PipeDreamOptions
 from placewise.plan.plan import Plan
 
 
@@ -83,7 +84,7 @@ def _plan(graph: OpGraph, cluster: Cluster, options, method: str, transfers: boo
     if transfers:
         pred_ptr, pred = csr(graph.pred)
         out_degree = np.array([len(s) for s in graph.succ], dtype=np.int64)
-        transfer = _segment_transfers(*unit_nodes(u), len(graph.nodes), pred_ptr, pred, out_degree, graph.out_cost)
+        transfer = _segment_transfers(*csr(u.members), len(graph.nodes), pred_ptr, pred, out_degree, graph.out_cost)
     else:
         transfer = 0.0
     best = np.full(n + 1, np.inf)
@@ -109,9 +110,9 @@ def _plan(graph: OpGraph, cluster: Cluster, options, method: str, transfers: boo
                  objective=options.objective, notes={"transfers": transfers, "planner_max_stage": float(best[n])})
 
 
-def pipedream(graph: OpGraph, cluster: Cluster, options) -> Plan:
-    """PipeDream's straight-pipeline DP; `options.extra["transfers"] = False` drops transfers from its objective."""
-    transfers = bool(options.extra.get("transfers", True))
+def pipedream(graph: OpGraph, cluster: Cluster, options: PipeDreamOptions) -> Plan:
+    """PipeDream's straight-pipeline DP; `options.transfers = False` drops transfers from its objective."""
+    transfers = bool(options.transfers)
     return _plan(graph, cluster, options, "pipedream" if transfers else "pipedream-nocomm", transfers)
 
 

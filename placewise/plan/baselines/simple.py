@@ -7,10 +7,11 @@ import time
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, OpGraph
 from placewise.plan.baselines.common import score
+from placewise.plan.options import ExpertOptions, SolveOptions
 from placewise.plan.plan import Plan, load_split
 
 
-def one_accelerator(graph: OpGraph, cluster: Cluster, options) -> Plan:
+def one_accelerator(graph: OpGraph, cluster: Cluster, options: SolveOptions) -> Plan:
     """Everything on the first accelerator, except operators it cannot run, which go to the first CPU."""
     start = time.perf_counter()
     acc = next((k for k in cluster.kinds if k.accelerator and k.count > 0), None)
@@ -23,12 +24,12 @@ def one_accelerator(graph: OpGraph, cluster: Cluster, options) -> Plan:
                  objective=options.objective)
 
 
-def expert(graph: OpGraph, cluster: Cluster, options) -> Plan:
-    """A split given as a file (`options.extra["split"]`): the paper's human-expert splits, or any plan.
+def expert(graph: OpGraph, cluster: Cluster, options: ExpertOptions) -> Plan:
+    """A split given as a file (`options.split`): the paper's human-expert splits, or any plan.
 
     A forward-only split of a training graph is completed by colocation (backward beside forward).
     """
-    path = options.extra.get("split")
+    path = options.split
     if not path:
         raise PlacewiseError("the expert baseline needs a split file; give --expert SPLIT.json")
     start = time.perf_counter()

@@ -1,17 +1,9 @@
 """The parameter server of asynchronous data parallelism (Downpour / A-SGD), on torch.distributed p2p.
 
 One server rank holds one shard of the model's parameters (whole tensors; several ranks shard the
-model between them) and the optimizer for that shard. Workers talk to it with a small
-request/reply protocol over gloo `send`/`recv`:
-
-    worker -> server  header float64[HEADER]: kind, steps_done, fetched_version, loss_sum, correct, samples
-                      then, for PUSH and PUSH_FETCH, the shard's gradient (float32, flat; over gloo only)
-    server -> worker  reply  float64[REPLY]: status, version, start_step
-                      then, for HELLO and a fetch that is not STOPped, the shard's parameters (over gloo only)
-
-With `SharedBuffers` (ranks on one machine) the gradients and parameters skip gloo: the worker
-writes its gradient where the server reads it, and the server copies parameters into the worker's
-own buffer before replying; the header and reply still go over gloo and order every access.
+model between them) and the optimizer for that shard. Workers talk to it with the request/reply
+protocol of `protocol.py`, over gloo, with the bulk data in shared memory (`shared.SharedBuffers`)
+when every rank runs on this machine.
 
 The server has one receiving thread per worker, each blocked in `recv(src=worker)`, and each handles
 its worker's messages itself under one lock: a push is applied by the thread that received it, with
@@ -21,11 +13,8 @@ without waiting for it (gloo cannot time out a receive and use the connection af
 peer is detected by its closed connection, not a timer).
 
 Modes on the same code path: "async" applies each push as it arrives; "sync" waits for one push
-from every live worker, averages them in worker order (deterministic) and steps once.
-Staleness of a push = server updates since the pushing worker fetched the parameters it used.
-Policies: none; "lr" divides the learning rate by the staleness (Zhang et al. 2016); "bound:S"
-delays the reply to a worker more than S pushes ahead of the slowest live worker (stale-synchronous
-parallel), so the fast ones wait for the slow ones.
+from every live worker, averages them in worker order (deterministic) and steps once. Staleness
+policies: `staleness.py`.
 """
 
 from __future__ import annotations
@@ -37,157 +26,18 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from enum import IntEnum
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from placewise.errors import PlacewiseError
-
-HEADER = 6
-REPLY = 3
-CONTINUE, STOP = 0.0, 1.0
-CHECKPOINT_FORMAT = "placewise-data-parallel-checkpoint/1"
-OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
-
-
-class Kind(IntEnum):
-    HELLO = 0
-    PUSH = 1
-    PUSH_FETCH = 2
-    FETCH = 3
-    BYE = 4
-
-
-@dataclass(frozen=True)
-class Staleness:
-    """Staleness policy: "none", "lr" (lr / staleness) or "bound" with `bound` S (SSP)."""
-    policy: str = "none"
-    bound: int = 0
-
-    @staticmethod
-    def parse(text: str) -> "Staleness":
-        text = text.strip().lower()
-        if text in ("none", "lr"):
-            return Staleness(text)
-        if text.startswith("bound:"):
-            value = text.split(":", 1)[1]
-            if value.isdigit():
-                return Staleness("bound", int(value))
-        raise PlacewiseError(f"--staleness {text!r} is not a policy; use none, lr, or bound:S with S >= 0")
-
-    def __str__(self) -> str:
-        return f"bound:{self.bound}" if self.policy == "bound" else self.policy
-
-
-def make_optimizer(name: str, params: list[torch.Tensor], lr: float, momentum: float) -> torch.optim.Optimizer:
-    """The optimizer `name` over `params`, as the server, the DDP workers and references all build it."""
-    return optimizer_class(name)(params, **optimizer_kwargs(name, lr, momentum))
-
-
-def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    classes = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
-               "adagrad": torch.optim.Adagrad}
-    if name not in classes:
-        raise PlacewiseError(f"optimizer {name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
-    return classes[name]
-
-
-def optimizer_kwargs(name: str, lr: float, momentum: float) -> dict[str, float]:
-    return {"lr": lr, "momentum": momentum} if name == "sgd" else {"lr": lr}
-
-
-def shard_parameters(sizes: list[int], servers: int) -> list[list[int]]:
-    """Parameter indices held by each server: whole tensors, largest first onto the lightest shard.
-
-    Whole tensors (not slices) keep each server's optimizer working tensor by tensor, exactly as a
-    single-process optimizer does, so one worker through one server reproduces plain SGD bitwise."""
-    if not 1 <= servers <= len(sizes):
-        raise PlacewiseError(f"--servers {servers}: the model has {len(sizes)} parameter tensors to shard; "
-                             f"use 1..{len(sizes)}")
-    loads = [0] * servers
-    shards: list[list[int]] = [[] for _ in range(servers)]
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        s = min(range(servers), key=lambda s: (loads[s], s))
-        shards[s].append(i)
-        loads[s] += sizes[i]
-    return [sorted(shard) for shard in shards]
-
-
-def flat_views(tensors: list[torch.Tensor],
-               into: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One flat buffer (`into`, when given) holding `tensors`' values, and views of it shaped like them
-    (for one-message I/O)."""
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.empty(0)
-    if into is not None:
-        flat = into.copy_(flat)
-    return flat, _views_like(flat, tensors)
-
-
-def _views_like(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    views, offset = [], 0
-    for t in like:
-        views.append(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return views
-
-
-class SharedBuffers:
-    """The protocol's bulk data in memory-mapped files of one folder, for a server and clients on one machine.
-
-    Over gloo every push and fetch crosses the loopback TCP stack: a 4.4 MB round trip took 3 ms,
-    where a plain memory copy of 4.4 MB takes 0.3-0.9 ms. Here client `c` of shard `s` owns two buffers:
-    its gradient (the client writes it, the server reads it) and its parameters (the server writes
-    them, the client computes with them). A client touches them only before its request and after its
-    reply, the server only in between, so the gloo messages alone order every access."""
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-
-    def gradients(self, shard: int, client: int, numel: int) -> torch.Tensor:
-        return self._map(f"shard{shard}-rank{client}-gradients", numel)
-
-    def parameters(self, shard: int, client: int, numel: int) -> torch.Tensor:
-        return self._map(f"shard{shard}-rank{client}-parameters", numel)
-
-    def _map(self, name: str, numel: int) -> torch.Tensor:
-        # shared=True maps the file MAP_SHARED, creating it (zero-filled) if this side is first.
-        return torch.from_file(str(self.directory / name), shared=True, size=max(1, numel),
-                               dtype=torch.float32)[:numel]
-
-
-def checkpoint_path(base: str | Path, shard: int, servers: int) -> Path:
-    """Shard `shard`'s checkpoint file: `base` itself with one server, `base.shardI` with several."""
-    return Path(base) if servers == 1 else Path(f"{base}.shard{shard}")
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    # Written beside and renamed: a run killed while saving leaves the previous checkpoint intact.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's state, after checking it was written for the same model, mode and optimizer."""
-    if not path.is_file():
-        raise PlacewiseError(f"{path}: checkpoint not found; pass the file written by --checkpoint")
-    try:
-        state = torch.load(path, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
-        raise PlacewiseError(f"{path}: not a readable checkpoint ({type(e).__name__}); pass a file written by "
-                             f"placewise train --checkpoint") from e
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise PlacewiseError(f"{path}: not a placewise data-parallel checkpoint; pass a file written by "
-                             f"placewise train --checkpoint")
-    for key, value in fingerprint.items():
-        if state["fingerprint"].get(key) != value:
-            raise PlacewiseError(f"{path}: checkpoint was written with {key}={state['fingerprint'].get(key)!r}, "
-                                 f"this run has {key}={value!r}; resume with the same settings")
-    return state
+from placewise.run.choices import BOUND, SERVER_MODES, SYNC
+from placewise.run.dataparallel.checkpoint import checkpoint_path, save_checkpoint
+from placewise.run.dataparallel.protocol import CONTINUE, HEADER, STOP, Kind, flat_views, views_like
+from placewise.run.dataparallel.shared import SharedBuffers
+from placewise.run.dataparallel.staleness import Staleness
+from placewise.run.optim import make_optimizer
 
 
 @dataclass
@@ -222,8 +72,8 @@ class ParameterServer:
     def __init__(self, shard: int, servers: int, tensors: list[torch.Tensor], workers: list[int],
                  settings: ServerSettings, resume: dict[str, Any] | None = None,
                  shared: SharedBuffers | None = None) -> None:
-        if settings.mode not in ("async", "sync"):
-            raise PlacewiseError(f"server mode {settings.mode!r}; use async or sync")
+        if settings.mode not in SERVER_MODES:
+            raise PlacewiseError(f"server mode {settings.mode!r}; use {' or '.join(SERVER_MODES)}")
         self.shard, self.servers, self.workers, self.settings = shard, servers, list(workers), settings
         self.flat, self.params = flat_views(tensors)
         self.grad_flat, grads = flat_views([torch.zeros_like(t) for t in tensors])
@@ -255,7 +105,7 @@ class ParameterServer:
             self.worker_params = {w: shared.parameters(shard, w, n) for w in self.workers}
         # An asynchronous push is applied straight from its receive buffer (no copy): per worker,
         # views of that buffer shaped like the parameters, swapped in as their gradients.
-        self.payload_grads = {w: _views_like(self.payload[w], self.params) for w in self.workers}
+        self.payload_grads = {w: views_like(self.payload[w], self.params) for w in self.workers}
         self.own_grads = grads
         self.active = set(self.workers)          # alive and not yet told to stop
         self.lost: dict[int, str] = {}
@@ -328,7 +178,7 @@ class ParameterServer:
             self._finish(worker) if self.done else self._reply(worker, CONTINUE, fetch=True)
         elif self.done:
             self._finish(worker)
-        elif self.settings.mode == "sync":
+        elif self.settings.mode == SYNC:
             self.round[worker] = header
             self._maybe_close_round()
         else:
@@ -390,7 +240,7 @@ class ParameterServer:
     def _release_deferred(self) -> None:
         """Reply to the pushes whose workers may go on: all once the run is done; under bound:S those
         at most S pushes ahead of the slowest live worker; under other policies, all at once."""
-        bound = self.settings.staleness.bound if self.settings.staleness.policy == "bound" else None
+        bound = self.settings.staleness.bound if self.settings.staleness.policy == BOUND else None
         for w in sorted(self.deferred):
             if w not in self.deferred:
                 continue  # dropped meanwhile by a failed reply further up this loop
@@ -429,7 +279,7 @@ class ParameterServer:
         self.round.pop(worker, None)
         self.deferred.pop(worker, None)
         # A dead worker must not hold up a synchronous round or the slowest-worker bound.
-        if self.settings.mode == "sync":
+        if self.settings.mode == SYNC:
             self._maybe_close_round()
         else:
             self._release_deferred()

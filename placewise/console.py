@@ -1,0 +1,60 @@
+"""Rich printing shared by the CLI and the demo: the console, byte sizes, and a plan's table."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from placewise.plan import Plan
+
+
+def console(width: int = 140) -> "Console":
+    """A rich console on stdout; a fixed width when piped, so tables do not wrap at 80 columns."""
+    from rich.console import Console
+    return Console(width=None if sys.stdout.isatty() else width)
+
+
+def fmt_bytes(b: float) -> str:
+    """`b` bytes in B, KB, MB, GB or TB (powers of 1024)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(b) < 1024 or unit == "TB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+    return str(b)
+
+
+def nodes_text(nodes: list[int]) -> str:
+    """The first dozen node ids, and how many there are in all."""
+    text = ", ".join(map(str, nodes[:12]))
+    return text + (f", ... ({len(nodes)} in all)" if len(nodes) > 12 else "")
+
+
+def print_plan(plan: Plan, title: str) -> None:
+    """A plan as a table of its stages, then its objective's value, solver and bound."""
+    from rich.table import Table
+    table = Table(title=title)
+    for col in ("stage", "device", "load", "compute", "transfer", "memory", "nodes"):
+        table.add_column(col, justify="right" if col in ("load", "compute", "transfer", "memory") else "left")
+    for i, s in enumerate(plan.stages):
+        table.add_row(str(i), f"{s.kind}:{s.index}", f"{s.load:.6g}", f"{s.compute:.6g}", f"{s.transfer:.6g}",
+                      fmt_bytes(s.memory), nodes_text(s.nodes))
+    out = console()
+    out.print(table)
+    # The objective's value in bold; a latency objective with no latency says why.
+    on_latency = plan.objective == "latency"
+    line = f"max-load {'' if on_latency else '[bold]'}{plan.max_load:.10g}{'' if on_latency else '[/bold]'}"
+    if plan.latency is not None:
+        line += f"   latency {'[bold]' if on_latency else ''}{plan.latency:.10g}{'[/bold]' if on_latency else ''}"
+    elif on_latency:
+        line += "   latency [red]none[/red] (accelerator blocks wait on each other in a cycle)"
+    line += f"   solver {plan.solver}   {plan.seconds:.3f} s"
+    if plan.lower_bound is not None:
+        line += f"   lower bound {plan.lower_bound:.10g}"
+    if plan.gap is not None:
+        line += f"   gap {100 * plan.gap:.3g}%"
+    out.print(line)
+    if not plan.feasible:
+        out.print(f"[red]infeasible:[/red] {'; '.join(plan.violations)}")

@@ -1,0 +1,137 @@
+"""One pipeline stage at run time: this process's part of a cut model as a torch
+`PipelineStage` with static shapes (taken from one example microbatch run on every rank), driven by
+`ScheduleGPipe` or `Schedule1F1B`: training (loss on the last stage) or forward-only inference
+(`schedule.eval`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from placewise.plan.schedule import GPIPE, ONE_F_ONE_B
+from placewise.run.cut import Prepared, output_tensor, pack
+from placewise.run.job import PipelineJob, prepare
+from placewise.run.optim import module_optimizer
+from placewise.run.timing import StageClock
+from placewise.run.workload import loss_fn
+
+
+def _progress(job: PipelineJob, rank: int):
+    if not (job.progress and rank == 0):
+        return None
+    from rich.progress import Progress
+    progress = Progress(transient=True)
+    progress.start()
+    return progress, progress.add_task(f"{job.mode} ({job.n_stages} stage(s))", total=job.warmup + job.steps)
+
+
+def _device(rank: int) -> torch.device:
+    """Each stage's process gets one device: its local GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def stage_schedule(prepared: Prepared, stage_index: int, *, schedule: str, microbatches: int, training: bool,
+                   group=None) -> tuple[nn.Module, Any, Any]:
+    """This process's stage of a cut model as a `PipelineStage` with static shapes, on this rank's device, and
+    its GPipe or 1F1B schedule (training: the loss of each microbatch divided by `microbatches`).
+    Every rank of `group` (rank i runs stage i) calls this with its own `stage_index`."""
+    gm, micro, values = prepared.gm, prepared.micro, prepared.values
+    part = prepared.parts[stage_index]
+    n_stages = len(prepared.parts)
+    device = _device(dist.get_rank())
+    module = part.module.to(device)
+    module.train(training)
+
+    def example(value: Any) -> torch.Tensor:
+        # Static shapes for the stage; floats between stages carry gradients when training.
+        t = value if isinstance(value, torch.Tensor) else pack(value)
+        return t.detach().contiguous().to(device).requires_grad_(training and t.is_floating_point())
+
+    first, last = stage_index == 0, stage_index == n_stages - 1
+    input_args = tuple(t.to(device) for t in micro) if first else tuple(example(values[n]) for n in part.inputs)
+    output_args = (example(output_tensor(values, gm)),) if last else tuple(example(values[n]) for n in part.outputs)
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    stage = PipelineStage(module, stage_index, n_stages, device, input_args=input_args, output_args=output_args,
+                          group=group)
+    schedule_cls = {GPIPE: ScheduleGPipe, ONE_F_ONE_B: Schedule1F1B}[schedule]
+    # Each microbatch's loss is divided by M, so the gradients are the batch mean as soon as the last
+    # backward ends, with nothing to rescale afterwards (fused updates happen inside that backward).
+    runner = schedule_cls(stage, microbatches, scale_grads=False,
+                          loss_fn=(lambda out, target: loss_fn(out, target) / microbatches) if training else None)
+    return module, stage, runner
+
+
+def _clocked(stage: Any, optimizer: torch.optim.Optimizer | None, fuse: str) -> StageClock:
+    """Time `stage`'s forward and backward chunks; a fused backward update fires on the last microbatch only."""
+    backward = stage.backward_one_chunk
+    if fuse.startswith("backward") and optimizer is not None:
+        # A fused update fires when a gradient is final: only in the last microbatch's backward.
+        def backward(*args, last_backward: bool = False, _backward=stage.backward_one_chunk, **kwargs):
+            with contextlib.nullcontext() if last_backward else optimizer.accumulate():
+                return _backward(*args, last_backward=last_backward, **kwargs)
+    clock = StageClock()
+    stage.forward_one_chunk = clock.wrap(stage.forward_one_chunk, "forward")
+    stage.backward_one_chunk = clock.wrap(backward, "backward")
+    return clock
+
+
+def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
+    """Run this process's stage of `job` (all ranks of `group` call this); a report of what it measured."""
+    prepared = prepare(job)
+    gm, example_inputs, values = prepared.gm, prepared.example_inputs, prepared.values
+    part = prepared.parts[stage_index]
+    training = job.training
+    module, stage, schedule = stage_schedule(prepared, stage_index, schedule=job.schedule,
+                                             microbatches=job.microbatches, training=training, group=group)
+    device = stage.device
+    first, last = stage_index == 0, stage_index == job.n_stages - 1
+    optimizer = module_optimizer(module, job.optimizer, job.lr, job.momentum, job.fuse) if training else None
+    clock = _clocked(stage, optimizer, job.fuse)
+    output_like = output_tensor(values, gm)
+    report: dict[str, Any] = {"stage": stage_index, "nodes": part.nodes, "losses": [], "step_seconds": []}
+    progress = _progress(job, dist.get_rank())
+    try:
+        for step in range(job.warmup + job.steps):
+            if job.fail_at_step == (stage_index, step):
+                raise RuntimeError(f"stage {stage_index} failed on purpose at step {step}")
+            inputs, target = job.batch(example_inputs, output_like, step)
+            args = tuple(t.to(device) for t in inputs) if first else ()
+            kwargs = {"target": target.to(device)} if last and training else {}
+            clock.on = step >= job.warmup
+            start = time.perf_counter()
+            if training:
+                losses: list[torch.Tensor] = []
+                out = schedule.step(*args, losses=losses, **kwargs)
+                if last:
+                    report["losses"].append(float(torch.stack(losses).sum().detach()))
+                if step == 0 and "grads" in job.collect:
+                    report["grads"] = {k: p.grad.detach().cpu().clone() for k, p in module.named_parameters()
+                                       if p.grad is not None}
+                if optimizer is not None:
+                    optimizer.step()
+                    optimizer.zero_grad()
+            else:
+                with torch.no_grad():
+                    out = schedule.eval(*args)
+            if step >= job.warmup:
+                report["step_seconds"].append(time.perf_counter() - start)
+                report.setdefault("step_starts", []).append(start)
+            if last and step == 0 and "outputs" in job.collect:
+                report["outputs"] = out.detach().cpu()
+            if progress:
+                progress[0].advance(progress[1])
+    finally:
+        if progress:
+            progress[0].stop()
+    report.update(forward_seconds=clock.forward, backward_seconds=clock.backward, cpu_seconds=clock.cpu,
+                  events=clock.events,
+                  samples=job.batch_size * job.steps, microbatches=job.microbatches)
+    return report
