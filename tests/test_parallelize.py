@@ -52,7 +52,7 @@ def reference(model: nn.Module, data) -> tuple[list[float], list[dict], dict]:
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
         opt.step()
     return losses, grads, model.state_dict()

@@ -123,13 +123,15 @@ def parallelize(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch
     from placewise.run.cut import cut_model, mapping_from_plan
     from placewise.run.launcher import is_torchrun
     inputs = _tuple(example_inputs)
+    if microbatches is not None:  # bad input fails before the profile
+        _schedule(schedule, microbatches, 1, inputs)
+    devices = as_cluster(cluster) if plan is None else None
     module.train()  # traced in the mode it trains in: fx fixes branches on self.training
     keys = list(module.state_dict())
     initial = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
     def make_plan() -> Plan:
-        return plan or plan_module(module, inputs, as_cluster(cluster), solver=solver, device=profile_device,
-                                   cache_dir=cache_dir)
+        return plan or plan_module(module, inputs, devices, solver=solver, device=profile_device, cache_dir=cache_dir)
 
     if is_torchrun():
         chosen, owns_group = _broadcast_plan(make_plan)

@@ -30,6 +30,9 @@ class StageRunner:
         self.module, self.stage, self.schedule = stage_schedule(
             prepared, index, schedule=schedule.kind, microbatches=schedule.microbatches, training=True,
             group=group, loss=loss_fn)
+        # torch's eval() still computes the loss when the schedule has one (and wants targets): forward-only
+        # steps go through a second schedule, without a loss, over the same stage.
+        self.forward_only = type(self.schedule)(self.stage, schedule.microbatches)
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = optimizer(params) if optimizer is not None and params else None
 
@@ -60,7 +63,7 @@ class StageRunner:
         self.module.eval()
         try:
             with torch.no_grad():
-                out = self.schedule.eval(*self._args(inputs))
+                out = self.forward_only.eval(*self._args(inputs))
         finally:
             self.module.train()
         return out.detach().cpu() if self.last else None
