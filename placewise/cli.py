@@ -13,6 +13,7 @@ from placewise.console import console as _console
 from placewise.console import fmt_bytes as _fmt_bytes
 from placewise.console import print_plan
 from placewise.errors import PlacewiseError, dump_json
+from placewise.plan.options import OBJECTIVES
 from placewise.plan.schedule import DEFAULT_SCHEDULE, GPIPE, SCHEDULES
 from placewise.run.choices import (ASYNC, DATASETS, FUSE_MODES, OPTIMIZERS, PIPELINE, STALENESS_HELP,
                                    TRAIN_MODES, TRANSPORTS)
@@ -33,7 +34,7 @@ def _cluster_flags(p: argparse.ArgumentParser) -> None:
 def _graph_command(p: argparse.ArgumentParser) -> None:
     """What every command that reads a graph takes: the graph file, the objective, the devices."""
     p.add_argument("graph", help="graph file (paper JSON, placewise JSON or PipeDream graph.txt)")
-    p.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
+    p.add_argument("--objective", choices=OBJECTIVES, default="throughput")
     _cluster_flags(p)
     _graph_flags(p)
 
@@ -116,7 +117,8 @@ def cmd_compare(args) -> int:
     from rich.table import Table
 
     from placewise.plan import SolveOptions, get_entry
-    from placewise.plan.compare import compare, plot
+    from placewise.pictures import plot_comparison
+    from placewise.plan.compare import compare
     graph = _load_graph(args)
     cluster = _cluster(args, graph)
     _check_time_limit(args)
@@ -135,7 +137,7 @@ def cmd_compare(args) -> int:
         result = compare(graph, cluster, methods, options, specific,
                          on_start=(lambda m: status.update(f"running {m}...")) if show else None)
     if args.plot:
-        plot(result, args.plot)
+        plot_comparison(result, args.plot)
     if args.json:
         print(dump_json(result.to_json()))
         return 0

@@ -110,14 +110,15 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> list[Ste
 def _compare_step(settings: DemoSettings, graph, cluster, console: Console) -> Step:
     """Step 3: the baselines beside the exact DP, on the same cost model."""
     from placewise.plan import SolveOptions
-    from placewise.plan.compare import compare, plot
+    from placewise.pictures import plot_comparison
+    from placewise.plan.compare import compare
 
     _header(console, 3, "compare with the baselines on the same cost model")
     started = time.perf_counter()
     out = settings.out
     comparison = compare(graph, cluster, BASELINES, SolveOptions(seed=0, time_limit=30.0),
                          on_start=lambda m: console.print(f"  running {m} ..."))
-    plot(comparison, out / "baselines.png", title=f"{settings.model} on {DEVICE_FILE.name}: max-load per method")
+    plot_comparison(comparison, out / "baselines.png", title=f"{settings.model} on {DEVICE_FILE.name}: max-load per method")
     (out / "compare.json").write_text(json.dumps(comparison.to_json(), indent=1))
     table = Table(title="baselines (max-load, lower is better)")
     for col in ("method", "max-load", "x best", "feasible", "seconds"):

@@ -3,9 +3,13 @@ the CLI selects Agg, so no display is needed."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+
+from placewise.errors import PlacewiseError
 from placewise.graph import OpGraph
 from placewise.plan import Plan
+from placewise.plan.compare import Comparison
 
 
 def _pyplot():
@@ -164,3 +168,35 @@ def plot_staleness(runs: dict[str, list[int]], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_comparison(result: Comparison, path: str | Path, title: str | None = None) -> None:
+    """A horizontal bar chart of each method's value (PNG)."""
+    plt = _pyplot()
+
+    rows = [r for r in result.rows if r.value is not None and math.isfinite(r.value)]
+    failed = [r.method for r in result.rows if r not in rows]
+    if not rows:
+        raise PlacewiseError("no method produced a plan, so there is nothing to plot; see the table for why")
+    best = result.best
+    label = "max-load (time per sample)" if result.objective == "throughput" else "latency"
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.6))
+    names = [r.method + ("" if r.contiguous else "*") + ("" if r.feasible else " (infeasible)") for r in rows]
+    colors = ["#2a9d8f" if best is not None and r is best else ("#457b9d" if r.feasible else "#bbbbbb") for r in rows]
+    bars = ax.barh(range(len(rows)), [r.value for r in rows], color=colors)
+    for bar, r in zip(bars, rows):
+        if not r.feasible:
+            bar.set_hatch("//")
+        text = f" {r.value:.4g}" + (f"  ({r.ratio:.3f}x)" if r.ratio is not None else "")
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, text, va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), names, fontsize=9)
+    ax.invert_yaxis()
+    starred = "; * not contiguous" if any(not r.contiguous for r in rows) else ""
+    ax.set_xlabel(f"{label}, lower is better (x: over the best feasible){starred}")
+    ax.set_xlim(0, max(r.value for r in rows) * 1.3)
+    note = f"; not shown (no plan or no value): {', '.join(failed)}" if failed else ""
+    ax.set_title(title or f"{result.graph}: {label} by method{note}", fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
