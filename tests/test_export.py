@@ -6,6 +6,8 @@ line, a plan it cannot express."""
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
 import subprocess
 import sys
@@ -263,3 +265,23 @@ def test_render_gives_each_framework_its_own_text():
     assert texts["torchtitan"].startswith('module_fqns_per_model_part = [["emb", "pos", "layers.0", "layers.1"], ')
     assert texts["megatron"] == '--pipeline-model-parallel-size 3 --pipeline-model-parallel-layout "E,t*2|t*2|L"'
     assert texts["deepspeed"].startswith("parts = [0, 4, 6, 8]  # over layers [")
+
+
+def test_placewise_export_prints_each_format_and_refuses_in_one_line(tmp_path):
+    pytest.importorskip("torch")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "placewise.cli", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+    assert cli("profile", "mlp:64x64x64", "--training", "--repeats", "1", "--out", "g.json").returncode == 0
+    assert cli("plan", "g.json", "-k", "2", "--out", "p.json").returncode == 0
+    torch_spec = cli("export", "p.json", "--format", "torch", "--training", "--json")
+    assert torch_spec.returncode == 0, torch_spec.stderr
+    assert list(json.loads(torch_spec.stdout).values()) == ["BEGINNING"]
+    titan = cli("export", "p.json", "--format", "torchtitan", "--training")
+    assert titan.returncode == 0 and titan.stdout.startswith("module_fqns_per_model_part = [[\"0\"")
+    megatron = cli("export", "p.json", "--format", "megatron", "--training")
+    assert megatron.returncode == 2 and megatron.stdout == ""
+    assert megatron.stderr.strip().count("\n") == 0 and "no list of same-class layers" in megatron.stderr
+    assert cli("export", "p.json", "--format", "onnx").returncode == 2

@@ -28,8 +28,8 @@ def find_layers(outline: Outline) -> str:
         if kind in (LIST, DICT, SEQUENTIAL) and len(items) >= 2 and len({outline.classes[i] for i in items}) == 1:
             candidates.append((len(items), name))
     if not candidates:
-        raise PlacewiseError(f"{FORMAT}: the model has no list of same-class layers; give the layers' container "
-                             "(e.g. layers='model.h')")
+        raise PlacewiseError(f"{FORMAT}: the model has no list of same-class layers; name the transformer layers' "
+                             "container (layers=... or --transformer-layers, e.g. model.h)")
     candidates.sort(reverse=True)
     if len(candidates) > 1 and candidates[0][0] == candidates[1][0]:
         raise PlacewiseError(f"{FORMAT}: {candidates[0][1]} and {candidates[1][1]} both hold {candidates[0][0]} "
