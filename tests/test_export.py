@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def plan_from(stages: list[list[str]], contiguous: bool = True) -> Plan:
     """A plan whose stage s runs the operations named in stages[s] (pipeline order)."""
-    return Plan([Stage("accelerator", s, True, [], 0.0, 0.0, 0.0, 0.0, list(names)) for s, names in enumerate(stages)],
+    return Plan([Stage("accelerator", s, True, [], 0.0, 0.0, 0.0, 0.0, modules=list(names))
+                 for s, names in enumerate(stages)],
                 max_load=0.0, latency=None, solver="test", seconds=0.0, contiguous=contiguous)
 
 
@@ -139,6 +140,10 @@ def test_every_format_refuses_plans_that_are_not_splits_of_the_forward_in_run_or
         export_plan(plan_from([names[:5], names[5:-1]]), outline, "megatron")
     with pytest.raises(PlacewiseError, match="stage 1 holds no whole module"):
         export_plan(cut_before(outline, ["arange", "pos"]), outline, "torchtitan")
+    uneven = plan_from([names[:5], names[5:]])
+    uneven.stages[1].replicas = 2
+    with pytest.raises(PlacewiseError, match=r"have \[1, 2\] replicas"):
+        export_plan(uneven, outline, "deepspeed")
     with pytest.raises(PlacewiseError, match="--format 'onnx'"):
         export_plan(cut_before(outline, ["pos"]), outline, "onnx")
 

@@ -131,8 +131,13 @@ def test_parallelize_says_what_is_wrong_in_one_line():
     model, data = Mixer(), batches(1)
     with pytest.raises(PlacewiseError, match="does not split into 3 equal microbatches"):
         parallelize(model, data[0][0], cluster=2, microbatches=3)
-    with pytest.raises(PlacewiseError, match="cluster='nowhere.yaml'|nowhere.yaml"):
+    with pytest.raises(PlacewiseError, match="nowhere.yaml"):
         parallelize(model, data[0][0], cluster="nowhere.yaml")
+    from placewise.plan import Plan, Stage
+    replicated = Plan([Stage("accelerator", 0, True, [], 0.0, 0.0, 0.0, 0.0, modules=["inp"], replicas=2)],
+                      max_load=0.0, latency=None, solver="test", seconds=0.0)
+    with pytest.raises(PlacewiseError, match="replicates stages"):
+        parallelize(model, data[0][0], plan=replicated)
 
 
 def test_profiles_are_cached_by_structure_shapes_and_device():

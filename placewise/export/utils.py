@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Collection, Mapping, Sequence
 
 from placewise.errors import PlacewiseError
+from placewise.plan.plan import module_stages
 
 # How a module holds its children, for the formats that name a container's items ("layers.3").
 LIST, DICT, SEQUENTIAL = "list", "dict", "sequential"
@@ -62,13 +63,11 @@ def stage_of_calls(plan, outline: Outline) -> list[int]:
     if not getattr(plan, "contiguous", True):
         raise PlacewiseError("the plan is not contiguous (a stage feeds an earlier one); a pipeline framework runs "
                              "stages in order: plan without --noncontiguous")
-    stage: dict[str, int] = {}
-    for s, st in enumerate(plan.stages):
-        for name in st.modules:
-            stage[name] = s
-    if not stage:
-        raise PlacewiseError("the plan's stages name no model operations; plan a graph made by `placewise profile` "
-                             "of this model")
+    replicas = {getattr(st, "replicas", 1) for st in plan.stages}
+    if len(replicas) > 1:
+        raise PlacewiseError(f"the plan's stages have {sorted(replicas)} replicas; pipeline frameworks replicate "
+                             "every stage alike (one data-parallel degree): plan with one replica count")
+    stage = module_stages(plan)
     missing = [c.name for c in outline.calls if c.name not in stage]
     if missing:
         raise PlacewiseError(f"the plan does not place {len(missing)} operation(s) of the traced model "

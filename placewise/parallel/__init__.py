@@ -12,6 +12,7 @@ with run/'s cut and builds each stage with run/'s stage runtime, then hands back
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -137,7 +138,11 @@ def parallelize(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch
         chosen, owns_group = _broadcast_plan(make_plan)
     else:
         chosen, owns_group = make_plan(), False
+    if any(stage.replicas != 1 for stage in chosen.stages):
+        raise PlacewiseError("the plan replicates stages; parallelize runs one process per stage (plan with one "
+                             "replica per stage)")
     sched = _schedule(schedule, microbatches, len(chosen.stages), inputs)
+    chosen = replace(chosen, schedule=sched)  # what `pipe.plan` runs with
     prepared = cut_model(module, inputs, mapping_from_plan(chosen), sched.microbatches)
     n = len(chosen.stages)
     if is_torchrun():

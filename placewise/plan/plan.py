@@ -128,6 +128,15 @@ def _stage_from_json(data: Any, source: str) -> Stage:
                  MemoryBreakdown.from_json(breakdown, f"{source}.memory_breakdown"))
 
 
+def module_stages(plan: Plan) -> dict[str, int]:
+    """{model operation name (fx node): stage index} from a profiled plan's stages, in pipeline order."""
+    mapping = {name: s for s, stage in enumerate(plan.stages) for name in stage.modules}
+    if not mapping:
+        raise PlacewiseError("the plan's stages name no model nodes; plan a graph made by `placewise profile` "
+                             "of this model")
+    return mapping
+
+
 def plan_from_assignment(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device], *, solver: str,
                          seconds: float, objective: str = "throughput", contiguous: bool = True,
                          lower_bound: float | None = None, gap: float | None = None,
