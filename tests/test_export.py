@@ -265,7 +265,8 @@ def test_render_gives_each_framework_its_own_text():
     from placewise.export import render
     outline = tiny_gpt()
     plan = cut_before(outline, ["l2_ln1", "norm"])
-    texts = {fmt: render(fmt, export_plan(plan, outline, fmt)) for fmt in ("torch", "torchtitan", "megatron", "deepspeed")}
+    texts = {fmt: render(fmt, export_plan(plan, outline, fmt))
+             for fmt in ("torch", "torchtitan", "megatron", "deepspeed")}
     assert texts["torch"] == '{"layers.2": SplitPoint.BEGINNING, "norm": SplitPoint.BEGINNING}'
     assert texts["torchtitan"].startswith('module_fqns_per_model_part = [["emb", "pos", "layers.0", "layers.1"], ')
     assert texts["megatron"] == '--pipeline-model-parallel-size 3 --pipeline-model-parallel-layout "E,t*2|t*2|L"'

@@ -149,3 +149,48 @@ def test_profiles_are_cached_by_structure_shapes_and_device():
     assert profile_key(a, (x,), "cpu") != profile_key(Mixer(width=64), (x,), "cpu")
     assert profile_key(a, (x,), "cpu") != profile_key(a, (torch.randn(16, 24),), "cpu")
     assert profile_key(a, (x,), "cpu") != profile_key(a, (x,), "cuda")
+
+
+TORCHRUN_SCRIPT = '''
+import functools, json, sys
+import torch, torch.nn.functional as F
+sys.path.insert(0, {tests!r})
+from test_parallelize import Mixer, batches
+import placewise
+
+torch.manual_seed(0)
+model, data = Mixer(), batches()
+with placewise.parallelize(model, data[0][0], cluster=2, microbatches=2, loss_fn=F.cross_entropy,
+                           optimizer=functools.partial(torch.optim.SGD, lr={lr})) as pipe:
+    losses = [pipe.step(x, y) for x, y in data]
+    state = pipe.state_dict()
+rank = int(__import__("os").environ["RANK"])
+torch.save(state, f"state{{rank}}.pt")
+print(json.dumps({{"rank": rank, "losses": losses}}))
+'''
+
+
+@pytest.mark.timeout(300)
+def test_parallelize_under_real_torchrun_joins_the_group_itself(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = tmp_path / "train.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), lr=LR))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.manual_seed(0)
+    model, data = Mixer(), batches()
+    ref_losses, _, ref_state = reference(model, data)
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for report in reports:
+        assert report["losses"] == pytest.approx(ref_losses, abs=ATOL)
+        state = torch.load(tmp_path / f"state{report['rank']}.pt")
+        for k, v in ref_state.items():
+            torch.testing.assert_close(state[k], v, atol=ATOL, rtol=0)

@@ -59,8 +59,8 @@ def split_points(plan, outline: Outline) -> dict[str, str]:
         marks = _marks(outline, p, first, last, spec)
         if not marks:
             raise PlacewiseError(f"{FORMAT}: stage {stages[p]} starts at {outline.calls[p].name}, where no module's "
-                                 "forward (run once) begins or ends; torch cuts only at module boundaries: move the cut "
-                                 f"before or after a module ({outline.calls[p - 1].name} ends stage {stages[p - 1]})")
+                                 "forward (run once) begins or ends; torch cuts only at module boundaries: move the "
+                                 f"cut before or after a module ({outline.calls[p - 1].name} ends stage {stages[p - 1]})")
         spec[marks[0][0]] = marks[0][1]
     return spec
 
