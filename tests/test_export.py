@@ -174,7 +174,7 @@ def _stage_parameters(model, example_inputs, plan, outline):
     from torch.distributed.pipelining import pipeline
 
     from placewise.export import to_torch_split_spec
-    from placewise.run.pipeline import cut, record_values, trace
+    from placewise.run.cut import cut, record_values, trace
     gm = trace(model, example_inputs)
     mapping = {name: s for s, stage in enumerate(plan.stages) for name in stage.modules}
     parts = cut(gm, mapping, record_values(gm, example_inputs))

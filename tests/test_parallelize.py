@@ -166,7 +166,8 @@ with placewise.parallelize(model, data[0][0], cluster=2, microbatches=2, loss_fn
     state = pipe.state_dict()
 rank = int(__import__("os").environ["RANK"])
 torch.save(state, f"state{{rank}}.pt")
-print(json.dumps({{"rank": rank, "losses": losses}}))
+with open(f"report{{rank}}.json", "w") as f:  # not stdout: torchrun interleaves the ranks' lines
+    json.dump({{"rank": rank, "losses": losses}}, f)
 '''
 
 
@@ -187,10 +188,24 @@ def test_parallelize_under_real_torchrun_joins_the_group_itself(tmp_path):
     torch.manual_seed(0)
     model, data = Mixer(), batches()
     ref_losses, _, ref_state = reference(model, data)
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    reports = [json.loads((tmp_path / f"report{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(r["rank"] for r in reports) == [0, 1]
     for report in reports:
         assert report["losses"] == pytest.approx(ref_losses, abs=ATOL)
         state = torch.load(tmp_path / f"state{report['rank']}.pt")
         for k, v in ref_state.items():
             torch.testing.assert_close(state[k], v, atol=ATOL, rtol=0)
+
+
+@pytest.mark.timeout(300)
+def test_a_stage_that_fails_stops_the_pipeline_with_one_line():
+    from placewise import parallelize
+    torch.manual_seed(0)
+    model, data = Mixer(), batches(1)
+    x, y = data[0]
+    pipe = parallelize(model, x, cluster=2, loss_fn=F.cross_entropy)
+    with pytest.raises(PlacewiseError, match="rank 1 failed") as failure:
+        pipe.step(x, torch.randint(0, 5, (8, 3)))  # targets of the wrong shape: the last stage's loss fails
+    assert "\n" not in str(failure.value)
+    pipe.close()
+    assert not pipe._backend.thread.is_alive()
