@@ -11,6 +11,7 @@ import multiprocessing as mp
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -46,6 +47,9 @@ class EmbeddedStages:
 
     def __init__(self, setup: RankSetup, n_stages: int, *, backend: str, threads: int, timeout_s: float) -> None:
         from placewise.run.launcher import launch
+        if getattr(mp.current_process(), "_inheriting", False):  # multiprocessing's own test for this case
+            raise PlacewiseError("parallelize ran again while a stage process imported your script; put the code "
+                                 "that calls it under `if __name__ == \"__main__\":`")
         ctx = mp.get_context("spawn")
         self.n = n_stages
         self.commands = [ctx.Queue() for _ in range(n_stages)]
@@ -61,6 +65,9 @@ class EmbeddedStages:
 
         self.thread = threading.Thread(target=run, name="placewise-stages", daemon=True)
         self.thread.start()
+        # Stop the stage processes when this is dropped or the interpreter exits without close(): they wait
+        # for commands, and multiprocessing would wait for them at exit.
+        self._finalizer = weakref.finalize(self, _shut_down, self.commands, self.thread)
 
     def call(self, command: str, args: Sequence[tuple], timeout_s: float) -> list[Any]:
         """Send `command` with args[r] to rank r (all at once: steps are collective); every rank's reply."""
@@ -80,12 +87,18 @@ class EmbeddedStages:
         return [replies[r] for r in range(self.n)]
 
     def _failure(self) -> PlacewiseError:
-        if isinstance(self.error, PlacewiseError):
-            return self.error
-        return PlacewiseError(f"the stage processes stopped ({self.error or 'no error reported'})")
+        message = str(self.error or "the stage processes stopped without a word")
+        if "process exited with code" in message:  # died before the launcher could catch anything
+            message += ("; a script that calls parallelize must do it under `if __name__ == \"__main__\":` "
+                        "(each stage process imports the script)")
+        return PlacewiseError(message)
 
-    def close(self, timeout_s: float = 30.0) -> None:
-        if self.thread.is_alive():
-            for q in self.commands:
-                q.put((CLOSE, ()))
-            self.thread.join(timeout_s)
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _shut_down(commands: Sequence[Any], thread: threading.Thread, timeout_s: float = 30.0) -> None:
+    if thread.is_alive():
+        for q in commands:
+            q.put((CLOSE, ()))
+        thread.join(timeout_s)
