@@ -209,3 +209,21 @@ def test_a_stage_that_fails_stops_the_pipeline_with_one_line():
     assert "\n" not in str(failure.value)
     pipe.close()
     assert not pipe._backend.thread.is_alive()
+
+
+@pytest.mark.timeout(300)
+def test_a_script_without_a_main_guard_is_told_so_and_does_not_hang(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = tmp_path / "unguarded.py"
+    script.write_text("import torch\nfrom torch import nn\nimport placewise\n"
+                      "model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 4))\n"
+                      "pipe = placewise.parallelize(model, torch.randn(8, 8), cluster=2)\n"
+                      "pipe.step(torch.randn(8, 8), torch.randint(0, 4, (8,)))\n")  # never closed
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=280)
+    assert result.returncode != 0
+    assert 'if __name__ == "__main__":' in result.stderr.strip().splitlines()[-1]
