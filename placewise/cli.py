@@ -317,7 +317,9 @@ def _train_data_parallel(args) -> int:
                       momentum=args.momentum, fuse=args.fuse, seed=args.seed, threads=args.threads,
                       checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
                       progress=not args.json and sys.stderr.isatty(), mapping=mapping, schedule=args.schedule,
-                      microbatches=args.microbatches, transport=args.transport)
+                      microbatches=args.microbatches, transport=args.transport,
+                      input_shape=tuple(args.input_shape) if args.input_shape else None,
+                      backup_workers=args.backup_workers, **_compensation_options(args))
     report = train_data_parallel(cfg)
     if report is None:
         return 0  # a rank other than 0 under torchrun: rank 0 reports
@@ -328,6 +330,14 @@ def _train_data_parallel(args) -> int:
     else:
         print_report(report)
     return 0
+
+
+def _compensation_options(args) -> dict:
+    """The staleness policies' options from the flags given (the others keep their defaults)."""
+    from placewise.run.compensation import DcAsgdOptions, GapAwareOptions
+    dc = {k: v for k, v in (("lam", args.dc_lambda), ("meansquare", args.dc_meansquare)) if v is not None}
+    gap = {"decay": args.gap_decay} if args.gap_decay is not None else {}
+    return {"dc_asgd": DcAsgdOptions(**dc), "gap_aware": GapAwareOptions(**gap)}
 
 
 def cmd_serve_bench(args) -> int:
@@ -351,6 +361,7 @@ EXAMPLES = {
     "export": "placewise export plan.json --format megatron --model gpt2 --input-shape 128 --training",
     "train": "placewise train resnet18 --plan plan.json --graph resnet18.json --input-shape 3 64 64 --batch-size 8 "
              "--microbatches 4 --steps 3 --fuse backward\n  placewise train mlp --workers 2 --mode async --epochs 5"
+             "\n  placewise train cnn --workers 2 --mode async --staleness dc-asgd --epochs 5  # any model"
              "\n  placewise train mlp:256x256 --plan mlp-plan.json --workers 2 --mode async --epochs 5  "
              "# pipelines as workers",
     "serve-bench": "placewise serve-bench resnet18 --plan plan.json --graph resnet18.json --input-shape 3 64 64 "
@@ -459,6 +470,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-push", type=int, default=1, metavar="N", help="push gradients every N steps")
     p.add_argument("--n-fetch", type=int, default=1, metavar="N", help="fetch parameters every N steps")
     p.add_argument("--staleness", default="none", metavar="POLICY", help=STALENESS_HELP)
+    p.add_argument("--dc-lambda", type=float, metavar="L",
+                   help="dc-asgd: lambda_0 of the compensated gradient g + lambda*g*g*(w_now - w_stale)")
+    p.add_argument("--dc-meansquare", type=float, metavar="M",
+                   help="dc-asgd: 0 keeps lambda constant; M in (0, 1) divides it by the root of a moving mean "
+                        "square of g (DC-ASGD-a)")
+    p.add_argument("--gap-decay", type=float, metavar="D",
+                   help="gap-aware: momentum of the moving average of update sizes the gap is measured in")
+    p.add_argument("--backup-workers", type=int, default=0, metavar="B",
+                   help="--mode sync: each round takes the first W - B gradients and drops the rest")
     p.add_argument("--servers", type=int, default=1, metavar="S",
                    help="parameter-server shards (per stage with --plan)")
     p.add_argument("--transport", choices=TRANSPORTS, default="auto",

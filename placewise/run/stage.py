@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from placewise.plan.schedule import GPIPE, ONE_F_ONE_B
 from placewise.run.cut import Prepared, output_tensor, pack
+from placewise.run.faults import maybe_fail
 from placewise.run.job import PipelineJob, prepare
 from placewise.run.optim import module_optimizer
 from placewise.run.timing import StageClock
@@ -104,6 +105,7 @@ def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
         for step in range(job.warmup + job.steps):
             if job.fail_at_step == (stage_index, step):
                 raise RuntimeError(f"stage {stage_index} failed on purpose at step {step}")
+            maybe_fail(dist.get_rank(), step)
             inputs, target = job.batch(example_inputs, output_like, step)
             args = tuple(t.to(device) for t in inputs) if first else ()
             kwargs = {"target": target.to(device)} if last and training else {}

@@ -3,16 +3,15 @@ checked once, with one line per bad setting."""
 
 from __future__ import annotations
 
-import os
-import signal
 from dataclasses import dataclass, field
 from typing import Any
 
 from placewise.errors import PlacewiseError
 from placewise.plan.schedule import DEFAULT_SCHEDULE
 from placewise.run.choices import ASYNC, DATA_PARALLEL_MODES, DDP, SYNC, TRANSPORTS
-from placewise.run.dataparallel.model import parse_model
+from placewise.run.compensation import BackupWorkers, DcAsgdOptions, GapAwareOptions
 from placewise.run.dataparallel.staleness import Staleness
+from placewise.run.faults import fail_step, maybe_fail
 from placewise.run.job import PipelineJob
 from placewise.run.optim import optimizer_class
 
@@ -29,7 +28,11 @@ class TrainConfig:
     n_push: int = 1
     n_fetch: int = 1
     staleness: str = "none"
+    dc_asgd: DcAsgdOptions = field(default_factory=DcAsgdOptions)       # with --staleness dc-asgd
+    gap_aware: GapAwareOptions = field(default_factory=GapAwareOptions)  # with --staleness gap-aware
+    backup_workers: int = 0         # sync: each round takes the first workers - backup_workers gradients
     dataset: str = "digits"
+    input_shape: tuple[int, ...] | None = None  # one sample's shape (None: the model's data-parallel default)
     steps: int | None = None        # server updates (async: one per push; sync/ddp: one per round)
     epochs: float | None = None     # or this many passes over the training set, summed over workers
     batch_size: int = 32
@@ -57,9 +60,16 @@ class TrainConfig:
     # the embedded launcher starts on this machine), "gloo" messages, or "auto" (shared when possible).
     transport: str = "auto"
     shared_dir: str | None = None   # set by the launching process for the shared transport
+    # Set by the launching process: workers rejoin a restarted server (`train.py`), and the ranks that
+    # will not rejoin it (dead or done) stay out of the restarted server's clients.
+    recover: bool = False
+    absent: tuple[int, ...] = ()
 
     def policy(self) -> Staleness:
         return Staleness.parse(self.staleness)
+
+    def backup(self) -> BackupWorkers:
+        return BackupWorkers(self.workers, self.backup_workers)
 
     @property
     def stages(self) -> int:
@@ -84,7 +94,6 @@ class TrainConfig:
         """Reject bad settings with one line each (the CLI exits 2)."""
         if self.mode not in DATA_PARALLEL_MODES:
             raise PlacewiseError(f"--mode {self.mode!r}: data-parallel modes are {', '.join(DATA_PARALLEL_MODES)}")
-        parse_model(self.model)
         optimizer_class(self.optimizer)
         if self.servers < 1:
             raise PlacewiseError(f"--servers {self.servers}: use 1 or more parameter-server shards")
@@ -100,6 +109,12 @@ class TrainConfig:
         if self.mode != ASYNC and policy.policy != "none":
             raise PlacewiseError(f"--staleness {self.staleness} applies to --mode async only; {self.mode} has no "
                                  f"stale gradients")
+        self.dc_asgd.check()
+        self.gap_aware.check()
+        if self.backup_workers and self.mode != SYNC:
+            raise PlacewiseError(f"--backup-workers {self.backup_workers} applies to --mode sync only (a round that "
+                                 f"takes the first W - B gradients); {self.mode} has no rounds to drop them from")
+        self.backup().check()
         if self.mode == DDP and (self.n_push, self.n_fetch, self.servers) != (1, 1, 1):
             raise PlacewiseError("--mode ddp has no parameter server: drop --n-push, --n-fetch and --servers")
         if self.mode == SYNC and self.n_fetch != self.n_push:
@@ -140,19 +155,28 @@ class TrainConfig:
         # The pipeline's own checks: schedule, optimizer, microbatches against the batch and the stages.
         PipelineJob(model=self.model, batch_size=self.batch_size, mapping=self.mapping, schedule=self.schedule,
                     microbatches=self.microbatches, optimizer=self.optimizer).check()
-        if self.checkpoint or self.checkpoint_every or self.resume:
-            raise PlacewiseError("--checkpoint/--resume with --plan are not supported yet: each stage's server "
-                                 "saves at its own moment, so the files would not describe one state of the run; "
-                                 "drop them or drop --plan")
+        if self.backup_workers:
+            raise PlacewiseError("--backup-workers with --plan: each stage's server would take its own first W - B "
+                                 "pipelines, so one update could mix stages of different pipelines; drop one of them")
+        # Sync stage servers all save after the same rounds: the same pipelines' same steps. Async ones
+        # apply pushes in their own orders, so their files would not describe one state of the run.
+        if self.mode == ASYNC and (self.checkpoint or self.checkpoint_every or self.resume):
+            raise PlacewiseError("--checkpoint/--resume with --plan are not supported yet for --mode async: each "
+                                 "stage's server applies pushes in its own order, so the files would not describe one "
+                                 "state of the run; use --mode sync, or drop them or --plan")
 
     def snapshot_interval(self, train_size: int) -> int:
         """Updates between parameter copies for the accuracy curve."""
         return self.snapshot_every or max(1, self.total_steps(train_size) // 20)
 
     def maybe_kill(self, rank: int, step: int) -> None:
-        """Fault injection: rank `kill_rank` kills itself (SIGKILL) at its step/update `kill_at`."""
-        if self.kill_rank == rank and self.kill_at == step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        """Fault injection: rank `kill_rank` kills itself (SIGKILL) at its step/update `kill_at`, and so
+        does any rank that `PLACEWISE_FAIL_AT` names (`placewise.run.faults`)."""
+        maybe_fail(rank, step, (self.kill_rank, self.kill_at))
+
+    def kill_step(self, rank: int) -> int | None:
+        """The update at which this process of server `rank` kills itself, if any."""
+        return fail_step(rank, (self.kill_rank, self.kill_at))
 
     def fingerprint(self, features: int, classes: int) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it."""
