@@ -13,6 +13,7 @@ from placewise.console import console as _console
 from placewise.console import fmt_bytes as _fmt_bytes
 from placewise.console import print_plan
 from placewise.errors import PlacewiseError, dump_json
+from placewise.export import FORMATS as EXPORT_FORMATS
 from placewise.plan.options import OBJECTIVES
 from placewise.plan.schedule import DEFAULT_SCHEDULE, GPIPE, SCHEDULES
 from placewise.run.choices import (ASYNC, DATASETS, FUSE_MODES, OPTIMIZERS, PIPELINE, STALENESS_HELP,
@@ -95,7 +96,8 @@ def cmd_evaluate(args) -> int:
     cluster = _cluster(args, graph)
     assignment = load_split(args.split, graph)
     plan = plan_from_assignment(graph, cluster, assignment, solver=f"split:{Path(args.split).name}", seconds=0.0,
-                                objective=args.objective, contiguous=not args.noncontiguous)
+                                objective=args.objective, contiguous=not args.noncontiguous,
+                                replicate=not args.no_replicate)
     _emit(plan, args, f"{graph.name}: {Path(args.split).name}")
     return 0 if plan.feasible else 1
 
@@ -106,7 +108,8 @@ def cmd_plan(args) -> int:
     cluster = _cluster(args, graph)
     _check_time_limit(args)
     options = SolveOptions(objective=args.objective, contiguous=not args.noncontiguous, time_limit=args.time_limit,
-                           gap=args.gap, seed=args.seed, progress=not args.json and sys.stderr.isatty())
+                           gap=args.gap, seed=args.seed, progress=not args.json and sys.stderr.isatty(),
+                           replicate=not args.no_replicate)
     schedule = _schedule(args)
     scale = _microbatch_scale(args, graph)
     if args.solver == "dp-schedule":
@@ -119,6 +122,9 @@ def cmd_plan(args) -> int:
         from placewise.plan.predict import with_prediction
         plan = with_prediction(graph, cluster, plan, schedule, microbatch_scale=scale)
     _emit(plan, args, f"{graph.name}: {plan.solver} plan on {cluster.accelerators} accelerator(s), {cluster.cpus} CPU(s)")
+    if args.explain and not args.json:
+        from placewise.console import print_explanation
+        print_explanation(plan)
     if not args.json and schedule is not None:
         from placewise.predicted import print_prediction
         print_prediction(plan)
@@ -167,7 +173,8 @@ def cmd_compare(args) -> int:
         methods = [*methods, "expert"]
     # Without a limit an integer program may run for hours on a large graph; a comparison should end.
     time_limit = COMPARE_TIME_LIMIT if args.time_limit is None else args.time_limit
-    options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed)
+    options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed,
+                           replicate=not args.no_replicate)
     specific = {"expert": get_entry("expert").options(options, split=args.expert)} if args.expert else {}
     err = Console(stderr=True)
     show = not args.json and sys.stderr.isatty()
@@ -217,7 +224,8 @@ def cmd_profile(args) -> int:
     from placewise.profile import build_model, export_paper, profile_model
     from placewise.profile.report import print_summary, summary
     cluster = load_device_file(args.devices) if args.devices else None
-    model, inputs = build_model(args.model, args.batch_size, args.input_shape, layers=args.layers, seed=args.seed)
+    model, inputs = build_model(args.model, args.batch_size, args.input_shape, layers=args.layers, hidden=args.hidden,
+                                heads=args.heads, seed=args.seed)
     graph = profile_model(model, inputs, name=args.model, granularity=args.granularity, device=args.device,
                           training=args.training, repeats=args.repeats, warmup=args.warmup, cluster=cluster,
                           optimizer=args.optimizer, threads=args.threads, clock=args.clock,
@@ -266,6 +274,22 @@ def cmd_devices(args) -> int:
               f"bandwidth {link['bandwidth'] / 1e9:.2f} GB/s")
     if args.out:
         print(f"device file written to {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from placewise.export import ExportOptions, export_plan, outline_model, render
+    from placewise.plan import load_plan
+    from placewise.profile import build_model
+    plan = load_plan(args.plan)
+    name = args.model or plan.graph
+    if not name:
+        raise PlacewiseError(f"{args.plan}: the plan does not name its model; give --model")
+    model, inputs = build_model(name, args.batch_size, args.input_shape, layers=args.layers, seed=args.seed)
+    model.train(args.training)
+    data = export_plan(plan, outline_model(model, inputs), args.format,
+                       ExportOptions(root=args.root, layers=args.transformer_layers))
+    print(dump_json(data) if args.json else render(args.format, data))
     return 0
 
 
@@ -422,6 +446,7 @@ EXAMPLES = {
                "--plot compare.png",
     "profile": "placewise profile resnet18 --input-shape 3 64 64 --batch-size 8 --training --out resnet18.json",
     "devices": "placewise devices --json\n  placewise devices --measure --out here.yaml  # with the link measured",
+    "export": "placewise export plan.json --format megatron --model gpt2 --input-shape 128 --training",
     "simulate": "placewise simulate plan.json --microbatches 8 --picture timeline.png  # a plan made with:"
                 "\n  placewise plan resnet18.json --devices here.yaml --schedule 1f1b --microbatches 4 --out plan.json",
     "train": "placewise train resnet18 --plan plan.json --graph resnet18.json --input-shape 3 64 64 --batch-size 8 "
@@ -433,6 +458,12 @@ EXAMPLES = {
                    "--batch-size 8 --microbatches 4",
     "demo": "placewise demo --out placewise-out",
 }
+
+
+def _replicate_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-replicate", action="store_true",
+                   help="place every node once (default: cheap input-derived nodes such as sizes, masks and position "
+                        "ids are recomputed by each stage that needs them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -453,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noncontiguous", action="store_true", help="do not require contiguous sets")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
     p.add_argument("--out", type=output_file, metavar="PLAN.json", help="also write the scored plan")
+    _replicate_flag(p)
 
     p = add("plan", "find a split of a graph across devices", cmd_plan)
     _graph_command(p)
@@ -468,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "batch, so one microbatch is what was profiled)")
     p.add_argument("--out", type=output_file, metavar="PLAN.json", help="write the plan")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
+    _replicate_flag(p)
+    p.add_argument("--explain", action="store_true",
+                   help="also say what was replicated, units and ideals before and after, and where the bound came from")
 
     p = add("compare", "run the exact planner and the baselines side by side", cmd_compare)
     _graph_command(p)
@@ -477,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=finite_positive, metavar="S", help="per-method time limit (ip, local-search; default 60)")
     p.add_argument("--plot", type=output_file, metavar="FILE.png", help="write a bar chart")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    _replicate_flag(p)
 
     p = add("profile", "trace and time a PyTorch model into an operator graph", cmd_profile)
     p.add_argument("model", help="torchvision name (resnet18), transformers config (bert-base, gpt2) or package.module:factory")
@@ -491,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-paper", type=output_file, metavar="FILE.json", help="also write the paper's JSON format")
     p.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
     p.add_argument("--layers", type=positive_int, metavar="N", help="transformer blocks (transformers models only)")
+    p.add_argument("--hidden", type=positive_int, metavar="H", help="transformer hidden width (transformers models only)")
+    p.add_argument("--heads", type=positive_int, metavar="N", help="attention heads (transformers models only)")
     p.add_argument("--warmup", type=non_negative_int, default=1, metavar="W", help="untimed runs before timing (after one check run)")
     p.add_argument("--threads", type=positive_int, default=1, metavar="T", help="torch threads while profiling (1: one core)")
     p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
@@ -498,6 +536,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["sgd", "momentum", "adagrad", "adam", "adamw"], default="adam",
                    help="optimizer whose state a training graph's memory counts")
     p.add_argument("--seed", type=seed, default=0, help="seed of the random weights and inputs")
+
+    p = add("export", "write a plan as torch's split_spec, torchtitan's module names, Megatron's layout or "
+                      "DeepSpeed's partition", cmd_export)
+    p.add_argument("plan", type=input_file, metavar="PLAN.json", help="a plan of a profiled model (placewise plan --out)")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    p.add_argument("--model", help="the model the plan is for (default: the name the plan's graph was profiled as)")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N")
+    p.add_argument("--input-shape", type=positive_int, nargs="+", metavar="D", help="as given to profile")
+    p.add_argument("--layers", type=positive_int, metavar="N", help="transformer blocks, as given to profile")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--training", action="store_true", help="the graph was profiled with --training (traced in train mode)")
+    p.add_argument("--root", default="", metavar="MODULE", help="torchtitan/deepspeed: name the children of this submodule "
+                   "(e.g. model for a wrapped Hugging Face model)")
+    p.add_argument("--transformer-layers", metavar="MODULE", help="megatron: the list of transformer layers (default: found)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
     p = add("devices", "show the devices of this machine", cmd_devices)
     p.add_argument("--json", action="store_true", help="print as JSON on stdout")

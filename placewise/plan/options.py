@@ -33,6 +33,9 @@ class SolveOptions:
     gap: float = 1e-4  # relative MIP gap at which an integer program may stop
     seed: int = 0
     progress: bool = False  # show a rich progress bar on stderr
+    # Replicable nodes (sizes, masks, position ids, constants) are recomputed by every stage that
+    # needs them (`plan.replicable`); False plans and scores every node once.
+    replicate: bool = True
 
 
 @dataclass(frozen=True)
