@@ -638,24 +638,39 @@ def test_unfused_fallback_matches_unfused_bitwise(monkeypatch: pytest.MonkeyPatc
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_auto_bucket_size_follows_the_measured_costs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Buckets whose fixed costs together stay within 2% of the whole update; unfused when two calls exceed it."""
+def test_bucket_choice_fits_the_fixed_costs_in_one_percent_of_the_step() -> None:
+    from placewise.fuse.sizing import HOOK_SECONDS, CallCost
+
+    cost = CallCost(per_call=100e-6, numel=100_000, tensors=10)
+    # 1% of a 1 s step is 10 ms; the hooks take 10 x 5 us, leaving room for 99 calls of 100 us.
+    assert HOOK_SECONDS == 5e-6 and cost.choose(1.0).min_bucket_numel == 1011
+    assert cost.choose(0.02).min_bucket_numel is None  # 200 us: the hooks and one call only
+
+
+@pytest.mark.parametrize(("step_seconds", "buckets"), [(1.0, 3), (1e-3, 0)])
+def test_auto_sizing_resizes_after_timed_steps_and_stays_exact(monkeypatch: pytest.MonkeyPatch, step_seconds: float, buckets: int) -> None:
+    """A slow step affords one bucket per layer; a fast one falls back to unfused. Numbers never change."""
     import placewise.fuse.sizing as sizing
 
-    params = [torch.zeros(1000, requires_grad=True) for _ in range(100)]  # 100,000 elements
-    opt = torch.optim.SGD(params, lr=0.1)
-    costs = {sizing._SMALL: 0.0, sizing._LARGE: 0.0}
-    monkeypatch.setattr(sizing, "_time_step", lambda inner, numel, like: costs[numel])
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    # 100 us per call, 1 us per element: all 100,000 elements take 100.1 ms, 2% of it 2.0 ms = 20 calls.
-    costs[sizing._SMALL] = 100e-6 + 1e-6 * sizing._SMALL
-    costs[sizing._LARGE] = 100e-6 + 1e-6 * sizing._LARGE
-    choice = sizing.choose_buckets(opt)
-    assert choice.min_bucket_numel == 5000 and "20 calls" in choice.reason
-    # Per-element cost 100x lower: 2% of 1.1 ms affords no second call.
-    costs[sizing._SMALL] = 100e-6 + 1e-8 * sizing._SMALL
-    costs[sizing._LARGE] = 100e-6 + 1e-8 * sizing._LARGE
-    assert sizing.choose_buckets(opt).min_bucket_numel is None
-    model = mlp()
-    fused = fuse_optimizer(model, torch.optim.SGD, "backward", lr=0.1)
-    assert fused.unfused and "2%" in repr(fused)
+    monkeypatch.setattr(sizing, "_time_step", lambda inner, numel, like: 100e-6)
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += step_seconds
+        return now[0]
+
+    monkeypatch.setattr(sizing.time, "perf_counter", clock)
+    torch.manual_seed(0)
+    ref_model = mlp()
+    model = copy.deepcopy(ref_model)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=0.01)
+    opt = fuse_optimizer(model, torch.optim.AdamW, "backward", release_grads=True, lr=0.01)
+    assert "provisional" in opt.bucketing() and len(opt._buckets) == 1
+    for i, (x, y) in enumerate(batches((6,), sizing.TIMED_STEPS + 4)):
+        step_once(ref_model, ref, x, y)
+        step_once(model, opt, x, y)
+        if i == sizing.TIMED_STEPS + 1:  # the first step left out, then TIMED_STEPS timed: re-sized
+            assert opt.unfused == (buckets == 0) and (buckets == 0 or len(opt._buckets) == buckets), opt.bucketing()
+    assert bool(opt._handles) == (buckets > 0)
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(p, q)

@@ -44,7 +44,7 @@ from placewise.errors import PlacewiseError
 from placewise.fuse.buckets import WHOLE_GROUP, Bucket, build_layout
 from placewise.fuse.clipping import NormPass, clip_coefficient
 from placewise.fuse.forward import ForwardSchedule
-from placewise.fuse.sizing import BucketChoice
+from placewise.fuse.sizing import BucketChoice, StepTimer
 from placewise.fuse.worker import Worker
 
 Mode = Literal["backward", "forward"]
@@ -72,6 +72,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Optimizer.__init__ is not called: the groups and the state live in `inner`, shared.
         self._inner = inner
         self.bucket_choice = choice
+        # "auto": the first steps are timed, then the buckets re-sized for that step (`_resize`).
+        self._timer = StepTimer(choice.cost) if choice.cost is not None else None
         # The class's step without torch's profiling/hook wrapper (pure per-call overhead here);
         # the inner instance is private, so no user hook on it can be skipped.
         step = type(inner).step
@@ -307,7 +309,20 @@ class FusedOptimizer(torch.optim.Optimizer):
             self.flush()
             self._forward.schedule(self.param_groups, self._update)
         self._clip_coef = None
+        if self._timer is not None:
+            self._resize(self._timer)
         return loss
+
+    def _resize(self, timer: StepTimer) -> None:
+        """A step boundary of "auto" sizing: once the step is timed, re-bucket for it (nothing is in flight)."""
+        assert self.bucket_choice.cost is not None
+        choice = timer.tick(self.bucket_choice.cost.overhead(self.bucket_choice, len(self._buckets)))
+        if choice is None:
+            return
+        self._timer = None
+        self.flush()  # forward mode: no pending bucket across a new layout
+        self.bucket_choice = choice
+        self._build()
 
     def _step_unfused(self) -> None:
         """The wrapped optimizer's own step over every group (one kernel call); gradients released as when fused."""

@@ -1,13 +1,21 @@
 """Bucket sizing: how many parameters one fused optimizer call updates, chosen for the machine.
 
 Each bucket update is one Python-level call of the optimizer's ``step()``: a fixed cost (Python,
-argument checks, kernel launches) plus a cost per element. Many small buckets give locality and
-the earliest release of gradients; each one adds the fixed cost, which on a GPU can exceed the
-update itself. ``min_bucket_numel="auto"`` measures both costs with the optimizer's own class,
-kernel and hyper-parameters on scratch tensors of the parameters' device and dtype (a few
-milliseconds), then takes the smallest buckets whose fixed costs together stay within
-`BUDGET` of the update of all parameters in one call, which is part of every training step. Where
-even two calls would exceed it, it falls back to unfused: no hooks, torch's own single ``step()``.
+argument checks, kernel launches) on top of the elementwise work; each fused parameter also costs
+one gradient hook. Many small buckets give locality and the earliest release of gradients, but
+each adds the fixed cost, which on a GPU can exceed the update itself. ``min_bucket_numel="auto"``:
+
+1. At construction, times one call of the optimizer's own class, kernel and hyper-parameters on a
+   small scratch tensor of the parameters' device and dtype (about a millisecond), and starts with
+   `PROVISIONAL` buckets (small: the first steps' peak memory counts too).
+2. Once `TIMED_STEPS` training steps were timed (wall clock between ``step()`` calls, the first
+   one left out: it creates the optimizer state; the shortest is kept, the least disturbed by other
+   processes), it re-sizes the buckets to the smallest whose fixed costs, with the hooks', fit in
+   `BUDGET` of the step without them. Where even two calls do not fit, it falls back to unfused:
+   no hooks, torch's own single ``step()``.
+
+So fusion never costs more than `BUDGET` of the step in fixed costs; its elementwise work is that
+of the unfused optimizer.
 """
 
 from __future__ import annotations
@@ -20,17 +28,45 @@ from typing import Any
 
 import torch
 
-BUDGET = 0.02  # fixed per-call cost of all buckets, as a fraction of the whole update's time
-_SMALL, _LARGE = 1 << 12, 1 << 20  # elements of the two scratch buckets timed
+BUDGET = 0.01  # fixed costs of all bucket calls and hooks, as a fraction of the training step
+TIMED_STEPS = 3
+PROVISIONAL = 1 << 18  # elements: the bucket floor until the step was timed
+HOOK_SECONDS = 5e-6  # one gradient hook's Python cost (measured: 2-core AMD EPYC, torch 2.14, 2026-11-28)
+_SCRATCH = 1 << 12  # elements of the scratch bucket timed
 _REPEATS = 7
 
 
 @dataclass(frozen=True)
+class CallCost:
+    """What fusing costs here beyond the unfused optimizer's work: `per_call` per bucket, a hook per tensor."""
+
+    per_call: float
+    numel: int
+    tensors: int
+
+    def overhead(self, choice: BucketChoice, buckets: int) -> float:
+        """Seconds per step that bucket calls and hooks add under `choice` with this many buckets."""
+        return 0.0 if choice.min_bucket_numel is None else buckets * self.per_call + self.tensors * HOOK_SECONDS
+
+    def choose(self, step: float) -> BucketChoice:
+        """The smallest buckets whose fixed costs and hooks fit in `BUDGET` of a `step`-second training step."""
+        calls = math.floor((BUDGET * step - self.tensors * HOOK_SECONDS) / self.per_call)
+        measured = f"{self.per_call * 1e6:.0f} us per call, {step * 1e3:.1f} ms per step"
+        if calls < 2:
+            return BucketChoice(None, f"{measured}: two calls and the hooks exceed {BUDGET:.0%} of the step", self)
+        return BucketChoice(math.ceil(self.numel / calls), f"{measured}: up to {calls} calls within {BUDGET:.0%} of the step", self)
+
+
+@dataclass(frozen=True)
 class BucketChoice:
-    """The bucket size floor in use and why; ``min_bucket_numel=None`` means unfused (torch's own step)."""
+    """The bucket size floor in use and why; ``min_bucket_numel=None`` means unfused (torch's own step).
+
+    `cost` is set when the choice was measured ("auto"): the step timing may then revise it.
+    """
 
     min_bucket_numel: int | None
     reason: str
+    cost: CallCost | None = None
 
 
 def fixed(min_bucket_numel: int) -> BucketChoice:
@@ -39,23 +75,28 @@ def fixed(min_bucket_numel: int) -> BucketChoice:
 
 
 def choose_buckets(inner: torch.optim.Optimizer) -> BucketChoice:
-    """Measure one optimizer call's fixed and per-element cost here, and size the buckets from them."""
+    """Measure one optimizer call's fixed cost here; provisional buckets until the step was timed."""
     params = [p for g in inner.param_groups for p in g["params"] if p.requires_grad]
     if not params:
         return BucketChoice(None, "no trainable parameter")
-    numel = sum(p.numel() for p in params)
-    threads = 1 if params[0].is_cuda else torch.get_num_threads()
-    small, large = (_time_step(inner, n, params[0]) for n in (_SMALL, _LARGE))
-    # Timed on one CPU thread; the step splits the elements over `threads` (at best perfectly:
-    # the per-element cost is taken that low, so the budget affords fewer calls, never more).
-    per_element = max(large - small, 0.0) / (_LARGE - _SMALL) / threads
-    per_call = max(small - per_element * threads * _SMALL, 1e-9)
-    whole = per_call + per_element * numel  # the unfused step: one call over everything
-    calls = math.floor(BUDGET * whole / per_call)
-    measured = f"{per_call * 1e6:.0f} us per call + {per_element * 1e9:.3f} ns per element, {whole * 1e3:.1f} ms for all"
-    if calls < 2:
-        return BucketChoice(None, f"{measured}: two calls already cost over {BUDGET:.0%} of that")
-    return BucketChoice(math.ceil(numel / calls), f"{measured}: at most {calls} calls within {BUDGET:.0%} of it")
+    cost = CallCost(_time_step(inner, _SCRATCH, params[0]), sum(p.numel() for p in params), len(params))
+    return BucketChoice(PROVISIONAL, f"{cost.per_call * 1e6:.0f} us per call; provisional until {TIMED_STEPS} steps are timed", cost)
+
+
+class StepTimer:
+    """Times the training steps at their boundaries; after `TIMED_STEPS`, the bucket choice for that step."""
+
+    def __init__(self, cost: CallCost) -> None:
+        self._cost = cost
+        self._stamps: list[float] = []
+
+    def tick(self, overhead: float) -> BucketChoice | None:
+        """A step boundary (fusion's fixed costs in this step: `overhead`): the revised choice once known, else None."""
+        self._stamps.append(time.perf_counter())
+        if len(self._stamps) < TIMED_STEPS + 2:
+            return None
+        step = min(b - a for a, b in zip(self._stamps[1:], self._stamps[2:]))  # the shortest: least disturbed
+        return self._cost.choose(max(step - overhead, 0.0))
 
 
 def _time_step(inner: torch.optim.Optimizer, numel: int, like: torch.Tensor) -> float:
@@ -65,12 +106,11 @@ def _time_step(inner: torch.optim.Optimizer, numel: int, like: torch.Tensor) -> 
     scratch = type(inner)([param])
     scratch.param_groups[0].update({k: v for k, v in inner.param_groups[0].items() if k != "params"})
     step: Callable[[Any], Any] = getattr(type(inner).step, "__wrapped__", type(inner).step)
+    threads = torch.get_num_threads()
     if like.is_cuda:  # a GPU's time only shows on the wall clock, once the device has finished
         sync, clock = torch.cuda.synchronize, time.perf_counter
-        threads = torch.get_num_threads()
     else:  # one intra-op thread's CPU time: other processes' time slices on a shared CPU do not count
         sync, clock = (lambda: None), time.thread_time
-        threads = torch.get_num_threads()
         torch.set_num_threads(1)
     try:
         step(scratch)  # the first step creates the state
