@@ -647,30 +647,42 @@ def test_bucket_choice_fits_the_fixed_costs_in_one_percent_of_the_step() -> None
     assert cost.choose(0.02).min_bucket_numel is None  # 200 us: the hooks and one call only
 
 
-@pytest.mark.parametrize(("step_seconds", "buckets"), [(1.0, 3), (1e-3, 0)])
-def test_auto_sizing_resizes_after_timed_steps_and_stays_exact(monkeypatch: pytest.MonkeyPatch, step_seconds: float, buckets: int) -> None:
-    """A slow step affords one bucket per layer; a fast one falls back to unfused. Numbers never change."""
+@pytest.mark.parametrize(
+    ("release", "fused_seconds", "unfused_seconds", "buckets"),
+    [
+        (True, 1.0, None, 3),  # a slow step affords one bucket per layer
+        (True, 1e-3, None, 0),  # a fast one cannot carry two calls and the hooks: unfused
+        (False, 1.0, 0.9, 0),  # fusion measured slower than the unfused step: unfused
+        (False, 1.0, 1.0, 3),  # as fast: kept, one bucket per layer
+    ],
+)
+def test_auto_sizing_decides_from_timed_steps_and_stays_exact(
+    monkeypatch: pytest.MonkeyPatch, release: bool, fused_seconds: float, unfused_seconds: float | None, buckets: int
+) -> None:
+    """The numbers never change, whatever the bucketing and whenever it changes."""
     import placewise.fuse.sizing as sizing
 
     monkeypatch.setattr(sizing, "_time_step", lambda inner, numel, like: 100e-6)
-    now = [0.0]
-
-    def clock() -> float:
-        now[0] += step_seconds
-        return now[0]
-
-    monkeypatch.setattr(sizing.time, "perf_counter", clock)
     torch.manual_seed(0)
     ref_model = mlp()
     model = copy.deepcopy(ref_model)
     ref = torch.optim.AdamW(ref_model.parameters(), lr=0.01)
-    opt = fuse_optimizer(model, torch.optim.AdamW, "backward", release_grads=True, lr=0.01)
+    opt = fuse_optimizer(model, torch.optim.AdamW, "backward", release_grads=release, lr=0.01)
+    now = [0.0]
+
+    def clock() -> float:  # read at the end of a step: that step ran with the layout still in place
+        now[0] += unfused_seconds if opt.unfused and unfused_seconds is not None else fused_seconds
+        return now[0]
+
+    monkeypatch.setattr(sizing.time, "perf_counter", clock)
     assert "provisional" in opt.bucketing() and len(opt._buckets) == 1
-    for i, (x, y) in enumerate(batches((6,), sizing.TIMED_STEPS + 4)):
+    layouts = []
+    for x, y in batches((6,), 2 * sizing.TIMED_STEPS + 3):
         step_once(ref_model, ref, x, y)
         step_once(model, opt, x, y)
-        if i == sizing.TIMED_STEPS + 1:  # the first step left out, then TIMED_STEPS timed: re-sized
-            assert opt.unfused == (buckets == 0) and (buckets == 0 or len(opt._buckets) == buckets), opt.bucketing()
-    assert bool(opt._handles) == (buckets > 0)
+        layouts.append(opt.unfused)
+    assert opt._timer is None and opt.unfused == (buckets == 0) and bool(opt._handles) == (buckets > 0), opt.bucketing()
+    assert buckets == 0 or len(opt._buckets) == buckets
+    assert (True in layouts) == (not release or buckets == 0)  # the unfused trial ran without release only
     for p, q in zip(ref_model.parameters(), model.parameters()):
         assert torch.equal(p, q)

@@ -73,7 +73,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._inner = inner
         self.bucket_choice = choice
         # "auto": the first steps are timed, then the buckets re-sized for that step (`_resize`).
-        self._timer = StepTimer(choice.cost) if choice.cost is not None else None
+        self._timer = StepTimer(choice.cost, compare_unfused=not release_grads) if choice.cost is not None else None
         # The class's step without torch's profiling/hook wrapper (pure per-call overhead here);
         # the inner instance is private, so no user hook on it can be skipped.
         step = type(inner).step
@@ -319,7 +319,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         choice = timer.tick(self.bucket_choice.cost.overhead(self.bucket_choice, len(self._buckets)))
         if choice is None:
             return
-        self._timer = None
+        if timer.done:
+            self._timer = None
         self.flush()  # forward mode: no pending bucket across a new layout
         self.bucket_choice = choice
         self._build()

@@ -13,9 +13,11 @@ each adds the fixed cost, which on a GPU can exceed the update itself. ``min_buc
    processes), it re-sizes the buckets to the smallest whose fixed costs, with the hooks', fit in
    `BUDGET` of the step without them. Where even two calls do not fit, it falls back to unfused:
    no hooks, torch's own single ``step()``.
-
-So fusion never costs more than `BUDGET` of the step in fixed costs; its elementwise work is that
-of the unfused optimizer.
+3. Without ``release_grads``, it also times as many unfused steps in between and falls back to
+   unfused if the fused step was more than `BUDGET` slower: fusion can lose to one fused call for
+   reasons no per-call cost shows (the updates' memory traffic evicting backward's data from the
+   cache). With ``release_grads`` the unfused trial is skipped, since an unfused step holds every
+   gradient at once and would raise the peak that releasing lowers; only the fixed costs are bounded.
 """
 
 from __future__ import annotations
@@ -84,19 +86,47 @@ def choose_buckets(inner: torch.optim.Optimizer) -> BucketChoice:
 
 
 class StepTimer:
-    """Times the training steps at their boundaries; after `TIMED_STEPS`, the bucket choice for that step."""
+    """Times the first training steps at their boundaries and decides the bucketing from them.
 
-    def __init__(self, cost: CallCost) -> None:
+    First `TIMED_STEPS` fused steps (after one left out: it creates the optimizer state); then,
+    unless gradients are released (an unfused step holds them all, raising the very peak that
+    releasing lowers), as many unfused steps, and fusion is kept only if its step was not more
+    than `BUDGET` slower. The shortest step of each kind is kept: the least disturbed by others.
+    """
+
+    def __init__(self, cost: CallCost, compare_unfused: bool) -> None:
         self._cost = cost
+        self._compare = compare_unfused
         self._stamps: list[float] = []
+        self._fused: float | None = None  # the fused step, once timed
+        self._overhead = 0.0  # fusion's fixed costs in it
+        self.done = False
 
     def tick(self, overhead: float) -> BucketChoice | None:
-        """A step boundary (fusion's fixed costs in this step: `overhead`): the revised choice once known, else None."""
+        """A step boundary (fusion's fixed costs in this step: `overhead`): a new choice, else None.
+
+        The choice is final once `done`; before, it is the unfused trial.
+        """
         self._stamps.append(time.perf_counter())
-        if len(self._stamps) < TIMED_STEPS + 2:
+        if self._fused is None:
+            if len(self._stamps) < TIMED_STEPS + 2:
+                return None
+            self._fused = min(b - a for a, b in zip(self._stamps[1:], self._stamps[2:]))
+            self._overhead = overhead
+            self._stamps = self._stamps[-1:]
+            if self._compare:
+                return BucketChoice(None, "timing the unfused step", self._cost)
+            self.done = True
+            return self._cost.choose(max(self._fused - overhead, 0.0))
+        if len(self._stamps) < TIMED_STEPS + 1:
             return None
-        step = min(b - a for a, b in zip(self._stamps[1:], self._stamps[2:]))  # the shortest: least disturbed
-        return self._cost.choose(max(step - overhead, 0.0))
+        self.done = True
+        unfused = min(b - a for a, b in zip(self._stamps, self._stamps[1:]))
+        versus = f"fused step {self._fused * 1e3:.1f} ms, unfused {unfused * 1e3:.1f} ms"
+        if self._fused > unfused * (1 + BUDGET):
+            return BucketChoice(None, f"{versus}: fusion is slower here", self._cost)
+        choice = self._cost.choose(max(self._fused - self._overhead, 0.0))
+        return BucketChoice(choice.min_bucket_numel, f"{choice.reason}; {versus}", self._cost)
 
 
 def _time_step(inner: torch.optim.Optimizer, numel: int, like: torch.Tensor) -> float:
