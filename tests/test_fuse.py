@@ -686,3 +686,15 @@ def test_auto_sizing_decides_from_timed_steps_and_stays_exact(
     assert (True in layouts) == (not release or buckets == 0)  # the unfused trial ran without release only
     for p, q in zip(ref_model.parameters(), model.parameters()):
         assert torch.equal(p, q)
+
+
+class NeedsArgument(torch.optim.SGD):
+    """An optimizer class that cannot be built from a parameter list alone."""
+
+    def __init__(self, params: Any, scale: float, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+
+
+def test_auto_sizing_keeps_default_buckets_when_it_cannot_time_the_class() -> None:
+    opt = fuse_optimizer(mlp(), NeedsArgument, "backward", scale=2.0, lr=0.1)
+    assert not opt.unfused and "could not be timed" in opt.bucketing() and opt._timer is None

@@ -81,7 +81,11 @@ def choose_buckets(inner: torch.optim.Optimizer) -> BucketChoice:
     params = [p for g in inner.param_groups for p in g["params"] if p.requires_grad]
     if not params:
         return BucketChoice(None, "no trainable parameter")
-    cost = CallCost(_time_step(inner, _SCRATCH, params[0]), sum(p.numel() for p in params), len(params))
+    try:
+        per_call = _time_step(inner, _SCRATCH, params[0])
+    except (TypeError, ValueError, RuntimeError) as exc:  # a class that cannot be built from one tensor alone
+        return BucketChoice(PROVISIONAL, f"default: one call could not be timed ({type(exc).__name__})")
+    cost = CallCost(per_call, sum(p.numel() for p in params), len(params))
     return BucketChoice(PROVISIONAL, f"{cost.per_call * 1e6:.0f} us per call; provisional until {TIMED_STEPS} steps are timed", cost)
 
 
