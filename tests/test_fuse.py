@@ -674,7 +674,7 @@ def test_auto_sizing_decides_from_timed_steps_and_stays_exact(
         now[0] += unfused_seconds if opt.unfused and unfused_seconds is not None else fused_seconds
         return now[0]
 
-    monkeypatch.setattr(sizing.time, "perf_counter", clock)
+    monkeypatch.setattr(sizing.time, "process_time", clock)  # a CPU model: the process's CPU time
     assert "provisional" in opt.bucketing() and len(opt._buckets) == 1
     layouts = []
     for x, y in batches((6,), 2 * sizing.TIMED_STEPS + 3):

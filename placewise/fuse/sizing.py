@@ -8,9 +8,9 @@ each adds the fixed cost, which on a GPU can exceed the update itself. ``min_buc
 1. At construction, times one call of the optimizer's own class, kernel and hyper-parameters on a
    small scratch tensor of the parameters' device and dtype (about a millisecond), and starts with
    `PROVISIONAL` buckets (small: the first steps' peak memory counts too).
-2. Once `TIMED_STEPS` training steps were timed (wall clock between ``step()`` calls, the first
-   one left out: it creates the optimizer state; the shortest is kept, the least disturbed by other
-   processes), it re-sizes the buckets to the smallest whose fixed costs, with the hooks', fit in
+2. Once `TIMED_STEPS` training steps were timed (between ``step()`` calls: the process's CPU time
+   on a CPU, the wall clock on a GPU; the first step left out: it creates the optimizer state; the
+   shortest is kept, the least disturbed by other processes), it re-sizes the buckets to the smallest whose fixed costs, with the hooks', fit in
    `BUDGET` of the step without them. Where even two calls do not fit, it falls back to unfused:
    no hooks, torch's own single ``step()``.
 3. Without ``release_grads``, it also times as many unfused steps in between and falls back to
@@ -45,6 +45,7 @@ class CallCost:
     per_call: float
     numel: int
     tensors: int
+    on_cpu: bool = True
 
     def overhead(self, choice: BucketChoice, buckets: int) -> float:
         """Seconds per step that bucket calls and hooks add under `choice` with this many buckets."""
@@ -85,7 +86,7 @@ def choose_buckets(inner: torch.optim.Optimizer) -> BucketChoice:
         per_call = _time_step(inner, _SCRATCH, params[0])
     except (TypeError, ValueError, RuntimeError) as exc:  # a class that cannot be built from one tensor alone
         return BucketChoice(PROVISIONAL, f"default: one call could not be timed ({type(exc).__name__})")
-    cost = CallCost(per_call, sum(p.numel() for p in params), len(params))
+    cost = CallCost(per_call, sum(p.numel() for p in params), len(params), on_cpu=params[0].device.type == "cpu")
     return BucketChoice(PROVISIONAL, f"{cost.per_call * 1e6:.0f} us per call; provisional until {TIMED_STEPS} steps are timed", cost)
 
 
@@ -111,7 +112,9 @@ class StepTimer:
 
         The choice is final once `done`; before, it is the unfused trial.
         """
-        self._stamps.append(time.perf_counter())
+        # On a CPU this process's CPU time: a shared machine's other processes inflate the wall
+        # clock by more than the difference measured. A GPU's step shows on the wall clock only.
+        self._stamps.append(time.process_time() if self._cost.on_cpu else time.perf_counter())
         if self._fused is None:
             if len(self._stamps) < TIMED_STEPS + 2:
                 return None
