@@ -109,7 +109,8 @@ def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
                                              microbatches=job.microbatches, training=training, group=group)
     device = stage.device
     first, last = stage_index == 0, stage_index == job.n_stages - 1
-    optimizer = module_optimizer(module, job.optimizer, job.lr, job.momentum, job.fuse) if training else None
+    optimizer = module_optimizer(module, job.optimizer, job.lr, job.momentum, job.fuse,
+                                 keep_grads="grads" in job.collect) if training else None
     clock = _clocked(stage, optimizer, job.fuse)
     output_like = output_tensor(values, gm)
     report: dict[str, Any] = {"stage": stage_index, "nodes": part.nodes, "losses": [], "step_seconds": []}
