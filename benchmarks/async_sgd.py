@@ -11,6 +11,9 @@ other processes on the machine hits them alike. Time to accuracy is measured fro
 begins (process start-up excluded) to the first parameter snapshot at >= 95% test accuracy.
 Writes a JSON record and a staleness histogram (PNG) to --out.
 
+The staleness policies (none, lr, dc-asgd, gap-aware), sync with backup workers and larger models
+(resnet18, a GPT-2 config) are compared by `benchmarks/async_policies.py`, on a CNN on the digits.
+
     .venv/bin/python benchmarks/async_sgd.py [--reps 3] [--epochs 6] [--lrs 0.05,0.1] [--momenta 0.9,0.7,0.5] [--out placewise-out/async_sgd]
 """
 

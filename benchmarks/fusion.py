@@ -1,66 +1,34 @@
-"""Step time of optimizer fusion against the unfused torch optimizers, on this machine's CPU (or GPU).
+"""Optimizer fusion against the unfused torch optimizers: step time, and peak memory in a fresh process.
 
-For each model, seven variants train copies of the same model on the same batch in ONE process:
+Step time (default): each model trains copies of itself under several variants in ONE process:
 
   fwd+bwd      forward and backward only (no optimizer): the floor
-  for-loop     torch optimizer, foreach=False (the classic per-parameter loop)
-  foreach      torch optimizer, foreach=True
+  for-loop     torch optimizer, foreach=False (torch's default kernel on a CPU)
+  foreach      torch optimizer, foreach=True (torch's default on a GPU)
   fused        torch optimizer, fused=True
   pw-backward  placewise backward-fusion on top of fused=True (the fastest kernel here)
-  pw-backward+overlap  the same, each update run on a worker thread beside the rest of backward
+  pw-backward+release          the same, each bucket's gradients freed once its update is applied
+  pw-backward+overlap(+release)  each update run on a worker thread beside the rest of backward
   pw-forward   placewise forward-fusion on top of fused=True
 
 Variants are interleaved in rounds, in a new random order each round, a few steps each; the
 reported time is the median over all timed steps, so load from other processes hits every variant
-alike. "vs for-loop" is the step-time saving over the for-loop baseline, "rounds faster than
-fused" a paired check of "vs fused" (in how many rounds the variant's median step beat fused's),
-"opt overhead" the step time above fwd+bwd as a percentage of fwd+bwd. The header says how many
-cores other processes kept busy meanwhile (/proc/stat), and a second table splits each step into
-its backward() and step() time.
+alike. "vs for-loop" / "vs fused" are step-time savings, "rounds faster than fused" a paired check
+(in how many rounds the variant's median step beat fused's), "opt overhead" the step time above
+fwd+bwd as a percentage of fwd+bwd. A second table splits each step into backward() and step().
 
-    .venv/bin/python benchmarks/fusion.py [--threads 2] [--rounds 15] [--models mlp,resnet18,transformer]
-        [--variants fwd+bwd,fused,pw-backward+overlap] [--min-bucket-numel 262144] [--device cuda]
+Memory (``--memory``): each (model, optimizer, variant) runs in a fresh process that builds the
+model, trains ``--memory-steps`` steps (the first creates the optimizer state) and reports its peak:
+the process's peak resident set (VmHWM) on a CPU, ``torch.cuda.max_memory_allocated`` on a GPU. The
+saving of each variant is given against the plain optimizer with torch's default kernel, also as a
+share of the model's gradient bytes (what releasing gradients can save at most).
 
-Use the wall clock (the default) for overlap: it saves elapsed time, not CPU time.
+    .venv/bin/python benchmarks/fusion.py [--threads 2] [--rounds 15] [--models mlp,resnet50,gpt2]
+        [--variants fused,pw-backward+release] [--min-bucket-numel auto] [--device cuda] [--clock cpu]
+    .venv/bin/python benchmarks/fusion.py --memory [--optimizers adamw,sgd] [--models gpt2,resnet50,mlp]
 
-Measured 2026-11-23 on the shared 2-core AMD EPYC (8 MiB L3), AdamW, wall clock, 15 rounds x 3
-steps per variant. The machine was quiet: other processes kept under 0.03 cores busy on average;
-the 1-minute load average (this benchmark's own threads included) was 0.84-1.00 during the
-1-thread run and 1.00-1.91 during the 2-thread run. Median step, ms:
-
-    --threads   model        fwd+bwd  for-loop  foreach  fused  pw-backward  +overlap  pw-forward
-    1           mlp 20.9M       94.4     226.7    228.5  125.1        129.8     109.5       128.0
-    1           resnet18       258.9     357.2    343.1  268.6        277.2     265.9       275.3
-    1           transformer    285.4     325.2    321.9  296.5        297.4     293.6       292.9
-    2           mlp 20.9M       70.5     164.9    157.7   96.8         98.9     106.0        98.1
-    2           resnet18       183.6     241.9    243.5  194.5        197.1     202.3       202.3
-    2           transformer    158.2     183.8    180.0  168.6        169.5     175.3       171.4
-
-pw-backward+overlap, step time saved against for-loop / against fused (rounds faster than fused):
-
-    --threads 1:  mlp +51.7% / +12.5% (15/15)   resnet18 +25.6% / +1.0% (8/15)   transformer +9.7% / +1.0% (9/15)
-    --threads 2:  mlp +35.7% / -9.5% (1/15)     resnet18 +16.3% / -4.0% (2/15)   transformer +4.6% / -4.0% (4/15)
-
-30 rounds of fwd+bwd, fused and overlap alone (1 thread, quiet): resnet18 +3.1% against fused
-(20/30 rounds), transformer +1.2% (22/30); with --min-bucket-numel 0, +0.9% (20/30) and +0.9% (22/30).
-
-With one intra-op thread the second core is idle during backward and overlap hides part of the
-update there: the MLP's backward() takes 74.8 ms with its updates inside, against fused's 59.0 ms
-backward plus a 31.4 ms step(), which meets both targets for it (52% below for-loop, 12.5% below
-fused). For resnet18 and the transformer the fused AdamW step is only 17 and 11 ms (4-6% of the
-step), so overlap can gain little over fused (1-3%, consistent only over 30 rounds), and the
-transformer cannot be 20% below the for-loop at all: even its fwd+bwd floor is only 12% below.
-Even that is only partly hidden (resnet18's backward() grows from 193.4 to 208.4 ms): the first
-layers' buckets complete only as backward ends, so their updates stay in the critical path
-(smaller buckets do not change that), and the two threads' kernels slow each other (in a traced
-run the worker took 22-35 ms for updates that take 17 ms inline). With two intra-op threads
-backward already uses both cores and the worker competes with it: overlap is 4-10% slower than
-fused, so keep it for one intra-op thread per core (e.g. one pipeline stage per core).
-
-On an H100 (torch 2.11, `--device cuda --rounds 8 --steps-per-round 5`), steps take 2-12 ms and
-both fusions lose to fused=True (mlp 2.0 ms fused, 2.5 pw-backward, 2.3 overlap; resnet18 9.7,
-12.3, 12.6; transformer 3.3, 4.2, 4.3): per-bucket optimizer calls cost launches and Python time
-that one fused call over all parameters does not.
+Use the wall clock (the default) for overlap: it saves elapsed time, not CPU time. docs/fusion.md
+has the figures measured with it.
 """
 
 from __future__ import annotations
@@ -71,6 +39,7 @@ import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -87,7 +56,11 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "sgd": (torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9}),
     "adagrad": (torch.optim.Adagrad, {"lr": 1e-3}),
 }
-VARIANTS = ("fwd+bwd", "for-loop", "foreach", "fused", "pw-backward", "pw-backward+overlap", "pw-forward")
+VARIANTS = (
+    "fwd+bwd", "default", "for-loop", "foreach", "fused", "pw-backward", "pw-backward+release", "pw-backward+overlap",
+    "pw-backward+overlap+release", "pw-forward",
+)
+MEMORY_VARIANTS = ("default", "fused", "pw-backward", "pw-backward+release", "pw-backward+overlap+release")
 
 
 def mlp_20m() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -123,10 +96,38 @@ def transformer_block() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return TransformerBlock(), torch.randn(8, 32, 768), torch.randint(0, 10, (8,))
 
 
+def resnet50_small() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """torchvision resnet50 (25.6M parameters, 1000 classes) on 64x64 images, batch 8: the gradients outweigh the activations."""
+    import torchvision
+
+    return torchvision.models.resnet50(), torch.randn(8, 3, 64, 64), torch.randint(0, 1000, (8,))
+
+
+class GPT2Logits(nn.Module):
+    """transformers' GPT-2 small (GPT2Config(): 124M parameters, tied embeddings), random weights, nothing downloaded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        self.lm = GPT2LMHeadModel(GPT2Config(use_cache=False))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(ids).logits.flatten(0, 1)
+
+
+def gpt2_small() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """Batch 1, sequence 64 (as in issue 19's figures), next-token targets."""
+    ids = torch.randint(0, 50257, (1, 65))
+    return GPT2Logits(), ids[:, :-1], ids[0, 1:]
+
+
 MODELS: dict[str, Callable[[], tuple[nn.Module, torch.Tensor, torch.Tensor]]] = {
     "mlp": mlp_20m,
     "resnet18": resnet18_small,
+    "resnet50": resnet50_small,
     "transformer": transformer_block,
+    "gpt2": gpt2_small,
 }
 
 
@@ -136,17 +137,21 @@ def make_step(
     opt_name: str,
     x: torch.Tensor,
     y: torch.Tensor,
-    min_bucket_numel: int = 1 << 18,
+    min_bucket_numel: int | str = "auto",
     split: list[float] | None = None,
+    notes: dict[str, Callable[[], str]] | None = None,
 ) -> Callable[[], None]:
     """One training step of `variant` as a closure (optimizer built once, outside the timing).
 
-    `split`, if given, receives the last step's wall time in ``backward()`` and in ``step()``.
+    `split`, if given, receives the last step's wall time in ``backward()`` and in ``step()``;
+    `notes`, how to ask a placewise variant which bucketing it uses (auto sizing revises it after a few steps).
     """
     cls, kwargs = OPTIMIZERS[opt_name]
     loss_fn = nn.CrossEntropyLoss()
     if variant == "fwd+bwd":
         optimizer: Any = None
+    elif variant == "default":
+        optimizer = cls(model.parameters(), **kwargs)
     elif variant == "for-loop":
         optimizer = cls(model.parameters(), foreach=False, **kwargs)
     elif variant == "foreach":
@@ -154,10 +159,13 @@ def make_step(
     elif variant == "fused":
         optimizer = cls(model.parameters(), fused=True, **kwargs)
     else:
-        mode, _, extra = variant.removeprefix("pw-").partition("+")
+        mode, *extras = variant.removeprefix("pw-").split("+")
         optimizer = fuse_optimizer(
-            model, cls, mode, fused=True, overlap=extra == "overlap", min_bucket_numel=min_bucket_numel, **kwargs
+            model, cls, mode, fused=True, overlap="overlap" in extras, release_grads="release" in extras,
+            min_bucket_numel=min_bucket_numel, **kwargs,
         )
+        if notes is not None:
+            notes[variant] = optimizer.bucketing
 
     def step() -> None:
         if optimizer is None:
@@ -185,7 +193,7 @@ def bench_model(
     seed: int,
     clock: Callable[[], float],
     variants: tuple[str, ...] = VARIANTS,
-    min_bucket_numel: int = 1 << 18,
+    min_bucket_numel: int | str = "auto",
     device: str = "cpu",
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
@@ -194,7 +202,8 @@ def bench_model(
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     n_params = sum(p.numel() for p in base.parameters())
     last = {v: [0.0, 0.0] for v in variants}
-    steps = {v: _synced(make_step(v, copy.deepcopy(base), opt_name, x, y, min_bucket_numel, last[v]), sync) for v in variants}
+    notes: dict[str, Callable[[], str]] = {}
+    steps = {v: _synced(make_step(v, copy.deepcopy(base), opt_name, x, y, min_bucket_numel, last[v], notes), sync) for v in variants}
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -227,7 +236,74 @@ def bench_model(
         "split_median_s": {v: [statistics.median(s[i] for s in ss) for i in (0, 1)] for v, ss in splits.items()},
         "other_cores": others.cores(),
         "round_other_cores": round_others,
+        "bucketing": {v: how() for v, how in notes.items()},
     }
+
+
+def memory_child(model_name: str, opt_name: str, variant: str, steps: int, device: str, min_bucket_numel: int | str) -> dict[str, Any]:
+    """In this fresh process: build the model, train `steps` steps of `variant`, return the peak memory (bytes)."""
+    torch.manual_seed(0)
+    model, x, y = MODELS[model_name]()
+    model, x, y = model.to(device), x.to(device), y.to(device)
+    notes: dict[str, Callable[[], str]] = {}
+    step = make_step(variant, model, opt_name, x, y, min_bucket_numel, notes=notes)
+    built = _vm("VmHWM") if device == "cpu" else torch.cuda.max_memory_allocated()
+    for _ in range(steps):
+        step()
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return {
+        "model": model_name, "optimizer": opt_name, "variant": variant,
+        "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+        "peak_bytes": _vm("VmHWM") if device == "cpu" else torch.cuda.max_memory_allocated(),
+        "built_peak_bytes": built, "bucketing": notes[variant]() if variant in notes else "",
+    }
+
+
+def _vm(field: str) -> int:
+    """A /proc/self/status memory figure (VmHWM: peak resident set) in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (memory figures need Linux)")
+
+
+def bench_memory(models: list[str], optimizers: list[str], variants: tuple[str, ...], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each (model, optimizer, variant) in its own fresh process, one after another."""
+    results = []
+    for name in models:
+        for opt_name in optimizers:
+            for variant in variants:
+                cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", f"{name},{opt_name},{variant}",
+                       "--threads", str(args.threads), "--memory-steps", str(args.memory_steps), "--device", args.device,
+                       "--min-bucket-numel", str(args.min_bucket_numel)]
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+                if done.returncode != 0:
+                    raise RuntimeError(f"{name} {opt_name} {variant} failed:\n{done.stderr[-2000:]}")
+                results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(f"  {name} {opt_name} {variant}: peak {results[-1]['peak_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+    return results
+
+
+def memory_report(results: list[dict[str, Any]], device: str, threads: int, steps: int) -> str:
+    what = "peak resident set (VmHWM) of the process" if device == "cpu" else "torch.cuda.max_memory_allocated"
+    lines = [
+        f"Peak memory, MiB ({what}; fresh process per row, {steps} training steps; torch {torch.__version__}, {device}, "
+        f"{threads} intra-op threads). 'saved': below the plain optimizer with torch's default kernel, also as a share "
+        "of the gradient bytes.",
+        "",
+        "| model | optimizer | gradients | variant | peak | saved | saved / gradients | bucketing |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    plain = {(r["model"], r["optimizer"]): r["peak_bytes"] for r in results if r["variant"] == "default"}
+    for r in results:
+        base = plain.get((r["model"], r["optimizer"]))
+        saved = "" if base is None or r["variant"] == "default" else f"{(base - r['peak_bytes']) / 2**20:+.0f}"
+        share = "" if not saved else f"{100 * (base - r['peak_bytes']) / r['grad_bytes']:.0f}%"
+        lines.append(f"| {r['model']} | {r['optimizer']} | {r['grad_bytes'] / 2**20:.0f} | {r['variant']} | "
+                     f"{r['peak_bytes'] / 2**20:.0f} | {saved} | {share} | {r['bucketing']} |")
+    return "\n".join(lines)
 
 
 class _OtherLoad:
@@ -270,7 +346,7 @@ def _synced(step: Callable[[], None], sync: Callable[[], None]) -> Callable[[], 
 
 
 def report(
-    results: list[dict[str, Any]], opt_name: str, threads: int, clock: str, min_bucket_numel: int = 1 << 18, device: str = "cpu"
+    results: list[dict[str, Any]], opt_name: str, threads: int, clock: str, min_bucket_numel: int | str = "auto", device: str = "cpu"
 ) -> str:
     lines = [
         f"optimizer {opt_name}, torch {torch.__version__}, {device}, {threads} intra-op threads, min_bucket_numel {min_bucket_numel}; "
@@ -298,6 +374,8 @@ def report(
                 f"| {res['model']} | {res['params'] / 1e6:.1f}M | {v} | {1000 * t:.1f} | {vs_loop} | {vs_fused} | {wins} | {overhead} |"
             )
     lines.append("")
+    lines += [f"- {res['model']} {v}: {how}" for res in results for v, how in res.get("bucketing", {}).items()]
+    lines.append("")
     lines.append("vs for-loop / vs fused: step time saved relative to that variant (positive = faster); rounds faster")
     lines.append("than fused: rounds whose median step beat fused's in the same round (interleaved, so a paired test).")
     if device == "cpu":
@@ -322,11 +400,15 @@ def _load() -> str:
         return "unknown"
 
 
-def main(argv: list[str] | None = None) -> int:
+def _bucket_floor(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw")
-    parser.add_argument("--models", default=",".join(MODELS), help="comma list of " + ", ".join(MODELS))
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adamw", help="the optimizer of the step-time run")
+    parser.add_argument("--models", default="mlp,resnet50,gpt2", help="comma list of " + ", ".join(MODELS))
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
@@ -336,34 +418,51 @@ def main(argv: list[str] | None = None) -> int:
         help="wall: elapsed time; cpu: this process's CPU time, which other processes' load cannot "
         "inflate (meaningful with --threads 1, where no thread spins waiting for another)",
     )
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
-    parser.add_argument("--min-bucket-numel", type=int, default=1 << 18, help="placewise bucket size floor (elements)")
+    parser.add_argument("--variants", help="comma list of " + ", ".join(VARIANTS) + " (default: all; with --memory: "
+                        + ",".join(MEMORY_VARIANTS) + ")")
+    parser.add_argument("--min-bucket-numel", type=_bucket_floor, default="auto", help="placewise bucket size floor (elements, or auto)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the models train")
-    parser.add_argument("--json", help="also write the raw medians here")
+    parser.add_argument("--json", help="also write the raw figures here")
+    parser.add_argument("--memory", action="store_true", help="peak memory per variant, each in a fresh process")
+    parser.add_argument("--optimizers", default="adamw,sgd", help="with --memory: comma list of " + ", ".join(OPTIMIZERS))
+    parser.add_argument("--memory-steps", type=int, default=6, help="training steps per memory process (the first creates the state; auto sizing re-buckets after the fifth)")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)  # model,optimizer,variant: one memory process
     args = parser.parse_args(argv)
-    variants = tuple(args.variants.split(","))
-    for v in variants:
-        if v not in VARIANTS:
-            parser.error(f"unknown variant {v!r}; pick from {', '.join(VARIANTS)}")
+    args.variants = tuple(args.variants.split(",")) if args.variants else (MEMORY_VARIANTS if args.memory else VARIANTS)
+    for kind, names, known in (("variant", args.variants, VARIANTS), ("model", args.models.split(","), MODELS),
+                               ("optimizer", args.optimizers.split(","), OPTIMIZERS)):
+        for name in names:
+            if name not in known:
+                parser.error(f"unknown {kind} {name!r}; pick from {', '.join(known)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
     torch.set_num_threads(args.threads)
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
-    results = []
-    for name in args.models.split(","):
-        if name not in MODELS:
-            parser.error(f"unknown model {name!r}; pick from {', '.join(MODELS)}")
-        load = _load()
-        results.append(bench_model(
-            name, args.optimizer, args.rounds, args.steps_per_round, args.warmup, args.seed, clock, variants, args.min_bucket_numel,
-            args.device,
-        ))
-        results[-1]["load_before"], results[-1]["load_after"] = load, _load()
-        partial = report(results[-1:], args.optimizer, args.threads, args.clock, args.min_bucket_numel, args.device)
-        print(partial, file=sys.stderr, flush=True)
-    print(report(results, args.optimizer, args.threads, args.clock, args.min_bucket_numel, args.device))
+    if args.memory_child:
+        name, opt_name, variant = args.memory_child.split(",")
+        print(json.dumps(memory_child(name, opt_name, variant, args.memory_steps, args.device, args.min_bucket_numel)))
+        return 0
+    load = _load()
+    if args.memory:
+        results = bench_memory(args.models.split(","), args.optimizers.split(","), args.variants, args)
+        print(memory_report(results, args.device, args.threads, args.memory_steps))
+        print(f"\nload average (1/5/15 min) at start {load}, at end {_load()}")
+    else:
+        results = []
+        for name in args.models.split(","):
+            results.append(bench_model(
+                name, args.optimizer, args.rounds, args.steps_per_round, args.warmup, args.seed,
+                time.perf_counter if args.clock == "wall" else time.process_time, args.variants, args.min_bucket_numel, args.device,
+            ))
+            results[-1]["load_before"], results[-1]["load_after"] = load, _load()
+            load = results[-1]["load_after"]
+            print(report(results[-1:], args.optimizer, args.threads, args.clock, args.min_bucket_numel, args.device), file=sys.stderr, flush=True)
+        print(report(results, args.optimizer, args.threads, args.clock, args.min_bucket_numel, args.device))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"optimizer": args.optimizer, "threads": args.threads, "clock": args.clock, "device": args.device,
-                       "min_bucket_numel": args.min_bucket_numel, "results": results}, fh, indent=1)
+            json.dump({"args": {k: v for k, v in vars(args).items()}, "results": results}, fh, indent=1)
     return 0
 
 

@@ -13,6 +13,7 @@ from placewise.console import console as _console
 from placewise.console import fmt_bytes as _fmt_bytes
 from placewise.console import print_plan
 from placewise.errors import PlacewiseError, dump_json
+from placewise.export import FORMATS as EXPORT_FORMATS
 from placewise.plan.options import OBJECTIVES
 from placewise.plan.schedule import DEFAULT_SCHEDULE, GPIPE, SCHEDULES
 from placewise.run.choices import (ASYNC, DATASETS, FUSE_MODES, OPTIMIZERS, PIPELINE, STALENESS_HELP,
@@ -20,6 +21,10 @@ from placewise.run.choices import (ASYNC, DATASETS, FUSE_MODES, OPTIMIZERS, PIPE
 from placewise.validate import (OneLineParser, device_count, finite_non_negative, finite_positive, input_file,
                                 learning_rate, momentum, non_negative_int, output_file, output_file_in_new_folder,
                                 output_folder, positive_int, seed)
+
+
+# Microbatches per step when neither the command line nor the plan says.
+DEFAULT_MICROBATCHES = 4
 
 
 # ---- shared helpers -------------------------------------------------------------------------------
@@ -91,7 +96,8 @@ def cmd_evaluate(args) -> int:
     cluster = _cluster(args, graph)
     assignment = load_split(args.split, graph)
     plan = plan_from_assignment(graph, cluster, assignment, solver=f"split:{Path(args.split).name}", seconds=0.0,
-                                objective=args.objective, contiguous=not args.noncontiguous)
+                                objective=args.objective, contiguous=not args.noncontiguous,
+                                replicate=not args.no_replicate)
     _emit(plan, args, f"{graph.name}: {Path(args.split).name}")
     return 0 if plan.feasible else 1
 
@@ -102,10 +108,48 @@ def cmd_plan(args) -> int:
     cluster = _cluster(args, graph)
     _check_time_limit(args)
     options = SolveOptions(objective=args.objective, contiguous=not args.noncontiguous, time_limit=args.time_limit,
-                           gap=args.gap, seed=args.seed, progress=not args.json and sys.stderr.isatty())
+                           gap=args.gap, seed=args.seed, progress=not args.json and sys.stderr.isatty(),
+                           replicate=not args.no_replicate)
+    schedule = _schedule(args)
+    scale = _microbatch_scale(args, graph)
+    if args.solver == "dp-schedule":
+        from placewise.plan import get_entry
+        if schedule is None:
+            raise PlacewiseError("--solver dp-schedule plans for a schedule; give --microbatches M (and --schedule)")
+        options = get_entry("dp-schedule").options(options, schedule=schedule, microbatch_scale=scale)
     plan = solve(graph, cluster, args.solver, options)
+    if schedule is not None:
+        from placewise.plan.predict import with_prediction
+        plan = with_prediction(graph, cluster, plan, schedule, microbatch_scale=scale)
     _emit(plan, args, f"{graph.name}: {plan.solver} plan on {cluster.accelerators} accelerator(s), {cluster.cpus} CPU(s)")
+    if args.explain and not args.json:
+        from placewise.console import print_explanation
+        print_explanation(plan)
+    if not args.json and schedule is not None:
+        from placewise.predicted import print_prediction
+        print_prediction(plan)
     return 0
+
+
+def _schedule(args):
+    """The schedule `--schedule`/`--microbatches` ask for; None when neither is given."""
+    if args.microbatches is None and args.schedule is None:
+        return None
+    from placewise.plan.schedule import DEFAULT_SCHEDULE, Schedule
+    return Schedule(args.schedule or DEFAULT_SCHEDULE, args.microbatches or 1)
+
+
+def _microbatch_scale(args, graph) -> float:
+    """Microbatch size over the profiled batch size (times and activations scale with it)."""
+    if args.batch_size is None:
+        return 1.0
+    from placewise.run.report import profiled_batch
+    profiled = profiled_batch(graph)
+    if profiled is None:
+        raise PlacewiseError("--batch-size needs a graph made by `placewise profile` (its batch size is recorded)")
+    if args.batch_size % (args.microbatches or 1):
+        raise PlacewiseError(f"--batch-size {args.batch_size} does not split into {args.microbatches} equal microbatches")
+    return args.batch_size / (args.microbatches or 1) / profiled
 
 
 # ---- compare (baselines issue) --------------------------------------------------------------------
@@ -132,7 +176,8 @@ def cmd_compare(args) -> int:
         methods = [*methods, "expert"]
     # Without a limit an integer program may run for hours on a large graph; a comparison should end.
     time_limit = COMPARE_TIME_LIMIT if args.time_limit is None else args.time_limit
-    options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed)
+    options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed,
+                           replicate=not args.no_replicate)
     specific = {"expert": get_entry("expert").options(options, split=args.expert)} if args.expert else {}
     err = Console(stderr=True)
     show = not args.json and sys.stderr.isatty()
@@ -182,7 +227,8 @@ def cmd_profile(args) -> int:
     from placewise.profile import build_model, export_paper, profile_model
     from placewise.profile.report import print_summary, summary
     cluster = load_device_file(args.devices) if args.devices else None
-    model, inputs = build_model(args.model, args.batch_size, args.input_shape, layers=args.layers, seed=args.seed)
+    model, inputs = build_model(args.model, args.batch_size, args.input_shape, layers=args.layers, hidden=args.hidden,
+                                heads=args.heads, seed=args.seed)
     graph = profile_model(model, inputs, name=args.model, granularity=args.granularity, device=args.device,
                           training=args.training, repeats=args.repeats, warmup=args.warmup, cluster=cluster,
                           optimizer=args.optimizer, threads=args.threads, clock=args.clock,
@@ -204,6 +250,9 @@ def cmd_profile(args) -> int:
 def cmd_devices(args) -> int:
     from placewise.profile.machine import describe_machine, machine_device_file
     info = describe_machine()
+    if args.measure:
+        from placewise.run.links import measure_link
+        info["link"] = measure_link().to_json()
     if args.out:
         Path(args.out).write_text(machine_device_file(info))
     if args.json:
@@ -222,8 +271,28 @@ def cmd_devices(args) -> int:
     if info["torch"]:
         print(f"torch {info['torch']['version']}, {info['torch']['threads']} intra-op thread(s)"
               + ("" if info["cuda"] else "; no CUDA device"))
+    if info.get("link"):
+        link = info["link"]
+        print(f"link between two processes ({link['backend']}): latency {1e6 * link['latency']:.0f} us, "
+              f"bandwidth {link['bandwidth'] / 1e9:.2f} GB/s")
     if args.out:
         print(f"device file written to {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from placewise.export import ExportOptions, export_plan, outline_model, render
+    from placewise.plan import load_plan
+    from placewise.profile import build_model
+    plan = load_plan(args.plan)
+    name = args.model or plan.graph
+    if not name:
+        raise PlacewiseError(f"{args.plan}: the plan does not name its model; give --model")
+    model, inputs = build_model(name, args.batch_size, args.input_shape, layers=args.layers, seed=args.seed)
+    model.train(args.training)
+    data = export_plan(plan, outline_model(model, inputs), args.format,
+                       ExportOptions(root=args.root, layers=args.transformer_layers))
+    print(dump_json(data) if args.json else render(args.format, data))
     return 0
 
 
@@ -247,11 +316,25 @@ def _pipeline_job(args, mode: str):
     plan.check_made_for(args.model, args.plan, "model")
     job = PipelineJob(model=args.model, batch_size=args.batch_size, mapping=mapping_from_plan(plan),
                       input_shape=tuple(args.input_shape) if args.input_shape else None, mode=mode,
-                      schedule=getattr(args, "schedule", GPIPE), microbatches=args.microbatches, steps=args.steps,
+                      schedule=_train_schedule(args, plan), microbatches=_train_microbatches(args, plan), steps=args.steps,
                       warmup=1, lr=getattr(args, "lr", 0.0), optimizer=getattr(args, "optimizer", "sgd"),
                       momentum=getattr(args, "momentum", 0.0), fuse=getattr(args, "fuse", "none"),
                       seed=getattr(args, "seed", 0), progress=not args.json and sys.stderr.isatty())
     return plan, job
+
+
+def _train_schedule(args, plan=None) -> str:
+    """--schedule, else the schedule the plan was made for, else the default (serve-bench: GPipe, forward only)."""
+    if not hasattr(args, "schedule"):
+        return GPIPE
+    return args.schedule or (plan.schedule.kind if plan is not None and plan.schedule else DEFAULT_SCHEDULE)
+
+
+def _train_microbatches(args, plan=None) -> int:
+    """--microbatches, else the plan's schedule's, else 4."""
+    if args.microbatches is not None:
+        return args.microbatches
+    return plan.schedule.microbatches if plan is not None and plan.schedule else DEFAULT_MICROBATCHES
 
 
 def _run_pipeline_job(args, mode: str) -> int:
@@ -274,6 +357,11 @@ def _run_pipeline_job(args, mode: str) -> int:
     if getattr(args, "out", None):
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"{mode}-report.json").write_text(dump_json(report) + "\n")
+        if mode == "train" and len(results) > 1:
+            from placewise.predicted import draw_predicted_and_measured
+            draw_predicted_and_measured(plan, job.model, job.schedule, job.microbatches, job.batch_size, results,
+                                        Path(args.out) / "timeline.png")
+            print(f"timeline written to {Path(args.out) / 'timeline.png'}")
     if args.json:
         print(dump_json(report))
     else:
@@ -306,8 +394,10 @@ def _train_data_parallel(args) -> int:
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                       momentum=args.momentum, fuse=args.fuse, seed=args.seed, threads=args.threads,
                       checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      progress=not args.json and sys.stderr.isatty(), mapping=mapping, schedule=args.schedule,
-                      microbatches=args.microbatches, transport=args.transport)
+                      progress=not args.json and sys.stderr.isatty(), mapping=mapping, schedule=_train_schedule(args),
+                      microbatches=_train_microbatches(args), transport=args.transport,
+                      input_shape=tuple(args.input_shape) if args.input_shape else None,
+                      backup_workers=args.backup_workers, **_compensation_options(args))
     report = train_data_parallel(cfg)
     if report is None:
         return 0  # a rank other than 0 under torchrun: rank 0 reports
@@ -317,6 +407,30 @@ def _train_data_parallel(args) -> int:
         print(dump_json(report.to_dict()))
     else:
         print_report(report)
+    return 0
+
+
+def _compensation_options(args) -> dict:
+    """The staleness policies' options from the flags given (the others keep their defaults)."""
+    from placewise.run.compensation import DcAsgdOptions, GapAwareOptions
+    dc = {k: v for k, v in (("lam", args.dc_lambda), ("meansquare", args.dc_meansquare)) if v is not None}
+    gap = {"decay": args.gap_decay} if args.gap_decay is not None else {}
+    return {"dc_asgd": DcAsgdOptions(**dc), "gap_aware": GapAwareOptions(**gap)}
+
+
+def cmd_simulate(args) -> int:
+    from placewise.plan import load_plan
+    from placewise.predicted import simulate_report
+    result = simulate_report(load_plan(args.plan), Path(args.plan).name, args.schedule, args.microbatches, args.picture)
+    if args.json:
+        print(dump_json(result))
+        return 0
+    unit = result["time_unit"]
+    print(f"{result['schedule']['kind']} with {result['schedule']['microbatches']} microbatches: predicted step "
+          f"{result['step_time']:.6g} {unit} (first step from empty {result['first_step']:.6g}; busiest stage "
+          f"{max(result['busy']):.6g}; bubble {100 * result['bubble']:.0f}%)")
+    if args.picture:
+        print(f"timeline written to {args.picture}")
     return 0
 
 
@@ -333,19 +447,30 @@ def cmd_demo(args) -> int:
 EXAMPLES = {
     "evaluate": "placewise evaluate ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/bert24_inference.json "
                 "../shared/workloads/dnn-partitioning/human-experts/bert24_inference_expert.json",
-    "plan": "placewise plan ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/resnet50_inference.json -k 4 --out plan.json",
+    "plan": "placewise plan ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/resnet50_inference.json -k 4 --out plan.json"
+            "\n  placewise plan resnet18.json --devices here.yaml --solver dp-schedule --schedule gpipe --microbatches 8",
     "compare": "placewise compare ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/bert24_inference.json "
                "--plot compare.png",
     "profile": "placewise profile resnet18 --input-shape 3 64 64 --batch-size 8 --training --out resnet18.json",
-    "devices": "placewise devices --json",
+    "devices": "placewise devices --json\n  placewise devices --measure --out here.yaml  # with the link measured",
+    "export": "placewise export plan.json --format megatron --model gpt2 --input-shape 128 --training",
+    "simulate": "placewise simulate plan.json --microbatches 8 --picture timeline.png  # a plan made with:"
+                "\n  placewise plan resnet18.json --devices here.yaml --schedule 1f1b --microbatches 4 --out plan.json",
     "train": "placewise train resnet18 --plan plan.json --graph resnet18.json --input-shape 3 64 64 --batch-size 8 "
              "--microbatches 4 --steps 3 --fuse backward\n  placewise train mlp --workers 2 --mode async --epochs 5"
+             "\n  placewise train cnn --workers 2 --mode async --staleness dc-asgd --epochs 5  # any model"
              "\n  placewise train mlp:256x256 --plan mlp-plan.json --workers 2 --mode async --epochs 5  "
              "# pipelines as workers",
     "serve-bench": "placewise serve-bench resnet18 --plan plan.json --graph resnet18.json --input-shape 3 64 64 "
                    "--batch-size 8 --microbatches 4",
     "demo": "placewise demo --out placewise-out",
 }
+
+
+def _replicate_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-replicate", action="store_true",
+                   help="place every node once (default: cheap input-derived nodes such as sizes, masks and position "
+                        "ids are recomputed by each stage that needs them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noncontiguous", action="store_true", help="do not require contiguous sets")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
     p.add_argument("--out", type=output_file, metavar="PLAN.json", help="also write the scored plan")
+    _replicate_flag(p)
 
     p = add("plan", "find a split of a graph across devices", cmd_plan)
     _graph_command(p)
@@ -374,8 +500,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=finite_positive, metavar="S", help="stop after S seconds with the best plan found")
     p.add_argument("--gap", type=finite_non_negative, default=1e-4, metavar="G", help="relative optimality gap to stop at (ip)")
     p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--schedule", choices=SCHEDULES, help="plan for this pipeline schedule: per-position memory, "
+                   "predicted step time (default 1f1b when --microbatches is given)")
+    p.add_argument("--microbatches", type=positive_int, metavar="M", help="microbatches per step of the schedule")
+    p.add_argument("--batch-size", type=positive_int, metavar="N", help="training batch (default: M x the profiled "
+                   "batch, so one microbatch is what was profiled)")
     p.add_argument("--out", type=output_file, metavar="PLAN.json", help="write the plan")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
+    _replicate_flag(p)
+    p.add_argument("--explain", action="store_true",
+                   help="also say what was replicated, units and ideals before and after, and where the bound came from")
 
     p = add("compare", "run the exact planner and the baselines side by side", cmd_compare)
     _graph_command(p)
@@ -385,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=finite_positive, metavar="S", help="per-method time limit (ip, local-search; default 60)")
     p.add_argument("--plot", type=output_file, metavar="FILE.png", help="write a bar chart")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    _replicate_flag(p)
 
     p = add("profile", "trace and time a PyTorch model into an operator graph", cmd_profile)
     p.add_argument("model", help="torchvision name (resnet18), transformers config (bert-base, gpt2) or package.module:factory")
@@ -399,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-paper", type=output_file, metavar="FILE.json", help="also write the paper's JSON format")
     p.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
     p.add_argument("--layers", type=positive_int, metavar="N", help="transformer blocks (transformers models only)")
+    p.add_argument("--hidden", type=positive_int, metavar="H", help="transformer hidden width (transformers models only)")
+    p.add_argument("--heads", type=positive_int, metavar="N", help="attention heads (transformers models only)")
     p.add_argument("--warmup", type=non_negative_int, default=1, metavar="W", help="untimed runs before timing (after one check run)")
     p.add_argument("--threads", type=positive_int, default=1, metavar="T", help="torch threads while profiling (1: one core)")
     p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
@@ -407,17 +544,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer whose state a training graph's memory counts")
     p.add_argument("--seed", type=seed, default=0, help="seed of the random weights and inputs")
 
+    p = add("export", "write a plan as torch's split_spec, torchtitan's module names, Megatron's layout or "
+                      "DeepSpeed's partition", cmd_export)
+    p.add_argument("plan", type=input_file, metavar="PLAN.json", help="a plan of a profiled model (placewise plan --out)")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    p.add_argument("--model", help="the model the plan is for (default: the name the plan's graph was profiled as)")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N")
+    p.add_argument("--input-shape", type=positive_int, nargs="+", metavar="D", help="as given to profile")
+    p.add_argument("--layers", type=positive_int, metavar="N", help="transformer blocks, as given to profile")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--training", action="store_true", help="the graph was profiled with --training (traced in train mode)")
+    p.add_argument("--root", default="", metavar="MODULE", help="torchtitan/deepspeed: name the children of this submodule "
+                   "(e.g. model for a wrapped Hugging Face model)")
+    p.add_argument("--transformer-layers", metavar="MODULE", help="megatron: the list of transformer layers (default: found)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+
     p = add("devices", "show the devices of this machine", cmd_devices)
     p.add_argument("--json", action="store_true", help="print as JSON on stdout")
     p.add_argument("--out", type=output_file, metavar="FILE.yaml", help="write a device file describing this machine")
+    p.add_argument("--measure", action="store_true", help="time send/receive between two processes here (gloo, or "
+                   "NCCL between two GPUs) and write the measured latency and bandwidth into the device file")
 
     p = add("train", "train a model as a pipeline (from a plan) and/or with data-parallel workers", cmd_train)
     p.add_argument("model", help="model name (as for profile) or package.module:factory")
     p.add_argument("--plan", metavar="PLAN.json", help="plan to cut the model into pipeline stages (with --mode "
                    "async|sync: every worker is such a pipeline)")
     p.add_argument("--graph", metavar="GRAPH.json", help="the profiled graph the plan came from (per-sample prediction)")
-    p.add_argument("--schedule", choices=SCHEDULES, default=DEFAULT_SCHEDULE, help="pipeline schedule (with --plan)")
-    p.add_argument("--microbatches", type=int, default=4, metavar="M", help="microbatches per batch (with --plan)")
+    p.add_argument("--schedule", choices=SCHEDULES, help="pipeline schedule (with --plan; default: the plan's, "
+                   f"else {DEFAULT_SCHEDULE})")
+    p.add_argument("--microbatches", type=int, metavar="M", help="microbatches per batch (with --plan; default: the "
+                   f"plan's, else {DEFAULT_MICROBATCHES})")
     p.add_argument("--steps", type=int, default=10, metavar="N")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
     p.add_argument("--input-shape", type=int, nargs="+", metavar="D")
@@ -433,6 +589,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-push", type=int, default=1, metavar="N", help="push gradients every N steps")
     p.add_argument("--n-fetch", type=int, default=1, metavar="N", help="fetch parameters every N steps")
     p.add_argument("--staleness", default="none", metavar="POLICY", help=STALENESS_HELP)
+    p.add_argument("--dc-lambda", type=float, metavar="L",
+                   help="dc-asgd: lambda_0 of the compensated gradient g + lambda*g*g*(w_now - w_stale)")
+    p.add_argument("--dc-meansquare", type=float, metavar="M",
+                   help="dc-asgd: 0 keeps lambda constant; M in (0, 1) divides it by the root of a moving mean "
+                        "square of g (DC-ASGD-a)")
+    p.add_argument("--gap-decay", type=float, metavar="D",
+                   help="gap-aware: momentum of the moving average of update sizes the gap is measured in")
+    p.add_argument("--backup-workers", type=int, default=0, metavar="B",
+                   help="--mode sync: each round takes the first W - B gradients and drops the rest")
     p.add_argument("--servers", type=int, default=1, metavar="S",
                    help="parameter-server shards (per stage with --plan)")
     p.add_argument("--transport", choices=TRANSPORTS, default="auto",
@@ -446,6 +611,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", type=output_folder, metavar="DIR", help="folder for reports and pictures")
     p.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
+
+    p = add("simulate", "simulate a plan's pipeline schedule: predicted step time and timeline", cmd_simulate)
+    p.add_argument("plan", type=input_file, metavar="PLAN.json", help="a plan made with --schedule/--microbatches")
+    p.add_argument("--schedule", choices=SCHEDULES, help="another schedule than the plan's")
+    p.add_argument("--microbatches", type=positive_int, metavar="M", help="another microbatch count than the plan's")
+    p.add_argument("--picture", type=output_file, metavar="FILE.png", help="draw the predicted timeline of one step")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
     p = add("serve-bench", "measure pipelined inference throughput of a plan", cmd_serve_bench)
     p.add_argument("model", help="model name (as for profile) or package.module:factory")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from placewise.cli import main
+from placewise.errors import PlacewiseError
 from placewise.plan.plan import Plan, Stage
 from placewise.run.dataparallel.config import TrainConfig
 from placewise.run.dataparallel.model import build_model
@@ -160,3 +161,20 @@ def test_bad_pipeline_settings_exit_2_with_one_line(capsys, plans, plan, argv, w
                  *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("placewise: error:") and "\n" not in err and words in err, err
+
+
+@pytest.mark.timeout(300)
+def test_sync_pipelines_resume_from_their_stage_checkpoints(tmp_path):
+    # Every stage server saves after the same rounds, so its files together are one state of the run.
+    base = dict(model="mlp:32x32", mode="sync", workers=2, steps=24, batch_size=32, lr=0.1, momentum=0.9, seed=4,
+                mapping=mapping("mlp:32x32", "_2"), microbatches=2, timeout_s=TIMEOUT)
+    reference = train_data_parallel(TrainConfig(**base))
+    ckpt = tmp_path / "pipes.pt"
+    # Rank 1 is a stage's server; only a single server shard is restarted, so the run stops.
+    with pytest.raises(PlacewiseError, match=r"rank 1 \(the parameter server\) failed"):
+        train_data_parallel(TrainConfig(**base, checkpoint=str(ckpt), checkpoint_every=10, kill_rank=1, kill_at=15))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipes.pt.shard0", "pipes.pt.shard1"]
+    resumed = train_data_parallel(TrainConfig(**base, resume=str(ckpt)))
+    assert resumed.resumed_from == 10 and resumed.updates == 24
+    assert [u["loss"] for u in resumed.history[10:]] == [u["loss"] for u in reference.history[10:]]
+    assert all(torch.equal(resumed.final_state[k], v) for k, v in reference.final_state.items())

@@ -2,9 +2,10 @@
 
 Evidence is independent of the fusion code: each fused run is compared with the plain torch
 optimizer of the same class and kernel (for-loop, foreach or fused) on an identical model and
-data, bitwise, with accumulation, clipping, a scheduler changing the lr every step, and a
-state_dict hand-over mid-run in both directions (fused -> unfused and unfused -> fused). Backward
-mode runs both inline and with its updates overlapped on a worker thread ("backward+overlap").
+data, bitwise, with accumulation, with and without global-norm clipping, a scheduler changing the
+lr every step, and a state_dict hand-over mid-run in both directions (fused -> unfused and unfused
+-> fused). Backward mode runs inline and with its updates overlapped on a worker thread
+("backward+overlap"), each with and without releasing the gradients after their update ("+release").
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from placewise.errors import PlacewiseError
-from placewise.fuse import FusedOptimizer, fuse_optimizer
+from placewise.fuse import BucketChoice, FusedOptimizer, fuse_optimizer
 
 STEPS = 5
 SWITCH_AT = 2  # the optimizer is handed over through state_dict after this many steps
@@ -40,6 +41,8 @@ KERNELS: dict[str, dict[str, bool]] = {"for-loop": {"foreach": False}, "foreach"
 FUSE_MODES: dict[str, dict[str, Any]] = {
     "backward": {"mode": "backward"},
     "backward+overlap": {"mode": "backward", "overlap": True},
+    "backward+release": {"mode": "backward", "release_grads": True},
+    "backward+overlap+release": {"mode": "backward", "overlap": True, "release_grads": True},
     "forward": {"mode": "forward"},
 }
 
@@ -87,13 +90,16 @@ class Trainer:
 
     def train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.optimizer.zero_grad()
+        fused = isinstance(self.optimizer, FusedOptimizer)
         for i, (x, y) in enumerate(micro):
             final = i == len(micro) - 1
-            fused = isinstance(self.optimizer, FusedOptimizer)
-            context = self.optimizer.accumulate() if fused and not final else _nothing()
-            with context:
-                nn.functional.cross_entropy(self.model(x), y).backward()
-        if self.clip:
+            loss = nn.functional.cross_entropy(self.model(x), y)
+            if fused and final and self.clip:
+                self.optimizer.clipped_backward(loss, CLIP)  # type: ignore[attr-defined]
+                continue
+            with self.optimizer.accumulate() if fused and not final else _nothing():  # type: ignore[attr-defined]
+                loss.backward()
+        if self.clip and not fused:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
         self.optimizer.step()
         self.scheduler.step()
@@ -137,20 +143,19 @@ def assert_same(a: Trainer, b: Trainer) -> None:
                 assert value == other
 
 
-def scenario(model_name: str, opt_name: str, kernel: str, mode: str) -> None:
+def scenario(model_name: str, opt_name: str, kernel: str, mode: str, clip: bool) -> None:
     make_model, shape = MODELS[model_name]
     cls, kwargs = OPTIMIZERS[opt_name]
     kwargs = {**kwargs, **KERNELS[kernel]}
     torch.manual_seed(0)
     base = make_model()
-    clip = mode == "forward"  # exact global-norm clipping is a forward-mode feature
     data = batches(shape, STEPS * ACCUMULATE)
 
     def plain(model: nn.Module) -> Callable[[], torch.optim.Optimizer]:
         return lambda: cls(model.parameters(), **kwargs)
 
     def fused(model: nn.Module) -> Callable[[], torch.optim.Optimizer]:
-        return lambda: fuse_optimizer(model, cls, min_bucket_numel=0, **FUSE_MODES[mode], **kwargs)
+        return lambda: fuse_optimizer(model, cls, **{"min_bucket_numel": 0, **FUSE_MODES[mode]}, **kwargs)
 
     trainers = {}
     for name, first, second in (("reference", plain, plain), ("fused-then-plain", fused, plain), ("plain-then-fused", plain, fused)):
@@ -165,12 +170,13 @@ def scenario(model_name: str, opt_name: str, kernel: str, mode: str) -> None:
     assert_same(trainers["reference"], trainers["plain-then-fused"])
 
 
+@pytest.mark.parametrize("clip", [False, True], ids=["", "clip"])
 @pytest.mark.parametrize("mode", list(FUSE_MODES))
 @pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_fused_matches_unfused_bitwise(model_name: str, opt_name: str, kernel: str, mode: str) -> None:
-    scenario(model_name, opt_name, kernel, mode)
+def test_fused_matches_unfused_bitwise(model_name: str, opt_name: str, kernel: str, mode: str, clip: bool) -> None:
+    scenario(model_name, opt_name, kernel, mode, clip)
 
 
 def step_once(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -184,7 +190,7 @@ def test_updates_really_move_into_backward_and_forward() -> None:
     torch.manual_seed(0)
     x, y = batches((6,), 1)[0]
     model = mlp()
-    opt = fuse_optimizer(model, torch.optim.SGD, "backward", lr=0.1)
+    opt = fuse_optimizer(model, torch.optim.SGD, "backward", min_bucket_numel=0, lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
     nn.functional.cross_entropy(model(x), y).backward()
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters())), "not updated in backward"
@@ -198,9 +204,9 @@ def test_updates_really_move_into_backward_and_forward() -> None:
     first = model[0].weight.detach().clone()
     model[0](x)  # only the first layer runs: only its bucket is applied
     assert not torch.equal(first, model[0].weight)
-    assert torch.equal(before[-1], model[-1].bias) and len(opt._pending) == 2
+    assert torch.equal(before[-1], model[-1].bias) and len(opt._forward.pending) == 2
     opt.flush()
-    assert not opt._pending and not torch.equal(before[-1], model[-1].bias)
+    assert not opt._forward.pending and not torch.equal(before[-1], model[-1].bias)
 
 
 class Tied(nn.Module):
@@ -251,7 +257,7 @@ def test_mixed_groups_shared_frozen_and_unused_parameters(mode: str, min_bucket_
 def test_backward_mode_refuses_what_it_cannot_do_exactly() -> None:
     model = mlp()
     x, y = batches((6,), 1)[0]
-    opt = fuse_optimizer(model, torch.optim.Adam, "backward", lr=0.01)
+    opt = fuse_optimizer(model, torch.optim.Adam, "backward", min_bucket_numel=0, lr=0.01)
     nn.functional.cross_entropy(model(x), y).backward()
     with pytest.raises(PlacewiseError, match="clipping"):
         opt.clip_grad_norm_(1.0)
@@ -268,6 +274,9 @@ def test_backward_mode_refuses_what_it_cannot_do_exactly() -> None:
         ((torch.optim.SGD, "backward"), {"lr": -1.0}, "rejected its arguments"),
         ((torch.optim.SGD, "forward"), {"lr": 0.1, "overlap": True}, "overlap"),
         ((torch.optim.SGD, "backward"), {"lr": 0.1, "overlap": 1}, "overlap"),
+        ((torch.optim.SGD, "forward"), {"lr": 0.1, "release_grads": True}, "release_grads"),
+        ((torch.optim.SGD, "backward"), {"lr": 0.1, "release_grads": "yes"}, "release_grads"),
+        ((torch.optim.SGD, "backward"), {"lr": 0.1, "min_bucket_numel": "big"}, "min_bucket_numel"),
     ],
 )
 def test_bad_input_is_a_placewise_error(args: tuple[Any, str], kwargs: dict[str, Any], match: str) -> None:
@@ -283,7 +292,7 @@ def test_forward_mode_needs_the_module_for_param_groups() -> None:
 def test_discarded_fused_optimizer_stops_updating() -> None:
     model = mlp()
     x, y = batches((6,), 1)[0]
-    fuse_optimizer(model, torch.optim.SGD, "backward", lr=0.1)  # dropped at once
+    fuse_optimizer(model, torch.optim.SGD, "backward", min_bucket_numel=0, lr=0.1)  # dropped at once
     before = [p.detach().clone() for p in model.parameters()]
     nn.functional.cross_entropy(model(x), y).backward()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
@@ -325,7 +334,7 @@ def test_forward_mode_evaluation_sees_every_update() -> None:
         step_once(model, opt, *data[0])
     with torch.no_grad():
         assert torch.equal(ref_model(data[1][0]), fused_model(data[1][0]))
-    assert not fused._pending
+    assert not fused._forward.pending
 
 
 # ---- backward fusion with overlap: the worker thread -------------------------------------------
@@ -357,7 +366,7 @@ def test_overlap_updates_run_beside_the_rest_of_backward() -> None:
     assert waited == [(True, waited[0][1])] and waited[0][1] != threading.get_ident()
     # backward returned with every update applied
     assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
-    assert opt._worker is not None and opt._worker._jobs.unfinished_tasks == 0
+    assert opt._worker is not None and opt._worker.in_flight == 0
     opt.step()
     opt.close()
 
@@ -385,7 +394,7 @@ def test_overlap_worker_error_surfaces_in_backward_and_threads_end() -> None:
     opt.close()  # idempotent
 
     before = [p.detach().clone() for p in model.parameters()]
-    opt = fuse_optimizer(model, torch.optim.SGD, "backward", overlap=True, lr=0.1)
+    opt = fuse_optimizer(model, torch.optim.SGD, "backward", overlap=True, min_bucket_numel=0, lr=0.1)
     step_once(model, opt, x, y)
     assert len(overlap_threads()) == 1
     del opt  # dropped: hooks and thread go with it
@@ -419,7 +428,7 @@ def test_overlap_forward_waits_for_a_backward_that_failed_half_way() -> None:
     with pytest.raises(KeyError):
         nn.functional.cross_entropy(model(x), y).backward()
     in_flight: list[int] = []
-    model[0].register_forward_pre_hook(lambda mod, args: in_flight.append(opt._worker._jobs.unfinished_tasks))  # type: ignore[union-attr]
+    model[0].register_forward_pre_hook(lambda mod, args: in_flight.append(opt._worker.in_flight))  # type: ignore[union-attr]
     model(x)
     assert in_flight == [0]
     opt.close()
@@ -533,3 +542,159 @@ def test_overlap_on_cuda_matches_unfused(kernel: str) -> None:
     for p, q in zip(ref_model.parameters(), model.parameters()):
         assert torch.equal(p, q)
     opt.close()
+
+
+# ---- releasing gradients, clipping in backward mode, bucket sizing --------------------------------
+
+def live_grads_at_each_hook(model: nn.Module, run: Callable[[], None]) -> list[int]:
+    """How many parameters hold a gradient each time one of them becomes final (after fusion's own hook)."""
+    counts: list[int] = []
+    handles = [
+        p.register_post_accumulate_grad_hook(lambda _: counts.append(sum(q.grad is not None for q in model.parameters())))
+        for p in model.parameters()
+    ]
+    run()
+    for handle in handles:
+        handle.remove()
+    return counts
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_release_grads_frees_each_bucket_after_its_update(overlap: bool) -> None:
+    """Backward holds the gradients of the layer in flight only; without release, all of them by the end."""
+    torch.manual_seed(0)
+    x, y = batches((6,), 1)[0]
+    model = mlp()
+    n = len(list(model.parameters()))
+    for release in (False, True):
+        opt = fuse_optimizer(model, torch.optim.AdamW, "backward", overlap=overlap, release_grads=release, min_bucket_numel=0, lr=0.01)
+        opt.zero_grad()
+        counts = live_grads_at_each_hook(model, lambda: nn.functional.cross_entropy(model(x), y).backward())
+        if not release:
+            assert counts[-1] == n
+        elif not overlap:  # each layer's weight and bias: the bucket's update runs inside the last hook
+            assert max(counts) <= 2 and all(p.grad is None for p in model.parameters())
+        else:  # the worker frees them beside backward; all are gone once backward returns
+            assert all(p.grad is None for p in model.parameters())
+        opt.step()
+        opt.close()
+
+
+def test_release_grads_keeps_accumulated_gradients_until_the_final_update() -> None:
+    torch.manual_seed(0)
+    (x, y), (x2, y2) = batches((6,), 2)
+    model = mlp()
+    opt = fuse_optimizer(model, torch.optim.SGD, "backward", release_grads=True, min_bucket_numel=0, lr=0.1)
+    with opt.accumulate():
+        nn.functional.cross_entropy(model(x), y).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    nn.functional.cross_entropy(model(x2), y2).backward()
+    assert all(p.grad is None for p in model.parameters())
+    opt.step()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_clipped_backward_refuses_a_nonfinite_norm_before_updating(overlap: bool) -> None:
+    """The norm is known before any update, so a non-finite one can skip the step (unlike torchtune's)."""
+    torch.manual_seed(0)
+    x, y = batches((6,), 1)[0]
+    model = mlp()
+    opt = fuse_optimizer(model, torch.optim.Adam, "backward", overlap=overlap, release_grads=True, min_bucket_numel=0, lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = nn.functional.cross_entropy(model(x), y) * float("inf")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        opt.clipped_backward(loss, 1.0, error_if_nonfinite=True)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    opt.zero_grad()
+    opt.step()
+    step_once(model, opt, x, y)  # the next step is an ordinary one
+    assert not any(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    opt.close()
+
+
+def test_clipped_backward_norm_pass_holds_one_gradient_at_a_time() -> None:
+    torch.manual_seed(0)
+    x, y = batches((6,), 1)[0]
+    model = mlp()
+    opt = fuse_optimizer(model, torch.optim.SGD, "backward", release_grads=True, min_bucket_numel=0, lr=0.1)
+    counts = live_grads_at_each_hook(model, lambda: opt.clipped_backward(nn.functional.cross_entropy(model(x), y), 0.01))
+    n = len(list(model.parameters()))
+    assert len(counts) == 2 * n and max(counts) <= 2  # two passes; never more than a layer's gradients
+
+
+@pytest.mark.parametrize("opt_name", ["sgd-momentum", "adamw"])
+@pytest.mark.parametrize("mode", ["backward+release", "backward+overlap+release"])
+def test_unfused_fallback_matches_unfused_bitwise(monkeypatch: pytest.MonkeyPatch, opt_name: str, mode: str) -> None:
+    """Where sizing finds fusion too costly, the optimizer runs torch's own step, with release and clipping."""
+    import placewise.fuse.api
+
+    monkeypatch.setattr(placewise.fuse.api, "choose_buckets", lambda inner: BucketChoice(None, "forced by the test"))
+    monkeypatch.setitem(FUSE_MODES, mode, {**FUSE_MODES[mode], "min_bucket_numel": "auto"})
+    scenario("cnn", opt_name, "fused", mode, clip=True)
+    model = mlp()
+    opt = fuse_optimizer(model, torch.optim.SGD, **FUSE_MODES[mode], lr=0.1)
+    assert opt.unfused and "unfused" in opt.bucketing() and not opt._handles
+    step_once(model, opt, *batches((6,), 1)[0])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bucket_choice_fits_the_fixed_costs_in_one_percent_of_the_step() -> None:
+    from placewise.fuse.sizing import HOOK_SECONDS, CallCost
+
+    cost = CallCost(per_call=100e-6, numel=100_000, tensors=10)
+    # 1% of a 1 s step is 10 ms; the hooks take 10 x 5 us, leaving room for 99 calls of 100 us.
+    assert HOOK_SECONDS == 5e-6 and cost.choose(1.0).min_bucket_numel == 1011
+    assert cost.choose(0.02).min_bucket_numel is None  # 200 us: the hooks and one call only
+
+
+@pytest.mark.parametrize(
+    ("release", "fused_seconds", "unfused_seconds", "buckets"),
+    [
+        (True, 1.0, None, 3),  # a slow step affords one bucket per layer
+        (True, 1e-3, None, 0),  # a fast one cannot carry two calls and the hooks: unfused
+        (False, 1.0, 0.9, 0),  # fusion measured slower than the unfused step: unfused
+        (False, 1.0, 1.0, 3),  # as fast: kept, one bucket per layer
+    ],
+)
+def test_auto_sizing_decides_from_timed_steps_and_stays_exact(
+    monkeypatch: pytest.MonkeyPatch, release: bool, fused_seconds: float, unfused_seconds: float | None, buckets: int
+) -> None:
+    """The numbers never change, whatever the bucketing and whenever it changes."""
+    import placewise.fuse.sizing as sizing
+
+    monkeypatch.setattr(sizing, "_time_step", lambda inner, numel, like: 100e-6)
+    torch.manual_seed(0)
+    ref_model = mlp()
+    model = copy.deepcopy(ref_model)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=0.01)
+    opt = fuse_optimizer(model, torch.optim.AdamW, "backward", release_grads=release, lr=0.01)
+    now = [0.0]
+
+    def clock() -> float:  # read at the end of a step: that step ran with the layout still in place
+        now[0] += unfused_seconds if opt.unfused and unfused_seconds is not None else fused_seconds
+        return now[0]
+
+    monkeypatch.setattr(sizing.time, "process_time", clock)  # a CPU model: the process's CPU time
+    assert "provisional" in opt.bucketing() and len(opt._buckets) == 1
+    layouts = []
+    for x, y in batches((6,), 2 * sizing.TIMED_STEPS + 3):
+        step_once(ref_model, ref, x, y)
+        step_once(model, opt, x, y)
+        layouts.append(opt.unfused)
+    assert opt._timer is None and opt.unfused == (buckets == 0) and bool(opt._handles) == (buckets > 0), opt.bucketing()
+    assert buckets == 0 or len(opt._buckets) == buckets
+    assert (True in layouts) == (not release or buckets == 0)  # the unfused trial ran without release only
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+
+class NeedsArgument(torch.optim.SGD):
+    """An optimizer class that cannot be built from a parameter list alone."""
+
+    def __init__(self, params: Any, scale: float, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+
+
+def test_auto_sizing_keeps_default_buckets_when_it_cannot_time_the_class() -> None:
+    opt = fuse_optimizer(mlp(), NeedsArgument, "backward", scale=2.0, lr=0.1)
+    assert not opt.unfused and "could not be timed" in opt.bucketing() and opt._timer is None

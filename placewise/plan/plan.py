@@ -163,6 +163,15 @@ def _stage_from_json(data: Any, source: str) -> Stage:
                  MemoryBreakdown.from_json(breakdown, f"{source}.memory_breakdown"))
 
 
+def module_stages(plan: Plan) -> dict[str, int]:
+    """{model operation name (fx node): stage index} from a profiled plan's stages, in pipeline order."""
+    mapping = {name: s for s, stage in enumerate(plan.stages) for name in stage.modules}
+    if not mapping:
+        raise PlacewiseError("the plan's stages name no model nodes; plan a graph made by `placewise profile` "
+                             "of this model")
+    return mapping
+
+
 def _short(value: Any) -> str:
     """A value for a one-line message, cut short."""
     text = json.dumps(value) if not isinstance(value, float) else repr(value)
@@ -172,10 +181,14 @@ def _short(value: Any) -> str:
 def plan_from_assignment(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device], *, solver: str,
                          seconds: float, objective: str = "throughput", contiguous: bool = True,
                          lower_bound: float | None = None, gap: float | None = None,
-                         notes: dict | None = None, schedule: Schedule | None = None) -> Plan:
+                         notes: dict | None = None, schedule: Schedule | None = None, replicate: bool = True) -> Plan:
     """Score a split with the cost model and wrap it as a Plan (stages in pipeline order, one
-    replica each), with each stage's memory broken down where the graph knows it."""
-    ev: Evaluation = evaluate(graph, cluster, assignment, contiguous=contiguous)
+    replica each), with each stage's memory broken down where the graph knows it. `replicate`:
+    the cost model's replication rule (`plan.replicable`), recorded in the notes when off."""
+    ev: Evaluation = evaluate(graph, cluster, assignment, contiguous=contiguous, replicate=replicate)
+    notes = dict(notes or {})
+    if not replicate:
+        notes["replication"] = "off"
     stages = [Stage(d.device.kind, d.device.index, d.accelerator, list(d.nodes), d.load, d.compute, d.transfer,
                     d.memory, [graph.node(n).module for n in d.nodes if graph.node(n).module],
                     memory_breakdown=memory_breakdown(graph, d.nodes))
@@ -183,7 +196,7 @@ def plan_from_assignment(graph: OpGraph, cluster: Cluster, assignment: Mapping[i
     return Plan(stages=stages, max_load=ev.max_load, latency=ev.latency, solver=solver, seconds=seconds,
                 objective=objective, lower_bound=lower_bound, gap=gap, feasible=ev.feasible,
                 violations=[v.message for v in ev.violations], graph=graph.name, contiguous=contiguous,
-                cluster=cluster.to_json(), notes=dict(notes or {}), schedule=schedule)
+                cluster=cluster.to_json(), notes=notes, schedule=schedule)
 
 
 def read_split(data: Any, graph: OpGraph, source: str = "split") -> dict[int, Device]:

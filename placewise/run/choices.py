@@ -20,8 +20,9 @@ TRAIN_MODES: tuple[str, ...] = (PIPELINE, *DATA_PARALLEL_MODES)
 # How gradients and parameters travel between workers and servers.
 TRANSPORTS: tuple[str, ...] = ("auto", "shared", "gloo")
 # Staleness policies of asynchronous pushes; BOUND takes its bound S as "bound:S".
-BOUND = "bound"
-STALENESS_POLICIES: tuple[str, ...] = ("none", "lr", BOUND)
+# DC_ASGD and GAP_AWARE compensate each push for its staleness (`placewise.run.compensation`).
+BOUND, DC_ASGD, GAP_AWARE = "bound", "dc-asgd", "gap-aware"
+STALENESS_POLICIES: tuple[str, ...] = ("none", "lr", BOUND, DC_ASGD, GAP_AWARE)
 STALENESS_HELP = ", ".join(f"{p}:S" if p == BOUND else p for p in STALENESS_POLICIES)
 # Data sets of data-parallel training (`placewise.run.data`).
 DATASETS: tuple[str, ...] = ("digits", "synthetic")

@@ -17,6 +17,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from placewise.errors import PlacewiseError
+# {fx node name: stage} of a plan; the cut's callers know it by this name.
+from placewise.plan.plan import module_stages as mapping_from_plan  # noqa: F401
 
 
 def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
@@ -41,18 +43,6 @@ def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> fx.Grap
     except Exception as e:  # noqa: BLE001 - fx raises many kinds for untraceable code
         raise PlacewiseError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}); remove data-dependent control flow") from None
-
-
-def mapping_from_plan(plan) -> dict[str, int]:
-    """{fx node name: stage index} from a plan's stages (pipeline order)."""
-    mapping: dict[str, int] = {}
-    for s, stage in enumerate(plan.stages):
-        for name in stage.modules:
-            mapping[name] = s
-    if not mapping:
-        raise PlacewiseError("the plan's stages name no model nodes; plan a graph made by `placewise profile` "
-                             "of this model")
-    return mapping
 
 
 def assign_stages(gm: fx.GraphModule, mapping: Mapping[str, int]) -> dict[str, int]:
@@ -197,7 +187,10 @@ def cut(gm: fx.GraphModule, mapping: Mapping[str, int], values: Mapping[str, Any
             if stage[n.name] != s or n.op == "placeholder":
                 continue
             if n.op == "output":
-                graph.output(fx.map_arg(n.args[0], use))
+                # An exported graph returns its flat outputs (one tensor is a 1-tuple); the stage
+                # graph has plain codegen, so it returns the tensor itself, as the model does.
+                out = n.args[0]
+                graph.output(fx.map_arg(out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out, use))
                 continue
             env[n.name] = graph.node_copy(n, use)
             members.append(n.name)
@@ -231,6 +224,9 @@ def _check_unshared(parts: list[StagePart]) -> None:
 def output_tensor(values: Mapping[str, Any], gm: fx.GraphModule) -> torch.Tensor:
     """The model's output in `values` (from `record_values`): one tensor, or a PlacewiseError."""
     out = values[next(n for n in gm.graph.nodes if n.op == "output").name]
+    # An exported graph's output node holds the flat outputs: one tensor is a 1-tuple there.
+    if isinstance(out, (tuple, list)) and len(out) == 1:
+        out = out[0]
     if not isinstance(out, torch.Tensor):
         raise PlacewiseError(f"the model returns {type(out).__name__}; a pipeline needs one tensor out (wrap the model)")
     return out

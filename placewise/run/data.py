@@ -1,4 +1,5 @@
-"""Data for data-parallel training: scikit-learn's bundled digits (real, no download) and synthetic data.
+"""Data for data-parallel training: scikit-learn's bundled digits (real, no download) and synthetic data
+(which data each model trains on: `placewise.run.tasks`).
 
 Every worker draws its minibatches from its own deterministic stream: the batch a worker uses at its
 local step `k` depends only on (seed, worker, k). That is what lets a run resumed from a checkpoint
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 import torch
 
 from placewise.errors import PlacewiseError
-from placewise.run.choices import DATASETS
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,6 @@ def synthetic(samples: int = 8192, features: int = 64, classes: int = 10, seed: 
     y = (x @ teacher).argmax(dim=1)
     split = samples * 3 // 4
     return Dataset("synthetic", x[:split], y[:split], x[split:], y[split:])
-
-
-def load_dataset(name: str, seed: int = 0) -> Dataset:
-    if name == "digits":
-        return digits(seed=seed)
-    if name == "synthetic":
-        return synthetic(seed=seed)
-    raise PlacewiseError(f"dataset {name!r} is unknown; use one of {', '.join(DATASETS)}")
 
 
 class BatchStream:

@@ -28,9 +28,11 @@ def make_optimizer(name: str, params: list[torch.Tensor], lr: float, momentum: f
 
 
 def module_optimizer(module: nn.Module, name: str, lr: float, momentum: float,
-                     fuse: str = "none") -> torch.optim.Optimizer | None:
+                     fuse: str = "none", keep_grads: bool = False) -> torch.optim.Optimizer | None:
     """The optimizer of `module`'s trainable parameters (None when it has none), fused into its passes
-    by `placewise.fuse` unless `fuse` is "none"."""
+    by `placewise.fuse` unless `fuse` is "none". Backward fusion frees each bucket's gradients once
+    its update is applied (the memory it is for), unless `keep_grads`: a caller that reads `.grad`
+    after the step (tests comparing gradients) keeps them."""
     if fuse not in FUSE_MODES:
         raise PlacewiseError(f"--fuse {fuse!r}: use one of {', '.join(FUSE_MODES)}")
     params = [p for p in module.parameters() if p.requires_grad]
@@ -41,4 +43,4 @@ def module_optimizer(module: nn.Module, name: str, lr: float, momentum: float,
     from placewise.fuse import fuse_optimizer
     mode, _, overlap = fuse.partition("-")  # "backward-overlap": backward mode on a worker thread
     return fuse_optimizer(module, optimizer_class(name), mode=mode, overlap=overlap == "overlap",
-                          **optimizer_kwargs(name, lr, momentum))
+                          release_grads=mode == "backward" and not keep_grads, **optimizer_kwargs(name, lr, momentum))

@@ -33,7 +33,8 @@ def run_single(job: PipelineJob) -> dict[str, Any]:
     training = job.training
     output_like = output_tensor(prepared.values, gm)
     gm.train(training)
-    optimizer = module_optimizer(gm, job.optimizer, job.lr, job.momentum, job.fuse) if training else None
+    optimizer = module_optimizer(gm, job.optimizer, job.lr, job.momentum, job.fuse,
+                                 keep_grads="grads" in job.collect) if training else None
     report: dict[str, Any] = {"stage": 0, "losses": [], "step_seconds": [], "cpu_seconds": 0.0}
     for step in range(job.warmup + job.steps):
         inputs, target = job.batch(example_inputs, output_like, step)

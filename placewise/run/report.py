@@ -49,7 +49,30 @@ def pipeline_report(results: Sequence[dict[str, Any]], *, plan=None, batch_size:
                       profiled_batch=profiled_batch, profiled_mode=profiled_mode)
         if profiled_batch:
             report["predicted_ms_per_sample"] = plan.max_load / profiled_batch
+        report.update(_predicted_step(plan, schedule, microbatches, batch_size, len(results)))
+    share = _core_share(results)
+    if share is not None:
+        report["core_share"] = share
     return report
+
+
+def _predicted_step(plan, schedule: str, microbatches: int, batch_size: int, stages: int) -> dict[str, Any]:
+    """The plan's simulated step (`plan --schedule`) for the schedule run, in ms, where the plan has one."""
+    from placewise.plan.predict import TIME_UNITS, simulate_plan
+    from placewise.plan.schedule import Schedule
+    recorded = plan.notes.get("prediction") or {}
+    unit = recorded.get("time_unit")
+    if not recorded or unit not in TIME_UNITS or stages != len(plan.stages):
+        return {}
+    step_ms = 1e3 * TIME_UNITS[unit] * simulate_plan(plan, Schedule(schedule, microbatches)).step_time
+    return {"predicted_step_ms": step_ms, "predicted_step_ms_per_sample": step_ms / batch_size}
+
+
+def _core_share(results: Sequence[dict[str, Any]]) -> float | None:
+    """The share of a core the stages' computing threads got: their CPU time over their wall time while
+    computing (below 1 when other work shares the cores)."""
+    wall = sum(r.get("forward_seconds", 0.0) + r.get("backward_seconds", 0.0) for r in results)
+    return sum(r.get("cpu_seconds", 0.0) for r in results) / wall if wall > 0 else None
 
 
 def print_report(report: dict, title: str) -> None:
@@ -84,6 +107,10 @@ def print_report(report: dict, title: str) -> None:
         if report.get("profiled_mode") == "eval" and report["mode"] == "train":
             pred += " [yellow](the graph times forward only; profile with --training to predict training)[/yellow]"
         console.print(pred)
+    if "predicted_step_ms" in report:
+        console.print(f"predicted step (simulated {report['schedule']}: fill, drain, transfers) "
+                      f"[bold]{report['predicted_step_ms_per_sample']:.4g} ms/sample[/bold]; the stages got "
+                      f"{report.get('core_share', 1.0):.0%} of a core while computing")
     if report["losses"]:
         console.print(f"loss: first {report['losses'][0]:.5g}, last {report['losses'][-1]:.5g}")
 

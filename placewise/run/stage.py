@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -40,10 +40,12 @@ def _device(rank: int) -> torch.device:
 
 
 def stage_schedule(prepared: Prepared, stage_index: int, *, schedule: str, microbatches: int, training: bool,
-                   group=None) -> tuple[nn.Module, Any, Any]:
+                   group=None, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                   ) -> tuple[nn.Module, Any, Any]:
     """This process's stage of a cut model as a `PipelineStage` with static shapes, on this rank's device, and
-    its GPipe or 1F1B schedule (training: the loss of each microbatch divided by `microbatches`).
-    Every rank of `group` (rank i runs stage i) calls this with its own `stage_index`."""
+    its GPipe or 1F1B schedule (training: the loss of each microbatch, `loss` or the workload's, divided by
+    `microbatches`). Every rank of `group` (rank i runs stage i) calls this with its own `stage_index`."""
+    loss = loss or loss_fn
     gm, micro, values = prepared.gm, prepared.micro, prepared.values
     part = prepared.parts[stage_index]
     n_stages = len(prepared.parts)
@@ -66,7 +68,7 @@ def stage_schedule(prepared: Prepared, stage_index: int, *, schedule: str, micro
     # Each microbatch's loss is divided by M, so the gradients are the batch mean as soon as the last
     # backward ends, with nothing to rescale afterwards (fused updates happen inside that backward).
     runner = schedule_cls(stage, microbatches, scale_grads=False,
-                          loss_fn=(lambda out, target: loss_fn(out, target) / microbatches) if training else None)
+                          loss_fn=(lambda out, target: loss(out, target) / microbatches) if training else None)
     return module, stage, runner
 
 
@@ -84,6 +86,19 @@ def _clocked(stage: Any, optimizer: torch.optim.Optimizer | None, fuse: str) -> 
     return clock
 
 
+def _memory_counter(job: PipelineJob, module: nn.Module):
+    """With "memory" in `job.collect`: a live tensor counter, started, that holds the stage's own
+    parameters and buffers (counting slows every operator, so timed runs leave it out)."""
+    if "memory" not in job.collect:
+        return None
+    from placewise.run.tensor_memory import LiveTensorBytes
+    counter = LiveTensorBytes()
+    counter.__enter__()
+    counter.hold(module.parameters())
+    counter.hold(module.buffers())
+    return counter
+
+
 def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
     """Run this process's stage of `job` (all ranks of `group` call this); a report of what it measured."""
     prepared = prepare(job)
@@ -94,17 +109,20 @@ def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
                                              microbatches=job.microbatches, training=training, group=group)
     device = stage.device
     first, last = stage_index == 0, stage_index == job.n_stages - 1
-    optimizer = module_optimizer(module, job.optimizer, job.lr, job.momentum, job.fuse) if training else None
+    optimizer = module_optimizer(module, job.optimizer, job.lr, job.momentum, job.fuse,
+                                 keep_grads="grads" in job.collect) if training else None
     clock = _clocked(stage, optimizer, job.fuse)
     output_like = output_tensor(values, gm)
     report: dict[str, Any] = {"stage": stage_index, "nodes": part.nodes, "losses": [], "step_seconds": []}
     progress = _progress(job, dist.get_rank())
+    memory = _memory_counter(job, module)
     try:
         for step in range(job.warmup + job.steps):
             if job.fail_at_step == (stage_index, step):
                 raise RuntimeError(f"stage {stage_index} failed on purpose at step {step}")
             maybe_fail(dist.get_rank(), step)
-            inputs, target = job.batch(example_inputs, output_like, step)
+            with memory.paused() if memory else contextlib.nullcontext():
+                inputs, target = job.batch(example_inputs, output_like, step)
             args = tuple(t.to(device) for t in inputs) if first else ()
             kwargs = {"target": target.to(device)} if last and training else {}
             clock.on = step >= job.warmup
@@ -133,6 +151,9 @@ def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
     finally:
         if progress:
             progress[0].stop()
+        if memory:
+            memory.__exit__(None, None, None)
+            report["peak_memory_bytes"] = memory.peak
     report.update(forward_seconds=clock.forward, backward_seconds=clock.backward, cpu_seconds=clock.cpu,
                   events=clock.events,
                   samples=job.batch_size * job.steps, microbatches=job.microbatches)

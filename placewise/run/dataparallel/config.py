@@ -9,7 +9,7 @@ from typing import Any
 from placewise.errors import PlacewiseError
 from placewise.plan.schedule import DEFAULT_SCHEDULE
 from placewise.run.choices import ASYNC, DATA_PARALLEL_MODES, DDP, SYNC, TRANSPORTS
-from placewise.run.dataparallel.model import parse_model
+from placewise.run.compensation import BackupWorkers, DcAsgdOptions, GapAwareOptions
 from placewise.run.dataparallel.staleness import Staleness
 from placewise.run.faults import fail_step, maybe_fail
 from placewise.run.job import PipelineJob
@@ -28,7 +28,11 @@ class TrainConfig:
     n_push: int = 1
     n_fetch: int = 1
     staleness: str = "none"
+    dc_asgd: DcAsgdOptions = field(default_factory=DcAsgdOptions)       # with --staleness dc-asgd
+    gap_aware: GapAwareOptions = field(default_factory=GapAwareOptions)  # with --staleness gap-aware
+    backup_workers: int = 0         # sync: each round takes the first workers - backup_workers gradients
     dataset: str = "digits"
+    input_shape: tuple[int, ...] | None = None  # one sample's shape (None: the model's data-parallel default)
     steps: int | None = None        # server updates (async: one per push; sync/ddp: one per round)
     epochs: float | None = None     # or this many passes over the training set, summed over workers
     batch_size: int = 32
@@ -64,6 +68,9 @@ class TrainConfig:
     def policy(self) -> Staleness:
         return Staleness.parse(self.staleness)
 
+    def backup(self) -> BackupWorkers:
+        return BackupWorkers(self.workers, self.backup_workers)
+
     @property
     def stages(self) -> int:
         """Processes per worker: the plan's stages, or 1."""
@@ -87,7 +94,6 @@ class TrainConfig:
         """Reject bad settings with one line each (the CLI exits 2)."""
         if self.mode not in DATA_PARALLEL_MODES:
             raise PlacewiseError(f"--mode {self.mode!r}: data-parallel modes are {', '.join(DATA_PARALLEL_MODES)}")
-        parse_model(self.model)
         optimizer_class(self.optimizer)
         if self.servers < 1:
             raise PlacewiseError(f"--servers {self.servers}: use 1 or more parameter-server shards")
@@ -106,6 +112,12 @@ class TrainConfig:
         if self.mode != ASYNC and policy.policy != "none":
             raise PlacewiseError(f"--staleness {self.staleness} applies to --mode async only; {self.mode} has no "
                                  f"stale gradients")
+        self.dc_asgd.check()
+        self.gap_aware.check()
+        if self.backup_workers and self.mode != SYNC:
+            raise PlacewiseError(f"--backup-workers {self.backup_workers} applies to --mode sync only (a round that "
+                                 f"takes the first W - B gradients); {self.mode} has no rounds to drop them from")
+        self.backup().check()
         if self.mode == DDP and (self.n_push, self.n_fetch, self.servers) != (1, 1, 1):
             raise PlacewiseError("--mode ddp has no parameter server: drop --n-push, --n-fetch and --servers")
         if self.mode == SYNC and self.n_fetch != self.n_push:
@@ -146,10 +158,15 @@ class TrainConfig:
         # The pipeline's own checks: schedule, optimizer, microbatches against the batch and the stages.
         PipelineJob(model=self.model, batch_size=self.batch_size, mapping=self.mapping, schedule=self.schedule,
                     microbatches=self.microbatches, optimizer=self.optimizer).check()
-        if self.checkpoint or self.checkpoint_every or self.resume:
-            raise PlacewiseError("--checkpoint/--resume with --plan are not supported yet: each stage's server "
-                                 "saves at its own moment, so the files would not describe one state of the run; "
-                                 "drop them or drop --plan")
+        if self.backup_workers:
+            raise PlacewiseError("--backup-workers with --plan: each stage's server would take its own first W - B "
+                                 "pipelines, so one update could mix stages of different pipelines; drop one of them")
+        # Sync stage servers all save after the same rounds: the same pipelines' same steps. Async ones
+        # apply pushes in their own orders, so their files would not describe one state of the run.
+        if self.mode == ASYNC and (self.checkpoint or self.checkpoint_every or self.resume):
+            raise PlacewiseError("--checkpoint/--resume with --plan are not supported yet for --mode async: each "
+                                 "stage's server applies pushes in its own order, so the files would not describe one "
+                                 "state of the run; use --mode sync, or drop them or --plan")
 
     def snapshot_interval(self, train_size: int) -> int:
         """Updates between parameter copies for the accuracy curve."""

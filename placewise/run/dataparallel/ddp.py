@@ -8,19 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from placewise.run.data import BatchStream, Dataset
 from placewise.run.dataparallel.checkpoint import load_checkpoint, save_checkpoint
 from placewise.run.dataparallel.config import TrainConfig
-from placewise.run.dataparallel.model import build_model
+from placewise.run.dataparallel.model import build_model, forward_backward
 from placewise.run.optim import module_optimizer
 
 
 def run_ddp(rank: int, world_size: int, cfg: TrainConfig, data: Dataset) -> dict[str, Any]:
     """One DDP rank: local forward/backward, all-reduced gradients, its own (optionally fused) optimizer."""
     from torch.nn.parallel import DistributedDataParallel
-    model = build_model(cfg.model, data.features, data.classes, cfg.seed)
+    model = build_model(cfg.model, data.features, data.classes, cfg.seed, cfg.input_shape)
     steps = cfg.total_steps(data.train_size)
     fingerprint = cfg.fingerprint(data.features, data.classes)
     resume = load_checkpoint(Path(cfg.resume), fingerprint) if cfg.resume else None
@@ -53,12 +52,10 @@ def run_ddp(rank: int, world_size: int, cfg: TrainConfig, data: Dataset) -> dict
         cfg.maybe_kill(rank, version)
         x, y = stream.batch(version)
         optimizer.zero_grad()
-        out = ddp(x)
-        loss = F.cross_entropy(out, y)
-        loss.backward()
+        loss_sum, right = forward_backward(ddp, x, y)
         optimizer.step()
         version += 1
-        local.append((loss.item() * len(y), float((out.argmax(dim=1) == y).sum()), float(len(y))))
+        local.append((loss_sum, right, float(len(y))))
         if rank == 0:
             now = time.perf_counter() - began
             history.append({"version": version, "seconds": now, "worker": -1, "loss": local[-1][0] / len(y),

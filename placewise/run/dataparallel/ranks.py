@@ -12,7 +12,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from placewise.run.data import Dataset, load_dataset
+from placewise.run.data import Dataset
 from placewise.run.dataparallel.checkpoint import checkpoint_path, load_checkpoint
 from placewise.run.dataparallel.config import TrainConfig
 from placewise.run.dataparallel.ddp import run_ddp
@@ -21,6 +21,7 @@ from placewise.run.dataparallel.model import build_model
 from placewise.run.dataparallel.server import ParameterServer, ServerSettings, record_file
 from placewise.run.dataparallel.shared import SharedBuffers
 from placewise.run.choices import DDP
+from placewise.run.tasks import make_task
 from placewise.run.dataparallel.worker import run_pipeline_worker, run_worker
 from placewise.run.launcher import run_folder
 
@@ -28,9 +29,10 @@ from placewise.run.launcher import run_folder
 def run_server(rank: int, cfg: TrainConfig, data: Dataset, model: nn.Module, layout: Layout) -> dict[str, Any]:
     params = list(model.parameters())
     fingerprint = cfg.fingerprint(data.features, data.classes)
-    resume = load_checkpoint(checkpoint_path(cfg.resume, rank, cfg.servers), fingerprint) if cfg.resume else None
+    resume = load_checkpoint(checkpoint_path(cfg.resume, rank, layout.servers), fingerprint) if cfg.resume else None
     settings = ServerSettings(mode=cfg.mode, steps=cfg.total_steps(data.train_size), optimizer=cfg.optimizer,
-                              lr=cfg.lr, momentum=cfg.momentum, staleness=cfg.policy(), checkpoint=cfg.checkpoint,
+                              lr=cfg.lr, momentum=cfg.momentum, staleness=cfg.policy(), dc_asgd=cfg.dc_asgd,
+                              gap_aware=cfg.gap_aware, backup_workers=cfg.backup_workers, checkpoint=cfg.checkpoint,
                               checkpoint_every=cfg.checkpoint_every,
                               snapshot_every=cfg.snapshot_interval(data.train_size),
                               progress=cfg.progress and rank == 0, fingerprint=fingerprint,
@@ -46,10 +48,10 @@ def rank_main(rank: int, world_size: int, cfg: TrainConfig, data: Dataset | None
 
     `data` comes from the launching process when there is one (loaded once, no scikit-learn import
     per rank); under torchrun each rank loads it."""
-    data = data if data is not None else load_dataset(cfg.dataset, cfg.seed)
+    data = data if data is not None else make_task(cfg.model, cfg.dataset, cfg.seed, cfg.input_shape).data
     if cfg.mode == DDP:
         return run_ddp(rank, world_size, cfg, data)
-    model = build_model(cfg.model, data.features, data.classes, cfg.seed)
+    model = build_model(cfg.model, data.features, data.classes, cfg.seed, cfg.input_shape)
     layout, prepared = parameter_layout(cfg, model, data)
     groups = []
     if prepared is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -91,7 +92,8 @@ def print_report(report: TrainReport) -> None:
              f"{report.updates}" + (f" (resumed at {report.resumed_from})"
                                                   if report.resumed_from is not None else "")),
             ("seconds", f"{report.seconds:.2f}"), ("updates/s", f"{report.updates_per_s:.1f}"),
-            ("final training loss", f"{report.final_loss:.4f}"), ("test accuracy", f"{report.test_accuracy:.2%}")]
+            ("final training loss", f"{report.final_loss:.4f}"), ("test accuracy", "none (regression targets)" if math.isnan(report.test_accuracy)
+                                               else f"{report.test_accuracy:.2%}")]
     if report.mode == ASYNC:
         rows += [("mean staleness", f"{report.mean_staleness:.2f}"), ("max staleness", str(report.max_staleness))]
         for stage, values in enumerate(report.stage_staleness):

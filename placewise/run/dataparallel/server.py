@@ -14,7 +14,8 @@ peer is detected by its closed connection, not a timer).
 
 Modes on the same code path: "async" applies each push as it arrives; "sync" waits for one push
 from every live worker, averages them in worker order (deterministic) and steps once. Staleness
-policies: `staleness.py`.
+policies: `staleness.py`; the compensating ones (DC-ASGD, gap-aware) and the
+backup-worker rule of sync rounds: `placewise.run.compensation`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ import torch
 import torch.distributed as dist
 
 from placewise.errors import PlacewiseError
-from placewise.run.choices import BOUND, SERVER_MODES, SYNC
+from placewise.run.choices import BOUND, DC_ASGD, GAP_AWARE, SERVER_MODES, SYNC
+from placewise.run.compensation import (BackupWorkers, Compensation, DcAsgdOptions, DelayCompensation, GapAware,
+                                        GapAwareOptions)
 from placewise.run.dataparallel.checkpoint import checkpoint_path, save_checkpoint
 from placewise.run.dataparallel.protocol import CONTINUE, HEADER, STOP, Kind, flat_views, views_like
 from placewise.run.dataparallel.shared import SharedBuffers
@@ -63,6 +66,9 @@ class ServerSettings:
     lr: float = 0.05
     momentum: float = 0.9
     staleness: Staleness = field(default_factory=Staleness)
+    dc_asgd: DcAsgdOptions = field(default_factory=DcAsgdOptions)
+    gap_aware: GapAwareOptions = field(default_factory=GapAwareOptions)
+    backup_workers: int = 0        # sync: a round closes with the first len(workers) - backup_workers pushes
     checkpoint: str | None = None
     checkpoint_every: int = 0
     snapshot_every: int = 0        # keep a copy of the parameters every this many updates (0: only the last)
@@ -80,6 +86,9 @@ class Update:
     loss: float                    # mean training loss of the pushed steps
     accuracy: float                # training accuracy of the pushed steps
     staleness: int
+    # (worker, its steps done) of each push this update applied: one for an asynchronous push, the
+    # round's members for a synchronous one (what an in-process replay of the run needs).
+    pushes: list[tuple[int, int]] = field(default_factory=list)
 
 
 class ParameterServer:
@@ -97,6 +106,9 @@ class ParameterServer:
             p.grad = g
         self.optimizer = make_optimizer(settings.optimizer, self.params, settings.lr, settings.momentum)
         self.base_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self.compensation = _compensation(settings, self.flat, self.workers)
+        self.backup = BackupWorkers(len(self.workers), settings.backup_workers)
+        self.dropped = 0                         # sync with backup workers: pushes that came too late
         self.version = 0
         self.worker_steps: dict[int, int] = {}
         self.history: list[Update] = []
@@ -108,6 +120,8 @@ class ParameterServer:
             self.version = int(resume["version"])
             self.worker_steps = dict(resume["worker_steps"])
             self.history = [Update(**u) for u in resume["history"]]
+            if self.compensation is not None:
+                self.compensation.load_state_dict(resume["compensation"])
         self.resumed_from = self.version if resume is not None else None
         # The version after every update, where the launching process reads it should this process die:
         # the updates lost since the last checkpoint. A store to a mapped page costs nothing per update.
@@ -200,6 +214,11 @@ class ParameterServer:
             self._finish(worker) if self.done else self._reply(worker, CONTINUE, fetch=True)
         elif self.done:
             self._finish(worker)
+        elif self.settings.mode == SYNC and not self.backup.accepts(int(header[2]), self.version):
+            # Computed on an earlier round's parameters: that round closed without it (backup workers).
+            self.worker_steps[worker] = int(header[1])
+            self.dropped += 1
+            self._reply(worker, CONTINUE, fetch=True)
         elif self.settings.mode == SYNC:
             self.round[worker] = header
             self._maybe_close_round()
@@ -217,13 +236,15 @@ class ParameterServer:
         if self.settings.staleness.policy == "lr":
             for group, lr in zip(self.optimizer.param_groups, self.base_lr):
                 group["lr"] = lr / max(1, staleness)
+        if self.compensation is not None:
+            self.compensation.compensate(worker, self.payload[worker], self.flat)
         self._step(worker, {worker: header}, staleness)
         self.clock[worker] += 1
         self.deferred[worker] = header
         self._release_deferred()
 
     def _maybe_close_round(self) -> None:
-        if not self.round or not self.active <= set(self.round):
+        if not self.round or len(self.round) < self.backup.quorum(len(self.active)):
             return
         members = sorted(self.round)
         for p, g in zip(self.params, self.own_grads):
@@ -243,7 +264,11 @@ class ParameterServer:
 
     def _step(self, worker: int, pushes: dict[int, torch.Tensor], staleness: int) -> None:
         """Apply the parameters' current gradients (from `pushes`, worker -> header) as one update."""
+        if self.compensation is not None:
+            self.compensation.before_step(self.flat)
         self.optimizer.step()
+        if self.compensation is not None:
+            self.compensation.after_step(self.flat)
         self.version += 1
         if self.version_record is not None:
             self.version_record[0] = self.version
@@ -252,7 +277,8 @@ class ParameterServer:
         loss_sum, correct, samples = (sum(float(h[i]) for h in pushes.values()) for i in (3, 4, 5))
         samples = max(1.0, samples)
         self.history.append(Update(self.version, time.perf_counter() - self._start, worker,
-                                   loss_sum / samples, correct / samples, staleness))
+                                   loss_sum / samples, correct / samples, staleness,
+                                   [(w, int(h[1])) for w, h in pushes.items()]))
         self._snapshot()
         if self.settings.checkpoint and self.settings.checkpoint_every and \
                 self.version % self.settings.checkpoint_every == 0:
@@ -282,6 +308,8 @@ class ParameterServer:
         send_parameters = fetch and status == CONTINUE
         if send_parameters and self.shared is not None:
             self.worker_params[worker].copy_(self.flat)  # before the reply: the worker reads them after it
+        if send_parameters and self.compensation is not None:
+            self.compensation.remember(worker, self.flat)
         try:
             dist.send(reply, dst=worker)
             if send_parameters and self.shared is None:
@@ -318,11 +346,12 @@ class ParameterServer:
     def _checkpoint(self) -> None:
         state = {"version": self.version, "params": [p.detach().clone() for p in self.params],
                  "optimizer": self.optimizer.state_dict(), "worker_steps": dict(self.worker_steps),
-                 "history": [u.__dict__ for u in self.history], "fingerprint": self.settings.fingerprint}
+                 "history": [u.__dict__ for u in self.history], "fingerprint": self.settings.fingerprint,
+                 "compensation": None if self.compensation is None else self.compensation.state_dict()}
         save_checkpoint(checkpoint_path(self.settings.checkpoint, self.shard, self.servers), state)
 
     def _result(self) -> dict[str, Any]:
-        return {"role": "server", "shard": self.shard, "version": self.version,
+        return {"role": "server", "shard": self.shard, "version": self.version, "dropped": self.dropped,
                 "history": [u.__dict__ for u in self.history], "lost": dict(self.lost),
                 "snapshots": self.snapshots, "resumed_from": self.resumed_from,
                 "seconds": time.perf_counter() - self._start}
@@ -362,3 +391,13 @@ class ParameterServer:
         if self._progress is not None:
             self._show_progress()
             self._progress.stop()
+
+
+def _compensation(settings: ServerSettings, flat: torch.Tensor, workers: list[int]) -> Compensation | None:
+    """The state of a compensating staleness policy over this shard's parameters, or None."""
+    policy = settings.staleness.policy
+    if policy == DC_ASGD:
+        return DelayCompensation(flat, workers, settings.dc_asgd)
+    if policy == GAP_AWARE:
+        return GapAware(flat, workers, settings.gap_aware)
+    return None

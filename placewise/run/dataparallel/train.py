@@ -31,16 +31,17 @@ from torch import nn
 
 from placewise.errors import PlacewiseError
 from placewise.run.choices import DDP
-from placewise.run.data import BatchStream, Dataset, load_dataset
+from placewise.run.data import BatchStream, Dataset
 from placewise.run.dataparallel.checkpoint import checkpoint_path, load_checkpoint
 from placewise.run.dataparallel.config import TrainConfig, check_processes
 from placewise.run.dataparallel.layout import Layout, parameter_layout
-from placewise.run.dataparallel.model import accuracy, build_model
 from placewise.run.dataparallel.ranks import rank_main
 from placewise.run.dataparallel.recovery import ServerRecovery
 from placewise.run.dataparallel.report import TrainReport
 from placewise.run.dataparallel.shared import shared_bytes, shared_folder
 from placewise.run.launcher import is_torchrun, launch, run_rank
+from placewise.profile.profiler import torch_threads
+from placewise.run.tasks import accuracy, libraries, make_task
 
 # Imported once by the launcher's fork server: later runs in the same process start in well under a second.
 PRELOAD = ("torch", "torch.distributed", "torch.nn.parallel", "torch.distributed.pipelining",
@@ -73,20 +74,28 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
     Starts every rank on this machine over 127.0.0.1, or, under torchrun, is one of the ranks
     (then only rank 0 returns the report; the others return None)."""
     cfg.validate()
-    data = load_dataset(cfg.dataset, cfg.seed)
+    # This process computes (the task, the evaluation) with the ranks' thread count: on a busy machine more
+    # threads than cores cost far more than they bring.
+    with torch_threads(cfg.threads):
+        task = make_task(cfg.model, cfg.dataset, cfg.seed, cfg.input_shape)
+    data, model = task.data, task.model
     BatchStream(data.x_train, data.y_train, cfg.batch_size, cfg.seed, 0)  # a batch that fits, checked here once
-    model = build_model(cfg.model, data.features, data.classes, cfg.seed)
     params = list(model.parameters())
     layout, _ = parameter_layout(cfg, model, data)
     world_size = cfg.workers if cfg.mode == DDP else layout.world_size
     check_processes(cfg, world_size)
-    resumed_at = [load_checkpoint(checkpoint_path(cfg.resume, s, cfg.server_count() or 1),
-                                  cfg.fingerprint(data.features, data.classes))["version"]
-                  for s in range(cfg.server_count() or 1)] if cfg.resume else []
-    if resumed_at and max(resumed_at) >= cfg.total_steps(data.train_size):
-        raise PlacewiseError(f"--resume {cfg.resume}: the checkpoint is at update {max(resumed_at)}, where this run "
-                             f"would already end ({cfg.total_steps(data.train_size)} updates); ask for more "
-                             f"--epochs or --steps to train on")
+    resumed_at: list[int] = []
+    if cfg.resume:
+        resumed_at = [load_checkpoint(checkpoint_path(cfg.resume, s, layout.servers),  # DDP's one file counts as one
+                                      cfg.fingerprint(data.features, data.classes))["version"]
+                      for s in range(layout.servers)]
+        if len(set(resumed_at)) > 1:  # a run stopped between two stage servers' saves of the same update
+            raise PlacewiseError(f"the checkpoints of {cfg.resume} are at different updates ({sorted(set(resumed_at))}); "
+                                 f"resume from files written at the same update")
+        if resumed_at[0] >= cfg.total_steps(data.train_size):
+            raise PlacewiseError(f"--resume {cfg.resume}: the checkpoint is at update {resumed_at[0]}, where this run "
+                                 f"would already end ({cfg.total_steps(data.train_size)} updates); ask for more "
+                                 f"--epochs or --steps to train on")
     worker_ranks = [] if cfg.mode == DDP else [layout.worker_ranks(w) for w in range(cfg.workers)]
     recovery = None
     if is_torchrun():
@@ -102,11 +111,12 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
             recovery = ServerRecovery(run_cfg, data, layout)
             results, failures = launch(rank_main, world_size, (run_cfg, data), threads=cfg.threads,
                                        timeout_s=cfg.timeout_s, tolerate=[r for ranks in worker_ranks for r in ranks],
-                                       preload=PRELOAD, cleanup=[shared_dir] if shared_dir else [],
+                                       preload=PRELOAD + libraries(cfg.model), cleanup=[shared_dir] if shared_dir else [],
                                        restart=None if cfg.mode == DDP else recovery)
     server_results, history, shards = _server_view(cfg, layout, params, results)
     lost = _lost(cfg, server_results, failures, worker_ranks)
-    curve = _evaluate(model, params, shards, server_results, data)
+    with torch_threads(cfg.threads):
+        curve = _evaluate(model, params, shards, server_results, data)
     version = server_results[0]["version"]
     restarts = recovery.restarts if recovery is not None else []
     # A restarted server resumed from its own checkpoint; the run resumed from --resume, if at all.

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from placewise.run.cut import Prepared
@@ -17,17 +16,10 @@ from placewise.run.data import BatchStream, Dataset
 from placewise.run.dataparallel.config import TrainConfig
 from placewise.run.dataparallel.layout import Layout
 from placewise.run.dataparallel.link import ServerLink
+from placewise.run.dataparallel.model import correct, forward_backward
 from placewise.run.dataparallel.protocol import Kind
 from placewise.run.dataparallel.shared import SharedBuffers
 from placewise.run.stage import stage_schedule
-
-
-def _forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Forward and backward of one minibatch (gradients accumulate); returns loss sum and correct count."""
-    out = model(x)
-    loss = F.cross_entropy(out, y)
-    loss.backward()
-    return loss.item() * len(y), float((out.argmax(dim=1) == y).sum())
 
 
 def run_worker(rank: int, cfg: TrainConfig, data: Dataset, model: nn.Module, layout: Layout) -> dict[str, Any]:
@@ -38,7 +30,7 @@ def run_worker(rank: int, cfg: TrainConfig, data: Dataset, model: nn.Module, lay
 
     def compute(step: int) -> tuple[float, float, float]:
         x, y = stream.batch(step)
-        return (*_forward_backward(model, x, y), float(len(y)))
+        return (*forward_backward(model, x, y), float(len(y)))
 
     start = link.call(cfg, Kind.HELLO, 0, (0.0, 0.0, 0.0))
     began = time.perf_counter()
@@ -67,7 +59,7 @@ def run_pipeline_worker(rank: int, cfg: TrainConfig, data: Dataset, model: nn.Mo
             return 0.0, 0.0, 0.0
         # Each microbatch's loss is divided by the microbatch count: their sum is the batch mean.
         loss = float(torch.stack(losses).sum().detach())
-        return loss * len(y), float((out.detach().argmax(dim=1) == y).sum()), float(len(y))
+        return loss * len(y), correct(out, y), float(len(y))
 
     def share(totals: tuple[float, float, float]) -> tuple[float, float, float]:
         # Only the last stage sees the loss; every stage's push carries it, so every server's record has it.
