@@ -80,7 +80,7 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
     data, model = task.data, task.model
     params = list(model.parameters())
     layout, _ = parameter_layout(cfg, model, data)
-    world_size = cfg.workers if cfg.mode == DDP else layout.world_size
+    world_size = cfg.workers * layout.stages if cfg.mode == DDP else layout.world_size
     check_processes(cfg, world_size)
     if cfg.resume:
         versions = {load_checkpoint(checkpoint_path(cfg.resume, s, layout.servers),  # DDP's one file counts as one
@@ -135,6 +135,9 @@ def _server_view(cfg: TrainConfig, layout: Layout, params: list[nn.Parameter],
     if cfg.mode != DDP:
         server_results = results[:layout.servers]
         return server_results, server_results[0]["history"], [list(shard) for shard in layout.shards]
+    if cfg.mapping:  # DDP over pipelines: worker 0's stages (those with parameters) and its last stage's history
+        return ([results[s] for s in layout.shard_stage], results[layout.stages - 1]["history"],
+                [list(shard) for shard in layout.shards])
     lead = results[0]
     history = lead["history"]
     start = len(history) - len(lead["local"])
