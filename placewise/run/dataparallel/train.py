@@ -123,7 +123,7 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
         mean_staleness=sum(stale) / len(stale) if stale else 0.0, max_staleness=max(stale, default=0),
         lost_workers={int(k): v for k, v in sorted(lost.items())}, resumed_from=resumed_from,
         curve=curve, history=history, stages=cfg.stages, worker_ranks=worker_ranks,
-        stage_staleness=stage_staleness,
+        stage_staleness=stage_staleness, dropped=sum(r.get("dropped", 0) for r in server_results),
         final_state={k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
