@@ -84,7 +84,8 @@ class TrainConfig:
         """Server updates of the run: `steps`, or `epochs` passes over the data (all workers together)."""
         if self.steps is not None:
             return self.steps
-        per_update = self.batch_size * self.n_push * (1 if self.mode == ASYNC else self.workers)
+        # A sync round with backup workers takes W - B gradients: epochs count the samples it uses.
+        per_update = self.batch_size * self.n_push * (1 if self.mode == ASYNC else self.workers - self.backup_workers)
         return max(1, int(-(-self.epochs * train_size // per_update)))
 
     def validate(self) -> None:
