@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--dc-lambdas", default="0.04,1.0", help="dc-asgd's lambda values, each with every lr, momentum")
     ap.add_argument("--throughput-steps", type=int, default=24)
     ap.add_argument("--skip", choices=["accuracy", "throughput"], help="leave one part out")
-    ap.add_argument("--variants", help="comma-separated time-to-accuracy variants to run (default: all)")
+    ap.add_argument("--variants", help="time-to-accuracy variants to run, separated by ';' (default: all)")
     ap.add_argument("--out", default="placewise-out/async_policies")
     args = ap.parse_args()
     console = Console(stderr=True)
@@ -88,7 +88,10 @@ def _label(setting: dict[str, Any]) -> str:
 
 
 def time_to_accuracy(args: argparse.Namespace, console: Console) -> list[dict[str, Any]]:
-    names = args.variants.split(",") if args.variants else list(ACCURACY_VARIANTS)
+    names = [n.strip() for n in args.variants.split(";")] if args.variants else list(ACCURACY_VARIANTS)
+    unknown = sorted(set(names) - set(ACCURACY_VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(ACCURACY_VARIANTS)}")
     combos = [(name, s) for name in names for s in _settings(name, args)]
     runs: dict[int, list] = {i: [] for i in range(len(combos))}
     load = os.getloadavg()[0]
