@@ -10,6 +10,11 @@ inputs that have a reference time against the sum of the reference times (40.1 s
 passes --time-limit returns the DP's upper-bound split and is shown as stopped, with its gap.
 
     .venv/bin/python benchmarks/planner.py [--repeat 3] [--time-limit 60] [--only gnmt inception] [--json out.json]
+
+Real models (`--models DIR`): every graph `placewise profile` wrote into DIR, on 4 and on 8
+accelerators, with units and ideals before and after replication (`plan.replicable`), seconds,
+peak memory and gap. The scale row (`--scale GRAPH --nodes 50000`): a graph of about that many
+nodes made by repeating a profiled model (its copies joined output to input), on 8 accelerators.
 """
 
 from __future__ import annotations
@@ -53,13 +58,36 @@ def inputs() -> list[tuple[str, Path, int | None]]:
     return out
 
 
-def measure(path: Path, accelerators: int | None, repeat: int, time_limit: float) -> dict:
+def repeated(path: Path, nodes: int):
+    """About `nodes` nodes: copies of a profiled graph in series, each copy's last forward node
+    feeding the next copy's first (ids offset per copy, backward edges mirrored likewise)."""
+    from dataclasses import replace
+
+    from placewise.graph import Edge, OpGraph, load_graph
+    block = load_graph(path)
+    copies = max(1, round(nodes / len(block.nodes)))
+    span = max(n.id for n in block.nodes) + 1
+    classes = max((n.colocate for n in block.nodes if n.colocate is not None), default=-1) + 1
+    forward = [block.nodes[i] for i in block.topological_order if not block.nodes[i].backward]
+    first, last = forward[0], forward[-1]
+    out_nodes, out_edges = [], []
+    for c in range(copies):
+        out_nodes += [replace(n, id=n.id + c * span, colocate=None if n.colocate is None else n.colocate + c * classes)
+                      for n in block.nodes]
+        out_edges += [replace(e, src=e.src + c * span, dst=e.dst + c * span) for e in block.edges]
+        if c:
+            cost = block.out_cost[block.index[last.id]]
+            out_edges.append(Edge(last.id + (c - 1) * span, first.id + c * span, float(cost), None))
+    return OpGraph.build(out_nodes, out_edges, name=f"{block.name} x{copies}", meta=block.meta_dict)
+
+
+def measure(path: Path, accelerators: int | None, repeat: int, time_limit: float, nodes: int | None = None) -> dict:
     """Runs inside the fresh process: solve 1 + repeat times, report times and this process's peak memory."""
     from placewise.errors import PlacewiseError
     from placewise.graph import Cluster, load_graph
     from placewise.plan import SolveOptions, solve
 
-    graph = load_graph(path)
+    graph = repeated(path, nodes) if nodes else load_graph(path)
     cluster = graph.cluster if accelerators is None else Cluster.simple(accelerators, 0, None)
     row: dict = {"nodes": len(graph.nodes), "accelerators": cluster.accelerators, "cpus": cluster.cpus}
     times, cpu = [], []
@@ -77,16 +105,22 @@ def measure(path: Path, accelerators: int | None, repeat: int, time_limit: float
         cpu.append(time.process_time() - start_cpu)
     else:
         row.update(max_load=plan.max_load, ideals=plan.notes["ideals"], units=plan.notes["units"],
-                   pairs=plan.notes["ideal_pairs"], exact=plan.notes["exact"], gap=plan.gap)
+                   pairs=plan.notes.get("ideal_pairs", 0), exact=plan.notes["exact"], gap=plan.gap,
+                   nodes=len(graph.nodes), replicated=plan.notes.get("replicated_nodes", 0),
+                   units_before=plan.notes.get("units_before_replication", plan.notes["units"]),
+                   ideals_before=plan.notes.get("ideals_before_replication", plan.notes["ideals"]))
     row.update(cold=times[0], seconds=statistics.median(times[1:] or times), cpu=statistics.median(cpu[1:] or cpu),
                peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return row
 
 
-def run_one(label: str, path: Path, accelerators: int | None, repeat: int, time_limit: float) -> dict:
+def run_one(label: str, path: Path, accelerators: int | None, repeat: int, time_limit: float,
+            nodes: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", str(path), "--repeat", str(repeat), "--time-limit", str(time_limit)]
     if accelerators is not None:
         cmd += ["--accelerators", str(accelerators)]
+    if nodes:
+        cmd += ["--repeat-to", str(nodes)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=PER_INPUT_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -103,12 +137,21 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--time-limit", type=float, default=60.0, metavar="S",
                         help="per solve; past it the DP returns its upper-bound split, marked not exact")
+    parser.add_argument("--models", metavar="DIR", help="also plan every profiled graph (*.json) in DIR")
+    parser.add_argument("--scale", metavar="GRAPH", help="also plan copies of this profiled graph, --nodes in all")
+    parser.add_argument("--nodes", type=int, default=50_000, help="nodes of the --scale graph")
+    parser.add_argument("--skip-shared", action="store_true", help="leave out the shared inputs")
     parser.add_argument("--child", metavar="GRAPH", help=argparse.SUPPRESS)
     parser.add_argument("--accelerators", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--repeat-to", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure(Path(args.child), args.accelerators, args.repeat, args.time_limit)))
+        print(json.dumps(measure(Path(args.child), args.accelerators, args.repeat, args.time_limit, args.repeat_to)))
         return
+    if args.models or args.scale:
+        models_table(args)
+        if args.skip_shared:
+            return
 
     from rich.console import Console
     from rich.table import Table
@@ -161,6 +204,34 @@ def main() -> None:
                       f"{max(r.get('peak_bytes', 0) for r in rows) / 2**30:.2f} GB")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def models_table(args) -> None:
+    """Real models: units and ideals before and after replication, seconds, peak memory, gap."""
+    from rich.console import Console
+    from rich.table import Table
+
+    jobs = [(p.stem, p, k, None) for p in sorted(Path(args.models).glob("*.json")) for k in (4, 8)] if args.models else []
+    if args.scale:
+        jobs.append((f"{Path(args.scale).stem} x ~{args.nodes:,} nodes", Path(args.scale), 8, args.nodes))
+    table = Table(title="real models (replication on; seconds: median of warm solves)")
+    for col in ("model", "k", "nodes", "replicated", "units before", "units", "ideals before", "ideals", "max-load",
+                "gap", "seconds", "cold", "peak MB"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    rows = []
+    for label, path, k, nodes in jobs:
+        row = run_one(label, path, k, args.repeat, args.time_limit, nodes)
+        rows.append(row)
+        if "error" in row:
+            table.add_row(label, str(k), "", "", "", "", "", "", f"[red]{row['error'][:60]}[/red]", "", "", "", "")
+            continue
+        table.add_row(label, str(k), f"{row['nodes']:,}", str(row["replicated"]), str(row["units_before"]),
+                      str(row["units"]), f"{row['ideals_before']}", f"{row['ideals']}", f"{row['max_load']:.8g}",
+                      f"{row['gap']:.2g}", f"{row['seconds']:.2f}", f"{row['cold']:.2f}",
+                      f"{row['peak_bytes'] / 2**20:.0f}")
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    if args.json:
+        Path(args.json).with_suffix(".models.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ from placewise.validate import (OneLineParser, device_count, finite_non_negative
                                 output_folder, positive_int, seed)
 
 
+# Microbatches per step when neither the command line nor the plan says.
+DEFAULT_MICROBATCHES = 4
+
+
 # ---- shared helpers -------------------------------------------------------------------------------
 def _cluster_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("devices (override what the graph file carries)")
@@ -91,7 +95,8 @@ def cmd_evaluate(args) -> int:
     cluster = _cluster(args, graph)
     assignment = load_split(args.split, graph)
     plan = plan_from_assignment(graph, cluster, assignment, solver=f"split:{Path(args.split).name}", seconds=0.0,
-                                objective=args.objective, contiguous=not args.noncontiguous)
+                                objective=args.objective, contiguous=not args.noncontiguous,
+                                replicate=not args.no_replicate)
     _emit(plan, args, f"{graph.name}: {Path(args.split).name}")
     return 0 if plan.feasible else 1
 
@@ -102,10 +107,48 @@ def cmd_plan(args) -> int:
     cluster = _cluster(args, graph)
     _check_time_limit(args)
     options = SolveOptions(objective=args.objective, contiguous=not args.noncontiguous, time_limit=args.time_limit,
-                           gap=args.gap, seed=args.seed, progress=not args.json and sys.stderr.isatty())
+                           gap=args.gap, seed=args.seed, progress=not args.json and sys.stderr.isatty(),
+                           replicate=not args.no_replicate)
+    schedule = _schedule(args)
+    scale = _microbatch_scale(args, graph)
+    if args.solver == "dp-schedule":
+        from placewise.plan import get_entry
+        if schedule is None:
+            raise PlacewiseError("--solver dp-schedule plans for a schedule; give --microbatches M (and --schedule)")
+        options = get_entry("dp-schedule").options(options, schedule=schedule, microbatch_scale=scale)
     plan = solve(graph, cluster, args.solver, options)
+    if schedule is not None:
+        from placewise.plan.predict import with_prediction
+        plan = with_prediction(graph, cluster, plan, schedule, microbatch_scale=scale)
     _emit(plan, args, f"{graph.name}: {plan.solver} plan on {cluster.accelerators} accelerator(s), {cluster.cpus} CPU(s)")
+    if args.explain and not args.json:
+        from placewise.console import print_explanation
+        print_explanation(plan)
+    if not args.json and schedule is not None:
+        from placewise.predicted import print_prediction
+        print_prediction(plan)
     return 0
+
+
+def _schedule(args):
+    """The schedule `--schedule`/`--microbatches` ask for; None when neither is given."""
+    if args.microbatches is None and args.schedule is None:
+        return None
+    from placewise.plan.schedule import DEFAULT_SCHEDULE, Schedule
+    return Schedule(args.schedule or DEFAULT_SCHEDULE, args.microbatches or 1)
+
+
+def _microbatch_scale(args, graph) -> float:
+    """Microbatch size over the profiled batch size (times and activations scale with it)."""
+    if args.batch_size is None:
+        return 1.0
+    from placewise.run.report import profiled_batch
+    profiled = profiled_batch(graph)
+    if profiled is None:
+        raise PlacewiseError("--batch-size needs a graph made by `placewise profile` (its batch size is recorded)")
+    if args.batch_size % (args.microbatches or 1):
+        raise PlacewiseError(f"--batch-size {args.batch_size} does not split into {args.microbatches} equal microbatches")
+    return args.batch_size / (args.microbatches or 1) / profiled
 
 
 # ---- compare (baselines issue) --------------------------------------------------------------------
@@ -129,7 +172,8 @@ def cmd_compare(args) -> int:
         methods = [*methods, "expert"]
     # Without a limit an integer program may run for hours on a large graph; a comparison should end.
     time_limit = COMPARE_TIME_LIMIT if args.time_limit is None else args.time_limit
-    options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed)
+    options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed,
+                           replicate=not args.no_replicate)
     specific = {"expert": get_entry("expert").options(options, split=args.expert)} if args.expert else {}
     err = Console(stderr=True)
     show = not args.json and sys.stderr.isatty()
@@ -179,7 +223,8 @@ def cmd_profile(args) -> int:
     from placewise.profile import build_model, export_paper, profile_model
     from placewise.profile.report import print_summary, summary
     cluster = load_device_file(args.devices) if args.devices else None
-    model, inputs = build_model(args.model, args.batch_size, args.input_shape, layers=args.layers, seed=args.seed)
+    model, inputs = build_model(args.model, args.batch_size, args.input_shape, layers=args.layers, hidden=args.hidden,
+                                heads=args.heads, seed=args.seed)
     graph = profile_model(model, inputs, name=args.model, granularity=args.granularity, device=args.device,
                           training=args.training, repeats=args.repeats, warmup=args.warmup, cluster=cluster,
                           optimizer=args.optimizer, threads=args.threads, clock=args.clock,
@@ -201,6 +246,9 @@ def cmd_profile(args) -> int:
 def cmd_devices(args) -> int:
     from placewise.profile.machine import describe_machine, machine_device_file
     info = describe_machine()
+    if args.measure:
+        from placewise.run.links import measure_link
+        info["link"] = measure_link().to_json()
     if args.out:
         Path(args.out).write_text(machine_device_file(info))
     if args.json:
@@ -219,6 +267,10 @@ def cmd_devices(args) -> int:
     if info["torch"]:
         print(f"torch {info['torch']['version']}, {info['torch']['threads']} intra-op thread(s)"
               + ("" if info["cuda"] else "; no CUDA device"))
+    if info.get("link"):
+        link = info["link"]
+        print(f"link between two processes ({link['backend']}): latency {1e6 * link['latency']:.0f} us, "
+              f"bandwidth {link['bandwidth'] / 1e9:.2f} GB/s")
     if args.out:
         print(f"device file written to {args.out}")
     return 0
@@ -243,11 +295,25 @@ def _pipeline_job(args, mode: str):
     plan = load_plan(args.plan)
     job = PipelineJob(model=args.model, batch_size=args.batch_size, mapping=mapping_from_plan(plan),
                       input_shape=tuple(args.input_shape) if args.input_shape else None, mode=mode,
-                      schedule=getattr(args, "schedule", GPIPE), microbatches=args.microbatches, steps=args.steps,
+                      schedule=_train_schedule(args, plan), microbatches=_train_microbatches(args, plan), steps=args.steps,
                       warmup=1, lr=getattr(args, "lr", 0.0), optimizer=getattr(args, "optimizer", "sgd"),
                       momentum=getattr(args, "momentum", 0.0), fuse=getattr(args, "fuse", "none"),
                       seed=getattr(args, "seed", 0), progress=not args.json and sys.stderr.isatty())
     return plan, job
+
+
+def _train_schedule(args, plan=None) -> str:
+    """--schedule, else the schedule the plan was made for, else the default (serve-bench: GPipe, forward only)."""
+    if not hasattr(args, "schedule"):
+        return GPIPE
+    return args.schedule or (plan.schedule.kind if plan is not None and plan.schedule else DEFAULT_SCHEDULE)
+
+
+def _train_microbatches(args, plan=None) -> int:
+    """--microbatches, else the plan's schedule's, else 4."""
+    if args.microbatches is not None:
+        return args.microbatches
+    return plan.schedule.microbatches if plan is not None and plan.schedule else DEFAULT_MICROBATCHES
 
 
 def _run_pipeline_job(args, mode: str) -> int:
@@ -269,6 +335,11 @@ def _run_pipeline_job(args, mode: str) -> int:
     if getattr(args, "out", None):
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / f"{mode}-report.json").write_text(dump_json(report) + "\n")
+        if mode == "train" and len(results) > 1:
+            from placewise.predicted import draw_predicted_and_measured
+            draw_predicted_and_measured(plan, job.model, job.schedule, job.microbatches, job.batch_size, results,
+                                        Path(args.out) / "timeline.png")
+            print(f"timeline written to {Path(args.out) / 'timeline.png'}")
     if args.json:
         print(dump_json(report))
     else:
@@ -299,8 +370,8 @@ def _train_data_parallel(args) -> int:
                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                       momentum=args.momentum, fuse=args.fuse, seed=args.seed, threads=args.threads,
                       checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      progress=not args.json and sys.stderr.isatty(), mapping=mapping, schedule=args.schedule,
-                      microbatches=args.microbatches, transport=args.transport,
+                      progress=not args.json and sys.stderr.isatty(), mapping=mapping, schedule=_train_schedule(args),
+                      microbatches=_train_microbatches(args), transport=args.transport,
                       input_shape=tuple(args.input_shape) if args.input_shape else None,
                       backup_workers=args.backup_workers, **_compensation_options(args))
     report = train_data_parallel(cfg)
@@ -323,6 +394,22 @@ def _compensation_options(args) -> dict:
     return {"dc_asgd": DcAsgdOptions(**dc), "gap_aware": GapAwareOptions(**gap)}
 
 
+def cmd_simulate(args) -> int:
+    from placewise.plan import load_plan
+    from placewise.predicted import simulate_report
+    result = simulate_report(load_plan(args.plan), Path(args.plan).name, args.schedule, args.microbatches, args.picture)
+    if args.json:
+        print(dump_json(result))
+        return 0
+    unit = result["time_unit"]
+    print(f"{result['schedule']['kind']} with {result['schedule']['microbatches']} microbatches: predicted step "
+          f"{result['step_time']:.6g} {unit} (first step from empty {result['first_step']:.6g}; busiest stage "
+          f"{max(result['busy']):.6g}; bubble {100 * result['bubble']:.0f}%)")
+    if args.picture:
+        print(f"timeline written to {args.picture}")
+    return 0
+
+
 def cmd_serve_bench(args) -> int:
     return _run_pipeline_job(args, "infer")
 
@@ -336,11 +423,14 @@ def cmd_demo(args) -> int:
 EXAMPLES = {
     "evaluate": "placewise evaluate ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/bert24_inference.json "
                 "../shared/workloads/dnn-partitioning/human-experts/bert24_inference_expert.json",
-    "plan": "placewise plan ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/resnet50_inference.json -k 4 --out plan.json",
+    "plan": "placewise plan ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/resnet50_inference.json -k 4 --out plan.json"
+            "\n  placewise plan resnet18.json --devices here.yaml --solver dp-schedule --schedule gpipe --microbatches 8",
     "compare": "placewise compare ../shared/workloads/dnn-partitioning/throughput-inputs/LayerGraphs/bert24_inference.json "
                "--plot compare.png",
     "profile": "placewise profile resnet18 --input-shape 3 64 64 --batch-size 8 --training --out resnet18.json",
-    "devices": "placewise devices --json",
+    "devices": "placewise devices --json\n  placewise devices --measure --out here.yaml  # with the link measured",
+    "simulate": "placewise simulate plan.json --microbatches 8 --picture timeline.png  # a plan made with:"
+                "\n  placewise plan resnet18.json --devices here.yaml --schedule 1f1b --microbatches 4 --out plan.json",
     "train": "placewise train resnet18 --plan plan.json --graph resnet18.json --input-shape 3 64 64 --batch-size 8 "
              "--microbatches 4 --steps 3 --fuse backward\n  placewise train mlp --workers 2 --mode async --epochs 5"
              "\n  placewise train cnn --workers 2 --mode async --staleness dc-asgd --epochs 5  # any model"
@@ -350,6 +440,12 @@ EXAMPLES = {
                    "--batch-size 8 --microbatches 4",
     "demo": "placewise demo --out placewise-out",
 }
+
+
+def _replicate_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-replicate", action="store_true",
+                   help="place every node once (default: cheap input-derived nodes such as sizes, masks and position "
+                        "ids are recomputed by each stage that needs them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noncontiguous", action="store_true", help="do not require contiguous sets")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
     p.add_argument("--out", type=output_file, metavar="PLAN.json", help="also write the scored plan")
+    _replicate_flag(p)
 
     p = add("plan", "find a split of a graph across devices", cmd_plan)
     _graph_command(p)
@@ -378,8 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=finite_positive, metavar="S", help="stop after S seconds with the best plan found")
     p.add_argument("--gap", type=finite_non_negative, default=1e-4, metavar="G", help="relative optimality gap to stop at (ip)")
     p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--schedule", choices=SCHEDULES, help="plan for this pipeline schedule: per-position memory, "
+                   "predicted step time (default 1f1b when --microbatches is given)")
+    p.add_argument("--microbatches", type=positive_int, metavar="M", help="microbatches per step of the schedule")
+    p.add_argument("--batch-size", type=positive_int, metavar="N", help="training batch (default: M x the profiled "
+                   "batch, so one microbatch is what was profiled)")
     p.add_argument("--out", type=output_file, metavar="PLAN.json", help="write the plan")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
+    _replicate_flag(p)
+    p.add_argument("--explain", action="store_true",
+                   help="also say what was replicated, units and ideals before and after, and where the bound came from")
 
     p = add("compare", "run the exact planner and the baselines side by side", cmd_compare)
     _graph_command(p)
@@ -389,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=finite_positive, metavar="S", help="per-method time limit (ip, local-search; default 60)")
     p.add_argument("--plot", type=output_file, metavar="FILE.png", help="write a bar chart")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    _replicate_flag(p)
 
     p = add("profile", "trace and time a PyTorch model into an operator graph", cmd_profile)
     p.add_argument("model", help="torchvision name (resnet18), transformers config (bert-base, gpt2) or package.module:factory")
@@ -403,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-paper", type=output_file, metavar="FILE.json", help="also write the paper's JSON format")
     p.add_argument("--json", action="store_true", help="print a summary as JSON on stdout")
     p.add_argument("--layers", type=positive_int, metavar="N", help="transformer blocks (transformers models only)")
+    p.add_argument("--hidden", type=positive_int, metavar="H", help="transformer hidden width (transformers models only)")
+    p.add_argument("--heads", type=positive_int, metavar="N", help="attention heads (transformers models only)")
     p.add_argument("--warmup", type=non_negative_int, default=1, metavar="W", help="untimed runs before timing (after one check run)")
     p.add_argument("--threads", type=positive_int, default=1, metavar="T", help="torch threads while profiling (1: one core)")
     p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
@@ -414,14 +522,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("devices", "show the devices of this machine", cmd_devices)
     p.add_argument("--json", action="store_true", help="print as JSON on stdout")
     p.add_argument("--out", type=output_file, metavar="FILE.yaml", help="write a device file describing this machine")
+    p.add_argument("--measure", action="store_true", help="time send/receive between two processes here (gloo, or "
+                   "NCCL between two GPUs) and write the measured latency and bandwidth into the device file")
 
     p = add("train", "train a model as a pipeline (from a plan) and/or with data-parallel workers", cmd_train)
     p.add_argument("model", help="model name (as for profile) or package.module:factory")
     p.add_argument("--plan", metavar="PLAN.json", help="plan to cut the model into pipeline stages (with --mode "
                    "async|sync: every worker is such a pipeline)")
     p.add_argument("--graph", metavar="GRAPH.json", help="the profiled graph the plan came from (per-sample prediction)")
-    p.add_argument("--schedule", choices=SCHEDULES, default=DEFAULT_SCHEDULE, help="pipeline schedule (with --plan)")
-    p.add_argument("--microbatches", type=int, default=4, metavar="M", help="microbatches per batch (with --plan)")
+    p.add_argument("--schedule", choices=SCHEDULES, help="pipeline schedule (with --plan; default: the plan's, "
+                   f"else {DEFAULT_SCHEDULE})")
+    p.add_argument("--microbatches", type=int, metavar="M", help="microbatches per batch (with --plan; default: the "
+                   f"plan's, else {DEFAULT_MICROBATCHES})")
     p.add_argument("--steps", type=int, default=10, metavar="N")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
     p.add_argument("--input-shape", type=int, nargs="+", metavar="D")
@@ -459,6 +571,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--out", type=output_folder, metavar="DIR", help="folder for reports and pictures")
     p.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
+
+    p = add("simulate", "simulate a plan's pipeline schedule: predicted step time and timeline", cmd_simulate)
+    p.add_argument("plan", type=input_file, metavar="PLAN.json", help="a plan made with --schedule/--microbatches")
+    p.add_argument("--schedule", choices=SCHEDULES, help="another schedule than the plan's")
+    p.add_argument("--microbatches", type=positive_int, metavar="M", help="another microbatch count than the plan's")
+    p.add_argument("--picture", type=output_file, metavar="FILE.png", help="draw the predicted timeline of one step")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
     p = add("serve-bench", "measure pipelined inference throughput of a plan", cmd_serve_bench)
     p.add_argument("model", help="model name (as for profile) or package.module:factory")

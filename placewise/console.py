@@ -58,3 +58,19 @@ def print_plan(plan: Plan, title: str) -> None:
     out.print(line)
     if not plan.feasible:
         out.print(f"[red]infeasible:[/red] {'; '.join(plan.violations)}")
+
+
+# Notes that say what the planner reduced and where its bound came from, in the order shown.
+_EXPLAINED = ("replicated_nodes", "replicated", "replicated_time", "dead_end_checks_attached", "units_before_replication",
+              "units_after_replication", "ideals_before_replication", "ideals_after_replication", "units", "ideals",
+              "restricted", "work_lower_bound", "upper_bound", "beyond_ideal_limit", "stopped", "replication")
+
+
+def print_explanation(plan: Plan) -> None:
+    """The plan's notes on replication, units, ideals and bounds, one per line (`plan --explain`)."""
+    out = console()
+    shown = [(k, plan.notes[k]) for k in _EXPLAINED if k in plan.notes]
+    if not shown:
+        out.print("nothing to explain: no replication, restriction or bound notes")
+    for key, value in shown:
+        out.print(f"[bold]{key.replace('_', ' ')}[/bold]: {value}")

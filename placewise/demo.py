@@ -1,14 +1,17 @@
 """`placewise demo`: the whole system on this machine in a few minutes, with pictures.
 
-profile a small real model -> plan it for a heterogeneous cluster (a shipped device file) ->
-compare with the baselines -> train a few steps as a pipeline with optimizer fusion -> a short
+profile a small real model -> plan it for THIS machine (its cores, the link between two processes
+measured here), with the step time and per-stage memory the schedule will need -> run that plan as a
+pipeline and show predicted and measured side by side -> as a labelled what-if, plan the same model
+for a heterogeneous cluster (a shipped device file) and compare the baselines there -> a short
 asynchronous data-parallel run on scikit-learn's bundled digits -> a summary table.
-No GPU, no cluster, no downloads: every device of the plan runs as one CPU process here.
+No GPU, no cluster, no downloads.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,49 +58,33 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> list[Ste
 
     # 1. profile --------------------------------------------------------------------------------------
     from placewise.graph import save_graph
-    from placewise.graph.devicefile import load_device_file
     from placewise.profile import profile_model
     from placewise.profile.models import build_model
 
-    _header(console, 1, f"profile {settings.model} ({settings.image}x{settings.image}, batch {settings.batch_size}, "
-                        "forward and backward, one CPU thread)")
+    _header(console, 1, f"measure this machine's link and profile {settings.model} ({settings.image}x{settings.image}, "
+                        f"batch {settings.batch_size}, forward and backward, one CPU thread)")
     started = time.perf_counter()
-    cluster = load_device_file(DEVICE_FILE)
+    here = _this_machine()
     model, inputs = build_model(settings.model, settings.batch_size, (3, settings.image, settings.image))
     graph = profile_model(model, inputs, name=settings.model, training=True, repeats=settings.repeats,
-                          cluster=cluster, progress=True)
+                          cluster=here, optimizer="momentum", progress=True)
     save_graph(graph, out / "graph.json")
     meta = graph.meta_dict
     forward_nodes = sum(1 for n in graph.nodes if not n.backward)
-    steps.append(Step("profile", f"{forward_nodes} layers x (forward, backward); per-node forward sum / whole "
+    steps.append(Step("profile", f"{forward_nodes} layers x (forward, backward); link here: latency "
+                      f"{1e6 * here.latency:.0f} us, {here.bandwidth / 1e9:.2f} GB/s; per-node forward sum / whole "
                       f"forward = {float(meta.get('forward_ratio', 'nan')):.2f}", time.perf_counter() - started,
                       ["graph.json"]))
 
-    # 2. plan ------------------------------------------------------------------------------------------
-    from placewise.console import print_plan
-    from placewise.pictures import draw_graph, draw_loads
-    from placewise.plan import SolveOptions, solve
+    # 2. plan for this machine ------------------------------------------------------------------------
+    plan, plan_step = _plan_here(settings, graph, here, console)
+    steps.append(plan_step)
 
-    kinds = ", ".join(f"{k.count} x {k.name} (speed {k.speed:g})" for k in cluster.kinds)
-    _header(console, 2, f"plan it on {DEVICE_FILE.name}: {kinds}")
-    started = time.perf_counter()
-    plan = solve(graph, cluster, "dp", SolveOptions(progress=True))
-    plan.save(out / "plan.json")
-    print_plan(plan, f"{settings.model}: optimal contiguous plan (max-load in ms per batch of {settings.batch_size})")
-    draw_graph(graph, plan, out / "plan_graph.png",
-               title=f"{settings.model}: layers coloured by the device the optimal plan puts them on")
-    # The DP notes the perfect-balance bound: every node at its cheapest kind, spread over all devices.
-    draw_loads(plan, out / "plan_loads.png", plan.notes.get("work_lower_bound"),
-               title=f"{settings.model}: load per device (ms per batch), optimal plan")
-    steps.append(Step("plan", f"{len(plan.stages)} stages, max-load {plan.max_load:.3f} ms per batch (optimal, "
-                      f"{plan.seconds:.1f} s)", time.perf_counter() - started,
-                      ["plan.json", "plan_graph.png", "plan_loads.png"]))
-
-    # 3. compare ---------------------------------------------------------------------------------------
-    steps.append(_compare_step(settings, graph, cluster, console))
-
-    # 4. pipeline training with optimizer fusion -------------------------------------------------------
+    # 3. run it: predicted against measured -----------------------------------------------------------
     steps.append(_pipeline_step(settings, plan, console))
+
+    # 4. what-if: a heterogeneous cluster, and the baselines there ------------------------------------
+    steps.append(_what_if_step(settings, graph, console))
 
     # 5. asynchronous data parallelism ----------------------------------------------------------------
     steps.append(_async_step(settings, console))
@@ -107,13 +94,73 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> list[Ste
     return steps
 
 
+# The pipeline the demo runs here: 1F1B over this many microbatches, each of the profiled batch size.
+MICROBATCHES = 4
+
+
+def _this_machine():
+    """This machine's cores (two stages' worth at most: one process per stage) with its measured link."""
+    from dataclasses import replace
+    from placewise.profile.machine import describe_machine, machine_cluster
+    from placewise.run.links import measure_link
+    info = describe_machine()
+    info["link"] = measure_link().to_json()
+    cluster = machine_cluster(info)
+    return replace(cluster, kinds=tuple(replace(k, count=min(k.count, 2)) for k in cluster.kinds if not k.accelerator))
+
+
+def _plan_here(settings: DemoSettings, graph, here, console: Console):
+    """Step 2: the exact plan for this machine's cores, with its schedule's prediction."""
+    from placewise.console import print_plan
+    from placewise.predicted import print_prediction
+    from placewise.pictures import draw_graph, draw_loads
+    from placewise.plan import SolveOptions, solve
+    from placewise.plan.predict import with_prediction
+    from placewise.plan.schedule import ONE_F_ONE_B, Schedule
+
+    _header(console, 2, f"plan it for this machine: {here.cpus} CPU core(s), one process each, the measured link")
+    started = time.perf_counter()
+    plan = with_prediction(graph, here, solve(graph, here, "dp", SolveOptions(progress=True)),
+                           Schedule(ONE_F_ONE_B, MICROBATCHES))
+    plan.save(settings.out / "plan.json")
+    print_plan(plan, f"{settings.model}: optimal contiguous plan for this machine (ms per microbatch of "
+                     f"{settings.batch_size})")
+    print_prediction(plan)
+    draw_graph(graph, plan, settings.out / "plan_graph.png",
+               title=f"{settings.model}: layers coloured by the core the optimal plan puts them on")
+    draw_loads(plan, settings.out / "plan_loads.png", plan.notes.get("work_lower_bound"),
+               title=f"{settings.model}: load per core (ms per microbatch), optimal plan")
+    step = plan.notes["prediction"]["step_time"]
+    return plan, Step("plan", f"{len(plan.stages)} stages here, predicted 1F1B step {step:.1f} ms for "
+                      f"{MICROBATCHES} x {settings.batch_size} samples", time.perf_counter() - started,
+                      ["plan.json", "plan_graph.png", "plan_loads.png"])
+
+
+def _what_if_step(settings: DemoSettings, graph, console: Console) -> Step:
+    """Step 4: the same model planned for the heterogeneous example cluster, and the baselines there.
+    Nothing here runs: this machine has no such devices."""
+    from placewise.console import print_plan
+    from placewise.graph.devicefile import load_device_file
+    from placewise.plan import SolveOptions, solve
+
+    cluster = load_device_file(DEVICE_FILE)
+    kinds = ", ".join(f"{k.count} x {k.name} (speed {k.speed:g})" for k in cluster.kinds)
+    _header(console, 4, f"what-if (planned, not run): {DEVICE_FILE.name}: {kinds}")
+    plan = solve(graph, cluster, "dp", SolveOptions(progress=True))
+    plan.save(settings.out / "what-if-plan.json")
+    print_plan(plan, f"WHAT-IF {settings.model} on {DEVICE_FILE.name} (not this machine; max-load in ms per batch)")
+    step = _compare_step(settings, graph, cluster, console)
+    return Step("what-if", f"{DEVICE_FILE.name} (not run): {len(plan.stages)} stages, max-load {plan.max_load:.3f} ms; "
+                f"{step.result}", step.seconds, ["what-if-plan.json", *step.pictures])
+
+
 def _compare_step(settings: DemoSettings, graph, cluster, console: Console) -> Step:
     """Step 3: the baselines beside the exact DP, on the same cost model."""
     from placewise.plan import SolveOptions
     from placewise.pictures import plot_comparison
     from placewise.plan.compare import compare
 
-    _header(console, 3, "compare with the baselines on the same cost model")
+    console.print("the baselines on the same cost model, for the what-if cluster:")
     started = time.perf_counter()
     out = settings.out
     comparison = compare(graph, cluster, BASELINES, SolveOptions(seed=0, time_limit=30.0),
@@ -147,34 +194,48 @@ def _summary(steps: list[Step], out: Path) -> None:
 
 
 def _pipeline_step(settings: DemoSettings, plan, console: Console) -> Step:
+    """Step 3: run the plan here, one process per stage, and put the measurement beside the prediction."""
+    import os
+    from dataclasses import replace
+
+    from placewise.predicted import draw_predicted_and_measured
     from placewise.run.cut import mapping_from_plan
     from placewise.run.job import PipelineJob
     from placewise.run.pipeline import run_pipeline
-    from placewise.run.report import pipeline_report, print_report
 
     n = len(plan.stages)
-    # One microbatch per stage at least (torch's schedules need it), two samples or more in each.
-    microbatches = n
-    batch_size = n * max(2, settings.batch_size // n)
-    _header(console, 4, f"train {3 if settings.quick else 6} steps as a {n}-stage pipeline (1F1B, {microbatches} "
-                        "microbatches, SGD fused into the backward pass), one process per stage")
+    steps = 3 if settings.quick else 6
+    _header(console, 3, f"run the plan here: {steps} training steps, {n} stage process(es), 1F1B over {MICROBATCHES} "
+                        f"microbatches of {settings.batch_size}; predicted beside measured")
     started = time.perf_counter()
-    job = PipelineJob(model=settings.model, batch_size=batch_size, input_shape=(3, settings.image,
-                      settings.image), mapping=mapping_from_plan(plan), mode="train", schedule="1f1b",
-                      microbatches=microbatches, steps=3 if settings.quick else 6, warmup=1, fuse="backward",
-                      progress=True)
+    job = PipelineJob(model=settings.model, batch_size=MICROBATCHES * settings.batch_size,
+                      input_shape=(3, settings.image, settings.image), mapping=mapping_from_plan(plan), mode="train",
+                      schedule="1f1b", microbatches=MICROBATCHES, steps=steps, warmup=1, progress=True)
+    load = os.getloadavg()[0]
     results = run_pipeline(job)
-    report = pipeline_report(results, plan=plan, batch_size=job.batch_size, mode="train", schedule="1f1b",
-                             microbatches=microbatches, profiled_batch=settings.batch_size, time_unit="ms")
-    print_report(report, "pipeline stages: measured here (each stage one CPU process) vs planned for the cluster")
-    from placewise.pictures import draw_timeline
-    draw_timeline(results, settings.out / "pipeline_timeline.png",
-                  title=f"{settings.model}: one 1F1B training step over {n} stage processes (measured)")
-    losses = report["losses"]
+    # Counting live tensors slows every operator, so memory has a run of its own.
+    memory = run_pipeline(replace(job, steps=1, warmup=0, collect=("memory",), progress=False))
+    prediction = plan.notes["prediction"]
+    measured_ms = 1e3 * statistics.median(results[-1]["step_seconds"])  # the last stage ends each step
+    share = sum(r["cpu_seconds"] for r in results) / sum(r["forward_seconds"] + r["backward_seconds"] for r in results)
+    table = Table(title=f"predicted (plan) vs measured (this machine, load {load:.1f} on {os.cpu_count()} cores)")
+    for col in ("", "predicted", "measured", "measured / predicted"):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row("step, ms", f"{prediction['step_time']:.1f}", f"{measured_ms:.1f}",
+                  f"{measured_ms / prediction['step_time']:.2f}")
+    for i, (mem, r) in enumerate(zip(prediction["stage_memory"] or [], memory)):
+        table.add_row(f"stage {i} peak memory, MB", f"{mem['total'] / 1e6:.1f}", f"{r['peak_memory_bytes'] / 1e6:.1f}",
+                      f"{r['peak_memory_bytes'] / mem['total']:.2f}")
+    console.print(table)
+    console.print(f"The stage processes got {share:.0%} of a core while computing (their CPU time over wall time): "
+                  f"other work on this machine slows them by {1 / share:.2f}x, which no plan can know in advance.")
+    draw_predicted_and_measured(plan, settings.model, job.schedule, job.microbatches, job.batch_size, results,
+                                settings.out / "pipeline_timeline.png")
+    losses = results[-1]["losses"]
     # The runner cycles through a few synthetic batches, so consecutive losses are of different batches.
-    return Step("pipeline", f"{n} stages, {report['samples_per_second']:.1f} samples/s on this machine, "
-                f"losses {', '.join(f'{x:.2f}' for x in losses)}", time.perf_counter() - started,
-                ["pipeline_timeline.png"])
+    return Step("pipeline", f"step predicted {prediction['step_time']:.1f} ms, measured {measured_ms:.1f} ms "
+                f"(core share {share:.0%}); losses {', '.join(f'{x:.2f}' for x in losses)}",
+                time.perf_counter() - started, ["pipeline_timeline.png"])
 
 
 def _async_step(settings: DemoSettings, console: Console) -> Step:

@@ -111,34 +111,67 @@ def draw_training_curves(history: list[dict], curve: list[tuple[int, float, floa
     return Path(path)
 
 
-def draw_timeline(stage_reports: list[dict], path: str | Path, title: str = "") -> Path:
-    """A Gantt chart of the last timed step: each stage's forward and backward chunk per microbatch.
+# Bars of a timeline: (stage, kind, microbatch, start ms, end ms).
+Bar = tuple[int, str, int, float, float]
+TIMELINE_COLOURS = {"forward": "#4c72b0", "backward": "#dd8452", "update": "#55a868", "send-forward": "#c6d4ea",
+                    "send-backward": "#f4d6c2"}
 
-    `stage_reports` are the per-stage results of a pipelined run (their `events` and `step_starts`,
-    measured on the machine's monotonic clock, shared by all local processes).
+
+def _measured_bars(stage_reports: list[dict]) -> list[Bar]:
+    """The last timed step of a measured run, in ms from its start (the machine's monotonic clock,
+    shared by all local processes)."""
+    t0 = min(r["step_starts"][-1] for r in stage_reports)
+    return [(r["stage"], kind, chunk, 1e3 * (start - t0), 1e3 * (end - t0))
+            for r in stage_reports for kind, chunk, start, end in r["events"] if start >= r["step_starts"][-1]]
+
+
+def _simulated_bars(simulation, scale: float) -> list[Bar]:
+    """A steady step of a simulation (the second to last: the pipeline has settled), from its start."""
+    step = max(e.step for e in simulation.events) - 1
+    events = simulation.step_events(step)
+    t0 = min(e.start for e in events)
+    return [(e.stage, e.kind, e.microbatch, scale * (e.start - t0), scale * (e.end - t0)) for e in events]
+
+
+def _gantt(ax, bars: list[Bar], title: str) -> None:
+    for stage, kind, chunk, start, end in bars:
+        # A transfer is drawn as a thin bar under its sender's row.
+        row, height = (stage + 0.4, 0.15) if kind.startswith("send") else (stage, 0.6)
+        ax.barh(row, end - start, left=start, height=height, color=TIMELINE_COLOURS[kind], edgecolor="black",
+                linewidth=0.3)
+        if chunk >= 0 and not kind.startswith("send"):
+            ax.text((start + end) / 2, stage, str(chunk), ha="center", va="center", fontsize=7, color="white")
+    stages = sorted({b[0] for b in bars})
+    ax.set_yticks(stages)
+    ax.set_yticklabels([f"stage {s}" for s in stages])
+    ax.set_ylim(max(stages) + 0.7 if stages else 1, -0.6)
+    ax.set_title(title, fontsize=10)
+    kinds = [k for k in TIMELINE_COLOURS if any(b[1] == k and b[4] > b[3] for b in bars)]
+    ax.legend([_pyplot().Rectangle((0, 0), 1, 1, color=TIMELINE_COLOURS[k]) for k in kinds], kinds,
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+
+
+def draw_timeline(stage_reports: list[dict] | None, path: str | Path, title: str = "", *, predicted=None,
+                  predicted_scale: float = 1.0) -> Path:
+    """A Gantt chart of one training step: each stage's forward and backward chunk per microbatch.
+
+    `stage_reports` are the per-stage results of a pipelined run (measured); `predicted` a
+    `plan.simulate.Simulation` of the plan (its times times `predicted_scale` give ms). With both,
+    the prediction is drawn above the measurement on one time axis.
     """
     plt = _pyplot()
-    t0 = min(r["step_starts"][-1] for r in stage_reports)
-    fig, ax = plt.subplots(figsize=(11, 0.7 * len(stage_reports) + 1.6))
-    colours = {"forward": "#4c72b0", "backward": "#dd8452"}
-    for r in stage_reports:
-        row = r["stage"]
-        for kind, chunk, start, end in r["events"]:
-            if start < r["step_starts"][-1]:
-                continue  # an earlier step
-            ax.barh(row, 1e3 * (end - start), left=1e3 * (start - t0), height=0.6, color=colours[kind],
-                    edgecolor="black", linewidth=0.3)
-            if chunk >= 0:
-                ax.text(1e3 * (start + end - 2 * t0) / 2, row, str(chunk), ha="center", va="center", fontsize=7,
-                        color="white")
-    ax.set_yticks([r["stage"] for r in stage_reports])
-    ax.set_yticklabels([f"stage {r['stage']}" for r in stage_reports])
-    ax.invert_yaxis()
-    ax.set_xlim(left=0)
-    ax.set_xlabel("milliseconds since the step began (numbers: microbatch)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
-    ax.legend(handles, list(colours), loc="lower right", fontsize=8)
-    ax.set_title(title or "pipeline timeline of one training step (measured)")
+    panels = []
+    if predicted is not None:
+        panels.append((_simulated_bars(predicted, predicted_scale), "predicted (simulated schedule)"))
+    if stage_reports:
+        panels.append((_measured_bars(stage_reports), "measured"))
+    rows = sum(len({b[0] for b in bars}) for bars, _ in panels)
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, squeeze=False, figsize=(11, 0.7 * rows + 1.2 * len(panels) + 0.6))
+    for ax, (bars, label) in zip(axes[:, 0], panels):
+        _gantt(ax, bars, label)
+    axes[-1, 0].set_xlim(0, max((b[4] for bars, _ in panels for b in bars), default=1.0))
+    axes[-1, 0].set_xlabel("milliseconds since the step began (numbers: microbatch)")
+    fig.suptitle(title or "pipeline timeline of one training step")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

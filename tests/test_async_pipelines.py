@@ -170,7 +170,8 @@ def test_sync_pipelines_resume_from_their_stage_checkpoints(tmp_path):
                 mapping=mapping("mlp:32x32", "_2"), microbatches=2, timeout_s=TIMEOUT)
     reference = train_data_parallel(TrainConfig(**base))
     ckpt = tmp_path / "pipes.pt"
-    with pytest.raises(PlacewiseError, match="rank 1 failed"):
+    # Rank 1 is a stage's server; only a single server shard is restarted, so the run stops.
+    with pytest.raises(PlacewiseError, match=r"rank 1 \(the parameter server\) failed"):
         train_data_parallel(TrainConfig(**base, checkpoint=str(ckpt), checkpoint_every=10, kill_rank=1, kill_at=15))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipes.pt.shard0", "pipes.pt.shard1"]
     resumed = train_data_parallel(TrainConfig(**base, resume=str(ckpt)))

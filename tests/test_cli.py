@@ -14,7 +14,8 @@ SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
 
 def test_every_subcommand_is_listed():
-    assert set(SUBCOMMANDS) == {"compare", "demo", "devices", "evaluate", "plan", "profile", "serve-bench", "train"}
+    assert set(SUBCOMMANDS) == {"compare", "demo", "devices", "evaluate", "plan", "profile", "serve-bench",
+                                "simulate", "train"}
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -31,7 +32,7 @@ def test_demo_runs_in_reduced_mode(tmp_path):
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert [s["name"] for s in summary] == ["profile", "plan", "compare", "pipeline", "async"]
+    assert [s["name"] for s in summary] == ["profile", "plan", "pipeline", "what-if", "async"]
     pictures = [p for s in summary for p in s["pictures"] if p.endswith(".png")]
     assert len(pictures) >= 5
     for name in pictures:

@@ -2,6 +2,7 @@
 
     # cluster.yaml
     bandwidth: 12 GB/s            # link between devices; bytes/s or a string with a unit
+    latency: 80 us                # one-way message latency; seconds or a string (s, ms, us, ns)
     kinds:
       - name: accelerator         # `-k/--memory` on the command line override this kind
         type: accelerator         # accelerator (also gpu, fpga) or cpu; default from the name
@@ -37,7 +38,8 @@ import yaml
 from placewise.errors import PlacewiseError, read_text
 from placewise.graph.devices import MAX_DEVICES, Cluster, DeviceKind
 
-TOP_FIELDS = ("kinds", "bandwidth", "reference", "name", "description")
+TOP_FIELDS = ("kinds", "bandwidth", "latency", "reference", "name", "description")
+_TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 KIND_FIELDS = ("name", "type", "accelerator", "count", "memory", "speed", "profile", "description")
 KIND_TYPES = {"accelerator": True, "gpu": True, "cuda": True, "fpga": True, "tpu": True, "cpu": False}
 # A unit is a prefix, an optional `i` (powers of 1024) and `B` for bytes: `GB` is 10**9 bytes,
@@ -136,6 +138,7 @@ def parse_device_file(data: Any, source: str = "device file", base: Path | None 
     bandwidth = reader.quantity(top.get("bandwidth"), "bandwidth", "a link bandwidth in bytes/s", allow_none=True)
     if bandwidth is not None and bandwidth <= 0:
         raise reader.fail("bandwidth", f"{top['bandwidth']!r}; give a positive number of bytes per second")
+    latency = _latency(reader, top.get("latency"))
     reference = top.get("reference")
     if reference is not None and not isinstance(reference, str):
         raise reader.fail("reference", "expected a path to a profiled graph")
@@ -170,9 +173,26 @@ def parse_device_file(data: Any, source: str = "device file", base: Path | None 
                 raise reader.fail(f"{where}.speed", "is 0; a relative speed must be positive (1 = the profiled device)")
         kinds.append(DeviceKind(name, count, accelerator, memory, speed))
     try:
-        return Cluster(tuple(kinds), bandwidth)
+        return Cluster(tuple(kinds), bandwidth, latency)
     except PlacewiseError as e:  # too many devices in all
         raise reader.fail("kinds", str(e)) from None
+
+
+def _latency(reader: _Reader, value: Any) -> float | None:
+    """The link's one-way latency in seconds: a number of seconds or a string such as '80 us'."""
+    if value is None:
+        return None
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        m = re.match(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([a-z]*)\s*$", value)
+        if m and m.group(2) in _TIME_UNITS:
+            number = float(m.group(1)) * _TIME_UNITS[m.group(2)]
+    if number is None or not math.isfinite(number) or number < 0:
+        raise reader.fail("latency", f"{value!r} is not a latency; write seconds (0 or more) or a string such as "
+                          "'80 us' (units s, ms, us, ns)")
+    return number
 
 
 def _kind_type(reader: _Reader, spec: dict, name: str, where: str) -> bool:
@@ -214,6 +234,8 @@ def device_file_text(cluster: Cluster, header: str = "") -> str:
     data = {"bandwidth": cluster.bandwidth,
             "kinds": [{"name": k.name, "type": "accelerator" if k.accelerator else "cpu", "count": k.count,
                        "memory": k.memory, "speed": k.speed} for k in cluster.kinds]}
+    if cluster.latency is not None:
+        data = {"bandwidth": data["bandwidth"], "latency": cluster.latency, "kinds": data["kinds"]}
     if data["bandwidth"] is None:
         del data["bandwidth"]
     comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())

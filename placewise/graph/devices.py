@@ -58,6 +58,9 @@ class Cluster:
     kinds: tuple[DeviceKind, ...]
     # Link bandwidth in bytes per second, used to turn tensor bytes into transfer time.
     bandwidth: float | None = None
+    # One-way latency of a message between devices, seconds (measured by `placewise devices --measure`);
+    # the pipeline simulation adds it to every transfer. None: not known (taken as 0).
+    latency: float | None = None
 
     def __post_init__(self) -> None:
         total = sum(k.count for k in self.kinds)
@@ -67,6 +70,8 @@ class Cluster:
         if self.bandwidth is not None and not (self.bandwidth > 0 and math.isfinite(self.bandwidth)):
             raise PlacewiseError(f"the cluster's bandwidth is {self.bandwidth}; use a finite, positive number of "
                                  "bytes per second")
+        if self.latency is not None and not (self.latency >= 0 and math.isfinite(self.latency)):
+            raise PlacewiseError(f"the cluster's latency is {self.latency}; use a finite number of seconds, 0 or more")
 
     @classmethod
     def simple(cls, accelerators: int, cpus: int = 0, memory: float | None = None) -> "Cluster":
@@ -110,7 +115,7 @@ class Cluster:
             elif k.name == CPU and cpus is not None:
                 k = replace(k, count=cpus)
             out.append(k)
-        cluster = Cluster(tuple(out), self.bandwidth)
+        cluster = Cluster(tuple(out), self.bandwidth, self.latency)
         # Checked here, for every command that takes these flags, before any of them starts work
         # (scoring a split on no devices would otherwise fail inside the cost model).
         if not cluster.accelerators + cluster.cpus:
@@ -122,6 +127,7 @@ class Cluster:
             "kinds": [{"name": k.name, "count": k.count, "accelerator": k.accelerator,
                        "memory": k.memory, "speed": k.speed} for k in self.kinds],
             "bandwidth": self.bandwidth,
+            "latency": self.latency,
         }
 
     @classmethod
@@ -131,8 +137,8 @@ class Cluster:
                 DeviceKind(str(k["name"]), int(k["count"]), bool(k.get("accelerator", True)),
                            None if k.get("memory") is None else float(k["memory"]), float(k.get("speed", 1.0)))
                 for k in data["kinds"])
-            bandwidth = data.get("bandwidth")
-            return cls(kinds, None if bandwidth is None else float(bandwidth))
+            bandwidth, latency = data.get("bandwidth"), data.get("latency")
+            return cls(kinds, None if bandwidth is None else float(bandwidth), None if latency is None else float(latency))
         except PlacewiseError as e:
             raise PlacewiseError(f"{source}: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:

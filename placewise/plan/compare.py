@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Mapping
 
 from placewise.errors import PlacewiseError

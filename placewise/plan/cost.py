@@ -7,13 +7,13 @@ host memory, so no transfers). The max-load is the pipeline's time per sample. T
 the paper's model: CPU nodes start when their inputs are done, an accelerator runs its whole set as
 one block once all of its inputs have arrived and pays its transfers inside that block.
 
-Memory checked today is each device's sum of node `memory`. `memory_breakdown` gives the same
+Memory checked here is each device's sum of node `memory`. `memory_breakdown` gives the same
 stage's bytes split by what they hold (parameters, gradients, optimizer state, activations saved
-for backward, output) where the graph knows them. What comes next goes here, in `evaluate`:
-schedule-aware memory (a stage at position i of p keeps `Schedule.in_flight(i, p)` microbatches'
-activations beside its parameters, gradients and optimizer state, checked against its kind's
-memory), and replicated stages (`Stage.replicas` devices of one kind: compute spread over the
-replicas, plus a gradient all-reduce costed from the stage's parameter bytes and the link).
+for backward, output) where the graph knows them. Schedule-aware memory needs the stages' pipeline
+order, which a split alone does not fix (independent stages may go in either order): it is checked
+on a plan, in its stage order, by `plan.predict.with_prediction` (and planned for exactly by
+`plan.schedule_dp`), both through `plan.stage_memory`. Replicated stages (`Stage.replicas`) are
+not costed yet.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, OpGraph
 from placewise.graph.model import MEMORY_PARTS
+from placewise.plan.replicable import device_copies, replication_of
 
 # Memory checks allow rounding in byte sums.
 MEMORY_TOLERANCE = 1e-9
@@ -213,20 +214,34 @@ def latency(graph: OpGraph, cluster: Cluster, devices: list[Device], device_of: 
 
 
 def evaluate(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device], *,
-             contiguous: bool = True) -> Evaluation:
-    """Score a split and list everything it violates (memory, support, colocation, contiguity, coverage)."""
+             contiguous: bool = True, replicate: bool = True) -> Evaluation:
+    """Score a split and list everything it violates (memory, support, colocation, contiguity, coverage).
+
+    With `replicate` (the default), replicable nodes (`plan.replicable`: sizes, masks, position ids,
+    constants) are recomputed by every device that needs them: each such device pays their time
+    and memory once, their outputs are never sent, and where the split puts them does not matter.
+    """
     devices, device_of, violations = _dense(graph, cluster, assignment)
     kinds = [cluster.kind(d.kind) for d in devices]
-    transfer = transfer_costs(graph, device_of, len(devices))
+    replication = replication_of(graph) if replicate else None
+    # Where a node counts: replicated nodes count on no device of their own.
+    counted = device_of.copy()
+    if replication is not None and replication.any:
+        counted[replication.replicable] = -1
+        copy_acc, copy_cpu, copy_mem = device_copies(graph, replication, counted, len(devices))
+    else:
+        copy_acc = copy_cpu = copy_mem = np.zeros(len(devices))
+    transfer = transfer_costs(graph, counted, len(devices))
     used = sorted({int(d) for d in device_of if d >= 0})
     loads: dict[int, DeviceLoad] = {}
     for d in used:
-        members = np.flatnonzero(device_of == d)
+        members = np.flatnonzero(counted == d)
         kind = kinds[d]
         times = graph.acc_time if kind.accelerator else graph.cpu_time
-        mem = float(graph.memory[members].sum())
-        loads[d] = DeviceLoad(devices[d], kind.accelerator, tuple(graph.nodes[i].id for i in members),
-                              float(times[members].sum()) / kind.speed,
+        copies = copy_acc[d] if kind.accelerator else copy_cpu[d]
+        mem = float(graph.memory[members].sum() + copy_mem[d])
+        loads[d] = DeviceLoad(devices[d], kind.accelerator, tuple(graph.nodes[i].id for i in np.flatnonzero(device_of == d)),
+                              float(times[members].sum() + copies) / kind.speed,
                               float(transfer[d]) if kind.accelerator else 0.0, mem, kind.memory)
         if kind.accelerator:
             bad = [graph.nodes[i].id for i in members if not graph.supported[i]]
@@ -234,13 +249,8 @@ def evaluate(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device],
                 violations.append(Violation("support", f"node {bad[0]} is not supported on an accelerator but is on {devices[d]}; move it to a CPU"))
         if kind.memory is not None and mem > kind.memory * (1 + MEMORY_TOLERANCE):
             violations.append(Violation("memory", f"{devices[d]} holds {mem:.6g} bytes, over its {kind.memory:.6g}; move nodes off it or give it more memory"))
-    for group in graph.colocation_groups:
-        placed = {int(device_of[i]) for i in group if device_of[i] >= 0}
-        if len(placed) > 1:
-            ids = [graph.nodes[i].id for i in group]
-            violations.append(Violation("colocation", f"nodes {ids[:4]} share colocation class {graph.nodes[group[0]].colocate} but sit on "
-                                        f"{', '.join(str(devices[d]) for d in sorted(placed))}; put them on one device"))
-    order = stage_order(graph, device_of, used)
+    violations += _colocation_violations(graph, counted, devices)
+    order = stage_order(graph, counted, used)
     if order is None:
         order = used
         if contiguous:
@@ -252,6 +262,17 @@ def evaluate(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device],
     ordered = tuple(loads[d] for d in order)
     max_load = max((dl.load for dl in ordered), default=0.0)
     return Evaluation(ordered, max_load, lat, tuple(violations))
+
+
+def _colocation_violations(graph: OpGraph, device_of: np.ndarray, devices: list[Device]) -> list[Violation]:
+    out = []
+    for group in graph.colocation_groups:
+        placed = {int(device_of[i]) for i in group if device_of[i] >= 0}
+        if len(placed) > 1:
+            ids = [graph.nodes[i].id for i in group]
+            out.append(Violation("colocation", f"nodes {ids[:4]} share colocation class {graph.nodes[group[0]].colocate} but sit on "
+                                 f"{', '.join(str(devices[d]) for d in sorted(placed))}; put them on one device"))
+    return out
 
 
 def complete_by_colocation(graph: OpGraph, assignment: Mapping[int, Device]) -> dict[int, Device]:

@@ -7,10 +7,11 @@ imports nothing heavy, so the registry can name every options type without loadi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from placewise.errors import PlacewiseError
+from placewise.plan.schedule import Schedule
 
 if TYPE_CHECKING:
     from placewise.plan.plan import Plan
@@ -32,11 +33,21 @@ class SolveOptions:
     gap: float = 1e-4  # relative MIP gap at which an integer program may stop
     seed: int = 0
     progress: bool = False  # show a rich progress bar on stderr
+    # Replicable nodes (sizes, masks, position ids, constants) are recomputed by every stage that
+    # needs them (`plan.replicable`); False plans and scores every node once.
+    replicate: bool = True
 
 
 @dataclass(frozen=True)
 class DPOptions(SolveOptions):
     ideal_limit: int = DEFAULT_IDEAL_LIMIT  # refuse graphs with more ideals (cut points) than this
+
+
+@dataclass(frozen=True)
+class ScheduleDPOptions(SolveOptions):
+    """The schedule-aware DP (`dp-schedule`): the schedule whose per-position memory it checks."""
+    schedule: Schedule = field(default_factory=Schedule)
+    microbatch_scale: float = 1.0  # microbatch size over the profiled batch size (scales activations, bytes)
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,9 @@ class Plan:
         if isinstance(version, bool) or version not in range(1, PLAN_VERSION + 1):
             raise PlacewiseError(f"{source}: version: {version!r} is not supported; this placewise reads plan versions "
                                  f"1 to {PLAN_VERSION} (plan again with this placewise)")
+        if "stages" in data and not isinstance(data["stages"], list):
+            raise PlacewiseError(f"{source}: stages: {_short(data['stages'])} is not a list of stages; write the plan "
+                                 f"with `placewise plan --out`")
         try:
             stages = [_stage_from_json(s, f"{source}: stages[{i}]") for i, s in enumerate(data["stages"])]
             kwargs = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k not in ("stages", "schedule")}
@@ -116,10 +119,34 @@ class Plan:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+# What each stage field must hold: (check, words for the message). Checked on load, so that a hand-edited
+# plan fails here in one line instead of deep inside the runtime (an int where a list of names belongs).
+_STAGE_FIELDS: dict[str, tuple[Any, str]] = {
+    "kind": (lambda v: isinstance(v, str) and v != "", "a device kind name"),
+    "index": (_is_whole, "a whole number of at least 0"),
+    "accelerator": (lambda v: isinstance(v, bool), "true or false"),
+    "nodes": (lambda v: isinstance(v, list) and all(map(_is_whole, v)), "a list of node ids"),
+    "modules": (lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v), "a list of model node names"),
+    **{name: (_is_number, "a number") for name in ("load", "compute", "transfer", "memory")},
+}
+
+
 def _stage_from_json(data: Any, source: str) -> Stage:
     if not isinstance(data, dict):
         raise PlacewiseError(f"{source}: expected an object; write the plan with `placewise plan --out`")
     kwargs = {k: v for k, v in data.items() if k in Stage.__dataclass_fields__ and k != "memory_breakdown"}
+    for name, (valid, words) in _STAGE_FIELDS.items():
+        if name in kwargs and not valid(kwargs[name]):
+            raise PlacewiseError(f"{source}.{name}: {_short(kwargs[name])} is not {words}; write the plan with "
+                                 f"`placewise plan --out`")
     replicas = kwargs.get("replicas", 1)
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise PlacewiseError(f"{source}.replicas: {replicas!r}; use a whole number of at least 1")
@@ -128,13 +155,23 @@ def _stage_from_json(data: Any, source: str) -> Stage:
                  MemoryBreakdown.from_json(breakdown, f"{source}.memory_breakdown"))
 
 
+def _short(value: Any) -> str:
+    """A value for a one-line message, cut short."""
+    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def plan_from_assignment(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device], *, solver: str,
                          seconds: float, objective: str = "throughput", contiguous: bool = True,
                          lower_bound: float | None = None, gap: float | None = None,
-                         notes: dict | None = None, schedule: Schedule | None = None) -> Plan:
+                         notes: dict | None = None, schedule: Schedule | None = None, replicate: bool = True) -> Plan:
     """Score a split with the cost model and wrap it as a Plan (stages in pipeline order, one
-    replica each), with each stage's memory broken down where the graph knows it."""
-    ev: Evaluation = evaluate(graph, cluster, assignment, contiguous=contiguous)
+    replica each), with each stage's memory broken down where the graph knows it. `replicate`:
+    the cost model's replication rule (`plan.replicable`), recorded in the notes when off."""
+    ev: Evaluation = evaluate(graph, cluster, assignment, contiguous=contiguous, replicate=replicate)
+    notes = dict(notes or {})
+    if not replicate:
+        notes["replication"] = "off"
     stages = [Stage(d.device.kind, d.device.index, d.accelerator, list(d.nodes), d.load, d.compute, d.transfer,
                     d.memory, [graph.node(n).module for n in d.nodes if graph.node(n).module],
                     memory_breakdown=memory_breakdown(graph, d.nodes))
@@ -142,7 +179,7 @@ def plan_from_assignment(graph: OpGraph, cluster: Cluster, assignment: Mapping[i
     return Plan(stages=stages, max_load=ev.max_load, latency=ev.latency, solver=solver, seconds=seconds,
                 objective=objective, lower_bound=lower_bound, gap=gap, feasible=ev.feasible,
                 violations=[v.message for v in ev.violations], graph=graph.name, contiguous=contiguous,
-                cluster=cluster.to_json(), notes=dict(notes or {}), schedule=schedule)
+                cluster=cluster.to_json(), notes=notes, schedule=schedule)
 
 
 def read_split(data: Any, graph: OpGraph, source: str = "split") -> dict[int, Device]:

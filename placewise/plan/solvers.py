@@ -15,7 +15,7 @@ from typing import Any, Callable, Generic, Protocol, TypeVar
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, OpGraph
 from placewise.plan.options import (DPOptions, ExpertOptions, IPOptions, LocalSearchOptions, PipeDreamOptions,
-                                    SolveOptions, options_for)
+                                    ScheduleDPOptions, SolveOptions, options_for)
 from placewise.plan.plan import Plan
 
 O = TypeVar("O", bound=SolveOptions)
@@ -102,6 +102,11 @@ def _dp() -> Solver[DPOptions]:
     return dp
 
 
+def _dp_schedule() -> Solver[ScheduleDPOptions]:
+    from placewise.plan.schedule_dp import solve as dp_schedule
+    return dp_schedule
+
+
 def _ip() -> Solver[IPOptions]:
     from placewise.plan.ip import solve as ip
     return ip
@@ -129,6 +134,7 @@ _ENTRIES: tuple[SolverEntry, ...] = (
     SolverEntry("metis", _metis, SolveOptions),
     SolverEntry("local-search", _local_search, LocalSearchOptions),
     SolverEntry("dp", _dp, DPOptions),
+    SolverEntry("dp-schedule", _dp_schedule, ScheduleDPOptions),
     SolverEntry("ip", _ip, IPOptions, prepare=_ip_warm_start),
     SolverEntry("greedy-latency", _greedy_latency, SolveOptions),
 )

@@ -28,6 +28,7 @@ import numpy as np
 from placewise.graph import Cluster, OpGraph
 from placewise.plan.cost import MEMORY_TOLERANCE
 from placewise.plan.csr import csr
+from placewise.plan.replicable import SharedCopies
 
 
 def colocation_classes(graph: OpGraph) -> tuple[np.ndarray, int]:
@@ -132,6 +133,9 @@ class Units:
     port_target_ptr: np.ndarray  # CSR over ports: their target units
     port_targets: np.ndarray
     stats: dict
+    # Replicable nodes needed by several units (their cost is paid once per set that needs them);
+    # those needed by one unit are already in its times and memory. None: no replication.
+    copies: "SharedCopies | None" = None
 
     @property
     def count(self) -> int:

@@ -182,7 +182,10 @@ def cut(gm: fx.GraphModule, mapping: Mapping[str, int], values: Mapping[str, Any
             if stage[n.name] != s or n.op == "placeholder":
                 continue
             if n.op == "output":
-                graph.output(fx.map_arg(n.args[0], use))
+                # An exported graph returns its flat outputs (one tensor is a 1-tuple); the stage
+                # graph has plain codegen, so it returns the tensor itself, as the model does.
+                out = n.args[0]
+                graph.output(fx.map_arg(out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out, use))
                 continue
             env[n.name] = graph.node_copy(n, use)
             members.append(n.name)
@@ -216,6 +219,9 @@ def _check_unshared(parts: list[StagePart]) -> None:
 def output_tensor(values: Mapping[str, Any], gm: fx.GraphModule) -> torch.Tensor:
     """The model's output in `values` (from `record_values`): one tensor, or a PlacewiseError."""
     out = values[next(n for n in gm.graph.nodes if n.op == "output").name]
+    # An exported graph's output node holds the flat outputs: one tensor is a 1-tuple there.
+    if isinstance(out, (tuple, list)) and len(out) == 1:
+        out = out[0]
     if not isinstance(out, torch.Tensor):
         raise PlacewiseError(f"the model returns {type(out).__name__}; a pipeline needs one tensor out (wrap the model)")
     return out

@@ -30,7 +30,7 @@ class PipelineJob:
     momentum: float = 0.9
     fuse: str = "none"  # none | backward | backward-overlap | forward (see placewise.fuse)
     seed: int = 0
-    collect: tuple[str, ...] = ()  # grads, outputs: also return these (tests)
+    collect: tuple[str, ...] = ()  # grads, outputs, memory (peak live tensor bytes): also return these
     fail_at_step: tuple[int, int] | None = None  # (stage, step): raise there (tests of shutdown)
     progress: bool = False
 

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from placewise.plan.schedule import GPIPE, ONE_F_ONE_B
 from placewise.run.cut import Prepared, output_tensor, pack
+from placewise.run.faults import maybe_fail
 from placewise.run.job import PipelineJob, prepare
 from placewise.run.optim import module_optimizer
 from placewise.run.timing import StageClock
@@ -83,6 +84,19 @@ def _clocked(stage: Any, optimizer: torch.optim.Optimizer | None, fuse: str) -> 
     return clock
 
 
+def _memory_counter(job: PipelineJob, module: nn.Module):
+    """With "memory" in `job.collect`: a live tensor counter, started, that holds the stage's own
+    parameters and buffers (counting slows every operator, so timed runs leave it out)."""
+    if "memory" not in job.collect:
+        return None
+    from placewise.run.tensor_memory import LiveTensorBytes
+    counter = LiveTensorBytes()
+    counter.__enter__()
+    counter.hold(module.parameters())
+    counter.hold(module.buffers())
+    return counter
+
+
 def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
     """Run this process's stage of `job` (all ranks of `group` call this); a report of what it measured."""
     prepared = prepare(job)
@@ -98,11 +112,14 @@ def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
     output_like = output_tensor(values, gm)
     report: dict[str, Any] = {"stage": stage_index, "nodes": part.nodes, "losses": [], "step_seconds": []}
     progress = _progress(job, dist.get_rank())
+    memory = _memory_counter(job, module)
     try:
         for step in range(job.warmup + job.steps):
             if job.fail_at_step == (stage_index, step):
                 raise RuntimeError(f"stage {stage_index} failed on purpose at step {step}")
-            inputs, target = job.batch(example_inputs, output_like, step)
+            maybe_fail(dist.get_rank(), step)
+            with memory.paused() if memory else contextlib.nullcontext():
+                inputs, target = job.batch(example_inputs, output_like, step)
             args = tuple(t.to(device) for t in inputs) if first else ()
             kwargs = {"target": target.to(device)} if last and training else {}
             clock.on = step >= job.warmup
@@ -131,6 +148,9 @@ def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
     finally:
         if progress:
             progress[0].stop()
+        if memory:
+            memory.__exit__(None, None, None)
+            report["peak_memory_bytes"] = memory.peak
     report.update(forward_seconds=clock.forward, backward_seconds=clock.backward, cpu_seconds=clock.cpu,
                   events=clock.events,
                   samples=job.batch_size * job.steps, microbatches=job.microbatches)

@@ -6,8 +6,6 @@ pipeline (and the single-process reference) compute the same mathematics without
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from typing import Sequence
 
 import torch
@@ -28,22 +26,11 @@ def build(spec: str, batch_size: int, input_shape: Sequence[int] | None = None,
     a module or (module, example inputs)) or a model name known to `placewise.profile.models`.
     """
     torch.manual_seed(seed)
+    # One place resolves models, so a user factory that fails says so in one line everywhere.
+    from placewise.profile.models import build_model, call_factory
     if ":" in spec and spec.partition(":")[0] != "mlp":  # mlp:H1xH2 is a named model
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise PlacewiseError(f"model {spec!r}: cannot import it ({e}); give package.module:factory") from None
-        accepted = inspect.signature(factory).parameters
-        kwargs = {k: v for k, v in (("batch_size", batch_size), ("input_shape", input_shape))
-                  if k in accepted and v is not None}
-        made = factory(**kwargs)
+        made = call_factory(spec, batch_size, input_shape)
     else:
-        try:
-            from placewise.profile.models import build_model
-        except ImportError:
-            raise PlacewiseError(f"model {spec!r}: named models need placewise.profile, which is not built yet; "
-                                 "give package.module:factory") from None
         made = build_model(spec, batch_size=batch_size, input_shape=tuple(input_shape) if input_shape else None,
                            seed=seed)
     if isinstance(made, tuple):

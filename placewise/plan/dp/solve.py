@@ -19,7 +19,9 @@ from placewise.plan.ideals import chain_lattice, enumerate_ideals
 from placewise.plan.options import DPOptions
 from placewise.plan.plan import Plan, plan_from_assignment
 from placewise.plan.progress import progress_line
-from placewise.plan.units import Units, simplify
+from placewise.plan.dp.beyond import COARSE_TRIGGER, beyond_limit, coarse_restriction
+from placewise.plan.dp.replicated import Reduced
+from placewise.plan.units import Units
 
 # The DP's incremental sums and the cost model's sums round differently; they must agree to this.
 AGREEMENT = 1e-9
@@ -32,23 +34,34 @@ def solve(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Plan:
         raise PlacewiseError(f"the dp solver optimizes throughput only, not {options.objective}; use --solver ip for latency")
     if not options.contiguous:
         raise PlacewiseError("the dp solver finds contiguous splits only; drop --noncontiguous or use --solver ip")
-    units = simplify(graph, cluster)
+    reduced = Reduced.of(graph, options.replicate)
+    work = reduced.work
+    units = reduced.units(cluster)
     problem = make_problem(units, cluster)
-    check_units_fit(graph, units, problem)
+    check_units_fit(work, units, problem)
 
     # Upper bound: the exact optimum over the segments of a few topological orders.
     chains = [run_dp(units, problem, chain_lattice(units.count, order)) for order in topological_orders(units)]
     best_chain = min(chains, key=lambda r: r.value)
     upper = best_chain.value
-    best_assignment = _assignment(graph, units, problem, best_chain.sets)
+    best_assignment = _assignment(work, units, problem, best_chain.sets)
     deadline = None if options.time_limit is None else start + options.time_limit
     lower = lower_bound(units, problem)
-    # Listed first: a graph with too many ideals fails here at once, before any restricted solve.
-    limit = int(options.ideal_limit)
-    lattice = enumerate_ideals(units.pred_units, limit)
+    # Listed first: a graph with too many ideals goes beyond the limit at once, before any restricted solve.
+    try:
+        lattice = enumerate_ideals(units.pred_units, int(options.ideal_limit))
+    except PlacewiseError:
+        return _beyond(reduced, units, problem, cluster, options, best_assignment, lower, start)
     # A side branch that ends the graph multiplies its ideals: the optimum with such branches kept
     # on the unit they hang off is found on far fewer ideals, and is often the optimum here too.
-    restricted = _restricted(graph, cluster, options, units, deadline, upper)
+    restricted = _restricted(reduced, cluster, options, units, deadline, upper)
+    if lattice.count > COARSE_TRIGGER:
+        # Light branchy regions (attention's q/k/v branches) multiply the ideals too: the optimum
+        # with them collapsed is found on far fewer ideals and is often the optimum here as well.
+        left = None if deadline is None else max(deadline - time.perf_counter(), 1e-3)
+        coarse = _exact_or_none(lambda: coarse_restriction(reduced, units, problem, cluster, options, solve, left))
+        if coarse is not None and coarse.max_load <= (upper if restricted is None else restricted.max_load):
+            restricted = coarse
     if restricted is not None:
         upper, best_assignment = restricted.max_load, restricted.assignment()
     prepared = prepare(units, problem, lattice)
@@ -62,8 +75,8 @@ def solve(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Plan:
     exact = outcome.result is not None or outcome.upper_optimal
     if outcome.result is not None:
         if not math.isfinite(outcome.result.value):
-            raise_infeasible(graph, units, problem)
-        value, assignment = outcome.result.value, _assignment(graph, units, problem, outcome.result.sets)
+            raise_infeasible(work, units, problem)
+        value, assignment = outcome.result.value, _assignment(work, units, problem, outcome.result.sets)
         bound = value
     else:
         # Certified, or out of time: the best split known, with the best bound the DP runs proved.
@@ -72,35 +85,60 @@ def solve(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Plan:
                                  "raise --time-limit")
         value, assignment, bound = upper, best_assignment, min(outcome.proven, upper)
     notes = {"ideals": lattice.count, "ideal_pairs": outcome.pairs, "dp_runs": outcome.runs, "upper_bound": upper,
-             "work_lower_bound": lower, "exact": exact, **units.stats}
+             "work_lower_bound": lower, "exact": exact, **units.stats,
+             **reduced.notes(cluster, units.count, lattice.count)}
     if restricted is not None:
-        notes["restricted"] = (f"side branches kept with the unit they hang off: {restricted.notes['ideals']:,} "
+        notes["restricted"] = (f"side branches or light branchy regions kept whole: {restricted.notes['ideals']:,} "
                                f"ideals, max-load {restricted.max_load:.10g}"
                                + (f", optimal here to {CERTIFY_GAP:g} (no split below it)" if outcome.upper_optimal
                                   else ""))
     if not exact:
         notes["stopped"] = (f"time limit {options.time_limit:g} s: best split known; "
                             f"every split has max-load at least {outcome.proven:.6g}")
+    # Assignments are built stage by stage, so their devices first appear in pipeline order.
+    assignment = reduced.complete(assignment, list(dict.fromkeys(assignment.values())))
     plan = plan_from_assignment(graph, cluster, assignment, solver="dp", seconds=time.perf_counter() - start,
-                                lower_bound=bound, gap=(value - bound) / value if value else 0.0, notes=notes)
+                                lower_bound=bound, gap=(value - bound) / value if value else 0.0, notes=notes,
+                                replicate=options.replicate)
     if not plan.feasible or abs(plan.max_load - value) > AGREEMENT * max(1.0, abs(value)):
         raise AssertionError(f"dp value {value!r} disagrees with the cost model's {plan.max_load!r} "
                              f"(violations: {plan.violations})")
     return plan
 
 
-def _restricted(graph: OpGraph, cluster: Cluster, options: DPOptions, units: Units, deadline: float | None,
+def _beyond(reduced: Reduced, units: Units, problem: Problem, cluster: Cluster, options: DPOptions,
+            chain: dict[int, Device], lower: float, start: float) -> Plan:
+    """The certified answer beyond the ideal limit (`dp.beyond`): the best split found, the work bound."""
+    chain = reduced.complete(chain, list(dict.fromkeys(chain.values())))
+    value, assignment, found = beyond_limit(reduced, units, problem, cluster, options, chain, solve, start)
+    bound = min(lower, value)
+    notes = {"exact": False, "ideals": f"over {int(options.ideal_limit):,}", "work_lower_bound": lower,
+             "beyond_ideal_limit": found, **units.stats, **reduced.notes(cluster, units.count, None)}
+    if "ideals_after_replication" in notes:
+        notes["ideals_after_replication"] = notes["ideals"]
+    return plan_from_assignment(reduced.graph, cluster, assignment, solver="dp", seconds=time.perf_counter() - start,
+                                lower_bound=bound, gap=(value - bound) / value if value else 0.0, notes=notes,
+                                replicate=options.replicate)
+
+
+def _exact_or_none(make) -> Plan | None:
+    try:
+        plan = make()
+    except PlacewiseError:
+        return None  # e.g. a merged group does not fit one device
+    return plan if plan is not None and plan.notes["exact"] else None
+
+
+def _restricted(reduced: Reduced, cluster: Cluster, options: DPOptions, units: Units, deadline: float | None,
                 upper: float) -> Plan | None:
     """The exact optimum of the side-branch restriction, when there is one and it is no worse than `upper`."""
-    merged = merged_pendants(graph, units)
+    merged = merged_pendants(reduced.work, units)
     if merged is None:
         return None
     left = None if deadline is None else max(deadline - time.perf_counter(), 1e-3)
-    try:
-        restricted = solve(merged, cluster, replace(options, progress=False, time_limit=left))
-    except PlacewiseError:
-        return None  # e.g. a branch and its unit do not fit one device together
-    return restricted if restricted.notes["exact"] and restricted.max_load <= upper else None
+    restricted = _exact_or_none(
+        lambda: solve(reduced.colocated_like(merged), cluster, replace(options, progress=False, time_limit=left)))
+    return restricted if restricted is not None and restricted.max_load <= upper else None
 
 
 def _assignment(graph: OpGraph, units: Units, problem: Problem, sets: list[tuple[int, np.ndarray]]) -> dict:

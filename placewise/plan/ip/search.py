@@ -55,7 +55,7 @@ class _Search:
 
     def score(self, x: np.ndarray, objective: float) -> Plan:
         plan = plan_from_assignment(self.graph, self.cluster, self.assign(x), solver="ip", seconds=0.0,
-                                    objective=self.options.objective, contiguous=self.contiguous)
+                                    objective=self.options.objective, contiguous=self.contiguous, replicate=False)
         if not plan.feasible or plan.value > objective + AGREEMENT_TOLERANCE * max(1.0, abs(objective)):
             raise RuntimeError(f"bug: the cost model scores the {self.what} IP's split {plan.value!r} "
                                f"({'; '.join(plan.violations) or 'feasible'}), above the solver's objective {objective!r}")
@@ -164,8 +164,9 @@ def solve(graph: OpGraph, cluster: Cluster, options: IPOptions) -> Plan:
         # The time limit covers these checks too (the caller took the warm start's time off already).
         options = replace(options, time_limit=max(options.time_limit - (time.perf_counter() - begin), 0.1))
     best, bound, notes = _search(graph, cluster, options, warm, what, contiguous)
+    # The programs place every node once (no replicated copies), so their plans are scored that way.
     plan = plan_from_assignment(graph, cluster, best.assignment(), solver="ip", seconds=time.perf_counter() - begin,
-                                objective=options.objective, contiguous=contiguous, notes=notes)
+                                objective=options.objective, contiguous=contiguous, notes=notes, replicate=False)
     value = plan.value
     plan.lower_bound = None if bound is None else min(bound, value)
     plan.gap = None if bound is None else (0.0 if value <= 0 else max(0.0, (value - plan.lower_bound) / value))

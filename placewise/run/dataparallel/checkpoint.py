@@ -3,6 +3,7 @@ checked on resume against the settings of the run that wrote it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,24 @@ def checkpoint_path(base: str | Path, shard: int, servers: int) -> Path:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    # Written beside and renamed: a run killed while saving leaves the previous checkpoint intact.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    """Write `state` to `path` atomically, or raise a PlacewiseError that stops the run: a run that goes
+    on without the checkpoints it was asked for could not be resumed or recovered as promised."""
+    # Written beside, flushed to disk and renamed: a run killed (or a machine crashing) while saving
+    # leaves the previous checkpoint intact, never a truncated one.
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise PlacewiseError(f"--checkpoint {path}: writing the checkpoint at update {state.get('version')} failed "
+                             f"({e.strerror or type(e).__name__}); the run stopped: free space there or choose "
+                             f"another path") from e
 
 
 def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:

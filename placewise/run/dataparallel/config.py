@@ -3,8 +3,6 @@ checked once, with one line per bad setting."""
 
 from __future__ import annotations
 
-import os
-import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +11,7 @@ from placewise.plan.schedule import DEFAULT_SCHEDULE
 from placewise.run.choices import ASYNC, DATA_PARALLEL_MODES, DDP, SYNC, TRANSPORTS
 from placewise.run.compensation import BackupWorkers, DcAsgdOptions, GapAwareOptions
 from placewise.run.dataparallel.staleness import Staleness
+from placewise.run.faults import fail_step, maybe_fail
 from placewise.run.job import PipelineJob
 from placewise.run.optim import optimizer_class
 
@@ -61,6 +60,10 @@ class TrainConfig:
     # the embedded launcher starts on this machine), "gloo" messages, or "auto" (shared when possible).
     transport: str = "auto"
     shared_dir: str | None = None   # set by the launching process for the shared transport
+    # Set by the launching process: workers rejoin a restarted server (`train.py`), and the ranks that
+    # will not rejoin it (dead or done) stay out of the restarted server's clients.
+    recover: bool = False
+    absent: tuple[int, ...] = ()
 
     def policy(self) -> Staleness:
         return Staleness.parse(self.staleness)
@@ -165,9 +168,13 @@ class TrainConfig:
         return self.snapshot_every or max(1, self.total_steps(train_size) // 20)
 
     def maybe_kill(self, rank: int, step: int) -> None:
-        """Fault injection: rank `kill_rank` kills itself (SIGKILL) at its step/update `kill_at`."""
-        if self.kill_rank == rank and self.kill_at == step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        """Fault injection: rank `kill_rank` kills itself (SIGKILL) at its step/update `kill_at`, and so
+        does any rank that `PLACEWISE_FAIL_AT` names (`placewise.run.faults`)."""
+        maybe_fail(rank, step, (self.kill_rank, self.kill_at))
+
+    def kill_step(self, rank: int) -> int | None:
+        """The update at which this process of server `rank` kills itself, if any."""
+        return fail_step(rank, (self.kill_rank, self.kill_at))
 
     def fingerprint(self, features: int, classes: int) -> dict[str, Any]:
         """What a checkpoint must share with the run that resumes it."""

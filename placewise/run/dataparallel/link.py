@@ -11,6 +11,7 @@ from torch import nn
 from placewise.run.dataparallel.config import TrainConfig
 from placewise.run.dataparallel.protocol import HEADER, REPLY, STOP, Kind, flat_views
 from placewise.run.dataparallel.shared import SharedBuffers
+from placewise.run.launcher import PEER_LOST, rejoin_group
 
 
 class ServerLink:
@@ -67,6 +68,22 @@ class ServerLink:
                 start = int(self.reply[2])
         return start
 
+    def call(self, cfg: TrainConfig, kind: Kind, step: int, stats: tuple[float, float, float]) -> int | None:
+        """`exchange`; when the server died and the launcher restarts it (`cfg.recover`), rejoin the run's
+        group and say HELLO to the successor instead. Returns the step to go on from: HELLO's start
+        step, or after a rejoin the step of the successor's checkpoint; None otherwise."""
+        try:
+            start = self.exchange(kind, step, stats)
+            return start if kind == Kind.HELLO else None
+        except RuntimeError as e:  # gloo's words for a peer that went away
+            if not (cfg.recover and any(marker in str(e) for marker in PEER_LOST)):
+                raise
+        rejoin_group()
+        self.running, self.fetched = set(self.servers), dict.fromkeys(self.servers, 0)
+        for g in self.grad_flat.values():
+            g.zero_()  # gradients of steps the successor will have this worker compute again
+        return self.call(cfg, Kind.HELLO, 0, (0.0, 0.0, 0.0))
+
     def train(self, cfg: TrainConfig, rank: int, start: int, compute: Callable[[int], tuple[float, float, float]],
               go_on: Callable[[], bool], share: Callable[[tuple[float, float, float]], tuple[float, float, float]]
               = lambda stats: stats) -> int:
@@ -89,7 +106,10 @@ class ServerLink:
                     for g in self.grad_flat.values():
                         g.div_(accumulated)  # the mean gradient of the accumulated steps
             kind = Kind.PUSH_FETCH if push and fetch else Kind.PUSH if push else Kind.FETCH
-            self.exchange(kind, step, totals if push else (0.0, 0.0, 0.0))
+            resume_at = self.call(cfg, kind, step, totals if push else (0.0, 0.0, 0.0))
+            if resume_at is not None:  # a restarted server: on from its checkpoint's step
+                step, accumulated, totals = resume_at, 0, (0.0, 0.0, 0.0)
+                continue
             if push:
                 for g in self.grad_flat.values():
                     g.zero_()

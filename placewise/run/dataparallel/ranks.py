@@ -19,11 +19,12 @@ from placewise.run.dataparallel.ddp import run_ddp
 from placewise.run.dataparallel.layout import Layout, parameter_layout
 from placewise.run.dataparallel.model import build_model
 from placewise.run.dataparallel.pipeline_ddp import run_pipeline_ddp
-from placewise.run.dataparallel.server import ParameterServer, ServerSettings
+from placewise.run.dataparallel.server import ParameterServer, ServerSettings, record_file
 from placewise.run.dataparallel.shared import SharedBuffers
 from placewise.run.choices import DDP
 from placewise.run.tasks import make_task
 from placewise.run.dataparallel.worker import run_pipeline_worker, run_worker
+from placewise.run.launcher import run_folder
 
 
 def run_server(rank: int, cfg: TrainConfig, data: Dataset, model: nn.Module, layout: Layout) -> dict[str, Any]:
@@ -36,8 +37,8 @@ def run_server(rank: int, cfg: TrainConfig, data: Dataset, model: nn.Module, lay
                               checkpoint_every=cfg.checkpoint_every,
                               snapshot_every=cfg.snapshot_interval(data.train_size),
                               progress=cfg.progress and rank == 0, fingerprint=fingerprint,
-                              kill_at=cfg.kill_at if cfg.kill_rank == rank else None)
-    clients = layout.stage_ranks(layout.shard_stage[rank])
+                              kill_at=cfg.kill_step(rank), version_file=record_file(rank, run_folder()))
+    clients = [c for c in layout.stage_ranks(layout.shard_stage[rank]) if c not in cfg.absent]
     server = ParameterServer(rank, layout.servers, [params[i].detach() for i in layout.shards[rank]], clients,
                              settings, resume, SharedBuffers.of(cfg))
     return server.serve()

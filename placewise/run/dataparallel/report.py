@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field, replace
@@ -11,6 +10,7 @@ from typing import Any
 
 import torch
 
+from placewise.errors import dump_json
 from placewise.run.choices import ASYNC
 
 
@@ -38,6 +38,13 @@ class TrainReport:
     stage_staleness: list[list[int]] = field(default_factory=list)
     dropped: int = 0   # sync with backup workers: pushes that came after their round closed, discarded
     final_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the trained model's
+    # Each time the parameter server died and was restarted from its checkpoint: the update it died at,
+    # the one it resumed from, and the updates lost between them (recovery.py).
+    server_restarts: list[dict[str, int]] = field(default_factory=list)
+
+    @property
+    def lost_updates(self) -> int:
+        return sum(r["lost_updates"] for r in self.server_restarts)
 
     def time_to_accuracy(self, target: float) -> float | None:
         """Seconds (since serving began) of the first snapshot at `target` test accuracy, if any."""
@@ -63,7 +70,7 @@ def write_outputs(report: TrainReport, out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "report.json"]
-    written[0].write_text(json.dumps(report.to_dict(with_history=True), indent=1))
+    written[0].write_text(dump_json(report.to_dict(with_history=True), indent=1))
     if report.mode == ASYNC and report.staleness:
         runs = ({f"stage {s} of {report.workers} pipelines": values for s, values in enumerate(report.stage_staleness)}
                 if report.stage_staleness else {f"{report.workers} workers": report.staleness})
@@ -99,6 +106,10 @@ def print_report(report: TrainReport) -> None:
     if report.dropped:
         rows.append(("late pushes dropped (backup workers)", str(report.dropped)))
     rows.append(("workers lost", "; ".join(f"rank {r}: {m}" for r, m in report.lost_workers.items()) or "none"))
+    if report.server_restarts:
+        rows.append(("server restarts (died at -> resumed from)",
+                     ", ".join(f"{r['died_at']} -> {r['resumed_at']}" for r in report.server_restarts)
+                     + f"; {report.lost_updates} update(s) lost"))
     for row in rows:
         table.add_row(*row)
     Console(width=None if sys.stdout.isatty() else 120).print(table)

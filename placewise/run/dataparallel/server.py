@@ -43,6 +43,21 @@ from placewise.run.dataparallel.staleness import Staleness
 from placewise.run.optim import make_optimizer
 
 
+def record_file(shard: int, folder: str | None) -> str | None:
+    """Where server `shard` records its version in the run's `folder` (None: nowhere)."""
+    return os.path.join(folder, f"server{shard}.version") if folder else None
+
+
+def recorded_version(path: str) -> int | None:
+    """The last version a server recorded at `path`, if it recorded any."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(8)
+    except OSError:
+        return None
+    return int.from_bytes(data, sys.byteorder, signed=True) if len(data) == 8 else None
+
+
 @dataclass
 class ServerSettings:
     mode: str                      # "async" or "sync"
@@ -60,6 +75,7 @@ class ServerSettings:
     progress: bool = False
     fingerprint: dict[str, Any] = field(default_factory=dict)
     kill_at: int | None = None     # fault injection: this server kills itself at this update
+    version_file: str | None = None  # where each update's version is recorded (see `record_file`)
 
 
 @dataclass
@@ -107,6 +123,12 @@ class ParameterServer:
             if self.compensation is not None:
                 self.compensation.load_state_dict(resume["compensation"])
         self.resumed_from = self.version if resume is not None else None
+        # The version after every update, where the launching process reads it should this process die:
+        # the updates lost since the last checkpoint. A store to a mapped page costs nothing per update.
+        self.version_record = None
+        if settings.version_file:
+            self.version_record = torch.from_file(settings.version_file, shared=True, size=1, dtype=torch.int64)
+            self.version_record[0] = self.version
         self.snapshots: list[tuple[int, float, torch.Tensor]] = []
         # Per-worker receive buffers: a worker waits for its reply before sending again, so its
         # buffer is stable from the moment it is queued until the reply goes out.
@@ -248,6 +270,8 @@ class ParameterServer:
         if self.compensation is not None:
             self.compensation.after_step(self.flat)
         self.version += 1
+        if self.version_record is not None:
+            self.version_record[0] = self.version
         for w, h in pushes.items():
             self.worker_steps[w] = int(h[1])
         loss_sum, correct, samples = (sum(float(h[i]) for h in pushes.values()) for i in (3, 4, 5))

@@ -71,5 +71,6 @@ def shared_folder(cfg: TrainConfig, needed: int) -> Iterator[str | None]:
                                  f"{free / 2**20:.0f} MiB free; free some space there or use --transport gloo")
         yield None
         return
-    with tempfile.TemporaryDirectory(prefix="placewise-server-", dir=base) as folder:
+    # The launching pid in the name tells whose folder it is while that process lives.
+    with tempfile.TemporaryDirectory(prefix=f"placewise-server-{os.getpid()}-", dir=base) as folder:
         yield folder

@@ -36,6 +36,7 @@ from placewise.run.dataparallel.checkpoint import checkpoint_path, load_checkpoi
 from placewise.run.dataparallel.config import TrainConfig, check_processes
 from placewise.run.dataparallel.layout import Layout, parameter_layout
 from placewise.run.dataparallel.ranks import rank_main
+from placewise.run.dataparallel.recovery import ServerRecovery
 from placewise.run.dataparallel.report import TrainReport
 from placewise.run.dataparallel.shared import shared_bytes, shared_folder
 from placewise.run.launcher import is_torchrun, launch, run_rank
@@ -82,14 +83,16 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
     layout, _ = parameter_layout(cfg, model, data)
     world_size = cfg.workers * layout.stages if cfg.mode == DDP else layout.world_size
     check_processes(cfg, world_size)
+    resumed_at: list[int] = []
     if cfg.resume:
-        versions = {load_checkpoint(checkpoint_path(cfg.resume, s, layout.servers),  # DDP's one file counts as one
-                                    cfg.fingerprint(data.features, data.classes))["version"]
-                    for s in range(layout.servers)}
-        if len(versions) > 1:  # a run stopped between two stage servers' saves of the same update
-            raise PlacewiseError(f"the checkpoints of {cfg.resume} are at different updates ({sorted(versions)}); "
+        resumed_at = [load_checkpoint(checkpoint_path(cfg.resume, s, layout.servers),  # DDP's one file counts as one
+                                      cfg.fingerprint(data.features, data.classes))["version"]
+                      for s in range(layout.servers)]
+        if len(set(resumed_at)) > 1:  # a run stopped between two stage servers' saves of the same update
+            raise PlacewiseError(f"the checkpoints of {cfg.resume} are at different updates ({sorted(set(resumed_at))}); "
                                  f"resume from files written at the same update")
     worker_ranks = [] if cfg.mode == DDP else [layout.worker_ranks(w) for w in range(cfg.workers)]
+    recovery = None
     if is_torchrun():
         if cfg.transport == "shared":
             raise PlacewiseError("--transport shared needs every rank started by placewise on this machine; under "
@@ -99,16 +102,20 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
             return None
     else:
         with shared_folder(cfg, shared_bytes(layout, params)) as shared_dir:
-            results, failures = launch(rank_main, world_size, (replace(cfg, shared_dir=shared_dir), data),
-                                       threads=cfg.threads, timeout_s=cfg.timeout_s,
-                                       tolerate=[r for ranks in worker_ranks for r in ranks],
-                                       preload=PRELOAD + libraries(cfg.model))
+            run_cfg = replace(cfg, shared_dir=shared_dir, recover=ServerRecovery.possible(cfg))
+            recovery = ServerRecovery(run_cfg, data, layout)
+            results, failures = launch(rank_main, world_size, (run_cfg, data), threads=cfg.threads,
+                                       timeout_s=cfg.timeout_s, tolerate=[r for ranks in worker_ranks for r in ranks],
+                                       preload=PRELOAD + libraries(cfg.model), cleanup=[shared_dir] if shared_dir else [],
+                                       restart=None if cfg.mode == DDP else recovery)
     server_results, history, shards = _server_view(cfg, layout, params, results)
     lost = _lost(cfg, server_results, failures, worker_ranks)
     with torch_threads(cfg.threads):
         curve = _evaluate(model, params, shards, server_results, data)
     version = server_results[0]["version"]
-    resumed_from = server_results[0]["resumed_from"]
+    restarts = recovery.restarts if recovery is not None else []
+    # A restarted server resumed from its own checkpoint; the run resumed from --resume, if at all.
+    resumed_from = server_results[0]["resumed_from"] if not restarts else (resumed_at or [None])[0]
     new_updates = [u for u in history if resumed_from is None or u["version"] > resumed_from]
     seconds = max(r["seconds"] for r in server_results)
     stage_staleness = _stage_staleness(cfg, layout, results)
@@ -124,7 +131,7 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
         lost_workers={int(k): v for k, v in sorted(lost.items())}, resumed_from=resumed_from,
         curve=curve, history=history, stages=cfg.stages, worker_ranks=worker_ranks,
         stage_staleness=stage_staleness, dropped=sum(r.get("dropped", 0) for r in server_results),
-        final_state={k: v.detach().clone() for k, v in model.state_dict().items()})
+        final_state={k: v.detach().clone() for k, v in model.state_dict().items()}, server_restarts=restarts)
 
 
 def _server_view(cfg: TrainConfig, layout: Layout, params: list[nn.Parameter],

@@ -32,7 +32,7 @@ def run_worker(rank: int, cfg: TrainConfig, data: Dataset, model: nn.Module, lay
         x, y = stream.batch(step)
         return (*forward_backward(model, x, y), float(len(y)))
 
-    start = link.exchange(Kind.HELLO, 0, (0.0, 0.0, 0.0))
+    start = link.call(cfg, Kind.HELLO, 0, (0.0, 0.0, 0.0))
     began = time.perf_counter()
     step = link.train(cfg, rank, start, compute, lambda: bool(link.running))
     return {"role": "worker", "rank": rank, "steps": step - start, "seconds": time.perf_counter() - began}
@@ -73,7 +73,7 @@ def run_pipeline_worker(rank: int, cfg: TrainConfig, data: Dataset, model: nn.Mo
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())
 
-    start = link.exchange(Kind.HELLO, 0, (0.0, 0.0, 0.0))
+    start = link.call(cfg, Kind.HELLO, 0, (0.0, 0.0, 0.0))
     began = time.perf_counter()
     step = link.train(cfg, rank, start, compute, go_on, share)
     return {"role": "stage", "rank": rank, "worker": worker, "stage": stage_index, "steps": step - start,

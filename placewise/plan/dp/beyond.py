@@ -1,0 +1,149 @@
+"""Beyond the ideal limit: a certified answer instead of an error.
+
+When the unit DAG has more ideals than the DP may enumerate, the planner still returns the best
+contiguous split it can find, with a proven lower bound and the gap between them:
+- upper bounds: the DP on the segments of a few topological orders (already computed by the
+  caller), the DP on a coarsened graph whose single-entry/single-exit regions (NAS cells, attention
+  blocks) are collapsed (`plan.coarsen`), that coarsening refined near the coarse plan's cut points,
+  and every contiguous baseline; each split is re-scored by the cost model;
+- the lower bound: the work bound (every unit's least time shared evenly, and the largest unit).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from placewise.errors import PlacewiseError
+from placewise.graph import Cluster, Device
+from placewise.plan.coarsen import Coarsening, coarsen, colocated, near_cuts
+from placewise.plan.cost import evaluate
+from placewise.plan.dp.problem import Problem
+from placewise.plan.dp.replicated import Reduced
+from placewise.plan.ideals import enumerate_ideals
+from placewise.plan.options import DPOptions, PipeDreamOptions, SolveOptions
+from placewise.plan.units import Units
+
+# Without a time limit, the search beyond the ideal limit takes at most this long.
+BEYOND_SECONDS = 60.0
+# A coarsened graph is solved exactly when it has at most this many ideals.
+COARSE_IDEALS = 5_000
+# Beyond the limit the coarsened graph may have this many ideals (its DP gets half the time left).
+BEYOND_COARSE_IDEALS = 20_000
+# Within the limit, a lattice this large first gets the coarse restriction's optimum as its upper
+# bound (certified by one run just below it when it is optimal): on a Llama with 8 layers and 72k
+# ideals the bound search took 156 s, the restriction and its certificate 24 s. Smaller lattices
+# (every paper input) keep the plain bound search.
+COARSE_TRIGGER = 50_000
+# Regions heavier than this share of one device's fair work are never collapsed.
+REGION_SHARE = 0.25
+
+
+@dataclass
+class Candidates:
+    """The best split found so far and where each candidate came from."""
+
+    graph_reduced: Reduced
+    cluster: Cluster
+    replicate: bool
+    best: tuple[float, dict[int, Device], str] | None = None
+    values: dict[str, float] = field(default_factory=dict)
+
+    def offer(self, name: str, assignment: dict[int, Device]) -> None:
+        ev = evaluate(self.graph_reduced.graph, self.cluster, assignment, replicate=self.replicate)
+        if not ev.feasible:
+            return
+        self.values[name] = ev.max_load
+        if self.best is None or ev.max_load < self.best[0]:
+            self.best = (ev.max_load, assignment, name)
+
+
+def _fits(pred, limit: int) -> bool:
+    try:
+        enumerate_ideals(pred, limit)
+    except PlacewiseError:
+        return False
+    return True
+
+
+def _coarse_plan(reduced: Reduced, units: Units, coarse: Coarsening, cluster: Cluster, options: DPOptions,
+                 solve: Callable, seconds: float | None):
+    graph = reduced.colocated_like(colocated(reduced.work, units.members, coarse))
+    return solve(graph, cluster, replace(options, progress=False,
+                                         time_limit=None if seconds is None else max(seconds, 1e-3)))
+
+
+def coarse_restriction(reduced: Reduced, units: Units, problem: Problem, cluster: Cluster, options: DPOptions,
+                       solve: Callable, seconds: float | None, limit: int = COARSE_IDEALS):
+    """The exact optimum of the graph with its light branchy regions collapsed to at most `limit`
+    ideals (a restriction: its splits are splits here), or None when no such coarsening exists."""
+    work = problem.time.min(axis=0)
+    share = REGION_SHARE * float(work.sum()) / sum(k.count for k in problem.kinds)
+    coarse = coarsen(units.pred_units, work, lambda c: _fits(c.pred, limit), share=share)
+    if not coarse.collapsed or not _fits(coarse.pred, limit):
+        return None
+    return _coarse_plan(reduced, units, coarse, cluster, options, solve, seconds)
+
+
+def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Cluster, options: DPOptions,
+                 chain: dict[int, Device], solve: Callable, start: float) -> tuple[float, dict[int, Device], dict]:
+    """(max-load, split, notes) of the best contiguous split found within the time left."""
+    budget = options.time_limit if options.time_limit is not None else BEYOND_SECONDS
+    deadline = start + budget
+    found = Candidates(reduced, cluster, options.replicate)
+    found.offer("chain", chain)
+    _offer_baselines(found, reduced, cluster, options)
+    work = problem.time.min(axis=0)
+    share = REGION_SHARE * float(work.sum()) / sum(k.count for k in problem.kinds)
+    coarse = coarsen(units.pred_units, work, lambda c: _fits(c.pred, BEYOND_COARSE_IDEALS), share=share)
+    notes: dict = {"coarse_units": len(coarse.groups), "collapsed_regions": len(coarse.collapsed)}
+    refinements = 0
+    while _fits(coarse.pred, BEYOND_COARSE_IDEALS) and time.perf_counter() < deadline:
+        left = deadline - time.perf_counter()
+        try:
+            plan = _coarse_plan(reduced, units, coarse, cluster, options, solve, left / 2)
+        except PlacewiseError:
+            break
+        name = "coarsened" if refinements == 0 else f"refined {refinements}"
+        found.offer(name, plan.assignment())
+        # Open the collapsed regions next to this plan's cut points and solve again.
+        stage = {n: k for k, s in enumerate(plan.stages) for n in s.nodes}
+        stage_of_group = [stage[reduced.work.nodes[units.members[g[0]][0]].id] for g in coarse.groups]
+        opened = near_cuts(coarse, stage_of_group)
+        if not opened:
+            break
+        finer = coarsen(units.pred_units, work, lambda c: _fits(c.pred, BEYOND_COARSE_IDEALS), share=share,
+                        keep_open=opened)
+        if len(finer.groups) <= len(coarse.groups):
+            break
+        coarse, refinements = finer, refinements + 1
+    if found.best is None:
+        raise PlacewiseError("no contiguous split fits memory and support (found beyond the ideal limit); "
+                             "raise --memory, add devices or CPU cores")
+    value, assignment, source = found.best
+    notes.update(refinements=refinements, best_from=source,
+                 upper_bounds={k: v for k, v in sorted(found.values.items(), key=lambda kv: kv[1])})
+    return value, assignment, notes
+
+
+def _offer_baselines(found: Candidates, reduced: Reduced, cluster: Cluster, options: DPOptions) -> None:
+    # The baselines themselves, not the registry (which names this module's caller).
+    from placewise.plan.baselines.block import block_params, block_time, block_uniform
+    from placewise.plan.baselines.pipedream import pipedream, pipedream_nocomm
+    from placewise.plan.baselines.simple import one_accelerator
+    common = SolveOptions(seed=options.seed, replicate=options.replicate)
+    chain_baselines = {"pipedream": lambda g, c: pipedream(g, c, PipeDreamOptions(**vars(common))),
+                       "pipedream-nocomm": lambda g, c: pipedream_nocomm(g, c, common),
+                       "block-time": lambda g, c: block_time(g, c, common),
+                       "block-params": lambda g, c: block_params(g, c, common),
+                       "block-uniform": lambda g, c: block_uniform(g, c, common),
+                       "one-accelerator": lambda g, c: one_accelerator(g, c, common)}
+    for name, run in chain_baselines.items():
+        try:
+            plan = run(reduced.graph, cluster)
+        except PlacewiseError:
+            continue
+        if plan.contiguous and math.isfinite(plan.max_load):
+            found.offer(name, plan.assignment())

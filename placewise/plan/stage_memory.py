@@ -1,0 +1,88 @@
+"""Per-stage memory at a pipeline position under a schedule: what a stage holds at its peak.
+
+A stage keeps its parameters, their gradients and the optimizer's state all step long, and the
+activations its forward saved for backward for every microbatch whose backward has not yet run: all
+m under GPipe, min(m, p - i) at position i under 1F1B (`Schedule.in_flight`). So under 1F1B the
+first stage of a "balanced" pipeline needs the most. torch's `PipelineStage` also keeps one receive
+buffer per microbatch for each tensor it takes in (and, training, one for the gradient of each tensor
+it sends on), allocated on the first step and kept: `buffers` counts those. On top, a backward
+needs transient room for the gradients it is passing (`backward_workspace`).
+
+The planner's older one-figure rule (each node's `memory` summed over a stage: parameters, gradients,
+optimizer state and one profiled batch's outputs) knows neither the schedule nor the position.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from placewise.errors import PlacewiseError
+from placewise.plan.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class StageBytes:
+    """A stage's memory inputs in bytes: held once (parameters, optimizer state) or per microbatch."""
+    parameters: float
+    optimizer_state: float = 0.0
+    activations: float = 0.0  # saved for backward, per microbatch
+    inputs: float = 0.0  # tensors received from the previous stage, per microbatch
+    outputs: float = 0.0  # tensors sent to the next stage, per microbatch
+    gradients: float | None = None  # None: as many bytes as the parameters (buffers get none)
+    workspace: float = 0.0  # transient bytes of one microbatch's backward (see `backward_workspace`)
+
+    def __post_init__(self) -> None:
+        for name in ("parameters", "optimizer_state", "activations", "inputs", "outputs", "gradients", "workspace"):
+            value = getattr(self, name)
+            if value is None and name == "gradients":
+                continue
+            if not (value >= 0):
+                raise PlacewiseError(f"stage memory: {name} is {value!r}; give bytes >= 0")
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    parameters: float
+    gradients: float
+    optimizer_state: float
+    activations: float  # saved activations of the microbatches in flight
+    buffers: float  # torch's per-microbatch receive buffers
+    in_flight: int
+    workspace: float = 0.0  # transient backward bytes on top of the held ones
+
+    @property
+    def total(self) -> float:
+        return (self.parameters + self.gradients + self.optimizer_state + self.activations + self.buffers
+                + self.workspace)
+
+
+def stage_memory(stage: StageBytes, position: int, stages: int, schedule: Schedule, *,
+                 training: bool = True) -> StageMemory:
+    """Peak bytes of the stage at `position` (0-based) of `stages` under `schedule`."""
+    if not 0 <= position < stages:
+        raise PlacewiseError(f"stage memory: position {position} is outside a pipeline of {stages} stage(s)")
+    m = schedule.microbatches
+    if not training:
+        # Forward only: activations are freed as soon as the next operator has read them; the peak is
+        # about one microbatch's worth, and no gradients or optimizer state exist.
+        buffers = m * stage.inputs if position > 0 else 0.0
+        return StageMemory(stage.parameters, 0.0, 0.0, stage.activations, buffers, 1)
+    in_flight = schedule.in_flight(position, stages)
+    buffers = (m * stage.inputs if position > 0 else 0.0) + (m * stage.outputs if position < stages - 1 else 0.0)
+    gradients = stage.parameters if stage.gradients is None else stage.gradients
+    return StageMemory(stage.parameters, gradients, stage.optimizer_state, in_flight * stage.activations,
+                       buffers, in_flight, stage.workspace)
+
+
+def backward_workspace(largest_output: float) -> float:
+    """Transient bytes while one microbatch's backward runs: the gradient arriving at the operator
+    with the largest output and the gradient it makes for its input (about as large) are alive at
+    once, beside everything held."""
+    return 2.0 * largest_output
+
+
+def pipeline_memory(stages: list[StageBytes], schedule: Schedule, *, training: bool = True) -> list[StageMemory]:
+    """`stage_memory` for every stage of a pipeline, in pipeline order."""
+    return [stage_memory(s, i, len(stages), schedule, training=training) for i, s in enumerate(stages)]
+

@@ -1,0 +1,98 @@
+"""Measure the link between two processes on this machine: latency and bandwidth of send/receive.
+
+Two processes started by the launcher (gloo over 127.0.0.1, or NCCL between two GPUs where there
+are two) play ping-pong with tensors of growing size, as a pipeline's neighbouring stages exchange
+activations and gradients. A one-way time is half a round trip (median of the repeats); a straight
+line fitted to one-way time against bytes gives the latency (its intercept) and the bandwidth (one
+over its slope). `placewise devices --measure` writes the result into the device file so plans for
+this machine pay measured transfers.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from placewise.errors import PlacewiseError
+
+# Message sizes timed (bytes): from a latency-bound 4 KB to a bandwidth-bound 16 MB.
+SIZES = (4 << 10, 64 << 10, 1 << 20, 4 << 20, 16 << 20)
+REPEATS = 15
+WARMUP = 2
+
+
+@dataclass(frozen=True)
+class LinkMeasurement:
+    backend: str  # gloo or nccl
+    latency: float  # seconds, one way
+    bandwidth: float  # bytes per second
+    sizes: tuple[int, ...]
+    one_way: tuple[float, ...]  # median seconds per size, one way
+
+    def transfer_seconds(self, nbytes: float) -> float:
+        """Predicted one-way time for a message of `nbytes`."""
+        return self.latency + nbytes / self.bandwidth
+
+    def to_json(self) -> dict:
+        return {"backend": self.backend, "latency": self.latency, "bandwidth": self.bandwidth,
+                "sizes": list(self.sizes), "one_way_seconds": list(self.one_way)}
+
+
+def _ping_pong(rank: int, world_size: int, sizes: tuple[int, ...], repeats: int, warmup: int) -> list[float] | None:
+    """Rank 0 sends and waits for the echo; rank 1 echoes. Rank 0's median round trip per size."""
+    import torch
+    import torch.distributed as dist
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", rank) if nccl else torch.device("cpu")
+    peer = 1 - rank
+    medians = []
+    for size in sizes:
+        buf = torch.ones(max(1, size // 4), dtype=torch.float32, device=device)
+        trips = []
+        for i in range(warmup + repeats):
+            if nccl:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, peer)
+                dist.recv(buf, peer)
+            else:
+                dist.recv(buf, peer)
+                dist.send(buf, peer)
+            if nccl:
+                torch.cuda.synchronize(device)
+            if i >= warmup:
+                trips.append(time.perf_counter() - start)
+        medians.append(statistics.median(trips))
+    return medians if rank == 0 else None
+
+
+def fit(sizes: tuple[int, ...], one_way: tuple[float, ...], backend: str) -> LinkMeasurement:
+    """Latency and bandwidth from one-way times: least squares t = latency + bytes / bandwidth, each
+    time weighted by its inverse (relative error), so small messages set the latency and large ones
+    the bandwidth instead of the largest message's noise deciding both."""
+    x, y = np.asarray(sizes, float), np.asarray(one_way, float)
+    slope, intercept = np.polyfit(x, y, 1, w=1.0 / y)
+    if not slope > 0:
+        raise PlacewiseError(f"link measurement: times do not grow with message size ({list(one_way)}); "
+                             "the machine may be too loaded, measure again")
+    # A negative intercept is noise on a fast link: the smallest message's time bounds the latency.
+    latency = float(intercept) if intercept > 0 else float(min(one_way))
+    return LinkMeasurement(backend, latency, float(1.0 / slope), tuple(sizes), tuple(one_way))
+
+
+def measure_link(*, gpu: bool | None = None, sizes: tuple[int, ...] = SIZES, repeats: int = REPEATS,
+                 timeout_s: float = 120.0) -> LinkMeasurement:
+    """Time send/receive between two fresh processes here. `gpu`: NCCL between GPUs 0 and 1 (None:
+    when this machine has two GPUs), else gloo between CPU processes over 127.0.0.1."""
+    from placewise.run.launcher import launch
+    if gpu is None:
+        import torch
+        gpu = torch.cuda.is_available() and torch.cuda.device_count() >= 2
+    backend = "nccl" if gpu else "gloo"
+    results, _ = launch(_ping_pong, 2, (tuple(sizes), repeats, WARMUP), backend=backend, threads=1,
+                        timeout_s=timeout_s)
+    return fit(tuple(sizes), tuple(t / 2 for t in results[0]), backend)

@@ -1,0 +1,110 @@
+"""The schedule-aware DP against brute force over every contiguous split, scored by the cost model and
+by `plan.predict`'s per-stage memory (the functions a plan reports with)."""
+
+import itertools
+import random
+
+import pytest
+
+from placewise.errors import PlacewiseError
+from placewise.graph import Cluster, Device, DeviceKind, Edge, Node, OpGraph
+from placewise.plan.cost import MEMORY_TOLERANCE
+from placewise.plan.plan import plan_from_assignment
+from placewise.plan.predict import predict
+from placewise.plan.schedule import GPIPE, ONE_F_ONE_B, Schedule
+from placewise.plan.options import ScheduleDPOptions
+from placewise.plan.schedule_dp import in_order, solve
+
+
+def _graph(seed: int, n: int = 6) -> OpGraph:
+    """A random training DAG: n forward nodes (each with a backward mate), memory split, bytes on edges."""
+    rng = random.Random(seed)
+    fwd, bwd, edges = [], [], []
+    for i in range(1, n + 1):
+        t = rng.uniform(1, 5)
+        p = rng.choice([0.0, 10.0, 40.0])
+        fwd.append(Node(i, None, t / 3, t, p + 20, True, False, i, parameters=p, gradients=0.0, optimizer_state=0.0,
+                        activations=rng.uniform(5, 30), output=20.0))
+        bwd.append(Node(100 + i, None, 2 * t / 3, 2 * t, 2 * p, True, True, i, parameters=0.0, gradients=p,
+                        optimizer_state=p, activations=0.0, output=20.0))
+    for i in range(2, n + 1):
+        for j in rng.sample(range(1, i), k=min(i - 1, rng.choice([1, 1, 2]))):
+            edges += [Edge(j, i, 0.5, 20.0), Edge(100 + i, 100 + j, 0.5, 20.0)]
+    return OpGraph.build(fwd + bwd, edges, name=f"random{seed}")
+
+
+def _ideal_chains(graph: OpGraph):
+    """Every ordered split of the forward nodes into contiguous sets (a chain of ideals)."""
+    ids = [n.id for n in graph.nodes if not n.backward]
+    preds = {i: {e.src for e in graph.edges if e.dst == i} for i in ids}
+    ideals = [frozenset(c) for r in range(len(ids) + 1) for c in itertools.combinations(ids, r)
+              if all(preds[i] <= set(c) for i in c)]
+
+    def chains(done):
+        if len(done) == len(ids):
+            yield []
+            return
+        for nxt in ideals:
+            if done < nxt:
+                for rest in chains(nxt):
+                    yield [nxt - done] + rest
+    yield from chains(frozenset())
+
+
+def _brute(graph: OpGraph, cluster: Cluster, schedule: Schedule) -> float:
+    best = float("inf")
+    kinds = [k for k in cluster.kinds if k.count > 0]
+    for sets in _ideal_chains(graph):
+        for choice in itertools.product(range(len(kinds)), repeat=len(sets)):
+            if any(choice.count(t) > kinds[t].count for t in range(len(kinds))):
+                continue
+            index = [0] * len(kinds)
+            assignment, order = {}, []
+            for s, t in zip(sets, choice):
+                order.append(Device(kinds[t].name, index[t]))
+                for node in s:
+                    assignment[node] = assignment[100 + node] = order[-1]
+                index[t] += 1
+            plan = in_order(plan_from_assignment(graph, cluster, assignment, solver="brute", seconds=0.0), order)
+            if not plan.feasible and any("memory" not in v for v in plan.violations):
+                continue
+            memory = predict(graph, cluster, plan, schedule).memory
+            if all(m.total <= cluster.kind(st.kind).memory * (1 + MEMORY_TOLERANCE)
+                   for m, st in zip(memory, plan.stages) if cluster.kind(st.kind).memory is not None):
+                best = min(best, plan.max_load)
+    return best
+
+
+def _cluster(memory: float) -> Cluster:
+    return Cluster((DeviceKind("accelerator", 2, True, memory, 3.0), DeviceKind("cpu", 1, False, memory)), 20.0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("kind,m", [(ONE_F_ONE_B, 4), (GPIPE, 2)])
+def test_equals_brute_force(seed, kind, m):
+    graph = _graph(seed)
+    schedule = Schedule(kind, m)
+    free = solve(graph, _cluster(1e12), ScheduleDPOptions(schedule=schedule))
+    unconstrained = free.max_load
+    # A cap just under what the unconstrained optimum's fullest stage needs, so that memory binds.
+    cap = 0.97 * max(mem.total for mem in predict(graph, _cluster(1e12), free, schedule).memory)
+    expected = _brute(graph, _cluster(cap), schedule)
+    if expected == float("inf"):
+        with pytest.raises(PlacewiseError, match="fits"):
+            solve(graph, _cluster(cap), ScheduleDPOptions(schedule=schedule))
+        return
+    plan = solve(graph, _cluster(cap), ScheduleDPOptions(schedule=schedule))
+    assert plan.max_load == pytest.approx(expected)
+    assert plan.max_load >= unconstrained - 1e-9
+    assert plan.schedule == schedule
+    memory = predict(graph, _cluster(cap), plan, schedule).memory
+    assert all(mem.total <= cap * (1 + 1e-9) for mem in memory)
+
+
+def test_the_cap_moves_the_optimum_and_position_matters():
+    graph = _graph(3)
+    schedule = Schedule(ONE_F_ONE_B, 4)
+    free = solve(graph, _cluster(1e12), ScheduleDPOptions(schedule=schedule))
+    need = [mem.total for mem in predict(graph, _cluster(1e12), free, schedule).memory]
+    capped = solve(graph, _cluster(0.97 * max(need)), ScheduleDPOptions(schedule=schedule))
+    assert capped.max_load > free.max_load + 1e-9
