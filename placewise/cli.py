@@ -13,6 +13,7 @@ from placewise.console import console as _console
 from placewise.console import fmt_bytes as _fmt_bytes
 from placewise.console import print_plan
 from placewise.errors import PlacewiseError, dump_json
+from placewise.export import FORMATS as EXPORT_FORMATS
 from placewise.plan.options import OBJECTIVES
 from placewise.plan.schedule import DEFAULT_SCHEDULE, GPIPE, SCHEDULES
 from placewise.run.choices import (ASYNC, DATASETS, FUSE_MODES, OPTIMIZERS, PIPELINE, STALENESS_HELP,
@@ -276,6 +277,22 @@ def cmd_devices(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from placewise.export import ExportOptions, export_plan, outline_model, render
+    from placewise.plan import load_plan
+    from placewise.profile import build_model
+    plan = load_plan(args.plan)
+    name = args.model or plan.graph
+    if not name:
+        raise PlacewiseError(f"{args.plan}: the plan does not name its model; give --model")
+    model, inputs = build_model(name, args.batch_size, args.input_shape, layers=args.layers, seed=args.seed)
+    model.train(args.training)
+    data = export_plan(plan, outline_model(model, inputs), args.format,
+                       ExportOptions(root=args.root, layers=args.transformer_layers))
+    print(dump_json(data) if args.json else render(args.format, data))
+    return 0
+
+
 # ---- train and serve-bench (run issue: pipelines; async issue: data parallel) ----------------------
 def cmd_train(args) -> int:
     if args.workers is not None or args.mode != PIPELINE:
@@ -429,6 +446,7 @@ EXAMPLES = {
                "--plot compare.png",
     "profile": "placewise profile resnet18 --input-shape 3 64 64 --batch-size 8 --training --out resnet18.json",
     "devices": "placewise devices --json\n  placewise devices --measure --out here.yaml  # with the link measured",
+    "export": "placewise export plan.json --format megatron --model gpt2 --input-shape 128 --training",
     "simulate": "placewise simulate plan.json --microbatches 8 --picture timeline.png  # a plan made with:"
                 "\n  placewise plan resnet18.json --devices here.yaml --schedule 1f1b --microbatches 4 --out plan.json",
     "train": "placewise train resnet18 --plan plan.json --graph resnet18.json --input-shape 3 64 64 --batch-size 8 "
@@ -518,6 +536,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["sgd", "momentum", "adagrad", "adam", "adamw"], default="adam",
                    help="optimizer whose state a training graph's memory counts")
     p.add_argument("--seed", type=seed, default=0, help="seed of the random weights and inputs")
+
+    p = add("export", "write a plan as torch's split_spec, torchtitan's module names, Megatron's layout or "
+                      "DeepSpeed's partition", cmd_export)
+    p.add_argument("plan", type=input_file, metavar="PLAN.json", help="a plan of a profiled model (placewise plan --out)")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    p.add_argument("--model", help="the model the plan is for (default: the name the plan's graph was profiled as)")
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N")
+    p.add_argument("--input-shape", type=positive_int, nargs="+", metavar="D", help="as given to profile")
+    p.add_argument("--layers", type=positive_int, metavar="N", help="transformer blocks, as given to profile")
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--training", action="store_true", help="the graph was profiled with --training (traced in train mode)")
+    p.add_argument("--root", default="", metavar="MODULE", help="torchtitan/deepspeed: name the children of this submodule "
+                   "(e.g. model for a wrapped Hugging Face model)")
+    p.add_argument("--transformer-layers", metavar="MODULE", help="megatron: the list of transformer layers (default: found)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
     p = add("devices", "show the devices of this machine", cmd_devices)
     p.add_argument("--json", action="store_true", help="print as JSON on stdout")

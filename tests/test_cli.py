@@ -14,7 +14,7 @@ SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
 
 def test_every_subcommand_is_listed():
-    assert set(SUBCOMMANDS) == {"compare", "demo", "devices", "evaluate", "plan", "profile", "serve-bench",
+    assert set(SUBCOMMANDS) == {"compare", "demo", "devices", "evaluate", "export", "plan", "profile", "serve-bench",
                                 "simulate", "train"}
 
 

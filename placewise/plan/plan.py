@@ -155,6 +155,15 @@ def _stage_from_json(data: Any, source: str) -> Stage:
                  MemoryBreakdown.from_json(breakdown, f"{source}.memory_breakdown"))
 
 
+def module_stages(plan: Plan) -> dict[str, int]:
+    """{model operation name (fx node): stage index} from a profiled plan's stages, in pipeline order."""
+    mapping = {name: s for s, stage in enumerate(plan.stages) for name in stage.modules}
+    if not mapping:
+        raise PlacewiseError("the plan's stages name no model nodes; plan a graph made by `placewise profile` "
+                             "of this model")
+    return mapping
+
+
 def _short(value: Any) -> str:
     """A value for a one-line message, cut short."""
     text = json.dumps(value) if not isinstance(value, float) else repr(value)

@@ -17,6 +17,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from placewise.errors import PlacewiseError
+# {fx node name: stage} of a plan; the cut's callers know it by this name.
+from placewise.plan.plan import module_stages as mapping_from_plan  # noqa: F401
 
 
 def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
@@ -35,18 +37,6 @@ def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> fx.Grap
     except Exception as e:  # noqa: BLE001 - fx raises many kinds for untraceable code
         raise PlacewiseError(f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}); remove data-dependent control flow") from None
-
-
-def mapping_from_plan(plan) -> dict[str, int]:
-    """{fx node name: stage index} from a plan's stages (pipeline order)."""
-    mapping: dict[str, int] = {}
-    for s, stage in enumerate(plan.stages):
-        for name in stage.modules:
-            mapping[name] = s
-    if not mapping:
-        raise PlacewiseError("the plan's stages name no model nodes; plan a graph made by `placewise profile` "
-                             "of this model")
-    return mapping
 
 
 def assign_stages(gm: fx.GraphModule, mapping: Mapping[str, int]) -> dict[str, int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -40,10 +40,12 @@ def _device(rank: int) -> torch.device:
 
 
 def stage_schedule(prepared: Prepared, stage_index: int, *, schedule: str, microbatches: int, training: bool,
-                   group=None) -> tuple[nn.Module, Any, Any]:
+                   group=None, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                   ) -> tuple[nn.Module, Any, Any]:
     """This process's stage of a cut model as a `PipelineStage` with static shapes, on this rank's device, and
-    its GPipe or 1F1B schedule (training: the loss of each microbatch divided by `microbatches`).
-    Every rank of `group` (rank i runs stage i) calls this with its own `stage_index`."""
+    its GPipe or 1F1B schedule (training: the loss of each microbatch, `loss` or the workload's, divided by
+    `microbatches`). Every rank of `group` (rank i runs stage i) calls this with its own `stage_index`."""
+    loss = loss or loss_fn
     gm, micro, values = prepared.gm, prepared.micro, prepared.values
     part = prepared.parts[stage_index]
     n_stages = len(prepared.parts)
@@ -66,7 +68,7 @@ def stage_schedule(prepared: Prepared, stage_index: int, *, schedule: str, micro
     # Each microbatch's loss is divided by M, so the gradients are the batch mean as soon as the last
     # backward ends, with nothing to rescale afterwards (fused updates happen inside that backward).
     runner = schedule_cls(stage, microbatches, scale_grads=False,
-                          loss_fn=(lambda out, target: loss_fn(out, target) / microbatches) if training else None)
+                          loss_fn=(lambda out, target: loss(out, target) / microbatches) if training else None)
     return module, stage, runner
 
 
