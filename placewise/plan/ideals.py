@@ -181,8 +181,9 @@ def pendants(pred_units: tuple[tuple[int, ...], ...], work: np.ndarray) -> list[
     auxiliary classifier is one. Such a branch multiplies the ideals of everything beside it."""
     succ = successors(pred_units)
     # A branch larger than this is taken for the main line without listing it all: listing every
-    # branch of every fork is quadratic (minutes on a 20,000-unit graph).
-    cap = max(256, len(pred_units) // 4)
+    # branch of every fork is quadratic (minutes on a 20,000-unit graph). Inception's auxiliary
+    # classifier, the side branch this is for, has about ten units.
+    cap = 512
     found: list[tuple[int, frozenset[int]]] = []
     for v, ws in enumerate(succ):
         if len(ws) < 2:
