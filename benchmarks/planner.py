@@ -135,6 +135,11 @@ def run_one(label: str, path: Path, accelerators: int | None, repeat: int, time_
     return {"input": label, **json.loads(done.stdout)}
 
 
+def _count(value) -> str:
+    """A count with thousands separators; a text (e.g. "> 4,000,000" beyond the ideal limit) as it is."""
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="timed solves after the cold one (median)")
@@ -189,7 +194,7 @@ def main() -> None:
             same = abs(r["max_load"] - r["reference_optimum"]) <= 1e-6 * r["reference_optimum"]
             match = f"{r['reference_optimum']:.10g}" + (" [green]=[/green]" if same else " [red]≠[/red]")
         table.add_row(r["input"], str(r["accelerators"]), str(r["cpus"]), str(r["nodes"]), str(r["units"]),
-                      f"{r['ideals']:,}", f"{r['pairs']:,}",
+                      _count(r["ideals"]), _count(r["pairs"]),
                       f"{r['max_load']:.10g}" + ("" if r["exact"] else f" [yellow](stopped, gap {100 * r['gap']:.1f}%)[/yellow]"),
                       match, f"{r['seconds']:.3f}",
                       f"{r['cold']:.3f}", f"{r['cpu']:.3f}", f"{r['peak_bytes'] / 2**20:.0f}",
