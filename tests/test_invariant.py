@@ -74,3 +74,13 @@ def test_every_shared_workload_keeps_the_invariant(path) -> None:
     graph = load_graph(path)
     cluster = graph.cluster or Cluster.simple(4, 0, None)
     _check_invariant(graph, cluster, SolveOptions(time_limit=60.0))
+
+
+def test_ip_starts_from_the_best_solver_or_baseline_and_is_never_worse():
+    from placewise.plan.warm_start import warm_starts
+    graph = load_graph(WORKLOADS / "pipedream" / "gnmt" / "graph.txt")
+    cluster = Cluster.simple(4, 0, None)
+    starts = warm_starts(graph, cluster, SolveOptions(time_limit=20.0))
+    assert {"dp", "block-time", "pipedream-nocomm"} <= {p.solver for p in starts}
+    plan = solve(graph, cluster, "ip", SolveOptions(time_limit=20.0))
+    assert plan.feasible and plan.max_load <= min(p.max_load for p in starts) * (1 + REL)

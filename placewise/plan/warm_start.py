@@ -1,7 +1,8 @@
 """The integer program's default warm start, found by the caller before the IP runs.
 
-The exact DP's contiguous optimum (throughput) is a valid start for the contiguous and the
-non-contiguous program; the latency greedy is the fallback, and the start for latency. This is
+The exact DP's contiguous optimum and the chain baselines' splits (throughput) are valid starts for
+the contiguous and the non-contiguous program; the latency greedy's is one more, and the start for
+latency. The IP starts from the best of them and never returns worse. This is
 called through the registry entry of `ip` (its `prepare`), so the IP never looks solvers up.
 """
 
@@ -14,41 +15,52 @@ from typing import Callable
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, OpGraph
 from placewise.plan.options import DPOptions, IPOptions, SolveOptions
-from placewise.plan.plan import Plan
+from placewise.plan.plan import Plan, plan_from_assignment
 
 # The DP's warm start may take this share of a time limit (past it, the DP returns its best split).
 WARM_SHARE = 0.25
 
 
-def warm_start(graph: OpGraph, cluster: Cluster, options: SolveOptions) -> Plan | None:
-    """The DP's plan for throughput, else the latency greedy's, whichever is first feasible."""
+def warm_starts(graph: OpGraph, cluster: Cluster, options: SolveOptions) -> tuple[Plan, ...]:
+    """Every feasible start: for throughput the DP's plan and each chain baseline's, and the latency
+    greedy's; each scored as the programs see a split (every node once, no replicated copies)."""
+    from placewise.plan.baselines.block import block_params, block_time, block_uniform
+    from placewise.plan.baselines.pipedream import pipedream_nocomm
     from placewise.plan.dp import solve as dp
     from placewise.plan.latency_greedy import solve as greedy
 
     plain = DPOptions(objective=options.objective, contiguous=True, seed=options.seed,
                       time_limit=None if options.time_limit is None else WARM_SHARE * options.time_limit)
+    common = SolveOptions(objective=options.objective, contiguous=options.contiguous, seed=options.seed)
     candidates: list[Callable[[], Plan]] = []
     if options.objective != "latency":
         candidates.append(lambda: dp(graph, cluster, plain))
-    candidates.append(lambda: greedy(graph, cluster, SolveOptions(objective=options.objective,
-                                                                  contiguous=options.contiguous)))
+        candidates += [lambda run=run: run(graph, cluster, common)
+                       for run in (pipedream_nocomm, block_time, block_params, block_uniform)]
+    candidates.append(lambda: greedy(graph, cluster, common))
+    # A contiguous program may only start from a contiguous split (re-scored as one, others fail).
+    contiguous = options.contiguous and options.objective != "latency"
+    found = []
     for make in candidates:
         try:
             plan = make()
         except PlacewiseError:
             continue
+        plan = plan_from_assignment(graph, cluster, plan.assignment(), solver=plan.solver, seconds=plan.seconds,
+                                    objective=options.objective, contiguous=contiguous, replicate=False)
         if plan.feasible and (options.objective != "latency" or plan.latency is not None):
-            return plan
-    return None
+            found.append(plan)
+    return tuple(found)
 
 
 def with_warm_start(graph: OpGraph, cluster: Cluster, options: IPOptions) -> IPOptions:
-    """`options` with a warm start when none is given; the time it took comes off the time limit."""
+    """`options` with warm starts when none are given (the IP starts from the best); the time they
+    took comes off the time limit."""
     if options.warm_starts:
         return options
     begin = time.perf_counter()
-    plan = warm_start(graph, cluster, options)
+    plans = warm_starts(graph, cluster, options)
     limit = options.time_limit
     if limit is not None:
         limit = max(limit - (time.perf_counter() - begin), 0.1)
-    return replace(options, warm_starts=() if plan is None else (plan,), time_limit=limit)
+    return replace(options, warm_starts=plans, time_limit=limit)
