@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--dc-lambdas", default="0.04,1.0", help="dc-asgd's lambda values, each with every lr, momentum")
     ap.add_argument("--throughput-steps", type=int, default=24)
     ap.add_argument("--skip", choices=["accuracy", "throughput"], help="leave one part out")
+    ap.add_argument("--variants", help="time-to-accuracy variants to run, separated by ';' (default: all)")
     ap.add_argument("--out", default="placewise-out/async_policies")
     args = ap.parse_args()
     console = Console(stderr=True)
@@ -87,7 +88,11 @@ def _label(setting: dict[str, Any]) -> str:
 
 
 def time_to_accuracy(args: argparse.Namespace, console: Console) -> list[dict[str, Any]]:
-    combos = [(name, s) for name in ACCURACY_VARIANTS for s in _settings(name, args)]
+    names = [n.strip() for n in args.variants.split(";")] if args.variants else list(ACCURACY_VARIANTS)
+    unknown = sorted(set(names) - set(ACCURACY_VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(ACCURACY_VARIANTS)}")
+    combos = [(name, s) for name in names for s in _settings(name, args)]
     runs: dict[int, list] = {i: [] for i in range(len(combos))}
     load = os.getloadavg()[0]
     for rep in range(args.reps):
@@ -116,7 +121,7 @@ def time_to_accuracy(args: argparse.Namespace, console: Console) -> list[dict[st
                      "mean_staleness": statistics.median(r.mean_staleness for r in reports)})
     best = {name: min((r for r in rows if r["variant"] == name),
                       key=lambda r: float("inf") if r["seconds_to_target"] is None else r["seconds_to_target"])
-            for name in ACCURACY_VARIANTS}
+            for name in names}
     table = Table(title=f"cnn on digits, {args.epochs:g} epochs, batch 32 per worker, each variant at its best "
                         f"setting, medians of {args.reps} ({os.cpu_count()} cores, load {load:.2f} at the start)")
     for col in ("variant", "best setting", f"s to {args.target:.0%}", "reached", f"updates to {args.target:.0%}",

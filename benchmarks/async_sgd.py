@@ -39,6 +39,9 @@ VARIANTS = {
     "2 workers sync": dict(mode="sync", workers=2),
     ASYNC: dict(mode="async", workers=2),
     DDP: dict(mode="ddp", workers=2),
+    "2 workers async, lr": dict(mode="async", workers=2, staleness="lr"),
+    "2 workers async, dc-asgd": dict(mode="async", workers=2, staleness="dc-asgd"),
+    "2 workers async, gap-aware": dict(mode="async", workers=2, staleness="gap-aware"),
     "1 worker, gloo transport": dict(mode="async", workers=1, transport="gloo"),
     "2 workers async, gloo transport": dict(mode="async", workers=2, transport="gloo"),
 }

@@ -60,24 +60,29 @@ def inputs() -> list[tuple[str, Path, int | None]]:
 
 def repeated(path: Path, nodes: int):
     """About `nodes` nodes: copies of a profiled graph in series, each copy's last forward node
-    feeding the next copy's first (ids offset per copy, backward edges mirrored likewise)."""
+    feeding every operator of the next copy that reads only replicable nodes (its sizes and
+    constants stay replicable roots), with ids and colocation classes offset per copy."""
     from dataclasses import replace
 
     from placewise.graph import Edge, OpGraph, load_graph
+    from placewise.plan.replicable import find_replicable
     block = load_graph(path)
     copies = max(1, round(nodes / len(block.nodes)))
     span = max(n.id for n in block.nodes) + 1
     classes = max((n.colocate for n in block.nodes if n.colocate is not None), default=-1) + 1
-    forward = [block.nodes[i] for i in block.topological_order if not block.nodes[i].backward]
-    first, last = forward[0], forward[-1]
+    replicable = find_replicable(block).replicable
+    forward = [i for i in block.topological_order if not block.nodes[i].backward]
+    last = block.nodes[forward[-1]]
+    # Every operator of a copy that reads nothing but replicable nodes starts that copy.
+    firsts = [block.nodes[i] for i in forward if not replicable[i] and all(replicable[p] for p in block.pred[i])]
+    cost = float(block.out_cost[block.index[last.id]])
     out_nodes, out_edges = [], []
     for c in range(copies):
         out_nodes += [replace(n, id=n.id + c * span, colocate=None if n.colocate is None else n.colocate + c * classes)
                       for n in block.nodes]
         out_edges += [replace(e, src=e.src + c * span, dst=e.dst + c * span) for e in block.edges]
         if c:
-            cost = block.out_cost[block.index[last.id]]
-            out_edges.append(Edge(last.id + (c - 1) * span, first.id + c * span, float(cost), None))
+            out_edges += [Edge(last.id + (c - 1) * span, first.id + c * span, cost, None) for first in firsts]
     return OpGraph.build(out_nodes, out_edges, name=f"{block.name} x{copies}", meta=block.meta_dict)
 
 

@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import os
 import sys
-from pathlib import Path
 
-from placewise.console import console as _console
-from placewise.console import fmt_bytes as _fmt_bytes
-from placewise.console import print_plan
-from placewise.errors import PlacewiseError, dump_json
+from placewise.commands.comparing import cmd_compare
+from placewise.commands.machine import cmd_profile, cmd_devices
+from placewise.commands.planning import cmd_evaluate, cmd_plan, cmd_simulate, cmd_export
+from placewise.commands.training import DEFAULT_MICROBATCHES, cmd_train, cmd_serve_bench, cmd_demo
+from placewise.errors import PlacewiseError
 from placewise.export import FORMATS as EXPORT_FORMATS
 from placewise.plan.options import OBJECTIVES
-from placewise.plan.schedule import DEFAULT_SCHEDULE, GPIPE, SCHEDULES
-from placewise.run.choices import (ASYNC, DATASETS, FUSE_MODES, OPTIMIZERS, PIPELINE, STALENESS_HELP,
+from placewise.plan.schedule import DEFAULT_SCHEDULE, SCHEDULES
+from placewise.run.choices import (DATASETS, FUSE_MODES, OPTIMIZERS, PIPELINE, STALENESS_HELP,
                                    TRAIN_MODES, TRANSPORTS)
 from placewise.validate import (OneLineParser, device_count, finite_non_negative, finite_positive, input_file,
                                 learning_rate, momentum, non_negative_int, output_file, output_file_in_new_folder,
                                 output_folder, positive_int, seed)
-
-
-# Microbatches per step when neither the command line nor the plan says.
-DEFAULT_MICROBATCHES = 4
 
 
 # ---- shared helpers -------------------------------------------------------------------------------
@@ -47,401 +41,6 @@ def _graph_command(p: argparse.ArgumentParser) -> None:
 def _graph_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bandwidth", type=finite_positive, default=None, metavar="BYTES_PER_S",
                    help="link bandwidth for PipeDream graphs (bytes/s; default 10e9)")
-
-
-def _load_graph(args):
-    from placewise.graph import load_graph
-    opts = {}
-    if getattr(args, "bandwidth", None) is not None:
-        opts["bandwidth"] = args.bandwidth
-    return load_graph(args.graph, **opts)
-
-
-def _cluster(args, graph):
-    from placewise.graph import Cluster
-    for flag in ("accelerators", "cpus"):
-        value = getattr(args, flag, None)
-        if value is not None and value < 0:
-            raise PlacewiseError(f"--{flag} is {value}; use 0 or more")
-    if getattr(args, "memory", None) is not None and args.memory < 0:
-        raise PlacewiseError(f"--memory is {args.memory}; use a non-negative number of bytes")
-    if getattr(args, "devices", None):
-        from placewise.graph.devicefile import load_device_file
-        cluster = load_device_file(args.devices)
-    else:
-        cluster = graph.cluster or Cluster.simple(4, 0, None)
-    return cluster.with_overrides(args.accelerators, args.cpus, args.memory)
-
-
-def _check_time_limit(args) -> None:
-    if args.time_limit is not None and args.time_limit <= 0:
-        raise PlacewiseError(f"--time-limit is {args.time_limit}; use a positive number of seconds")
-
-
-def _emit(plan, args, title: str) -> None:
-    if getattr(args, "out", None):
-        plan.save(args.out)
-    if args.json:
-        print(dump_json(plan.to_json()))
-    else:
-        print_plan(plan, title)
-        if getattr(args, "out", None):
-            print(f"plan written to {args.out}")
-
-
-# ---- subcommands ----------------------------------------------------------------------------------
-def cmd_evaluate(args) -> int:
-    from placewise.plan import load_split, plan_from_assignment
-    graph = _load_graph(args)
-    cluster = _cluster(args, graph)
-    assignment = load_split(args.split, graph)
-    plan = plan_from_assignment(graph, cluster, assignment, solver=f"split:{Path(args.split).name}", seconds=0.0,
-                                objective=args.objective, contiguous=not args.noncontiguous,
-                                replicate=not args.no_replicate)
-    _emit(plan, args, f"{graph.name}: {Path(args.split).name}")
-    return 0 if plan.feasible else 1
-
-
-def cmd_plan(args) -> int:
-    from placewise.plan import SolveOptions, solve
-    graph = _load_graph(args)
-    cluster = _cluster(args, graph)
-    _check_time_limit(args)
-    options = SolveOptions(objective=args.objective, contiguous=not args.noncontiguous, time_limit=args.time_limit,
-                           gap=args.gap, seed=args.seed, progress=not args.json and sys.stderr.isatty(),
-                           replicate=not args.no_replicate)
-    schedule = _schedule(args)
-    scale = _microbatch_scale(args, graph)
-    if args.solver == "dp-schedule":
-        from placewise.plan import get_entry
-        if schedule is None:
-            raise PlacewiseError("--solver dp-schedule plans for a schedule; give --microbatches M (and --schedule)")
-        options = get_entry("dp-schedule").options(options, schedule=schedule, microbatch_scale=scale)
-    plan = solve(graph, cluster, args.solver, options)
-    if schedule is not None:
-        from placewise.plan.predict import with_prediction
-        plan = with_prediction(graph, cluster, plan, schedule, microbatch_scale=scale)
-    _emit(plan, args, f"{graph.name}: {plan.solver} plan on {cluster.accelerators} accelerator(s), {cluster.cpus} CPU(s)")
-    if args.explain and not args.json:
-        from placewise.console import print_explanation
-        print_explanation(plan)
-    if not args.json and schedule is not None:
-        from placewise.predicted import print_prediction
-        print_prediction(plan)
-    return 0
-
-
-def _schedule(args):
-    """The schedule `--schedule`/`--microbatches` ask for; None when neither is given."""
-    if args.microbatches is None and args.schedule is None:
-        return None
-    from placewise.plan.schedule import DEFAULT_SCHEDULE, Schedule
-    return Schedule(args.schedule or DEFAULT_SCHEDULE, args.microbatches or 1)
-
-
-def _microbatch_scale(args, graph) -> float:
-    """Microbatch size over the profiled batch size (times and activations scale with it)."""
-    if args.batch_size is None:
-        return 1.0
-    from placewise.run.report import profiled_batch
-    profiled = profiled_batch(graph)
-    if profiled is None:
-        raise PlacewiseError("--batch-size needs a graph made by `placewise profile` (its batch size is recorded)")
-    if args.batch_size % (args.microbatches or 1):
-        raise PlacewiseError(f"--batch-size {args.batch_size} does not split into {args.microbatches} equal microbatches")
-    return args.batch_size / (args.microbatches or 1) / profiled
-
-
-# ---- compare (baselines issue) --------------------------------------------------------------------
-COMPARE_TIME_LIMIT = 60.0  # seconds per method, for those that take a limit (ip, local-search)
-
-
-def cmd_compare(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from placewise.plan import SolveOptions, get_entry
-    from placewise.pictures import plot_comparison
-    from placewise.plan.compare import compare
-    graph = _load_graph(args)
-    cluster = _cluster(args, graph)
-    _check_time_limit(args)
-    if args.plot and Path(args.plot).suffix.lower() != ".png":
-        raise PlacewiseError(f"--plot {args.plot}: the chart is a PNG; give a file name ending in .png")
-    if args.expert:
-        from placewise.plan import load_split
-        load_split(args.expert, graph)  # a bad file is one line now, not a table row after every solver ran
-    methods = args.methods
-    if methods is not None and args.expert and "expert" not in methods:
-        methods = [*methods, "expert"]
-    # Without a limit an integer program may run for hours on a large graph; a comparison should end.
-    time_limit = COMPARE_TIME_LIMIT if args.time_limit is None else args.time_limit
-    options = SolveOptions(objective=args.objective, time_limit=time_limit, seed=args.seed,
-                           replicate=not args.no_replicate)
-    specific = {"expert": get_entry("expert").options(options, split=args.expert)} if args.expert else {}
-    err = Console(stderr=True)
-    show = not args.json and sys.stderr.isatty()
-    with err.status("comparing...", spinner="dots") if show else contextlib.nullcontext() as status:
-        result = compare(graph, cluster, methods, options, specific,
-                         on_start=(lambda m: status.update(f"running {m}...")) if show else None)
-    if args.plot:
-        plot_comparison(result, args.plot)
-    if args.json:
-        print(dump_json(result.to_json()))
-        return 0
-    what = "max-load" if args.objective == "throughput" else "latency"
-    table = Table(title=f"{graph.name}: {cluster.accelerators} accelerator(s), {cluster.cpus} CPU(s), {what} by method "
-                        "(lower is better)")
-    for col in ("method", what, "max-load" if args.objective == "latency" else "latency", "x best", "feasible",
-                "contiguous", "seconds"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    best = result.best
-    for r in result.rows:
-        if r.error:
-            table.add_row(r.method, "-", "-", "-", "[red]cannot run[/red]", "-", f"{r.seconds:.2f}")
-            continue
-        other = r.max_load if args.objective == "latency" else r.latency
-        name = f"[bold green]{r.method}[/bold green]" if r is best else r.method
-        defined = math.isfinite(r.value)  # latency is undefined when devices wait on each other in a cycle
-        table.add_row(name, f"{r.value:.6g}" if defined else "-", "-" if other is None else f"{other:.6g}",
-                      f"{r.ratio:.3f}" if defined and r.ratio is not None else "-",
-                      "yes" if r.feasible else "[red]no[/red]", "yes" if r.contiguous else "no", f"{r.seconds:.2f}")
-    console = _console()
-    console.print(table)
-    for r in result.rows:
-        if r.error:
-            console.print(f"[red]{r.method}[/red] could not run: {r.error}")
-        elif not r.feasible:
-            console.print(f"[yellow]{r.method}[/yellow] is infeasible: {r.violations[0]}")
-        elif not math.isfinite(r.value):
-            console.print(f"[yellow]{r.method}[/yellow] has no latency: its devices' sets wait on each other in a cycle")
-    if args.plot:
-        console.print(f"chart written to {args.plot}")
-    return 0
-
-
-# ---- profile and devices (profile issue) ----------------------------------------------------------
-def cmd_profile(args) -> int:
-    from placewise.graph import save_graph
-    from placewise.graph.devicefile import load_device_file
-    from placewise.profile import build_model, export_paper, profile_model
-    from placewise.profile.report import print_summary, summary
-    cluster = load_device_file(args.devices) if args.devices else None
-    model, inputs = build_model(args.model, args.batch_size, args.input_shape, layers=args.layers, hidden=args.hidden,
-                                heads=args.heads, seed=args.seed)
-    graph = profile_model(model, inputs, name=args.model, granularity=args.granularity, device=args.device,
-                          training=args.training, repeats=args.repeats, warmup=args.warmup, cluster=cluster,
-                          optimizer=args.optimizer, threads=args.threads, clock=args.clock,
-                          progress=not args.json and sys.stderr.isatty())
-    written = []
-    if args.out:
-        save_graph(graph, args.out)
-        written.append(f"graph written to {args.out}")
-    if args.export_paper:
-        export_paper(graph, args.export_paper)
-        written.append(f"paper JSON written to {args.export_paper}")
-    if args.json:
-        print(dump_json(summary(graph)))
-    else:
-        print_summary(graph, written)
-    return 0
-
-
-def cmd_devices(args) -> int:
-    from placewise.profile.machine import describe_machine, machine_device_file
-    info = describe_machine()
-    if args.measure:
-        from placewise.run.links import measure_link
-        info["link"] = measure_link().to_json()
-    if args.out:
-        Path(args.out).write_text(machine_device_file(info))
-    if args.json:
-        print(dump_json(info))
-        return 0
-    from rich.table import Table
-    table = Table(title="this machine")
-    for col in ("device", "count", "memory", "details"):
-        table.add_column(col)
-    cpu = info["cpu"]
-    table.add_row("cpu", f"{cpu['usable_cores']} of {cpu['cores']} cores", _fmt_bytes(info["memory"] or 0), cpu["model"])
-    for gpu in info["cuda"]:
-        table.add_row(f"cuda:{gpu['index']}", "1", _fmt_bytes(gpu["memory"]),
-                      f"{gpu['name']} (compute {gpu['capability']}, {gpu['multiprocessors']} SMs)")
-    _console(120).print(table)
-    if info["torch"]:
-        print(f"torch {info['torch']['version']}, {info['torch']['threads']} intra-op thread(s)"
-              + ("" if info["cuda"] else "; no CUDA device"))
-    if info.get("link"):
-        link = info["link"]
-        print(f"link between two processes ({link['backend']}): latency {1e6 * link['latency']:.0f} us, "
-              f"bandwidth {link['bandwidth'] / 1e9:.2f} GB/s")
-    if args.out:
-        print(f"device file written to {args.out}")
-    return 0
-
-
-def cmd_export(args) -> int:
-    from placewise.export import ExportOptions, export_plan, outline_model, render
-    from placewise.plan import load_plan
-    from placewise.profile import build_model
-    plan = load_plan(args.plan)
-    name = args.model or plan.graph
-    if not name:
-        raise PlacewiseError(f"{args.plan}: the plan does not name its model; give --model")
-    model, inputs = build_model(name, args.batch_size, args.input_shape, layers=args.layers, seed=args.seed)
-    model.train(args.training)
-    data = export_plan(plan, outline_model(model, inputs), args.format,
-                       ExportOptions(root=args.root, layers=args.transformer_layers))
-    print(dump_json(data) if args.json else render(args.format, data))
-    return 0
-
-
-# ---- train and serve-bench (run issue: pipelines; async issue: data parallel) ----------------------
-def cmd_train(args) -> int:
-    if args.workers is not None or args.mode != PIPELINE:
-        return _train_data_parallel(args)
-    return _train_pipeline(args)
-
-
-def _pipeline_job(args, mode: str):
-    from placewise.plan import load_plan
-    from placewise.run.cut import mapping_from_plan
-    from placewise.run.job import PipelineJob
-    if not args.plan:
-        raise PlacewiseError(f"{mode} of a pipeline needs --plan PLAN.json; make one with `placewise profile MODEL "
-                             "--out G.json` then `placewise plan G.json --out PLAN.json`")
-    if args.threads < 1:
-        raise PlacewiseError(f"--threads is {args.threads}; use 1 or more")
-    plan = load_plan(args.plan)
-    plan.check_made_for(args.model, args.plan, "model")
-    job = PipelineJob(model=args.model, batch_size=args.batch_size, mapping=mapping_from_plan(plan),
-                      input_shape=tuple(args.input_shape) if args.input_shape else None, mode=mode,
-                      schedule=_train_schedule(args, plan), microbatches=_train_microbatches(args, plan), steps=args.steps,
-                      warmup=1, lr=getattr(args, "lr", 0.0), optimizer=getattr(args, "optimizer", "sgd"),
-                      momentum=getattr(args, "momentum", 0.0), fuse=getattr(args, "fuse", "none"),
-                      seed=getattr(args, "seed", 0), progress=not args.json and sys.stderr.isatty())
-    return plan, job
-
-
-def _train_schedule(args, plan=None) -> str:
-    """--schedule, else the schedule the plan was made for, else the default (serve-bench: GPipe, forward only)."""
-    if not hasattr(args, "schedule"):
-        return GPIPE
-    return args.schedule or (plan.schedule.kind if plan is not None and plan.schedule else DEFAULT_SCHEDULE)
-
-
-def _train_microbatches(args, plan=None) -> int:
-    """--microbatches, else the plan's schedule's, else 4."""
-    if args.microbatches is not None:
-        return args.microbatches
-    return plan.schedule.microbatches if plan is not None and plan.schedule else DEFAULT_MICROBATCHES
-
-
-def _run_pipeline_job(args, mode: str) -> int:
-    from placewise.run.pipeline import run_pipeline
-    from placewise.run.report import pipeline_report, print_report, profiled_batch
-    plan, job = _pipeline_job(args, mode)
-    batch, unit, profiled_mode = None, None, None
-    if getattr(args, "graph", None):
-        from placewise.graph import load_graph
-        graph = load_graph(args.graph)
-        plan.check_made_for(graph.name, args.plan)
-        batch, unit, profiled_mode = profiled_batch(graph), graph.meta_dict.get("time_unit"), graph.meta_dict.get("mode")
-    results = run_pipeline(job, threads=args.threads)
-    if results is None:  # a torchrun rank other than 0: rank 0 reports
-        return 0
-    report = pipeline_report(results, plan=plan, batch_size=job.batch_size, mode=mode, schedule=job.schedule,
-                             microbatches=job.microbatches, profiled_batch=batch, time_unit=unit,
-                             profiled_mode=profiled_mode)
-    report.update(model=args.model, plan=str(args.plan), threads_per_process=args.threads)
-    if getattr(args, "out", None):
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"{mode}-report.json").write_text(dump_json(report) + "\n")
-        if mode == "train" and len(results) > 1:
-            from placewise.predicted import draw_predicted_and_measured
-            draw_predicted_and_measured(plan, job.model, job.schedule, job.microbatches, job.batch_size, results,
-                                        Path(args.out) / "timeline.png")
-            print(f"timeline written to {Path(args.out) / 'timeline.png'}")
-    if args.json:
-        print(dump_json(report))
-    else:
-        print_report(report, f"{args.model}: {mode} on {len(results)} pipeline stage(s), {args.threads} thread(s) each")
-    return 0
-
-
-def _train_pipeline(args) -> int:
-    return _run_pipeline_job(args, "train")
-
-
-def _train_data_parallel(args) -> int:
-    from placewise.run.dataparallel.config import TrainConfig
-    from placewise.run.dataparallel.report import print_report, write_outputs
-    from placewise.run.dataparallel.train import train_data_parallel
-    mode = ASYNC if args.mode == PIPELINE else args.mode
-    mapping = {}
-    if args.plan:  # every worker is a pipeline of the plan's stages
-        from placewise.plan import load_plan
-        from placewise.run.cut import mapping_from_plan
-        plan = load_plan(args.plan)
-        plan.check_made_for(args.model, args.plan, "model")
-        mapping = mapping_from_plan(plan)
-    checkpoint = args.checkpoint
-    if checkpoint is None and args.checkpoint_every and args.out:
-        checkpoint = str(Path(args.out) / "checkpoint.pt")
-    cfg = TrainConfig(model=args.model, mode=mode, workers=2 if args.workers is None else args.workers,
-                      servers=args.servers, n_push=args.n_push, n_fetch=args.n_fetch, staleness=args.staleness,
-                      dataset=args.dataset, steps=None if args.epochs is not None else args.steps,
-                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                      momentum=args.momentum, fuse=args.fuse, seed=args.seed, threads=args.threads,
-                      checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      progress=not args.json and sys.stderr.isatty(), mapping=mapping, schedule=_train_schedule(args),
-                      microbatches=_train_microbatches(args), transport=args.transport,
-                      input_shape=tuple(args.input_shape) if args.input_shape else None,
-                      backup_workers=args.backup_workers, **_compensation_options(args))
-    report = train_data_parallel(cfg)
-    if report is None:
-        return 0  # a rank other than 0 under torchrun: rank 0 reports
-    if args.out:
-        write_outputs(report, args.out)
-    if args.json:
-        print(dump_json(report.to_dict()))
-    else:
-        print_report(report)
-    return 0
-
-
-def _compensation_options(args) -> dict:
-    """The staleness policies' options from the flags given (the others keep their defaults)."""
-    from placewise.run.compensation import DcAsgdOptions, GapAwareOptions
-    dc = {k: v for k, v in (("lam", args.dc_lambda), ("meansquare", args.dc_meansquare)) if v is not None}
-    gap = {"decay": args.gap_decay} if args.gap_decay is not None else {}
-    return {"dc_asgd": DcAsgdOptions(**dc), "gap_aware": GapAwareOptions(**gap)}
-
-
-def cmd_simulate(args) -> int:
-    from placewise.plan import load_plan
-    from placewise.predicted import simulate_report
-    result = simulate_report(load_plan(args.plan), Path(args.plan).name, args.schedule, args.microbatches, args.picture)
-    if args.json:
-        print(dump_json(result))
-        return 0
-    unit = result["time_unit"]
-    print(f"{result['schedule']['kind']} with {result['schedule']['microbatches']} microbatches: predicted step "
-          f"{result['step_time']:.6g} {unit} (first step from empty {result['first_step']:.6g}; busiest stage "
-          f"{max(result['busy']):.6g}; bubble {100 * result['bubble']:.0f}%)")
-    if args.picture:
-        print(f"timeline written to {args.picture}")
-    return 0
-
-
-def cmd_serve_bench(args) -> int:
-    return _run_pipeline_job(args, "infer")
-
-
-def cmd_demo(args) -> int:
-    from placewise.demo import DemoSettings, run_demo
-    run_demo(DemoSettings(out=Path(args.out), quick=args.quick))
-    return 0
 
 
 EXAMPLES = {
@@ -473,18 +72,7 @@ def _replicate_flag(p: argparse.ArgumentParser) -> None:
                         "ids are recomputed by each stage that needs them)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="placewise", description="Optimal device placement of DNN operator graphs, "
-                            "pipelined and asynchronous training, and optimizer fusion.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def add(name: str, help_text: str, func):
-        p = sub.add_parser(name, help=help_text, description=help_text,
-                           epilog=f"example:\n  {EXAMPLES[name]}" if name in EXAMPLES else None,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(func=func)
-        return p
-
+def _add_evaluate(add) -> None:
     p = add("evaluate", "score a split of a graph with the cost model", cmd_evaluate)
     _graph_command(p)
     p.add_argument("split", help="split file (reference {fpgas, cpus} format or a placewise plan)")
@@ -493,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=output_file, metavar="PLAN.json", help="also write the scored plan")
     _replicate_flag(p)
 
+
+def _add_plan(add) -> None:
     p = add("plan", "find a split of a graph across devices", cmd_plan)
     _graph_command(p)
     p.add_argument("--solver", default="dp", help="dp (exact, default), ip, or a baseline")
@@ -511,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true",
                    help="also say what was replicated, units and ideals before and after, and where the bound came from")
 
+
+def _add_compare(add) -> None:
     p = add("compare", "run the exact planner and the baselines side by side", cmd_compare)
     _graph_command(p)
     p.add_argument("--methods", nargs="+", metavar="METHOD", help="solvers/baselines to run (default: all)")
@@ -521,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     _replicate_flag(p)
 
+
+def _add_profile(add) -> None:
     p = add("profile", "trace and time a PyTorch model into an operator graph", cmd_profile)
     p.add_argument("model", help="torchvision name (resnet18), transformers config (bert-base, gpt2) or package.module:factory")
     p.add_argument("--batch-size", type=positive_int, default=8, metavar="N")
@@ -544,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer whose state a training graph's memory counts")
     p.add_argument("--seed", type=seed, default=0, help="seed of the random weights and inputs")
 
+
+def _add_export(add) -> None:
     p = add("export", "write a plan as torch's split_spec, torchtitan's module names, Megatron's layout or "
                       "DeepSpeed's partition", cmd_export)
     p.add_argument("plan", type=input_file, metavar="PLAN.json", help="a plan of a profiled model (placewise plan --out)")
@@ -559,12 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transformer-layers", metavar="MODULE", help="megatron: the list of transformer layers (default: found)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
+
+def _add_devices(add) -> None:
     p = add("devices", "show the devices of this machine", cmd_devices)
     p.add_argument("--json", action="store_true", help="print as JSON on stdout")
     p.add_argument("--out", type=output_file, metavar="FILE.yaml", help="write a device file describing this machine")
     p.add_argument("--measure", action="store_true", help="time send/receive between two processes here (gloo, or "
                    "NCCL between two GPUs) and write the measured latency and bandwidth into the device file")
 
+
+def _add_train(add) -> None:
     p = add("train", "train a model as a pipeline (from a plan) and/or with data-parallel workers", cmd_train)
     p.add_argument("model", help="model name (as for profile) or package.module:factory")
     p.add_argument("--plan", metavar="PLAN.json", help="plan to cut the model into pipeline stages (with --mode "
@@ -612,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=output_folder, metavar="DIR", help="folder for reports and pictures")
     p.add_argument("--json", action="store_true", help="print the final report as JSON on stdout")
 
+
+def _add_simulate(add) -> None:
     p = add("simulate", "simulate a plan's pipeline schedule: predicted step time and timeline", cmd_simulate)
     p.add_argument("plan", type=input_file, metavar="PLAN.json", help="a plan made with --schedule/--microbatches")
     p.add_argument("--schedule", choices=SCHEDULES, help="another schedule than the plan's")
@@ -619,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--picture", type=output_file, metavar="FILE.png", help="draw the predicted timeline of one step")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
 
+
+def _add_serve_bench(add) -> None:
     p = add("serve-bench", "measure pipelined inference throughput of a plan", cmd_serve_bench)
     p.add_argument("model", help="model name (as for profile) or package.module:factory")
     p.add_argument("--plan", metavar="PLAN.json", required=True)
@@ -630,9 +234,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", metavar="GRAPH.json", help="the profiled graph the plan came from (per-sample prediction)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
+
+def _add_demo(add) -> None:
     p = add("demo", "profile, plan, compare, pipeline-train and async-train a small model, with pictures", cmd_demo)
     p.add_argument("--out", type=output_folder, default="placewise-out", metavar="DIR", help="folder for pictures and files")
     p.add_argument("--quick", action="store_true", help="a reduced run (fewer repeats, steps and epochs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="placewise", description="Optimal device placement of DNN operator graphs, "
+                            "pipelined and asynchronous training, and optimizer fusion.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, func):
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=f"example:\n  {EXAMPLES[name]}" if name in EXAMPLES else None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    _add_evaluate(add)
+    _add_plan(add)
+    _add_compare(add)
+    _add_profile(add)
+    _add_export(add)
+    _add_devices(add)
+    _add_train(add)
+    _add_simulate(add)
+    _add_serve_bench(add)
+    _add_demo(add)
     return parser
 
 

@@ -149,7 +149,7 @@ def plans(tmp_path_factory):
     ("other model", [], "the plan names 2 node(s) the traced model lacks"),
     ("backwards", [], "not contiguous"),
     ("good", ["--workers", "40"], "needs 82 processes"),
-    ("good", ["--mode", "ddp"], "--plan with --mode ddp"),
+    ("good", ["--mode", "ddp", "--checkpoint", "c.pt", "--checkpoint-every", "5"], "not supported yet for --mode ddp"),
     ("good", ["--microbatches", "1"], "fewer than the plan's 2 stages"),
     ("good", ["--batch-size", "30"], "does not split into 4"),
     ("good", ["--fuse", "backward"], "does not apply"),
@@ -178,3 +178,17 @@ def test_sync_pipelines_resume_from_their_stage_checkpoints(tmp_path):
     assert resumed.resumed_from == 10 and resumed.updates == 24
     assert [u["loss"] for u in resumed.history[10:]] == [u["loss"] for u in reference.history[10:]]
     assert all(torch.equal(resumed.final_state[k], v) for k, v in reference.final_state.items())
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("fuse", ["none", "forward"])
+def test_two_pipelines_ddp_average_their_gradients_like_plain_sgd(fuse):
+    # One all-reduce group per stage: each stage's gradients averaged over the pipelines, then its own step
+    # (forward-fused: applied in the next forward, flushed for the snapshots).
+    cfg = TrainConfig(model="mlp:32x32", mode="ddp", workers=2, steps=12, batch_size=32, lr=0.1, momentum=0.9,
+                      seed=2, mapping=mapping("mlp:32x32", "_2"), microbatches=2, schedule="gpipe", fuse=fuse,
+                      timeout_s=TIMEOUT)
+    report = train_data_parallel(cfg)
+    assert report.stages == 2 and report.lost_workers == {}
+    assert all(u["worker"] == -1 and u["staleness"] == 0 for u in report.history)
+    assert_same_training(report, cfg, 12)

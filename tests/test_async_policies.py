@@ -12,6 +12,8 @@ import torch
 from placewise.cli import main
 from placewise.run.compensation import DcAsgdOptions, DelayCompensation, GapAware, GapAwareOptions
 from placewise.run.dataparallel.config import TrainConfig
+from placewise.run.dataparallel.protocol import Kind
+from placewise.run.dataparallel.server import ParameterServer, ServerSettings
 from placewise.run.dataparallel.train import train_data_parallel
 from placewise.run.tasks import make_task
 from replay import Push, plain_sgd, replay_async, replay_sync
@@ -73,7 +75,7 @@ def test_sync_with_a_backup_worker_is_its_replay(cnn_task):
     # Three workers, one backup: every round takes the first two gradients and drops the third.
     report = train_data_parallel(TrainConfig(**CNN, mode="sync", workers=3, backup_workers=1, steps=12))
     rounds = [[(w - 1, step) for w, step in u["pushes"]] for u in report.history]
-    assert all(len(members) == 2 for members in rounds) and len(rounds) == 12
+    assert all(len(members) == 2 for members in rounds) and len(rounds) == 12 and report.dropped <= 12
     replay = replay_sync(cnn_task, rounds, **SETTINGS)
     assert [u["loss"] for u in report.history] == replay.losses
     assert same_state(report.final_state, replay.state())
@@ -98,3 +100,34 @@ def test_bad_policy_settings_exit_2_with_one_line(capsys, argv, words):
     assert main(["train", *argv[:1], "--workers", "2", "--steps", "5", *argv[1:]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("placewise: error:") and "\n" not in err and words in err
+
+
+class Recording(ParameterServer):
+    """The serving logic without a process group: replies are recorded instead of sent."""
+
+    def __init__(self, workers: list[int], **settings) -> None:
+        super().__init__(0, 1, [torch.zeros(2)], workers, ServerSettings(mode="sync", steps=10, lr=1.0, momentum=0.0,
+                                                                         **settings))
+        self.replies: list[tuple[int, int, bool]] = []
+
+    def _reply(self, worker, status, fetch=False, start_step=0):
+        self.replies.append((worker, self.version, fetch))
+
+    def push(self, worker: int, grad: float, step: int, fetched: int) -> None:
+        self.payload[worker].fill_(grad)
+        self._handle(worker, torch.tensor([Kind.PUSH_FETCH, step, fetched, 1.0, 1.0, 1.0], dtype=torch.float64))
+
+
+def test_backup_worker_round_closes_without_the_slowest_and_drops_its_late_push():
+    s = Recording([1, 2, 3], backup_workers=1)
+    s.push(3, 4.0, 1, 0)
+    s.push(1, 2.0, 1, 0)  # two of three: the round closes with the mean of 4 and 2
+    assert s.version == 1 and s.flat.tolist() == [-3.0, -3.0] and sorted(s.replies) == [(1, 1, True), (3, 1, True)]
+    assert s.history[-1].pushes == [(1, 1), (3, 1)]
+    s.push(2, 100.0, 1, 0)  # computed on the parameters of update 0: dropped, and worker 2 takes the new ones
+    assert s.version == 1 and s.dropped == 1 and s.replies[-1] == (2, 1, True) and s.worker_steps[2] == 1
+    s.push(2, 1.0, 2, 1)
+    s._drop(1, "gone")  # a dead worker uses up the backup: worker 2 alone no longer closes a round of two...
+    assert s.version == 1
+    s.push(3, 3.0, 2, 1)  # ...but with worker 3 it does
+    assert s.version == 2 and s.flat.tolist() == [-5.0, -5.0]

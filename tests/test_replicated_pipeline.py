@@ -50,3 +50,14 @@ def test_pipelined_training_with_replicated_nodes_matches_one_process(planned):
     assert grads.keys() == reference["grads"].keys()
     for key, grad in reference["grads"].items():
         torch.testing.assert_close(grads[key], grad, atol=1e-5, rtol=1e-4, msg=f"gradient of {key}")
+
+
+@pytest.mark.parametrize("name,shape,granularity", [("gpt2-tiny", (32,), "operator"), ("vit-tiny", (3, 32, 32), "layer"),
+                                                    ("bert-tiny", (32,), "operator")])
+def test_small_transformers_are_planned_exactly(name, shape, granularity):
+    """Small versions of the models the issue names: profiled, then planned exactly on 4 and 8."""
+    model, inputs = build_model(name, 2, shape)
+    graph = profile_model(model, inputs, name=name, training=True, repeats=1, warmup=0, granularity=granularity)
+    for k in (4, 8):
+        plan = solve(graph, Cluster.simple(k, 0, None), "dp")
+        assert plan.feasible and plan.notes["exact"] and plan.gap <= 1e-6, (k, plan.notes)

@@ -180,26 +180,35 @@ def pendants(pred_units: tuple[tuple[int, ...], ...], work: np.ndarray) -> list[
     branch below v holds more work (so the main line is never taken for a side branch). An
     auxiliary classifier is one. Such a branch multiplies the ideals of everything beside it."""
     succ = successors(pred_units)
+    # A branch larger than this is taken for the main line without listing it all: listing every
+    # branch of every fork is quadratic (minutes on a 20,000-unit graph). Inception's auxiliary
+    # classifier, the side branch this is for, has about ten units.
+    cap = 512
     found: list[tuple[int, frozenset[int]]] = []
     for v, ws in enumerate(succ):
         if len(ws) < 2:
             continue
-        below = {w: _descendants(w, succ) for w in ws}
-        heaviest = max(ws, key=lambda w: float(work[list(below[w])].sum()))
+        below = {w: _descendants(w, succ, cap) for w in ws}
+        weight = {w: np.inf if b is None else float(work[list(b)].sum()) for w, b in below.items()}
+        heaviest = max(ws, key=lambda w: weight[w])
         for w in ws:
             branch = below[w]
-            if w != heaviest and all(p in branch or p == v for u in branch for p in pred_units[u]):
+            if w != heaviest and branch is not None and all(p in branch or p == v for u in branch
+                                                             for p in pred_units[u]):
                 found.append((v, frozenset(branch)))
     # A branch inside another one is merged with it anyway.
     return [(v, tuple(sorted(b))) for v, b in found if not any(b < other for _, other in found)]
 
 
-def _descendants(start: int, succ: tuple[tuple[int, ...], ...]) -> set[int]:
+def _descendants(start: int, succ: tuple[tuple[int, ...], ...], cap: int) -> set[int] | None:
+    """Everything reachable from `start` (itself included), or None when that is more than `cap` units."""
     seen, stack = {start}, [start]
     while stack:
         for nxt in succ[stack.pop()]:
             if nxt not in seen:
                 seen.add(nxt)
+                if len(seen) > cap:
+                    return None
                 stack.append(nxt)
     return seen
 

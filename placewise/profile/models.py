@@ -380,7 +380,8 @@ def build_model(name: str, batch_size: int = 8, input_shape: Sequence[int] | Non
             return _build_named_transformer(name, batch_size, input_shape, sizes)
         if sizes.given:
             given = [f"--{k}" for k in ("layers", "hidden", "heads") if getattr(sizes, k) is not None]
-            raise PlacewiseError(f"model {name!r}: {', '.join(given)} apply to the transformers models only; leave them out")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise PlacewiseError(f"model {name!r}: {', '.join(given)} {verb} to the transformers models only; leave it out")
         hidden_widths = mlp_widths(name)
         if hidden_widths is not None:
             if input_shape is not None and len(input_shape) != 1:

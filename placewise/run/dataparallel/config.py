@@ -78,7 +78,7 @@ class TrainConfig:
 
     def world_size(self) -> int:
         """Processes of the run; with a plan, at most this (a stage without parameters has no server)."""
-        return self.workers if self.mode == DDP else (self.servers + self.workers) * self.stages
+        return self.workers * self.stages if self.mode == DDP else (self.servers + self.workers) * self.stages
 
     def server_count(self) -> int:
         return 0 if self.mode == DDP else self.servers * self.stages
@@ -87,7 +87,8 @@ class TrainConfig:
         """Server updates of the run: `steps`, or `epochs` passes over the data (all workers together)."""
         if self.steps is not None:
             return self.steps
-        per_update = self.batch_size * self.n_push * (1 if self.mode == ASYNC else self.workers)
+        # A sync round with backup workers takes W - B gradients: epochs count the samples it uses.
+        per_update = self.batch_size * self.n_push * (1 if self.mode == ASYNC else self.workers - self.backup_workers)
         return max(1, int(-(-self.epochs * train_size // per_update)))
 
     def validate(self) -> None:
@@ -149,10 +150,6 @@ class TrainConfig:
             raise PlacewiseError(f"--transport {self.transport!r}: use one of {', '.join(TRANSPORTS)}")
 
     def _validate_pipelines(self) -> None:
-        if self.mode == DDP:
-            raise PlacewiseError("--plan with --mode ddp: DDP all-reduces the gradients of whole-model replicas, "
-                                 "pipeline workers would need one all-reduce group per stage, which is not built; "
-                                 "use --mode sync (the same mean gradient, through the server) or drop --plan")
         if self.workers < 1:
             raise PlacewiseError(f"--workers {self.workers}: use 1 or more pipelines")
         # The pipeline's own checks: schedule, optimizer, microbatches against the batch and the stages.
@@ -163,10 +160,11 @@ class TrainConfig:
                                  "pipelines, so one update could mix stages of different pipelines; drop one of them")
         # Sync stage servers all save after the same rounds: the same pipelines' same steps. Async ones
         # apply pushes in their own orders, so their files would not describe one state of the run.
-        if self.mode == ASYNC and (self.checkpoint or self.checkpoint_every or self.resume):
-            raise PlacewiseError("--checkpoint/--resume with --plan are not supported yet for --mode async: each "
-                                 "stage's server applies pushes in its own order, so the files would not describe one "
-                                 "state of the run; use --mode sync, or drop them or --plan")
+        if self.mode != SYNC and (self.checkpoint or self.checkpoint_every or self.resume):
+            why = ("each stage's server applies pushes in its own order, so the files would not describe one state of "
+                   "the run" if self.mode == ASYNC else "DDP over pipelines keeps no checkpoints yet")
+            raise PlacewiseError(f"--checkpoint/--resume with --plan are not supported yet for --mode {self.mode}: "
+                                 f"{why}; use --mode sync, or drop them or --plan")
 
     def snapshot_interval(self, train_size: int) -> int:
         """Updates between parameter copies for the accuracy curve."""

@@ -18,6 +18,7 @@ from placewise.run.dataparallel.config import TrainConfig
 from placewise.run.dataparallel.ddp import run_ddp
 from placewise.run.dataparallel.layout import Layout, parameter_layout
 from placewise.run.dataparallel.model import build_model
+from placewise.run.dataparallel.pipeline_ddp import run_pipeline_ddp
 from placewise.run.dataparallel.server import ParameterServer, ServerSettings, record_file
 from placewise.run.dataparallel.shared import SharedBuffers
 from placewise.run.choices import DDP
@@ -50,7 +51,7 @@ def rank_main(rank: int, world_size: int, cfg: TrainConfig, data: Dataset | None
     per rank); under torchrun each rank loads it."""
     data = data if data is not None else make_task(cfg.model, cfg.dataset, cfg.seed, cfg.input_shape).data
     if cfg.mode == DDP:
-        return run_ddp(rank, world_size, cfg, data)
+        return (run_pipeline_ddp if cfg.mapping else run_ddp)(rank, world_size, cfg, data)
     model = build_model(cfg.model, data.features, data.classes, cfg.seed, cfg.input_shape)
     layout, prepared = parameter_layout(cfg, model, data)
     groups = []

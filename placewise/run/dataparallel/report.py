@@ -36,6 +36,7 @@ class TrainReport:
     worker_ranks: list[list[int]] = field(default_factory=list)            # each worker's ranks, by stage
     # Pipeline workers: the staleness of every push that stage s's (first) server applied, per stage.
     stage_staleness: list[list[int]] = field(default_factory=list)
+    dropped: int = 0   # sync with backup workers: pushes that came after their round closed, discarded
     final_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the trained model's
     # Each time the parameter server died and was restarted from its checkpoint: the update it died at,
     # the one it resumed from, and the updates lost between them (recovery.py).
@@ -102,6 +103,8 @@ def print_report(report: TrainReport) -> None:
     for target in (0.9, 0.95):
         t = report.time_to_accuracy(target)
         rows.append((f"seconds to {target:.0%} test accuracy", f"{t:.2f}" if t is not None else "not reached"))
+    if report.dropped:
+        rows.append(("late pushes dropped (backup workers)", str(report.dropped)))
     rows.append(("workers lost", "; ".join(f"rank {r}: {m}" for r, m in report.lost_workers.items()) or "none"))
     if report.server_restarts:
         rows.append(("server restarts (died at -> resumed from)",

@@ -82,7 +82,7 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
     BatchStream(data.x_train, data.y_train, cfg.batch_size, cfg.seed, 0)  # a batch that fits, checked here once
     params = list(model.parameters())
     layout, _ = parameter_layout(cfg, model, data)
-    world_size = cfg.workers if cfg.mode == DDP else layout.world_size
+    world_size = cfg.workers * layout.stages if cfg.mode == DDP else layout.world_size
     check_processes(cfg, world_size)
     resumed_at: list[int] = []
     if cfg.resume:
@@ -135,7 +135,7 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
         mean_staleness=sum(stale) / len(stale) if stale else 0.0, max_staleness=max(stale, default=0),
         lost_workers={int(k): v for k, v in sorted(lost.items())}, resumed_from=resumed_from,
         curve=curve, history=history, stages=cfg.stages, worker_ranks=worker_ranks,
-        stage_staleness=stage_staleness,
+        stage_staleness=stage_staleness, dropped=sum(r.get("dropped", 0) for r in server_results),
         final_state={k: v.detach().clone() for k, v in model.state_dict().items()}, server_restarts=restarts)
 
 
@@ -147,6 +147,9 @@ def _server_view(cfg: TrainConfig, layout: Layout, params: list[nn.Parameter],
     if cfg.mode != DDP:
         server_results = results[:layout.servers]
         return server_results, server_results[0]["history"], [list(shard) for shard in layout.shards]
+    if cfg.mapping:  # DDP over pipelines: worker 0's stages (those with parameters) and its last stage's history
+        return ([results[s] for s in layout.shard_stage], results[layout.stages - 1]["history"],
+                [list(shard) for shard in layout.shards])
     lead = results[0]
     history = lead["history"]
     start = len(history) - len(lead["local"])

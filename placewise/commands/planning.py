@@ -1,0 +1,103 @@
+"""`placewise evaluate`, `plan`, `simulate` and `export`: a graph and a cluster in, a plan out (or a plan in)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from placewise.commands.common import load_graph_from_args, cluster_from_args, check_time_limit, emit_plan
+from placewise.errors import PlacewiseError, dump_json
+
+
+def cmd_evaluate(args) -> int:
+    from placewise.plan import load_split, plan_from_assignment
+    graph = load_graph_from_args(args)
+    cluster = cluster_from_args(args, graph)
+    assignment = load_split(args.split, graph)
+    plan = plan_from_assignment(graph, cluster, assignment, solver=f"split:{Path(args.split).name}", seconds=0.0,
+                                objective=args.objective, contiguous=not args.noncontiguous,
+                                replicate=not args.no_replicate)
+    emit_plan(plan, args, f"{graph.name}: {Path(args.split).name}")
+    return 0 if plan.feasible else 1
+
+
+def cmd_plan(args) -> int:
+    from placewise.plan import SolveOptions, solve
+    graph = load_graph_from_args(args)
+    cluster = cluster_from_args(args, graph)
+    check_time_limit(args)
+    options = SolveOptions(objective=args.objective, contiguous=not args.noncontiguous, time_limit=args.time_limit,
+                           gap=args.gap, seed=args.seed, progress=not args.json and sys.stderr.isatty(),
+                           replicate=not args.no_replicate)
+    schedule = schedule_from_args(args)
+    scale = microbatch_scale(args, graph)
+    if args.solver == "dp-schedule":
+        from placewise.plan import get_entry
+        if schedule is None:
+            raise PlacewiseError("--solver dp-schedule plans for a schedule; give --microbatches M (and --schedule)")
+        options = get_entry("dp-schedule").options(options, schedule=schedule, microbatch_scale=scale)
+    plan = solve(graph, cluster, args.solver, options)
+    if schedule is not None:
+        from placewise.plan.predict import with_prediction
+        plan = with_prediction(graph, cluster, plan, schedule, microbatch_scale=scale)
+    emit_plan(plan, args, f"{graph.name}: {plan.solver} plan on {cluster.accelerators} accelerator(s), {cluster.cpus} CPU(s)")
+    if args.explain and not args.json:
+        from placewise.console import print_explanation
+        print_explanation(plan)
+    if not args.json and schedule is not None:
+        from placewise.predicted import print_prediction
+        print_prediction(plan)
+    return 0
+
+
+def schedule_from_args(args):
+    """The schedule `--schedule`/`--microbatches` ask for; None when neither is given."""
+    if args.microbatches is None and args.schedule is None:
+        return None
+    from placewise.plan.schedule import DEFAULT_SCHEDULE, Schedule
+    return Schedule(args.schedule or DEFAULT_SCHEDULE, args.microbatches or 1)
+
+
+def microbatch_scale(args, graph) -> float:
+    """Microbatch size over the profiled batch size (times and activations scale with it)."""
+    if args.batch_size is None:
+        return 1.0
+    from placewise.run.report import profiled_batch
+    profiled = profiled_batch(graph)
+    if profiled is None:
+        raise PlacewiseError("--batch-size needs a graph made by `placewise profile` (its batch size is recorded)")
+    if args.batch_size % (args.microbatches or 1):
+        raise PlacewiseError(f"--batch-size {args.batch_size} does not split into {args.microbatches} equal microbatches")
+    return args.batch_size / (args.microbatches or 1) / profiled
+
+
+def cmd_simulate(args) -> int:
+    from placewise.plan import load_plan
+    from placewise.predicted import simulate_report
+    result = simulate_report(load_plan(args.plan), Path(args.plan).name, args.schedule, args.microbatches, args.picture)
+    if args.json:
+        print(dump_json(result))
+        return 0
+    unit = result["time_unit"]
+    print(f"{result['schedule']['kind']} with {result['schedule']['microbatches']} microbatches: predicted step "
+          f"{result['step_time']:.6g} {unit} (first step from empty {result['first_step']:.6g}; busiest stage "
+          f"{max(result['busy']):.6g}; bubble {100 * result['bubble']:.0f}%)")
+    if args.picture:
+        print(f"timeline written to {args.picture}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from placewise.export import ExportOptions, export_plan, outline_model, render
+    from placewise.plan import load_plan
+    from placewise.profile import build_model
+    plan = load_plan(args.plan)
+    name = args.model or plan.graph
+    if not name:
+        raise PlacewiseError(f"{args.plan}: the plan does not name its model; give --model")
+    model, inputs = build_model(name, args.batch_size, args.input_shape, layers=args.layers, seed=args.seed)
+    model.train(args.training)
+    data = export_plan(plan, outline_model(model, inputs), args.format,
+                       ExportOptions(root=args.root, layers=args.transformer_layers))
+    print(dump_json(data) if args.json else render(args.format, data))
+    return 0
