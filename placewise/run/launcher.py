@@ -176,19 +176,40 @@ class Stopped(PlacewiseError):
     """The launching process was asked to stop (SIGTERM or SIGHUP) and stopped every rank."""
 
 
+def _stopped(signum: int) -> Stopped:
+    return Stopped(f"stopped by {signal.Signals(signum).name}; every process of the run was stopped")
+
+
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise `Stopped` in the main thread, so the run's clean-up runs as for Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _stop_on_signals() -> Iterator[Callable[[], contextlib.AbstractContextManager]]:
+    """SIGTERM and SIGHUP raise `Stopped` in the main thread, so the run's clean-up runs as for Ctrl-C.
+    Yields `deferred()`: a context in which they wait until it ends (the clean-up itself must finish:
+    a second SIGTERM would otherwise leave the run's folder behind)."""
+    pending: list[int] = []
+    deferring = [False]
 
     def stop(signum, frame) -> None:
-        raise Stopped(f"stopped by {signal.Signals(signum).name}; every process of the run was stopped")
+        if deferring[0]:
+            pending.append(signum)
+            return
+        raise _stopped(signum)
 
+    @contextlib.contextmanager
+    def deferred() -> Iterator[None]:
+        deferring[0] = True
+        try:
+            yield
+        finally:
+            deferring[0] = False
+        if pending:
+            raise _stopped(pending[0])
+
+    if threading.current_thread() is not threading.main_thread():
+        yield contextlib.nullcontext
+        return
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        yield
+        yield deferred
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -333,22 +354,27 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), *, backend
     ctx = mp.get_context("forkserver" if preload else "spawn")
     if preload:
         ctx.set_forkserver_preload(preload)
-    # The launching pid in the name tells whose folder it is while that process lives.
-    run_dir = tempfile.mkdtemp(prefix=f"placewise-run-{os.getpid()}-")
-    run = _Launch(ctx, fn, world_size, (backend, threads, timeout_s, ctx.Queue(), dict(env or {})), run_dir,
-                  [run_dir, *cleanup], set(tolerate), restart)
     deadline = time.monotonic() + timeout_s
-    try:
-        with _stop_on_signals():
+    with _stop_on_signals() as deferred:
+        run_dir, run = None, None
+        try:
+            with deferred():  # the folder is made and named here, or not at all
+                # The launching pid in the name tells whose folder it is while that process lives.
+                run_dir = tempfile.mkdtemp(prefix=f"placewise-run-{os.getpid()}-")
+            run = _Launch(ctx, fn, world_size, (backend, threads, timeout_s, ctx.Queue(), dict(env or {})),
+                          run_dir, [run_dir, *cleanup], set(tolerate), restart)
             for r in range(world_size):
                 run.procs[r] = run.start(r, fn, args)
             run.receive(deadline, timeout_s)
             for p in run.procs.values():
                 p.join(GRACE)
-    finally:
-        _stop([*run.procs.values(), *run.placeholders])
-        run.results.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        finally:
+            with deferred():
+                if run is not None:
+                    _stop([*run.procs.values(), *run.placeholders])
+                    run.results.close()
+                if run_dir is not None:
+                    shutil.rmtree(run_dir, ignore_errors=True)
     return [run.values.get(r) for r in range(world_size)], [run.failures[r] for r in sorted(run.failures)]
 
 
