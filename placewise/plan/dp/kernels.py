@@ -11,23 +11,16 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
+from placewise.plan.dp.copies import copies_in_difference, toggle_copies
+
 
 class UnitData(NamedTuple):
-    """Per unit: its time on each kind, memory, and 1 if an accelerator cannot run it; and the shared
-    copies of replicable nodes (`plan.replicable.SharedCopies`): a group is paid once, in time and
-    memory, by a set holding any unit that needs it."""
+    """Per unit: its time on each kind, memory, and 1 if an accelerator cannot run it. (Shared copies
+    of replicable nodes are in `copies.Copies`, not here: see there why.)"""
 
     time: np.ndarray  # (kinds, units)
     memory: np.ndarray
     unsupported: np.ndarray  # int64
-    copy_time: np.ndarray  # (kinds, groups)
-    copy_memory: np.ndarray  # (groups,)
-    copy_ptr: np.ndarray  # CSR over units: the groups each needs
-    copy_groups: np.ndarray
-    needer_ptr: np.ndarray  # CSR over groups: the units that need it
-    needers: np.ndarray
-    copy_count: np.ndarray  # scratch: per group, units of the walked set that need it
-    copy_in_ideal: np.ndarray  # (ideals, groups): units of each ideal that need the group
 
 
 class Ports(NamedTuple):
@@ -114,41 +107,6 @@ def _toggle(u, sign, comp, state, units, ports, in_set, port_count):
         after = _port_pays(owner_in, port_count[p], port_n_targets[p])
         delta += port_cost[p] * (int(after) - int(before))
     state[2] += delta
-    for k in range(units.copy_ptr[u], units.copy_ptr[u + 1]):
-        g = units.copy_groups[k]
-        before = units.copy_count[g]
-        units.copy_count[g] += sign
-        if (before == 0) != (units.copy_count[g] == 0):  # the set starts or stops needing the group
-            for t in range(comp.shape[0]):
-                comp[t] += sign * units.copy_time[t, g]
-            state[0] += sign * units.copy_memory[g]
-
-
-@njit(cache=True)
-def _copies_in_difference(outer, inner, units, comp):
-    """Add to comp the time of every copy group that outer \\ inner needs (inner is a sub-ideal of
-    outer, so the set holds a needer exactly when outer counts more needers); return their memory."""
-    memory = 0.0
-    for g in range(units.copy_memory.shape[0]):
-        if units.copy_in_ideal[outer, g] > units.copy_in_ideal[inner, g]:
-            for t in range(comp.shape[0]):
-                comp[t] += units.copy_time[t, g]
-            memory += units.copy_memory[g]
-    return memory
-
-
-@njit(cache=True)
-def copies_per_ideal(down_ptr, down_ideal, down_unit, copy_ptr, copy_groups, n_groups):
-    """Per ideal and copy group, how many of the ideal's units need the group (along one down edge)."""
-    n = down_ptr.shape[0] - 1
-    out = np.zeros((n, n_groups), dtype=np.int32)
-    for i in range(1, n):
-        k = down_ptr[i]
-        j, u = down_ideal[k], down_unit[k]
-        out[i] = out[j]
-        for a in range(copy_ptr[u], copy_ptr[u + 1]):
-            out[i, copy_groups[a]] += 1
-    return out
 
 
 @njit(cache=True)
@@ -320,8 +278,8 @@ def _relevant_states(root, lat, bounds, total_work, relevant):
 
 
 @njit(cache=True)
-def _walk(root, band_lo, band_hi, needed, budget, lat, units, ports, bounds, prune, dp, arg_ideal, arg_kind, finite,
-          stamp, in_set, port_count, relevant, comp, state, loads, stack, pos, added):
+def _walk(root, band_lo, band_hi, needed, budget, lat, units, copies, ports, bounds, prune, dp, arg_ideal, arg_kind,
+          finite, stamp, in_set, port_count, relevant, comp, state, loads, stack, pos, added):
     """Walk down from the root while the set could still fit a device and the sub-ideal's work has not
     dropped below the band (work only drops further down), keeping the set's load incrementally.
     Gives up after `budget` visits. Returns (visits, stack, pos, added): the scratch arrays may grow."""
@@ -338,6 +296,7 @@ def _walk(root, band_lo, band_hi, needed, budget, lat, units, ports, bounds, pru
         if k == down_ptr[cur + 1] or visits > budget:
             if depth > 0:
                 _toggle(added[depth], -1, comp, state, units, ports, in_set, port_count)
+                toggle_copies(added[depth], -1, comp, state, copies)
             depth -= 1
             continue
         pos[depth] = k + 1
@@ -350,8 +309,10 @@ def _walk(root, band_lo, band_hi, needed, budget, lat, units, ports, bounds, pru
         visits += 1
         u = down_unit[k]
         _toggle(u, 1, comp, state, units, ports, in_set, port_count)
+        toggle_copies(u, 1, comp, state, copies)
         if not _set_loads(comp, state[0], state[1], state[2], bounds, prune, loads):
             _toggle(u, -1, comp, state, units, ports, in_set, port_count)
+            toggle_copies(u, -1, comp, state, copies)
             continue
         if work[sub] <= band_hi and finite[sub] & needed != 0:
             _update(root, sub, loads, dp, arg_ideal, arg_kind, bounds.prev, relevant)
@@ -373,7 +334,7 @@ def _walk(root, band_lo, band_hi, needed, budget, lat, units, ports, bounds, pru
 
 
 @njit(cache=True)
-def _scan(root, first, last, needed, lat, units, ports, bounds, prune, dp, arg_ideal, arg_kind, finite_at, relevant,
+def _scan(root, first, last, needed, lat, copies, ports, bounds, prune, dp, arg_ideal, arg_kind, finite_at, relevant,
           comp, loads, stats):
     """Scan the band (positions first..last-1 of the work-sorted ideals) for sub-ideals of the root with
     a finite needed state, with the set's loads from prefix sums and its transfer from split ports."""
@@ -430,8 +391,8 @@ def _scan(root, first, last, needed, lat, units, ports, bounds, prune, dp, arg_i
                 if _pays_in_difference(bits, root, sub, p, ports):
                     transfer += ports.cost[p]
             # Copies only add to the compute the floor test used, so they are counted after it.
-            copies = _copies_in_difference(root, sub, units, comp)
-            _set_loads(comp, lat.mem_ideal[root] - lat.mem_ideal[sub] + copies,
+            copy_memory = copies_in_difference(root, sub, copies, comp)
+            _set_loads(comp, lat.mem_ideal[root] - lat.mem_ideal[sub] + copy_memory,
                        lat.unsup_ideal[root] - lat.unsup_ideal[sub], transfer, bounds, prune, loads)
             _update(root, sub, loads, dp, arg_ideal, arg_kind, bounds.prev, relevant)
 
@@ -458,8 +419,8 @@ def _leave_empty(root, place, prev, dp, arg_ideal, arg_kind, finite, finite_at, 
 
 
 @njit(cache=True)
-def run_chunk(lo, hi, lat, units, ports, bounds, prune, total_work, dp, arg_ideal, arg_kind, finite, finite_at, stamp,
-              in_set, port_count, stats):
+def run_chunk(lo, hi, lat, units, copies, ports, bounds, prune, total_work, dp, arg_ideal, arg_kind, finite, finite_at,
+              stamp, in_set, port_count, stats):
     """Fill dp rows lo..hi-1 (ideals sorted by size, so every sub-ideal's row is final).
 
     For each ideal (root) only the device-count states s that can still finish are kept. The
@@ -506,13 +467,13 @@ def run_chunk(lo, hi, lat, units, ports, bounds, prune, total_work, dp, arg_idea
             budget = len(lat.work)
         else:
             budget = max((last - first) // bounds.walk_cost, 16)
-        visits, stack, pos, added = _walk(root, band_lo, band_hi, needed, budget, lat, units, ports, bounds, prune, dp,
-                                          arg_ideal, arg_kind, finite, stamp, in_set, port_count, relevant, comp,
-                                          state, loads, stack, pos, added)
+        visits, stack, pos, added = _walk(root, band_lo, band_hi, needed, budget, lat, units, copies, ports, bounds,
+                                          prune, dp, arg_ideal, arg_kind, finite, stamp, in_set, port_count, relevant,
+                                          comp, state, loads, stack, pos, added)
         stats[0] += visits
         if visits > budget:
             stats[1] += 1
-            _scan(root, first, last, needed, lat, units, ports, bounds, prune, dp, arg_ideal, arg_kind, finite_at,
+            _scan(root, first, last, needed, lat, copies, ports, bounds, prune, dp, arg_ideal, arg_kind, finite_at,
                   relevant, comp, loads, stats)
         _leave_empty(root, place, bounds.prev, dp, arg_ideal, arg_kind, finite, finite_at, relevant)
 

@@ -10,11 +10,10 @@ from typing import Callable
 import numpy as np
 
 from placewise.plan.csr import csr_by
-from placewise.plan.dp.kernels import (Bounds, Lattice, Ports, UnitData, copies_per_ideal, find_split_ports, prefix_sums,
-                                      run_chunk)
+from placewise.plan.dp.copies import Copies, copies_per_ideal
+from placewise.plan.dp.kernels import Bounds, Lattice, Ports, UnitData, find_split_ports, prefix_sums, run_chunk
 from placewise.plan.dp.problem import INF, Problem, least_work
 from placewise.plan.ideals import IdealLattice
-from placewise.plan.replicable import SharedCopies
 from placewise.plan.units import Units
 
 # Sets are pruned when their compute alone exceeds the bound by more than rounding.
@@ -40,6 +39,7 @@ class Prepared:
     """What the DP needs of a lattice that does not depend on the bound (reused across bounds)."""
 
     unit_data: UnitData
+    copies: Copies | None  # None without shared copy groups (see `dp.copies`)
     ports: Ports
     lat: Lattice
     ratio: np.ndarray  # per kind, the most least-work a device holds per unit of its own time
@@ -59,7 +59,6 @@ def prepare(units: Units, problem: Problem, lattice: IdealLattice) -> Prepared:
     ports = Ports(units.port_cost, units.port_owner, np.diff(units.port_target_ptr), units.port_target_ptr,
                   units.port_targets, own_ptr, own_ports, tgt_ptr, tgt_ports)
     unsupported = (~units.supported).astype(np.int64)
-    unit_data = _unit_data(units, problem, unsupported, lattice)
     least, ratio = least_work(units, problem)
     comp_ideal, mem_ideal, unsup_ideal, work = prefix_sums(
         lattice.down_ptr, lattice.down_ideal, lattice.down_unit, problem.time, units.memory, unsupported.astype(float), least)
@@ -76,24 +75,22 @@ def prepare(units: Units, problem: Problem, lattice: IdealLattice) -> Prepared:
     # Transfers count in an all-accelerator side's load at the slowest accelerator kind's work ratio.
     accelerator_ratio = ratio[problem.accelerator]
     transfer_share = float(accelerator_ratio.min()) * (1 - PRUNE_SLACK) if len(accelerator_ratio) else 0.0
-    return Prepared(unit_data, ports, lat, ratio, float(work[-1]), transfer_share,
-                    problem.counts[:, ~problem.accelerator].sum(axis=1) == 0)
+    return Prepared(UnitData(problem.time, units.memory, unsupported), _copies(units, problem, lattice), ports, lat,
+                    ratio, float(work[-1]), transfer_share, problem.counts[:, ~problem.accelerator].sum(axis=1) == 0)
 
 
-def _unit_data(units: Units, problem: Problem, unsupported: np.ndarray, lattice: IdealLattice) -> UnitData:
-    """The units' arrays for the kernels, with the shared copy groups in both directions."""
+def _copies(units: Units, problem: Problem, lattice: IdealLattice) -> Copies | None:
+    """The shared copy groups for the kernels: per unit the groups it needs, per ideal their needers."""
     copies = units.copies
-    if copies is None:
-        copies = SharedCopies(*(np.zeros(units.count),) * 3, *(np.zeros(0),) * 3, np.zeros(1, dtype=np.int64),
-                              np.zeros(0, dtype=np.int64))
+    if copies is None or copies.count == 0:
+        return None
     copy_time = np.array([(copies.acc if kind.accelerator else copies.cpu) / kind.speed for kind in problem.kinds])
     group_of_needer = np.repeat(np.arange(copies.count), np.diff(copies.needer_ptr))
     copy_ptr, copy_groups = csr_by(copies.needers, group_of_needer, units.count)
-    return UnitData(problem.time, units.memory, unsupported, copy_time.reshape(len(problem.kinds), copies.count),
-                    copies.memory, copy_ptr, copy_groups, copies.needer_ptr, copies.needers,
-                    np.zeros(copies.count, dtype=np.int64),
-                    copies_per_ideal(lattice.down_ptr, lattice.down_ideal, lattice.down_unit, copy_ptr, copy_groups,
-                                     copies.count))
+    return Copies(copy_time.reshape(len(problem.kinds), copies.count), copies.memory, copy_ptr, copy_groups,
+                  np.zeros(copies.count, dtype=np.int64),
+                  copies_per_ideal(lattice.down_ptr, lattice.down_ideal, lattice.down_unit, copy_ptr, copy_groups,
+                                   copies.count))
 
 
 def run_dp(units: Units, problem: Problem, lattice: IdealLattice, bound: float = INF,
@@ -132,8 +129,8 @@ def run_dp(units: Units, problem: Problem, lattice: IdealLattice, bound: float =
     stats = np.zeros(3, dtype=np.int64)
     for lo in range(0, n_ideals, CHUNK):
         hi = min(n_ideals, lo + CHUNK)
-        run_chunk(lo, hi, prepared.lat, prepared.unit_data, prepared.ports, bounds, prune, prepared.total_work, dp,
-                  arg_ideal, arg_kind, finite, finite_at, stamp, in_set, port_count, stats)
+        run_chunk(lo, hi, prepared.lat, prepared.unit_data, prepared.copies, prepared.ports, bounds, prune,
+                  prepared.total_work, dp, arg_ideal, arg_kind, finite, finite_at, stamp, in_set, port_count, stats)
         if progress is not None:
             progress(hi, n_ideals)
         if deadline is not None and hi < n_ideals and time.perf_counter() > deadline:
