@@ -1,6 +1,7 @@
 """The exact throughput planner: a DP over the ideals of the forward graph (the paper's algorithm).
 
-Modules: `problem` (the encoding), `kernels` (the compiled core), `run` (one DP run at a bound),
+Modules: `problem` (the encoding), `kernels` (the compiled fill), `per_ideal` (its compiled
+preparation per ideal), `copies` (shared copies of replicable nodes), `run` (one DP run at a bound),
 `bound_search`, `pendants` (the side-branch restriction), `infeasible` (what it says when no split
 exists), `solve` (the entry point).
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from placewise.plan.csr import csr_by
 from placewise.plan.dp.copies import Copies, copies_per_ideal
-from placewise.plan.dp.kernels import Bounds, Lattice, Ports, UnitData, find_split_ports, prefix_sums, run_chunk
+from placewise.plan.dp.kernels import Bounds, Lattice, Ports, UnitData, run_chunk
+from placewise.plan.dp.per_ideal import find_split_ports, prefix_sums
 from placewise.plan.dp.problem import INF, Problem, least_work
 from placewise.plan.ideals import IdealLattice
 from placewise.plan.units import Units
