@@ -12,14 +12,15 @@ stage's bytes split by what they hold (parameters, gradients, optimizer state, a
 for backward, output) where the graph knows them. Schedule-aware memory needs the stages' pipeline
 order, which a split alone does not fix (independent stages may go in either order): it is checked
 on a plan, in its stage order, by `plan.predict.with_prediction` (and planned for exactly by
-`plan.schedule_dp`), both through `plan.stage_memory`. Replicated stages (`Stage.replicas`) are
-not costed yet.
+`plan.schedule_dp`), both through `plan.stage_memory`. A stage replicated on r devices
+(`Stage.replicas`) is costed by `replicated_load` (see its docstring and `plan.allreduce`); its
+split, devices and memory are checked by `plan.replicas.evaluate_replicated`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -42,15 +43,18 @@ class DeviceLoad:
     transfer: float
     memory: float
     memory_limit: float | None
+    # A replicated stage (`replicated_load`): compute and transfer are per replica, plus its all-reduce.
+    replicas: int = 1
+    allreduce: float = 0.0
 
     @property
     def load(self) -> float:
-        return self.compute + self.transfer
+        return self.compute + self.transfer + self.allreduce
 
 
 @dataclass(frozen=True)
 class Violation:
-    kind: str  # unknown-node, missing-node, unknown-device, support, memory, colocation, contiguity
+    kind: str  # unknown-node, missing-node, unknown-device, support, memory, colocation, contiguity, replicas
     message: str
 
 
@@ -290,3 +294,15 @@ def complete_by_colocation(graph: OpGraph, assignment: Mapping[int, Device]) -> 
         if n.id not in out and n.colocate is not None and n.colocate in by_class:
             out[n.id] = by_class[n.colocate]
     return out
+
+
+# ---- Replicated stages ------------------------------------------------------------------------------
+def replicated_load(load: DeviceLoad, replicas: int, allreduce_per_unit: float) -> DeviceLoad:
+    """One stage's load on `replicas` devices of its kind, per device and per unit of work (profiled
+    batch): the microbatches are spread over the replicas, so each one computes, sends and receives
+    1/r of them, and pays its share of the gradient all-reduce (`plan.allreduce.AllReduce.per_unit`).
+    Memory per replica is the stage's own (every replica holds all of its parameters)."""
+    if replicas == 1:
+        return load
+    return replace(load, compute=load.compute / replicas, transfer=load.transfer / replicas,
+                   allreduce=allreduce_per_unit, replicas=replicas)

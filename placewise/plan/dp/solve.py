@@ -29,6 +29,9 @@ AGREEMENT = 1e-9
 
 def solve(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Plan:
     """Optimal contiguous split for throughput (least max-load)."""
+    if options.max_replicas > 1:
+        from placewise.plan.dp.replicated_stages import solve_replicated  # (replan17's hook: replicated stages)
+        return solve_replicated(graph, cluster, options)
     start = time.perf_counter()
     if options.objective != "throughput":
         raise PlacewiseError(f"the dp solver optimizes throughput only, not {options.objective}; use --solver ip for latency")
