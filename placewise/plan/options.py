@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from placewise.errors import PlacewiseError
-from placewise.plan.allreduce import AllReduce
+from placewise.plan.allreduce import PIPEDREAM, AllReduce
 from placewise.plan.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -78,6 +78,8 @@ class ExpertOptions(SolveOptions):
 @dataclass(frozen=True)
 class PipeDreamOptions(SolveOptions):
     transfers: bool = True  # False: stage time is compute only (PipeDream's default objective)
+    # pipedream-hybrid: how its replicated stages' all-reduce is costed (PipeDream's own model).
+    allreduce: AllReduce = field(default_factory=lambda: AllReduce(PIPEDREAM))
 
 
 O = TypeVar("O", bound=SolveOptions)

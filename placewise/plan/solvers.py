@@ -67,6 +67,11 @@ def _pipedream() -> Solver[PipeDreamOptions]:
     return pipedream
 
 
+def _pipedream_hybrid() -> Solver[PipeDreamOptions]:
+    from placewise.plan.baselines.pipedream import pipedream_hybrid
+    return pipedream_hybrid
+
+
 def _pipedream_nocomm() -> Solver[SolveOptions]:
     from placewise.plan.baselines.pipedream import pipedream_nocomm
     return pipedream_nocomm
@@ -128,6 +133,7 @@ _ENTRIES: tuple[SolverEntry, ...] = (
     SolverEntry("greedy", _greedy, SolveOptions),
     SolverEntry("pipedream", _pipedream, PipeDreamOptions),
     SolverEntry("pipedream-nocomm", _pipedream_nocomm, SolveOptions),
+    SolverEntry("pipedream-hybrid", _pipedream_hybrid, PipeDreamOptions),
     SolverEntry("block-time", _block_time, SolveOptions),
     SolverEntry("block-params", _block_params, SolveOptions),
     SolverEntry("block-uniform", _block_uniform, SolveOptions),
