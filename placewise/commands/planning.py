@@ -36,18 +36,40 @@ def cmd_plan(args) -> int:
         if schedule is None:
             raise PlacewiseError("--solver dp-schedule plans for a schedule; give --microbatches M (and --schedule)")
         options = get_entry("dp-schedule").options(options, schedule=schedule, microbatch_scale=scale)
+    options = replica_options(args, options, None if schedule is None else schedule.microbatches * scale)
     plan = solve(graph, cluster, args.solver, options)
-    if schedule is not None:
+    if plan.replicas():
+        # The schedule simulation does not model replicated stages yet: record the schedule only.
+        from dataclasses import replace
+        plan = plan if schedule is None else replace(plan, schedule=schedule)
+    elif schedule is not None:
         from placewise.plan.predict import with_prediction
         plan = with_prediction(graph, cluster, plan, schedule, microbatch_scale=scale)
     emit_plan(plan, args, f"{graph.name}: {plan.solver} plan on {cluster.accelerators} accelerator(s), {cluster.cpus} CPU(s)")
     if args.explain and not args.json:
         from placewise.console import print_explanation
         print_explanation(plan)
-    if not args.json and schedule is not None:
+    if not args.json and schedule is not None and not plan.replicas():
         from placewise.predicted import print_prediction
         print_prediction(plan)
     return 0
+
+
+def replica_options(args, options, step_units: float | None):
+    """The solver's options with `--max-replicas`/`--allreduce`: the dp chooses replicas, pipedream-hybrid
+    takes the all-reduce model; any other solver refuses them. A step of the schedule holds
+    `step_units` profiled batches (None: no schedule, one per replica)."""
+    from placewise.plan import get_entry
+    from placewise.plan.allreduce import PIPEDREAM, RING, AllReduce
+    hybrid = args.solver == "pipedream-hybrid"
+    if (args.max_replicas > 1 and args.solver != "dp") or (args.allreduce and args.solver != "dp" and not hybrid):
+        raise PlacewiseError(f"--max-replicas/--allreduce: --solver {args.solver} gives each stage one device; only "
+                             "--solver dp chooses replicated stages (pipedream-hybrid its own), so use --solver dp")
+    if args.max_replicas == 1 and not hybrid:
+        return options
+    allreduce = AllReduce(args.allreduce or (PIPEDREAM if hybrid else RING), step_units)
+    specific = {"allreduce": allreduce} if hybrid else {"max_replicas": args.max_replicas, "allreduce": allreduce}
+    return get_entry(args.solver).options(options, **specific)
 
 
 def schedule_from_args(args):
