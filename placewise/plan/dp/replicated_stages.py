@@ -80,6 +80,39 @@ def _in_set(bits, outer, inner, u):
 
 
 @njit(cache=True)
+def _split_ports(bits, port_owner, port_ptr, port_targets):
+    """Per ideal (CSR), the ports it splits: some of the owner and targets inside, some outside. Only
+    those of I or of J can be paid by I \\ J (a port wholly inside J, wholly outside I, or wholly in
+    I \\ J is not), so a pair looks at those only."""
+    n_ideals = bits.shape[0]
+    n_ports = port_owner.shape[0]
+    ptr = np.zeros(n_ideals + 1, dtype=np.int64)
+    found = []
+    for i in range(n_ideals):
+        for p in range(n_ports):
+            side = _has(bits, i, port_owner[p])
+            for q in range(port_ptr[p], port_ptr[p + 1]):
+                if _has(bits, i, port_targets[q]) != side:
+                    found.append(p)
+                    break
+        ptr[i + 1] = len(found)
+    out = np.empty(len(found), dtype=np.int64)
+    for k in range(len(found)):
+        out[k] = found[k]
+    return ptr, out
+
+
+@njit(cache=True)
+def _pays(bits, i, j, p, port_owner, port_ptr, port_targets):
+    """Whether port p is paid by the set I \\ J (the cost model's transfer rule, see `plan.units`)."""
+    owner_in = _in_set(bits, i, j, port_owner[p])
+    for q in range(port_ptr[p], port_ptr[p + 1]):
+        if _in_set(bits, i, j, port_targets[q]) != owner_in:
+            return True
+    return False
+
+
+@njit(cache=True)
 def _fill(bits, time_, memory, unsup, params, unknown, port_owner, port_cost, port_ptr, port_targets,
           copy_time, copy_memory, needer_ptr, needers, pays_transfer, accelerator, memory_limit, kind_count,
           counts, strides, coef, const, max_r, dp, arg_sub, arg_kind, arg_r):
@@ -88,7 +121,11 @@ def _fill(bits, time_, memory, unsup, params, unknown, port_owner, port_cost, po
     n_ideals, words = bits.shape
     n_kinds = time_.shape[1]
     n_states = dp.shape[1]
+    split_ptr, split = _split_ports(bits, port_owner, port_ptr, port_targets)
+    split_by_root = np.full(port_owner.shape[0], -1, dtype=np.int64)
     for i in range(1, n_ideals):
+        for k in range(split_ptr[i], split_ptr[i + 1]):
+            split_by_root[split[k]] = i
         for j in range(i):
             subset = True
             for w in range(words):
@@ -98,14 +135,12 @@ def _fill(bits, time_, memory, unsup, params, unknown, port_owner, port_cost, po
             if not subset:
                 continue
             transfer = 0.0
-            for p in range(port_owner.shape[0]):
-                owner_in = _in_set(bits, i, j, port_owner[p])
-                pays = False
-                for q in range(port_ptr[p], port_ptr[p + 1]):
-                    if _in_set(bits, i, j, port_targets[q]) != owner_in:
-                        pays = True
-                        break
-                if pays:
+            for k in range(split_ptr[i], split_ptr[i + 1]):
+                if _pays(bits, i, j, split[k], port_owner, port_ptr, port_targets):
+                    transfer += port_cost[split[k]]
+            for k in range(split_ptr[j], split_ptr[j + 1]):
+                p = split[k]
+                if split_by_root[p] != i and _pays(bits, i, j, p, port_owner, port_ptr, port_targets):
                     transfer += port_cost[p]
             extra_mem = 0.0
             extra_time = np.zeros(n_kinds)
