@@ -207,7 +207,7 @@ def test_replicated_optimum_is_no_worse_than_pipedreams_planner(path):
     """With PipeDream's communication model, on 4 and 8 accelerators: the DP's value is at most that of
     PipeDream's replicated planner (with and without transfers in its objective), all scored alike."""
     from placewise.graph.formats import parse_graph
-    graph = parse_graph(path.read_text(), str(path), path.parent.name)
+    graph = parse_graph(path.read_text(), str(path))
     for k in (4, 8):
         cluster = Cluster.simple(k)
         ours = solve(graph, cluster, "dp", DPOptions(max_replicas=k, allreduce=AllReduce(PIPEDREAM)))
@@ -215,5 +215,39 @@ def test_replicated_optimum_is_no_worse_than_pipedreams_planner(path):
             theirs = solve(graph, cluster, "pipedream-hybrid", PipeDreamOptions(transfers=transfers))
             assert theirs.feasible
             assert ours.max_load <= theirs.max_load * (1 + 1e-9), (k, transfers)
-        straight = solve(graph, cluster, "dp")
-        assert ours.max_load <= straight.max_load * (1 + 1e-9)
+
+
+def test_evaluate_cli_rescores_a_replicated_plan(tmp_path, capsys):
+    import json
+
+    from placewise.cli import main
+    from placewise.graph import save_graph
+    graph_path, plan_path = tmp_path / "g.json", tmp_path / "plan.json"
+    save_graph(_chain([1.0, 30.0, 1.0], [10.0, 10.0, 10.0]), graph_path)
+    assert main(["plan", str(graph_path), "-k", "4", "--max-replicas", "4", "--allreduce", "pipedream",
+                 "--out", str(plan_path), "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(graph_path), str(plan_path), "-k", "4", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["max_load"] == pytest.approx(planned["max_load"])
+    assert [s["replicas"] for s in scored["stages"]] == [s["replicas"] for s in planned["stages"]]
+
+
+PARTITIONED = PIPEDREAM_PROFILES / "partitioned" / "resnet50_partitioned.txt"
+
+
+@pytest.mark.skipif(not PARTITIONED.is_file(), reason="the shared PipeDream split is absent")
+def test_pipedreams_own_split_as_13_1_1_1_workers():
+    """PipeDream's shared 4-stage resnet50 split on 13-1-1-1 of 16 workers (the files do not record
+    replica counts, so they are given), scored with its all-reduce model; the DP is no worse."""
+    from placewise.graph.formats import parse_graph
+    from placewise.plan.baselines.pipedream import pipedream_split
+    graph = parse_graph(PARTITIONED.read_text(), str(PARTITIONED))
+    cluster = Cluster.simple(16)
+    expert = pipedream_split(graph, cluster, [13, 1, 1, 1])
+    assert expert.feasible and [s.replicas for s in expert.stages] == [13, 1, 1, 1]
+    assert [s.index for s in expert.stages] == [0, 13, 14, 15]
+    ours = solve(graph, cluster, "dp", DPOptions(max_replicas=16, allreduce=AllReduce(PIPEDREAM)))
+    assert ours.max_load <= expert.max_load
+    with pytest.raises(PlacewiseError, match="4 stages"):
+        pipedream_split(graph, cluster, [15, 1])

@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 from placewise.graph import Cluster, Device, OpGraph
 from placewise.plan.allreduce import AllReduce
 from placewise.plan.cost import Evaluation, Violation, evaluate, replicated_load
-from placewise.plan.plan import Plan, plan_from_assignment
+from placewise.plan.plan import PLAN_FORMAT, Plan, plan_from_assignment
 from placewise.plan.predict import cluster_link
 
 
@@ -91,3 +91,15 @@ def replicated_plan(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, D
         notes["allreduce"] = {"model": allreduce.model, "step_units": allreduce.step_units}
     return plan_from_assignment(graph, cluster, assignment, solver=solver, seconds=seconds, contiguous=contiguous,
                                 replicate=replicate, evaluation=ev, notes=notes, **plan_fields)
+
+
+def split_replicas(data: object) -> tuple[dict[Device, int], AllReduce]:
+    """A split file's replicated stages (only a placewise plan records them) and the all-reduce model it
+    was planned with (its notes; the ring model when it does not say)."""
+    if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+        return {}, AllReduce()
+    plan = Plan.from_json(data)
+    recorded = plan.notes.get("allreduce")
+    allreduce = AllReduce(**recorded) if isinstance(recorded, dict) and set(recorded) <= {"model", "step_units"} \
+        else AllReduce()
+    return plan.replicas(), allreduce

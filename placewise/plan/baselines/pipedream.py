@@ -20,15 +20,16 @@ scored by the cost model.
 from __future__ import annotations
 
 import time
+from typing import Sequence
 
 import numpy as np
 from numba import njit
 
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, DeviceKind, OpGraph
-from placewise.plan.allreduce import AllReduce
+from placewise.plan.allreduce import PIPEDREAM, AllReduce
 from placewise.plan.baselines.common import accelerators, chain_assignment, score, units
-from placewise.plan.cost import MEMORY_TOLERANCE
+from placewise.plan.cost import MEMORY_TOLERANCE, complete_by_colocation
 from placewise.plan.csr import csr
 from placewise.plan.options import PipeDreamOptions
 from placewise.plan.plan import Plan
@@ -214,3 +215,24 @@ def pipedream(graph: OpGraph, cluster: Cluster, options: PipeDreamOptions) -> Pl
 def pipedream_nocomm(graph: OpGraph, cluster: Cluster, options) -> Plan:
     """PipeDream's default objective: stage time is compute only."""
     return _plan(graph, cluster, options, "pipedream-nocomm", False)
+
+
+def pipedream_split(graph: OpGraph, cluster: Cluster, replicas: Sequence[int],
+                    allreduce: AllReduce = AllReduce(PIPEDREAM)) -> Plan:
+    """PipeDream's own split (the `stage_id` its planner wrote into a profile, `graph.split`) as a plan,
+    stage s replicated `replicas[s]` times on the first accelerator kind (e.g. 13-1-1-1 workers) and
+    scored with `allreduce`. PipeDream's split files do not record replica counts, so they are given."""
+    if graph.split is None:
+        raise PlacewiseError(f"{graph.name or 'the graph'} carries no PipeDream split (`-- stage_id=S`); give a "
+                             "partitioned profile")
+    stage_of = dict(graph.split)
+    stages = sorted(set(stage_of.values()))
+    if len(replicas) != len(stages) or any(r < 1 for r in replicas):
+        raise PlacewiseError(f"PipeDream's split has {len(stages)} stages; give that many replica counts of at least 1, "
+                             f"not {list(replicas)}")
+    kind = cluster.kind(accelerators(cluster, "pipedream split")[0].kind)
+    firsts = np.concatenate([[0], np.cumsum(replicas)[:-1]])
+    device = {s: Device(kind.name, int(first)) for s, first in zip(stages, firsts)}
+    assignment = complete_by_colocation(graph, {n: device[s] for n, s in stage_of.items()})
+    return replicated_plan(graph, cluster, assignment, {device[s]: int(r) for s, r in zip(stages, replicas)}, allreduce,
+                           solver="pipedream-split", seconds=0.0, notes={"replicas": "-".join(map(str, replicas))})
