@@ -98,7 +98,7 @@ def _add_plan(add) -> None:
                    "batch, so one microbatch is what was profiled)")
     p.add_argument("--max-replicas", type=positive_int, default=1, metavar="R",
                    help="let the dp replicate each stage on up to R devices of its kind (data parallel, gradients "
-                   "all-reduced); default 1")
+                   "all-reduced once per step: of M microbatches with --microbatches, else one per replica); default 1")
     p.add_argument("--allreduce", choices=ALLREDUCE_MODELS, help="how a replicated stage's all-reduce is costed: ring "
                    "(default for dp) or PipeDream's model (default for pipedream-hybrid)")
     p.add_argument("--out", type=output_file, metavar="PLAN.json", help="write the plan")
