@@ -251,3 +251,18 @@ def test_pipedreams_own_split_as_13_1_1_1_workers():
     assert ours.max_load <= expert.max_load
     with pytest.raises(PlacewiseError, match="4 stages"):
         pipedream_split(graph, cluster, [15, 1])
+
+
+def test_a_schedules_step_pays_the_allreduce_once_and_compare_runs_replication_only_when_named(tmp_path, capsys):
+    import json
+
+    from placewise.cli import main
+    from placewise.graph import save_graph
+    from placewise.plan.compare import default_methods
+    path = tmp_path / "g.json"
+    save_graph(_chain([1.0, 30.0, 1.0], [10.0, 10.0, 10.0]), path)
+    assert main(["plan", str(path), "-k", "4", "--max-replicas", "4", "--microbatches", "8", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["notes"]["allreduce"] == {"model": RING, "step_units": 8.0}
+    assert plan["schedule"] == {"kind": "1f1b", "microbatches": 8}
+    assert "pipedream-hybrid" not in default_methods() and "pipedream" in default_methods()
