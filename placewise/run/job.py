@@ -22,6 +22,7 @@ class PipelineJob:
     batch_size: int
     mapping: dict[str, int] = field(default_factory=dict)  # empty: run the whole model in one process
     replicas: tuple[int, ...] = ()  # processes per stage (a plan's `Stage.replicas`); empty: 1 each
+    plan_name: str = "the plan"  # where `mapping` and `replicas` came from, for messages
     input_shape: tuple[int, ...] | None = None
     mode: str = "train"  # train | infer
     schedule: str = DEFAULT_SCHEDULE
@@ -67,7 +68,7 @@ class PipelineJob:
             raise PlacewiseError(f"--microbatches {self.microbatches} is fewer than the plan's {self.n_stages} stages; "
                                  "torch's pipeline schedules need at least one microbatch per stage")
         if self.replicas:
-            check_replicas(self.replicas, self.n_stages, self.batch_size, self.microbatches, self.fuse, "the plan")
+            check_replicas(self.replicas, self.n_stages, self.batch_size, self.microbatches, self.fuse, self.plan_name)
 
 
     @property
