@@ -118,6 +118,15 @@ def test_bad_replica_combinations_are_one_line():
         prepare(batchnorm)
 
 
+def test_torchrun_with_too_few_processes_for_the_replicas_is_one_line(monkeypatch):
+    from placewise.run.pipeline import run_pipeline
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(PlacewiseError, match="torchrun started 2 processes but the plan has 2 stages with 3 "
+                                             "replicas in all; start 3"):
+        run_pipeline(job("mlp", (1, 2)))
+
+
 def replicated_plan(tmp_path: Path, replicas: tuple[int, ...]) -> Path:
     """A placewise plan (what `placewise plan` writes) of the MLP's even cut, with these replicas."""
     from placewise.plan.plan import Plan, Stage
