@@ -167,7 +167,8 @@ def test_train_runs_a_replicated_plan_from_the_cli(tmp_path):
     # The CLI's defaults: one warm-up step, then --steps, SGD with momentum 0.9.
     expected = run_single(replace(job("mlp", (1,)), mapping={}, replicas=(), steps=2, warmup=1, momentum=0.9))
     assert report["losses"] == pytest.approx(expected["losses"], abs=ATOL)
-    assert [row["stage"] for row in report["stages"]] == [0, 1]
+    assert [(row["stage"], row["replicas"], row["device"]) for row in report["stages"]] == [(0, 1, "cpu:0"),
+                                                                                           (1, 2, "cpu:1 x2")]
     assert not out.left, out.left
 
 
