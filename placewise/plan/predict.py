@@ -4,7 +4,10 @@ From a graph, a contiguous plan and a `Schedule`: each stage's forward and backw
 microbatch (its nodes' times on its kind, over the kind's speed), the bytes each boundary carries
 per microbatch (every value made before it and read after it, once, as `run/`'s cut sends it), the
 link time of those bytes, and each stage's memory parts. `simulate` then replays the schedule, and
-`stage_memory` puts each stage's memory at its position.
+`stage_memory` puts each stage's memory at its position. As in the cost model, a boundary between
+two stages whose kinds share memory (`DeviceKind.shared_memory`, the paper's CPU cores in one
+process) costs no link time and such stages hold no receive buffers; a stage whose kind pays
+transfers holds them, and a boundary costs the link whenever either side pays.
 
 Times are in the graph's unit per profiled batch; `microbatch_scale` (microbatch size over the
 profiled batch size) scales times and bytes linearly to one microbatch (1: profiled at the
@@ -78,7 +81,7 @@ def boundary_bytes(graph: OpGraph, stage_of: dict[int, int], stages: int) -> lis
     return crossing
 
 
-def _stage_bytes(graph: OpGraph, plan: Plan, inputs: list[float], outputs: list[float], scale: float,
+def _stage_bytes(graph: OpGraph, cluster: Cluster, plan: Plan, inputs: list[float], outputs: list[float], scale: float,
                  training: bool) -> list[StageBytes] | None:
     out = []
     for i, s in enumerate(plan.stages):
@@ -86,8 +89,9 @@ def _stage_bytes(graph: OpGraph, plan: Plan, inputs: list[float], outputs: list[
         if b is None or None in (b.parameters, b.optimizer_state, b.activations):
             return None
         largest = max((graph.node(n).output or 0.0 for n in s.nodes if not graph.node(n).backward), default=0.0)
-        out.append(StageBytes(b.parameters, b.optimizer_state, b.activations * scale, inputs[i], outputs[i],
-                              b.gradients, backward_workspace(largest * scale) if training else 0.0))
+        buffered = 1.0 if cluster.kind(s.kind).pays_transfers else 0.0
+        out.append(StageBytes(b.parameters, b.optimizer_state, b.activations * scale, buffered * inputs[i],
+                              buffered * outputs[i], b.gradients, backward_workspace(largest * scale) if training else 0.0))
     return out
 
 
@@ -112,10 +116,13 @@ def predict(graph: OpGraph, cluster: Cluster, plan: Plan, schedule: Schedule, *,
         times.append(StageTimes(fwd * microbatch_scale / kind.speed, bwd * microbatch_scale / kind.speed))
     crossing = [b * microbatch_scale for b in boundary_bytes(graph, stage_of, len(plan.stages))]
     link = link or _graph_link(graph)
+    pays = [cluster.kind(s.kind).pays_transfers for s in plan.stages]
     # Gradients flow back over a boundary with the bytes of the values that crossed it forward.
-    links = [LinkTimes(link.time(b), link.time(b) if options.training else 0.0) for b in crossing]
+    links = [LinkTimes(link.time(b), link.time(b) if options.training else 0.0) if pays[i] or pays[i + 1] else LinkTimes()
+             for i, b in enumerate(crossing)]
     sim = simulate(times, links, schedule, options)
-    stage_bytes = _stage_bytes(graph, plan, [0.0] + crossing, crossing + [0.0], microbatch_scale, options.training)
+    stage_bytes = _stage_bytes(graph, cluster, plan, [0.0] + crossing, crossing + [0.0], microbatch_scale,
+                               options.training)
     memory = None if stage_bytes is None else tuple(pipeline_memory(stage_bytes, schedule, training=options.training))
     per_microbatch = max(t.forward + t.backward for t in times)
     return Prediction(schedule, sim.step_time, per_microbatch, tuple(times), tuple(crossing), tuple(links), memory, sim)
