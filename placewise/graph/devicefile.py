@@ -3,6 +3,7 @@
     # cluster.yaml
     bandwidth: 12 GB/s            # link between devices; bytes/s or a string with a unit
     latency: 80 us                # one-way message latency; seconds or a string (s, ms, us, ns)
+    overhead: 0.3 ms              # a pipeline stage's runtime work per microbatch beyond computing
     kinds:
       - name: accelerator         # `-k/--memory` on the command line override this kind
         type: accelerator         # accelerator (also gpu, fpga) or cpu; default from the name
@@ -42,7 +43,7 @@ import yaml
 from placewise.errors import PlacewiseError, read_text
 from placewise.graph.devices import MAX_DEVICES, Cluster, DeviceKind
 
-TOP_FIELDS = ("kinds", "bandwidth", "latency", "reference", "name", "description")
+TOP_FIELDS = ("kinds", "bandwidth", "latency", "overhead", "reference", "name", "description")
 _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 KIND_FIELDS = ("name", "type", "accelerator", "count", "memory", "speed", "profile", "shared_memory", "description")
 KIND_TYPES = {"accelerator": True, "gpu": True, "cuda": True, "fpga": True, "tpu": True, "cpu": False}
@@ -142,7 +143,8 @@ def parse_device_file(data: Any, source: str = "device file", base: Path | None 
     bandwidth = reader.quantity(top.get("bandwidth"), "bandwidth", "a link bandwidth in bytes/s", allow_none=True)
     if bandwidth is not None and bandwidth <= 0:
         raise reader.fail("bandwidth", f"{top['bandwidth']!r}; give a positive number of bytes per second")
-    latency = _latency(reader, top.get("latency"))
+    latency = _seconds(reader, top.get("latency"), "latency", "a latency")
+    overhead = _seconds(reader, top.get("overhead"), "overhead", "an overhead")
     reference = top.get("reference")
     if reference is not None and not isinstance(reference, str):
         raise reader.fail("reference", "expected a path to a profiled graph")
@@ -177,13 +179,14 @@ def parse_device_file(data: Any, source: str = "device file", base: Path | None 
                 raise reader.fail(f"{where}.speed", "is 0; a relative speed must be positive (1 = the profiled device)")
         kinds.append(DeviceKind(name, count, accelerator, memory, speed, _shared_memory(reader, spec, accelerator, where)))
     try:
-        return Cluster(tuple(kinds), bandwidth, latency)
+        return Cluster(tuple(kinds), bandwidth, latency, overhead)
     except PlacewiseError as e:  # too many devices in all
         raise reader.fail("kinds", str(e)) from None
 
 
-def _latency(reader: _Reader, value: Any) -> float | None:
-    """The link's one-way latency in seconds: a number of seconds or a string such as '80 us'."""
+def _seconds(reader: _Reader, value: Any, field: str, what: str) -> float | None:
+    """A duration in seconds (the link's latency, the runtime's overhead): a number of seconds or a
+    string such as '80 us'."""
     if value is None:
         return None
     number = None
@@ -194,7 +197,7 @@ def _latency(reader: _Reader, value: Any) -> float | None:
         if m and m.group(2) in _TIME_UNITS:
             number = float(m.group(1)) * _TIME_UNITS[m.group(2)]
     if number is None or not math.isfinite(number) or number < 0:
-        raise reader.fail("latency", f"{value!r} is not a latency; write seconds (0 or more) or a string such as "
+        raise reader.fail(field, f"{value!r} is not {what}; write seconds (0 or more) or a string such as "
                           "'80 us' (units s, ms, us, ns)")
     return number
 
@@ -253,8 +256,9 @@ def device_file_text(cluster: Cluster, header: str = "") -> str:
             "kinds": [{"name": k.name, "type": "accelerator" if k.accelerator else "cpu", "count": k.count,
                        "memory": k.memory, "speed": k.speed,
                        **({} if k.accelerator else {"shared_memory": k.shared_memory})} for k in cluster.kinds]}
-    if cluster.latency is not None:
-        data = {"bandwidth": data["bandwidth"], "latency": cluster.latency, "kinds": data["kinds"]}
+    timing = {name: value for name, value in (("latency", cluster.latency), ("overhead", cluster.overhead))
+              if value is not None}
+    data = {"bandwidth": data["bandwidth"], **timing, "kinds": data["kinds"]}
     if data["bandwidth"] is None:
         del data["bandwidth"]
     comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())

@@ -81,6 +81,10 @@ class Cluster:
     # One-way latency of a message between devices, seconds (measured by `placewise devices --measure`);
     # the pipeline simulation adds it to every transfer. None: not known (taken as 0).
     latency: float | None = None
+    # Seconds per microbatch a pipeline stage's runtime spends beyond computing (posting and completing
+    # transfers, schedule bookkeeping), on one core; measured by `placewise devices --measure` on a
+    # null pipeline. None: not known (taken as 0).
+    overhead: float | None = None
 
     def __post_init__(self) -> None:
         total = sum(k.count for k in self.kinds)
@@ -92,6 +96,8 @@ class Cluster:
                                  "bytes per second")
         if self.latency is not None and not (self.latency >= 0 and math.isfinite(self.latency)):
             raise PlacewiseError(f"the cluster's latency is {self.latency}; use a finite number of seconds, 0 or more")
+        if self.overhead is not None and not (self.overhead >= 0 and math.isfinite(self.overhead)):
+            raise PlacewiseError(f"the cluster's overhead is {self.overhead}; use a finite number of seconds, 0 or more")
 
     @classmethod
     def simple(cls, accelerators: int, cpus: int = 0, memory: float | None = None) -> "Cluster":
@@ -135,7 +141,7 @@ class Cluster:
             elif k.name == CPU and cpus is not None:
                 k = replace(k, count=cpus)
             out.append(k)
-        cluster = Cluster(tuple(out), self.bandwidth, self.latency)
+        cluster = replace(self, kinds=tuple(out))
         # Checked here, for every command that takes these flags, before any of them starts work
         # (scoring a split on no devices would otherwise fail inside the cost model).
         if not cluster.accelerators + cluster.cpus:
@@ -148,6 +154,7 @@ class Cluster:
                        "memory": k.memory, "speed": k.speed, "shared_memory": k.shared_memory} for k in self.kinds],
             "bandwidth": self.bandwidth,
             "latency": self.latency,
+            "overhead": self.overhead,
         }
 
     @classmethod
@@ -158,8 +165,9 @@ class Cluster:
                            None if k.get("memory") is None else float(k["memory"]), float(k.get("speed", 1.0)),
                            None if k.get("shared_memory") is None else bool(k["shared_memory"]))
                 for k in data["kinds"])
-            bandwidth, latency = data.get("bandwidth"), data.get("latency")
-            return cls(kinds, None if bandwidth is None else float(bandwidth), None if latency is None else float(latency))
+            bandwidth, latency, overhead = data.get("bandwidth"), data.get("latency"), data.get("overhead")
+            return cls(kinds, None if bandwidth is None else float(bandwidth), None if latency is None else float(latency),
+                       None if overhead is None else float(overhead))
         except PlacewiseError as e:
             raise PlacewiseError(f"{source}: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:

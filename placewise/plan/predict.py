@@ -167,7 +167,10 @@ def with_prediction(graph: OpGraph, cluster: Cluster, plan: Plan, schedule: Sche
                     microbatch_scale: float = 1.0) -> Plan:
     """The plan for `schedule`: the schedule recorded, the prediction in `notes["prediction"]`, and
     every stage whose memory at its position exceeds its device's memory listed as a violation."""
-    pred = predict(graph, cluster, plan, schedule, link=cluster_link(graph, cluster), microbatch_scale=microbatch_scale)
+    unit = TIME_UNITS.get(graph.meta_dict.get("time_unit", ""))
+    overhead = (cluster.overhead or 0.0) / unit if unit else 0.0
+    pred = predict(graph, cluster, plan, schedule, link=cluster_link(graph, cluster), microbatch_scale=microbatch_scale,
+                   overhead=overhead)
     violations = list(plan.violations)
     for i, (stage, mem) in enumerate(zip(plan.stages, pred.memory or ())):
         limit = cluster.kind(stage.kind).memory
