@@ -283,7 +283,7 @@ def main() -> None:
     started = time.time()
     print(f"load before: {os.getloadavg()}", flush=True)
     link = measure_link(gpu=False)
-    overhead = statistics.mean(measure_stage_overhead())
+    overhead = statistics.mean(measure_stage_overhead())  # as `placewise devices --measure` records it
     print(f"link: latency {link.latency * 1e6:.0f} us, bandwidth {link.bandwidth / 1e9:.2f} GB/s; "
           f"runtime overhead {overhead * 1e3:.2f} ms per microbatch per stage", flush=True)
     planned = {name: profile_and_plan(name, link) for name in args.models.split(",")}

@@ -39,9 +39,8 @@ def cmd_devices(args) -> int:
     from placewise.profile.machine import describe_machine, machine_device_file
     info = describe_machine()
     if args.measure:
-        from placewise.run.links import measure_link, measure_stage_overhead
-        first, last = measure_stage_overhead()
-        info["link"] = {**measure_link().to_json(), "overhead": (first + last) / 2}
+        from placewise.run.links import measure_here
+        info["link"] = measure_here()
     if args.out:
         Path(args.out).write_text(machine_device_file(info))
     if args.json:

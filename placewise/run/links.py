@@ -132,3 +132,11 @@ def measure_stage_overhead(*, timeout_s: float = 120.0) -> tuple[float, float]:
         per_stage.append(statistics.median(
             (r["step_cpu_seconds"] - r["outside_cpu_seconds"]["update"]) / (m * OVERHEAD_STEPS) for r in results[rank]))
     return per_stage[0], per_stage[1]
+
+
+def measure_here() -> dict:
+    """What `placewise devices --measure` records of this machine (`profile.machine.machine_cluster`
+    reads it): the link between two processes and the runtime's overhead per microbatch (the mean of
+    a first and a last stage's)."""
+    first, last = measure_stage_overhead()
+    return {**measure_link().to_json(), "overhead": (first + last) / 2}
