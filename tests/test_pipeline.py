@@ -316,7 +316,7 @@ def test_stage_that_raises_stops_the_run_with_its_error():
 
 
 def test_stages_report_what_they_spend_outside_their_chunks(pipelined):
-    first, last = pipelined[("train", "mlp", 2, "1f1b")]
+    first, last = pipelined[("train", "mlp", 2, "1f1b")][:2]  # the third process sits this job out
     for report in (first, last):
         outside = report["outside_seconds"]
         assert set(outside) == {"post", "wait", "loss", "update"} == set(report["outside_cpu_seconds"])
