@@ -124,8 +124,8 @@ def predict(graph: OpGraph, cluster: Cluster, plan: Plan, schedule: Schedule, *,
     link = link or _graph_link(graph)
     pays = [cluster.kind(s.kind).pays_transfers for s in plan.stages]
     # Gradients flow back over a boundary with the bytes of the values that crossed it forward.
-    links = [LinkTimes(link.time(b), link.time(b) if options.training else 0.0) if pays[i] or pays[i + 1] else LinkTimes()
-             for i, b in enumerate(crossing)]
+    links = [LinkTimes(link.time(b), link.time(b) if options.training else 0.0) if pays[i] or pays[i + 1]
+             else LinkTimes() for i, b in enumerate(crossing)]
     sim = simulate(times, links, schedule, options)
     stage_bytes = _stage_bytes(graph, cluster, plan, [0.0] + crossing, crossing + [0.0], microbatch_scale,
                                options.training)

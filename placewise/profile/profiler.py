@@ -126,7 +126,8 @@ def _moved(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
 
 
 def _measure(gm: fx.GraphModule, model: nn.Module, inputs: tuple, device: torch.device, *, training: bool,
-             repeats: int, warmup: int, clock: str, progress: _Progress, optimizer: str) -> tuple[Measurement, dict[str, Any]]:
+             repeats: int, warmup: int, clock: str, progress: _Progress,
+             optimizer: str) -> tuple[Measurement, dict[str, Any]]:
     if device.type != "cpu":  # measure copies, so the caller's model never moves
         gm, model = _moved(gm, device), copy.deepcopy(model).to(device)
         inputs = tuple(_to(x, device) for x in inputs)

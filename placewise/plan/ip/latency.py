@@ -3,8 +3,9 @@
 CPU nodes run as soon as their inputs are done on unboundedly many cores of the fastest shared-memory
 CPU kind; each device that pays transfers (an accelerator, or a CPU core in its own process:
 `DeviceKind.pays_transfers`) runs its set as one convex block once every input of the block has
-arrived, paying its transfers inside the block. "accelerators" below are those block devices. Big-M rows use the warm start's latency as M, which is sound because
-only splits at least as good as the warm start are searched.
+arrived, paying its transfers inside the block. "accelerators" below are those block devices.
+Big-M rows use the warm start's latency as M, which is sound because only splits at least as good
+as the warm start are searched.
 """
 
 from __future__ import annotations
