@@ -30,7 +30,8 @@ cores slowed to it, the figure compared. On a machine shared with other work the
     .venv/bin/python benchmarks/pipeline_accuracy.py [--quick] [--rounds 3] [--steps 4] [--models cnn,transformer,branchy] [--json OUT]
 
 `--quick` (one round of two timed steps, under ~8 minutes on a quiet 2-core machine) is for a check;
-the figures for the record come from the default rounds on a quiet machine.
+the figures for the record come from the default rounds on a quiet machine. "old@share" is what
+the previous model predicted at the same share (the same chunks and link, nothing beyond the chunks).
 """
 
 from __future__ import annotations
@@ -184,6 +185,14 @@ def predict_ms(planned: Planned, schedule: Schedule, link: LinkMeasurement, over
                    overhead=1e3 * overhead)
 
 
+def previous_ms(planned: Planned, schedule: Schedule, link: LinkMeasurement, options: SimulateOptions,
+                share: float) -> float:
+    """The step the previous model predicted, for comparison: the same chunks and link, but nothing
+    beyond the chunks (no runtime overhead, no optimizer step)."""
+    graph = replace(planned.graph, meta=tuple((k, v) for k, v in planned.graph.meta if not k.endswith("update_ms")))
+    return predict_ms(replace(planned, graph=graph), schedule, link, 0.0, options, share).step_time
+
+
 def core_share(reports: list[dict]) -> float:
     """The share of a core the stages' computing threads got in a run: their CPU time over their wall
     time while computing. On a machine shared with other work this is the cores' speed at the time."""
@@ -243,6 +252,7 @@ def rows_for(jobs: dict, planned: dict, rounds: list[dict], memory: dict | None,
         row = {"model": name, "schedule": kind, "microbatches": m, "measured_ms": measured,
                "predicted_ms": alone.step_time, "core_share": share, "predicted_at_share_ms": at_share.step_time,
                "time_error": at_share.step_time / measured - 1, "sim_measured_ms": sim_measured,
+               "previous_at_share_ms": previous_ms(planned[name], schedule, link, options, share),
                "cpu_ms_measured": [statistics.median(step_cpu_ms(r[key][i]) for r in rounds) for i in range(2)],
                "cpu_ms_predicted": list(alone.simulation.busy)}
         if memory is not None and alone.memory is not None:
@@ -255,7 +265,7 @@ def rows_for(jobs: dict, planned: dict, rounds: list[dict], memory: dict | None,
 
 def print_rows(rows: list[dict]) -> None:
     print(f"{'model':12} {'sched':6} {'m':>2} {'measured':>9} {'alone':>7} {'share':>6} {'pred@share':>10} "
-          f"{'error':>7} {'sim(meas)':>9} {'cpu/step meas':>13} {'cpu/step pred':>13} "
+          f"{'error':>7} {'old@share':>9} {'sim(meas)':>9} {'cpu/step meas':>13} {'cpu/step pred':>13} "
           f"{'mem MB meas':>13} {'mem MB pred':>13} {'mem err':>7}")
     for r in rows:
         mem = ""
@@ -266,7 +276,7 @@ def print_rows(rows: list[dict]) -> None:
                f" {'/'.join(f'{x:.0f}' for x in r['cpu_ms_predicted']):>13}")
         print(f"{r['model']:12} {r['schedule']:6} {r['microbatches']:>2} {r['measured_ms']:9.1f} "
               f"{r['predicted_ms']:7.1f} {r['core_share']:6.2f} {r['predicted_at_share_ms']:10.1f} "
-              f"{r['time_error']:+7.1%} {r['sim_measured_ms']:9.1f}{cpu}{mem}")
+              f"{r['time_error']:+7.1%} {r['previous_at_share_ms']:9.1f} {r['sim_measured_ms']:9.1f}{cpu}{mem}")
 
 
 def main() -> None:
