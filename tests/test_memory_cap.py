@@ -40,7 +40,8 @@ def activation_heavy(batch_size: int = MICRO):
 
 
 def _cpus(memory: float | None) -> Cluster:
-    return Cluster((DeviceKind("cpu", 2, False, memory),))
+    # The stages run as separate processes: they pay the link and hold torch's receive buffers.
+    return Cluster((DeviceKind("cpu", 2, False, memory, shared_memory=False),))
 
 
 def _least_memory(graph, steps: int = 12) -> float:

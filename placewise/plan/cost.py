@@ -1,11 +1,13 @@
 """The one cost model: every solver and baseline scores its split here.
 
-A split maps each node to a device. An accelerator's load is its nodes' accelerator time (over the
-kind's speed) plus the transfer cost of every node whose output crosses into or out of its set,
-each such node counted once per direction; a CPU core's load is its nodes' CPU time (cores share
-host memory, so no transfers). The max-load is the pipeline's time per sample. The latency follows
-the paper's model: CPU nodes start when their inputs are done, an accelerator runs its whole set as
-one block once all of its inputs have arrived and pays its transfers inside that block.
+A split maps each node to a device. A device's load is its nodes' time on its kind (accelerator or
+CPU time, over the kind's speed) plus, when the kind pays transfers (`DeviceKind.pays_transfers`:
+accelerators, and CPU cores in separate processes), the transfer cost of every node whose output
+crosses into or out of its set, each such node counted once per direction. The paper's CPU cores
+share host memory and pay no transfers (`shared_memory`, a CPU kind's default). The max-load is the
+pipeline's time per sample. The latency follows the paper's model: shared-memory CPU nodes start
+when their inputs are done; a device that pays transfers runs its whole set as one block once all
+of its inputs have arrived and pays its transfers inside that block.
 
 Memory checked here is each device's sum of node `memory`. `memory_breakdown` gives the same
 stage's bytes split by what they hold (parameters, gradients, optimizer state, activations saved
@@ -182,8 +184,8 @@ def latency(graph: OpGraph, cluster: Cluster, devices: list[Device], device_of: 
             loads: Mapping[int, DeviceLoad]) -> float | None:
     """Single-sample latency (paper's model); None when accelerator blocks depend on each other cyclically."""
     n = len(graph.nodes)
-    accel = {d for d, dl in loads.items() if dl.accelerator}
-    # Unit of scheduling: one accelerator block, or one node placed on a CPU core.
+    accel = {d for d, dl in loads.items() if cluster.kind(dl.device.kind).pays_transfers}
+    # Unit of scheduling: one block (a device that pays transfers), or one node on a shared-memory core.
     unit = np.where(np.isin(device_of, list(accel)), -1 - device_of, np.arange(n))
     members: dict[int, list[int]] = defaultdict(list)
     for i in range(n):
@@ -246,7 +248,7 @@ def evaluate(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device],
         mem = float(graph.memory[members].sum() + copy_mem[d])
         loads[d] = DeviceLoad(devices[d], kind.accelerator, tuple(graph.nodes[i].id for i in np.flatnonzero(device_of == d)),
                               float(times[members].sum() + copies) / kind.speed,
-                              float(transfer[d]) if kind.accelerator else 0.0, mem, kind.memory)
+                              float(transfer[d]) if kind.pays_transfers else 0.0, mem, kind.memory)
         if kind.accelerator:
             bad = [graph.nodes[i].id for i in members if not graph.supported[i]]
             if bad:

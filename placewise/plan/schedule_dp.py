@@ -117,8 +117,10 @@ def solve(graph: OpGraph, cluster: Cluster, options: ScheduleDPOptions | None = 
             params, grads, state, act = lat.parts[i] - lat.parts[j]
             members = lat.masks[i] & ~lat.masks[j]
             work = max((largest[u] for u in range(units.count) if (members >> u) & 1), default=0.0)
-            stage = StageBytes(max(params, 0.0), max(state, 0.0), max(act, 0.0), lat.crossing[j], lat.crossing[i],
-                               max(grads, 0.0), backward_workspace(work))
+            # A stage that pays transfers holds torch's receive buffers; shared-memory cores hand values over.
+            buffered = 1.0 if kind.pays_transfers else 0.0
+            stage = StageBytes(max(params, 0.0), max(state, 0.0), max(act, 0.0), buffered * lat.crossing[j],
+                               buffered * lat.crossing[i], max(grads, 0.0), backward_workspace(work))
             # Only the stages after it and whether one comes before it matter: position 1 (or 0 when it
             # is the first) of a pipeline with `placed` stages after it.
             position = 1 if j != 0 else 0
@@ -127,7 +129,7 @@ def solve(graph: OpGraph, cluster: Cluster, options: ScheduleDPOptions | None = 
             if need > kind.memory * (1 + MEMORY_TOLERANCE):
                 return np.inf
         load = lat.time[i, t] - lat.time[j, t]
-        return load + (_transfer(lat.masks[i] & ~lat.masks[j], ports) if kind.accelerator else 0.0)
+        return load + (_transfer(lat.masks[i] & ~lat.masks[j], ports) if kind.pays_transfers else 0.0)
 
     subsets = [[int(j) for j in np.flatnonzero(((lat.bits & ~lat.bits[i]) == 0).all(axis=1)) if j != i]
                for i in range(n_ideals)]
