@@ -4,7 +4,8 @@ From a graph, a contiguous plan and a `Schedule`: each stage's forward and backw
 microbatch (its nodes' times on its kind, over the kind's speed), the bytes each boundary carries
 per microbatch (every value made before it and read after it, once, as `run/`'s cut sends it), the
 link time of those bytes, and each stage's memory parts. `simulate` then replays the schedule, and
-`stage_memory` puts each stage's memory at its position.
+`stage_memory` puts each stage's memory at its position. A stage that recomputes (`Stage.recompute`)
+runs its forward again at the start of each backward and keeps less (`plan.recompute`).
 
 Times are in the graph's unit per profiled batch; `microbatch_scale` (microbatch size over the
 profiled batch size) scales times and bytes linearly to one microbatch (1: profiled at the
@@ -108,7 +109,7 @@ def predict(graph: OpGraph, cluster: Cluster, plan: Plan, schedule: Schedule, *,
         kind = cluster.kind(s.kind)
         per_node = graph.acc_time if kind.accelerator else graph.cpu_time
         fwd = sum(per_node[graph.index[n]] for n in s.nodes if not graph.node(n).backward)
-        bwd = sum(per_node[graph.index[n]] for n in s.nodes if graph.node(n).backward)
+        bwd = sum(per_node[graph.index[n]] for n in s.nodes if graph.node(n).backward) + (fwd if s.recompute else 0.0)
         times.append(StageTimes(fwd * microbatch_scale / kind.speed, bwd * microbatch_scale / kind.speed))
     crossing = [b * microbatch_scale for b in boundary_bytes(graph, stage_of, len(plan.stages))]
     link = link or _graph_link(graph)
@@ -116,7 +117,8 @@ def predict(graph: OpGraph, cluster: Cluster, plan: Plan, schedule: Schedule, *,
     links = [LinkTimes(link.time(b), link.time(b) if options.training else 0.0) for b in crossing]
     sim = simulate(times, links, schedule, options)
     stage_bytes = _stage_bytes(graph, plan, [0.0] + crossing, crossing + [0.0], microbatch_scale, options.training)
-    memory = None if stage_bytes is None else tuple(pipeline_memory(stage_bytes, schedule, training=options.training))
+    memory = None if stage_bytes is None else tuple(pipeline_memory(
+        stage_bytes, schedule, training=options.training, recompute=[s.recompute for s in plan.stages]))
     per_microbatch = max(t.forward + t.backward for t in times)
     return Prediction(schedule, sim.step_time, per_microbatch, tuple(times), tuple(crossing), tuple(links), memory, sim)
 
