@@ -39,7 +39,11 @@ def cmd_plan(args) -> int:
         from placewise.plan import get_entry
         if schedule is None:
             raise PlacewiseError("--solver dp-schedule plans for a schedule; give --microbatches M (and --schedule)")
-        options = get_entry("dp-schedule").options(options, schedule=schedule, microbatch_scale=scale)
+        options = get_entry("dp-schedule").options(options, schedule=schedule, microbatch_scale=scale,
+                                                   recompute=not args.no_recompute)
+    elif args.no_recompute:
+        raise PlacewiseError(f"--no-recompute: only --solver dp-schedule chooses recompute; --solver {args.solver} "
+                             "never does, so drop the flag")
     options = replica_options(args, options, None if schedule is None else schedule.microbatches * scale)
     plan = solve(graph, cluster, args.solver, options)
     if plan.replicas():

@@ -32,6 +32,7 @@ def _pipeline_job(args, mode: str):
     plan = load_plan(args.plan)
     plan.check_made_for(args.model, args.plan, "model")
     job = PipelineJob(model=args.model, batch_size=args.batch_size, mapping=mapping_from_plan(plan),
+                      recompute=plan.recomputed(),
                       input_shape=tuple(args.input_shape) if args.input_shape else None, mode=mode,
                       schedule=train_schedule(args, plan), microbatches=train_microbatches(args, plan), steps=args.steps,
                       warmup=1, lr=getattr(args, "lr", 0.0), optimizer=getattr(args, "optimizer", "sgd"),
@@ -101,6 +102,9 @@ def _train_data_parallel(args) -> int:
         from placewise.run.cut import mapping_from_plan
         plan = load_plan(args.plan)
         plan.check_made_for(args.model, args.plan, "model")
+        if plan.recomputed():
+            raise PlacewiseError(f"{args.plan}: stages {list(plan.recomputed())} recompute their activations, which only "
+                                 "a single pipeline runs (drop --workers/--mode); or plan with --no-recompute")
         mapping = mapping_from_plan(plan)
     checkpoint = args.checkpoint
     if checkpoint is None and args.checkpoint_every and args.out:

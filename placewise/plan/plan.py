@@ -94,6 +94,10 @@ class Plan:
         """The first device of each replicated stage -> its replica count (stages with one are left out)."""
         return {s.device: s.replicas for s in self.stages if s.replicas > 1}
 
+    def recomputed(self) -> tuple[int, ...]:
+        """Positions (in pipeline order) of the stages that recompute their activations."""
+        return tuple(i for i, s in enumerate(self.stages) if s.recompute)
+
     def to_json(self) -> dict:
         # asdict writes the schedule and breakdowns as their to_json() objects.
         return {"format": PLAN_FORMAT, "version": PLAN_VERSION, **asdict(self)}

@@ -10,6 +10,7 @@ from placewise.errors import PlacewiseError
 from placewise.plan.schedule import DEFAULT_SCHEDULE, SCHEDULES
 from placewise.run.choices import FUSE_MODES, OPTIMIZERS
 from placewise.run.cut import Prepared, cut_model
+from placewise.run.recompute import recompute
 from placewise.run.workload import batch, build
 
 
@@ -19,6 +20,7 @@ class PipelineJob:
     model: str
     batch_size: int
     mapping: dict[str, int] = field(default_factory=dict)  # empty: run the whole model in one process
+    recompute: tuple[int, ...] = ()  # stages that recompute their activations in their backward (a plan's)
     input_shape: tuple[int, ...] | None = None
     mode: str = "train"  # train | infer
     schedule: str = DEFAULT_SCHEDULE
@@ -51,6 +53,10 @@ class PipelineJob:
         if self.batch_size % self.microbatches:
             raise PlacewiseError(f"--batch-size {self.batch_size} does not split into {self.microbatches} equal "
                                  "microbatches; make it a multiple of --microbatches")
+        outside = [s for s in self.recompute if not 0 <= s < self.n_stages]
+        if self.mapping and outside:
+            raise PlacewiseError(f"recompute names stage {outside[0]}, but the plan has stages 0..{self.n_stages - 1}; "
+                                 "plan again")
         if self.mapping and self.microbatches < self.n_stages:
             raise PlacewiseError(f"--microbatches {self.microbatches} is fewer than the plan's {self.n_stages} stages; "
                                  "torch's pipeline schedules need at least one microbatch per stage")
@@ -71,4 +77,9 @@ def prepare(job: PipelineJob) -> Prepared:
     job.check()
     model, example_inputs = build(job.model, job.batch_size, job.input_shape, job.seed)
     model.train(job.training)
-    return cut_model(model, example_inputs, job.mapping, job.microbatches)
+    prepared = cut_model(model, example_inputs, job.mapping, job.microbatches)
+    if job.training:
+        for part in prepared.parts:
+            if part.index in job.recompute:
+                recompute(part.module)
+    return prepared
