@@ -70,7 +70,8 @@ def test_two_stages_with_recompute_train_like_one_process_and_hold_less():
                            schedule="1f1b", microbatches=2, steps=2, seed=3, collect=collect)
     jobs = [job((0,), ("grads",)), job((), ("memory",)), job((0,), ("memory",))]
     start = time.monotonic()
-    results, failures = launch(pipeline_rank, 2, (jobs,), timeout_s=240, preload=["torch", "torch.distributed.pipelining"])
+    results, failures = launch(pipeline_rank, 2, (jobs,), timeout_s=240,
+                               preload=["torch", "torch.distributed.pipelining"])
     assert not failures
     reference = run_single(job((), ("grads",)))
     trained = [r[0] for r in results]

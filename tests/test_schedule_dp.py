@@ -73,9 +73,9 @@ def _brute(graph: OpGraph, cluster: Cluster, schedule: Schedule, recompute: bool
                 index[t] += 1
             for flags in itertools.product((False, True) if recompute else (False,), repeat=len(sets)):
                 chosen = [d for d, flag in zip(order, flags) if flag]
+                scored = evaluate_recomputed(graph, cluster, assignment, chosen)
                 plan = in_order(plan_from_assignment(graph, cluster, assignment, solver="brute", seconds=0.0,
-                                                     evaluation=evaluate_recomputed(graph, cluster, assignment, chosen)),
-                                order)
+                                                     evaluation=scored), order)
                 if not plan.feasible and any("memory" not in v for v in plan.violations):
                     continue
                 memory = predict(graph, cluster, plan, schedule).memory
@@ -141,7 +141,8 @@ def test_recompute_only_where_memory_forces_it_and_the_plan_says_so():
     without = predict(graph, _cluster(cap), replace(plan, stages=[replace(first, recompute=False)] + plan.stages[1:]),
                       schedule)
     assert without.memory[0].total > cap  # the same split without recompute would not fit
-    assert predicted.stage_times[0].backward == pytest.approx(without.stage_times[0].backward + predicted.stage_times[0].forward)
+    assert predicted.stage_times[0].backward == pytest.approx(
+        without.stage_times[0].backward + predicted.stage_times[0].forward)
     again = Plan.from_json(json.loads(json.dumps(plan.to_json())))
     assert [s.recompute for s in again.stages] == [True, False, False]
     assert again.stages[0].recompute_time == pytest.approx(forward)

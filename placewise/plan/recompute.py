@@ -33,7 +33,8 @@ def forward_time(graph: OpGraph, nodes: Iterable[int], kind: DeviceKind) -> floa
 
 
 def evaluate_recomputed(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device],
-                        recompute: Collection[Device], *, contiguous: bool = True, replicate: bool = True) -> Evaluation:
+                        recompute: Collection[Device], *, contiguous: bool = True,
+                        replicate: bool = True) -> Evaluation:
     """`cost.evaluate`, with the stages on the devices in `recompute` recomputing their activations."""
     ev = evaluate(graph, cluster, assignment, contiguous=contiguous, replicate=replicate)
     wanted = {Device(*d) for d in recompute}

@@ -87,7 +87,8 @@ def _lattice(graph: OpGraph, cluster: Cluster, kinds, units, scale: float) -> _L
         nbytes[u] = (e.bytes or 0.0) * scale
     crossing = np.array([sum(nbytes[u] for u, r in readers.items() if (m >> int(units.unit_of[u])) & 1 and r & ~m)
                          for m in masks])
-    return _Lattice(masks, lattice.bits, member @ unit_time, member @ unit_forward, member @ unit_parts, member @ (~units.supported).astype(float), crossing)
+    return _Lattice(masks, lattice.bits, member @ unit_time, member @ unit_forward, member @ unit_parts,
+                    member @ (~units.supported).astype(float), crossing)
 
 
 def _largest_output(graph: OpGraph, units) -> np.ndarray:
@@ -124,20 +125,9 @@ def solve(graph: OpGraph, cluster: Cluster, options: ScheduleDPOptions | None = 
 
     def fits(i: int, j: int, t: int, placed: int, recompute: bool) -> bool:
         """Whether stage I \\ J fits kind t's memory in front of `placed` stages."""
-        kind = kinds[t]
-        if kind.memory is None:
-            return True
-        params, grads, state, act = lat.parts[i] - lat.parts[j]
-        members = lat.masks[i] & ~lat.masks[j]
-        work = max((largest[u] for u in range(units.count) if (members >> u) & 1), default=0.0)
-        stage = StageBytes(max(params, 0.0), max(state, 0.0), max(act, 0.0), lat.crossing[j], lat.crossing[i],
-                           max(grads, 0.0), backward_workspace(work))
-        # Only the stages after it and whether one comes before it matter: position 1 (or 0 when it
-        # is the first) of a pipeline with `placed` stages after it.
-        position = 1 if j != 0 else 0
-        need = stage_memory(stage, position, position + 1 + placed, schedule, training=training,
-                            recompute=recompute).total
-        return need <= kind.memory * (1 + MEMORY_TOLERANCE)
+        memory = kinds[t].memory
+        return memory is None or _need(lat, largest, i, j, placed, schedule, training, recompute) <= \
+            memory * (1 + MEMORY_TOLERANCE)
 
     def stage_cost(i: int, j: int, t: int, placed: int) -> tuple[float, bool]:
         """Load of stage I \\ J on kind t, placed in front of `placed` stages, and whether it recomputes;
@@ -182,6 +172,21 @@ def solve(graph: OpGraph, cluster: Cluster, options: ScheduleDPOptions | None = 
                              f"{schedule.microbatches} microbatches; give the devices more memory, use more devices, "
                              f"fewer microbatches{also} or 1F1B")
     return _plan(graph, cluster, units, lat, kinds, chain, schedule, time.perf_counter() - started, value)
+
+
+def _need(lat: _Lattice, largest: np.ndarray, i: int, j: int, placed: int, schedule: Schedule, training: bool,
+          recompute: bool) -> float:
+    """Peak bytes of stage I \\ J in front of `placed` stages (`stage_memory`)."""
+    params, grads, state, act = lat.parts[i] - lat.parts[j]
+    members = lat.masks[i] & ~lat.masks[j]
+    work = max((largest[u] for u in range(len(largest)) if (members >> u) & 1), default=0.0)
+    stage = StageBytes(max(params, 0.0), max(state, 0.0), max(act, 0.0), lat.crossing[j], lat.crossing[i],
+                       max(grads, 0.0), backward_workspace(work))
+    # Only the stages after it and whether one comes before it matter: position 1 (or 0 when it
+    # is the first) of a pipeline with `placed` stages after it.
+    position = 1 if j != 0 else 0
+    return stage_memory(stage, position, position + 1 + placed, schedule, training=training,
+                        recompute=recompute).total
 
 
 def _ports(units) -> list[tuple[int, int, float]]:
