@@ -19,6 +19,7 @@ from placewise.run.cut import Prepared, output_tensor, pack
 from placewise.run.faults import maybe_fail
 from placewise.run.job import PipelineJob, prepare
 from placewise.run.optim import module_optimizer
+from placewise.run.replicas import ReplicatedModule, Replicas, StageGroup, follow
 from placewise.run.timing import StageClock
 from placewise.run.workload import loss_fn
 
@@ -40,11 +41,13 @@ def _device(rank: int) -> torch.device:
 
 
 def stage_schedule(prepared: Prepared, stage_index: int, *, schedule: str, microbatches: int, training: bool,
-                   group=None, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-                   ) -> tuple[nn.Module, Any, Any]:
+                   group=None, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                   replicas: StageGroup | None = None) -> tuple[nn.Module, Any, Any]:
     """This process's stage of a cut model as a `PipelineStage` with static shapes, on this rank's device, and
     its GPipe or 1F1B schedule (training: the loss of each microbatch, `loss` or the workload's, divided by
-    `microbatches`). Every rank of `group` (rank i runs stage i) calls this with its own `stage_index`."""
+    `microbatches`). Every rank of `group` (rank i runs stage i) calls this with its own `stage_index`.
+    With `replicas` (a replicated stage; this process its lead), the stage's submodule is spread over them
+    (`placewise.run.replicas`; `stage.submod.replicas` then says what the followers should do)."""
     loss = loss or loss_fn
     gm, micro, values = prepared.gm, prepared.micro, prepared.values
     part = prepared.parts[stage_index]
@@ -62,7 +65,9 @@ def stage_schedule(prepared: Prepared, stage_index: int, *, schedule: str, micro
     input_args = tuple(t.to(device) for t in micro) if first else tuple(example(values[n]) for n in part.inputs)
     output_args = (example(output_tensor(values, gm)),) if last else tuple(example(values[n]) for n in part.outputs)
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-    stage = PipelineStage(module, stage_index, n_stages, device, input_args=input_args, output_args=output_args,
+    submod = module if replicas is None else ReplicatedModule(
+        Replicas(module, replicas.group, replicas.ranks, device, len(input_args)))
+    stage = PipelineStage(submod, stage_index, n_stages, device, input_args=input_args, output_args=output_args,
                           group=group)
     schedule_cls = {GPIPE: ScheduleGPipe, ONE_F_ONE_B: Schedule1F1B}[schedule]
     # Each microbatch's loss is divided by M, so the gradients are the batch mean as soon as the last
@@ -99,14 +104,17 @@ def _memory_counter(job: PipelineJob, module: nn.Module):
     return counter
 
 
-def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
-    """Run this process's stage of `job` (all ranks of `group` call this); a report of what it measured."""
+def run_stage(job: PipelineJob, stage_index: int, group=None, replicas: StageGroup | None = None) -> dict[str, Any]:
+    """Run this process's stage of `job` (all ranks of `group` call this); a report of what it measured.
+    With `replicas`, this process leads a replicated stage (its followers run `run_replica`)."""
     prepared = prepare(job)
     gm, example_inputs, values = prepared.gm, prepared.example_inputs, prepared.values
     part = prepared.parts[stage_index]
     training = job.training
     module, stage, schedule = stage_schedule(prepared, stage_index, schedule=job.schedule,
-                                             microbatches=job.microbatches, training=training, group=group)
+                                             microbatches=job.microbatches, training=training, group=group,
+                                             replicas=replicas)
+    shared = stage.submod.replicas if replicas is not None else None
     device = stage.device
     first, last = stage_index == 0, stage_index == job.n_stages - 1
     optimizer = module_optimizer(module, job.optimizer, job.lr, job.momentum, job.fuse,
@@ -130,6 +138,9 @@ def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
             if training:
                 losses: list[torch.Tensor] = []
                 out = schedule.step(*args, losses=losses, **kwargs)
+                if shared is not None:
+                    shared.command()  # the step's end: the followers' gradients are complete
+                    shared.sum_gradients()
                 if last:
                     report["losses"].append(float(torch.stack(losses).sum().detach()))
                 if step == 0 and "grads" in job.collect:
@@ -141,6 +152,8 @@ def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
             else:
                 with torch.no_grad():
                     out = schedule.eval(*args)
+                if shared is not None:
+                    shared.command()
             if step >= job.warmup:
                 report["step_seconds"].append(time.perf_counter() - start)
                 report.setdefault("step_starts", []).append(start)
@@ -154,7 +167,37 @@ def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
         if memory:
             memory.__exit__(None, None, None)
             report["peak_memory_bytes"] = memory.peak
-    report.update(forward_seconds=clock.forward, backward_seconds=clock.backward, cpu_seconds=clock.cpu,
+    report.update(replicas=1 if replicas is None else len(replicas.ranks), forward_seconds=clock.forward, backward_seconds=clock.backward, cpu_seconds=clock.cpu,
                   events=clock.events,
                   samples=job.batch_size * job.steps, microbatches=job.microbatches)
+    return report
+
+
+def run_replica(job: PipelineJob, stage_index: int, replicas: StageGroup) -> dict[str, Any]:
+    """A follower of a replicated stage: its share of every microbatch, as the stage's lead commands, then
+    the replicas' gradients summed and this copy's optimizer step (the same update on every replica)."""
+    prepared = prepare(job)
+    part = prepared.parts[stage_index]
+    device = _device(dist.get_rank())
+    module = part.module.to(device)
+    module.train(job.training)
+    received = prepared.micro if stage_index == 0 else tuple(prepared.values[n] for n in part.inputs)
+    # A share of each received value: what the lead scatters (the check in `prepare` made them tensors).
+    likes = [t[: t.shape[0] // len(replicas.ranks)].to(device) for t in received]
+    shared = Replicas(module, replicas.group, replicas.ranks, device, len(likes))
+    optimizer = module_optimizer(module, job.optimizer, job.lr, job.momentum, job.fuse,
+                                 keep_grads="grads" in job.collect) if job.training else None
+    report: dict[str, Any] = {"stage": stage_index, "replica": replicas.ranks.index(dist.get_rank()),
+                              "nodes": part.nodes}
+    for step in range(job.warmup + job.steps):
+        maybe_fail(dist.get_rank(), step)
+        follow(shared, likes)
+        if job.training:
+            shared.sum_gradients()
+            if step == 0 and "grads" in job.collect:
+                report["grads"] = {k: p.grad.detach().cpu().clone() for k, p in module.named_parameters()
+                                   if p.grad is not None}
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad()
     return report
