@@ -95,5 +95,10 @@ def test_dp_schedule_recomputes_where_memory_binds_unless_told_not_to(tmp_path, 
     plan = load_plan(out)
     assert plan.recomputed() and plan.feasible
     assert all(m["total"] <= 0.97 * need * (1 + 1e-9) for m in plan.notes["prediction"]["stage_memory"])
+    # `evaluate` scores the plan's recomputed stages as planned.
+    assert main(["evaluate", str(path), str(out), "--accelerators", "2", "--cpus", "0", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["max_load"] == pytest.approx(plan.max_load)
+    assert [s["recompute"] for s in evaluated["stages"]] == [s.recompute for s in plan.stages]
     assert main(["plan", str(path), "--accelerators", "2", "--no-recompute"]) == 2
     assert "only --solver dp-schedule" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from typing import Collection, Iterable, Mapping
 
 from placewise.graph import Cluster, Device, DeviceKind, OpGraph
 from placewise.plan.cost import Evaluation, evaluate, recomputed_load
+from placewise.plan.plan import PLAN_FORMAT, Plan
 
 
 def forward_time(graph: OpGraph, nodes: Iterable[int], kind: DeviceKind) -> float:
@@ -43,3 +44,10 @@ def evaluate_recomputed(graph: OpGraph, cluster: Cluster, assignment: Mapping[in
     loads = tuple(recomputed_load(d, forward_time(graph, d.nodes, cluster.kind(d.device.kind)))
                   if d.device in wanted else d for d in ev.devices)
     return replace(ev, devices=loads, max_load=max((d.load for d in loads), default=0.0))
+
+
+def split_recomputed(data: object) -> tuple[Device, ...]:
+    """The first devices of a split file's recomputed stages (only a placewise plan records them)."""
+    if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+        return ()
+    return tuple(s.device for s in Plan.from_json(data).stages if s.recompute)
