@@ -101,6 +101,8 @@ def _add_plan(add) -> None:
                    "all-reduced once per step: of M microbatches with --microbatches, else one per replica); default 1")
     p.add_argument("--allreduce", choices=ALLREDUCE_MODELS, help="how a replicated stage's all-reduce is costed: ring "
                    "(default for dp) or PipeDream's model (default for pipedream-hybrid)")
+    p.add_argument("--no-recompute", action="store_true", help="dp-schedule: never recompute a stage's activations in "
+                   "its backward (by default a stage that does not fit its device recomputes, paying its forward again)")
     p.add_argument("--out", type=output_file, metavar="PLAN.json", help="write the plan")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
     _replicate_flag(p)

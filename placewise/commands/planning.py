@@ -12,15 +12,30 @@ from placewise.errors import PlacewiseError, dump_json
 def cmd_evaluate(args) -> int:
     from placewise.errors import read_json
     from placewise.plan import load_split
+    from placewise.plan.recompute import split_recomputed
     from placewise.plan.replicas import replicated_plan, split_replicas
     graph = load_graph_from_args(args)
     cluster = cluster_from_args(args, graph)
     assignment = load_split(args.split, graph)
     # A placewise plan's replicated stages are scored as such (with the all-reduce model it records).
-    replicas, allreduce = split_replicas(read_json(args.split, "split file"))
-    plan = replicated_plan(graph, cluster, assignment, replicas, allreduce, solver=f"split:{Path(args.split).name}",
-                           seconds=0.0, objective=args.objective, contiguous=not args.noncontiguous,
-                           replicate=not args.no_replicate)
+    data = read_json(args.split, "split file")
+    replicas, allreduce = split_replicas(data)
+    recomputed = split_recomputed(data)
+    if replicas and recomputed:
+        raise PlacewiseError(f"{args.split}: a plan with both replicated and recomputed stages cannot be scored yet; "
+                             "plan with --no-recompute or without --max-replicas")
+    if recomputed:  # a dp-schedule plan's recomputed stages pay their forward again, as planned
+        from placewise.plan.plan import plan_from_assignment
+        from placewise.plan.recompute import evaluate_recomputed
+        ev = evaluate_recomputed(graph, cluster, assignment, recomputed, contiguous=not args.noncontiguous,
+                                 replicate=not args.no_replicate)
+        plan = plan_from_assignment(graph, cluster, assignment, solver=f"split:{Path(args.split).name}", seconds=0.0,
+                                    objective=args.objective, contiguous=not args.noncontiguous,
+                                    replicate=not args.no_replicate, evaluation=ev)
+    else:
+        plan = replicated_plan(graph, cluster, assignment, replicas, allreduce, solver=f"split:{Path(args.split).name}",
+                               seconds=0.0, objective=args.objective, contiguous=not args.noncontiguous,
+                               replicate=not args.no_replicate)
     emit_plan(plan, args, f"{graph.name}: {Path(args.split).name}")
     return 0 if plan.feasible else 1
 
@@ -39,7 +54,11 @@ def cmd_plan(args) -> int:
         from placewise.plan import get_entry
         if schedule is None:
             raise PlacewiseError("--solver dp-schedule plans for a schedule; give --microbatches M (and --schedule)")
-        options = get_entry("dp-schedule").options(options, schedule=schedule, microbatch_scale=scale)
+        options = get_entry("dp-schedule").options(options, schedule=schedule, microbatch_scale=scale,
+                                                   recompute=not args.no_recompute)
+    elif args.no_recompute:
+        raise PlacewiseError(f"--no-recompute: only --solver dp-schedule chooses recompute; --solver {args.solver} "
+                             "never does, so drop the flag")
     options = replica_options(args, options, None if schedule is None else schedule.microbatches * scale)
     plan = solve(graph, cluster, args.solver, options)
     if plan.replicas():

@@ -48,10 +48,13 @@ class DeviceLoad:
     # A replicated stage (`replicated_load`): compute and transfer are per replica, plus its all-reduce.
     replicas: int = 1
     allreduce: float = 0.0
+    # A stage that recomputes its activations in its backward (`recomputed_load`): its forward again.
+    recompute: bool = False
+    recompute_time: float = 0.0
 
     @property
     def load(self) -> float:
-        return self.compute + self.transfer + self.allreduce
+        return self.compute + self.transfer + self.allreduce + self.recompute_time
 
 
 @dataclass(frozen=True)
@@ -308,3 +311,10 @@ def replicated_load(load: DeviceLoad, replicas: int, allreduce_per_unit: float) 
         return load
     return replace(load, compute=load.compute / replicas, transfer=load.transfer / replicas,
                    allreduce=allreduce_per_unit, replicas=replicas)
+
+
+# ---- Recomputed stages ------------------------------------------------------------------------------
+def recomputed_load(load: DeviceLoad, forward_time: float) -> DeviceLoad:
+    """One stage's load when it recomputes its activations in its backward (`plan.recompute`): it runs
+    its forward (`forward_time`, on its device, per profiled batch) a second time."""
+    return replace(load, recompute=True, recompute_time=forward_time)

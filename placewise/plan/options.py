@@ -56,6 +56,9 @@ class ScheduleDPOptions(SolveOptions):
     """The schedule-aware DP (`dp-schedule`): the schedule whose per-position memory it checks."""
     schedule: Schedule = field(default_factory=Schedule)
     microbatch_scale: float = 1.0  # microbatch size over the profiled batch size (scales activations, bytes)
+    # A stage that does not fit at its position may recompute its activations in its backward (then
+    # it pays its forward again); the planner picks it only where memory forces it. False: never.
+    recompute: bool = True
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Plain data with a JSON round trip, shared by every layer. Also reads and writes 
 split format of the paper's code (`{"fpgas": [{"load", "nodes"}], "cpus": [...]}`).
 
 Plan JSON version 2 added a stage's `replicas` and `memory_breakdown` and the plan's `schedule`;
-version-1 files still load (one replica per stage, no breakdown, no schedule).
+version-1 files still load (one replica per stage, no breakdown, no schedule). A stage's `recompute`
+and `recompute_time` came later in version 2; files without them load with no recompute.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class Stage:
     allreduce: float = 0.0
     # `memory` split by what it holds, where the graph knows (see cost.memory_breakdown).
     memory_breakdown: MemoryBreakdown | None = None
+    # The stage recomputes its activations in its backward (`plan.recompute`; the runtime runs it under
+    # torch.utils.checkpoint); `recompute_time` is its forward run again, included in `load`.
+    recompute: bool = False
+    recompute_time: float = 0.0
 
     @property
     def device(self) -> Device:
@@ -88,6 +93,10 @@ class Plan:
     def replicas(self) -> dict[Device, int]:
         """The first device of each replicated stage -> its replica count (stages with one are left out)."""
         return {s.device: s.replicas for s in self.stages if s.replicas > 1}
+
+    def recomputed(self) -> tuple[int, ...]:
+        """Positions (in pipeline order) of the stages that recompute their activations."""
+        return tuple(i for i, s in enumerate(self.stages) if s.recompute)
 
     def to_json(self) -> dict:
         # asdict writes the schedule and breakdowns as their to_json() objects.
@@ -145,10 +154,11 @@ def _is_whole(v: Any) -> bool:
 _STAGE_FIELDS: dict[str, tuple[Any, str]] = {
     "kind": (lambda v: isinstance(v, str) and v != "", "a device kind name"),
     "index": (_is_whole, "a whole number of at least 0"),
-    "accelerator": (lambda v: isinstance(v, bool), "true or false"),
+    **{name: (lambda v: isinstance(v, bool), "true or false") for name in ("accelerator", "recompute")},
     "nodes": (lambda v: isinstance(v, list) and all(map(_is_whole, v)), "a list of node ids"),
     "modules": (lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v), "a list of model node names"),
-    **{name: (_is_number, "a number") for name in ("load", "compute", "transfer", "memory", "allreduce")},
+    **{name: (_is_number, "a number") for name in ("load", "compute", "transfer", "memory", "allreduce",
+                                                     "recompute_time")},
 }
 
 
@@ -200,7 +210,8 @@ def plan_from_assignment(graph: OpGraph, cluster: Cluster, assignment: Mapping[i
         notes["replication"] = "off"
     stages = [Stage(d.device.kind, d.device.index, d.accelerator, list(d.nodes), d.load, d.compute, d.transfer,
                     d.memory, [graph.node(n).module for n in d.nodes if graph.node(n).module],
-                    replicas=d.replicas, allreduce=d.allreduce, memory_breakdown=memory_breakdown(graph, d.nodes))
+                    replicas=d.replicas, allreduce=d.allreduce, memory_breakdown=memory_breakdown(graph, d.nodes),
+                    recompute=d.recompute, recompute_time=d.recompute_time)
               for d in ev.devices]
     return Plan(stages=stages, max_load=ev.max_load, latency=ev.latency, solver=solver, seconds=seconds,
                 objective=objective, lower_bound=lower_bound, gap=gap, feasible=ev.feasible,

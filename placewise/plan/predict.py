@@ -8,6 +8,8 @@ link time of those bytes, and each stage's memory parts. `simulate` then replays
 two stages whose kinds share memory (`DeviceKind.shared_memory`, the paper's CPU cores in one
 process) costs no link time and such stages hold no receive buffers; a stage whose kind pays
 transfers holds them, and a boundary costs the link whenever either side pays.
+A stage that recomputes (`Stage.recompute`) runs its forward again at the start of each
+backward and keeps less (`plan.recompute`).
 
 Times are in the graph's unit per profiled batch; `microbatch_scale` (microbatch size over the
 profiled batch size) scales times and bytes linearly to one microbatch (1: profiled at the
@@ -116,7 +118,7 @@ def predict(graph: OpGraph, cluster: Cluster, plan: Plan, schedule: Schedule, *,
         kind = cluster.kind(s.kind)
         per_node = graph.acc_time if kind.accelerator else graph.cpu_time
         fwd = sum(per_node[graph.index[n]] for n in s.nodes if not graph.node(n).backward)
-        bwd = sum(per_node[graph.index[n]] for n in s.nodes if graph.node(n).backward)
+        bwd = sum(per_node[graph.index[n]] for n in s.nodes if graph.node(n).backward) + (fwd if s.recompute else 0.0)
         update = _update_time(graph, s.nodes, kind.accelerator) if options.training else 0.0
         times.append(StageTimes(fwd * microbatch_scale / kind.speed, bwd * microbatch_scale / kind.speed,
                                 update / kind.speed, overhead / kind.speed))
@@ -129,7 +131,8 @@ def predict(graph: OpGraph, cluster: Cluster, plan: Plan, schedule: Schedule, *,
     sim = simulate(times, links, schedule, options)
     stage_bytes = _stage_bytes(graph, cluster, plan, [0.0] + crossing, crossing + [0.0], microbatch_scale,
                                options.training)
-    memory = None if stage_bytes is None else tuple(pipeline_memory(stage_bytes, schedule, training=options.training))
+    memory = None if stage_bytes is None else tuple(pipeline_memory(
+        stage_bytes, schedule, training=options.training, recompute=[s.recompute for s in plan.stages]))
     per_microbatch = max(t.forward + t.backward for t in times)
     return Prediction(schedule, sim.step_time, per_microbatch, tuple(times), tuple(crossing), tuple(links), memory, sim)
 

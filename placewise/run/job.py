@@ -12,6 +12,7 @@ from placewise.plan.schedule import DEFAULT_SCHEDULE, SCHEDULES
 from placewise.run.choices import FUSE_MODES, OPTIMIZERS
 from placewise.run.cut import Prepared, cut_model, output_tensor
 from placewise.run.replicas import check_replicas, check_shardable
+from placewise.run.recompute import recompute
 from placewise.run.workload import batch, build
 
 
@@ -21,6 +22,7 @@ class PipelineJob:
     model: str
     batch_size: int
     mapping: dict[str, int] = field(default_factory=dict)  # empty: run the whole model in one process
+    recompute: tuple[int, ...] = ()  # stages that recompute their activations in their backward (a plan's)
     replicas: tuple[int, ...] = ()  # processes per stage (a plan's `Stage.replicas`); empty: 1 each
     plan_name: str = "the plan"  # where `mapping` and `replicas` came from, for messages
     input_shape: tuple[int, ...] | None = None
@@ -64,6 +66,10 @@ class PipelineJob:
         if self.batch_size % self.microbatches:
             raise PlacewiseError(f"--batch-size {self.batch_size} does not split into {self.microbatches} equal "
                                  "microbatches; make it a multiple of --microbatches")
+        outside = [s for s in self.recompute if not 0 <= s < self.n_stages]
+        if self.mapping and outside:
+            raise PlacewiseError(f"{self.plan_name}: recompute names stage {outside[0]}, but the plan has stages "
+                                 f"0..{self.n_stages - 1}; plan again")
         if self.mapping and self.microbatches < self.n_stages:
             raise PlacewiseError(f"--microbatches {self.microbatches} is fewer than the plan's {self.n_stages} stages; "
                                  "torch's pipeline schedules need at least one microbatch per stage")
@@ -91,6 +97,10 @@ def prepare(job: PipelineJob) -> Prepared:
         if r > 1:
             names, values = zip(*_crossing(prepared, s))
             check_shardable(s, r, prepared.parts[s].module, names, values, prepared.micro[0].shape[0])
+    if job.training:
+        for part in prepared.parts:
+            if part.index in job.recompute:
+                recompute(part.module)
     return prepared
 
 
