@@ -65,6 +65,10 @@ class Candidates:
 
 
 def _fits(pred, limit: int) -> bool:
+    # The prefixes of a topological order are distinct ideals: a DAG of n units has over n, so a
+    # coarsening with `limit` groups or more is rejected without listing (most tries on large graphs).
+    if len(pred) >= limit:
+        return False
     try:
         enumerate_ideals(pred, limit)
     except PlacewiseError:
@@ -130,11 +134,14 @@ def coarse_restriction(reduced: Reduced, units: Units, problem: Problem, cluster
     work = problem.time.min(axis=0)
     share = REGION_SHARE * float(work.sum()) / sum(k.count for k in problem.kinds)
     coarse = coarsen(units.pred_units, work, lambda c: _fits(c.pred, limit), share=share)
-    if not coarse.collapsed or not _fits(coarse.pred, limit):
+    if not coarse.collapsed or len(coarse.pred) >= limit:
         return None
+    try:
+        lattice = enumerate_ideals(coarse.pred, limit)
+    except PlacewiseError:
+        return None  # the coarsest graph tried is still too large
     grouped = coarse_units(units, coarse)
     sub = make_problem(grouped, cluster)
-    lattice = enumerate_ideals(grouped.pred_units, limit)
     deadline = None if seconds is None else start + seconds
     # The search's first run is just below its upper bound: lifted so that a split at `upper` is found.
     outcome = search(grouped, sub, lattice, prepare(grouped, sub, lattice), lower_bound(grouped, sub),
