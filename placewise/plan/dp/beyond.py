@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
+
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device
 from placewise.plan.coarsen import Coarsening, coarsen, colocated, near_cuts
@@ -98,14 +99,12 @@ def coarse_units(units: Units, coarse: Coarsening) -> Units:
     owners, ptr, flat = [], [0], []
     for p in range(len(units.port_cost)):
         owner = int(group_of[units.port_owner[p]])
-        targets = sorted({int(g) for g in group_of[units.port_targets[units.port_target_ptr[p]:units.port_target_ptr[p + 1]]]}
-                         - {owner})
+        targets = group_of[units.port_targets[units.port_target_ptr[p]:units.port_target_ptr[p + 1]]]
         owners.append(owner)
-        flat += targets
+        flat += sorted({int(g) for g in targets} - {owner})
         ptr.append(len(flat))
     ptr_a = np.array(ptr, dtype=np.int64)
-    paid = np.diff(ptr_a) > 0
-    keep = np.flatnonzero(paid)
+    keep = np.flatnonzero(np.diff(ptr_a) > 0)
     copies = units.copies
     if copies is not None:
         needers = [sorted({int(g) for g in group_of[copies.needers[copies.needer_ptr[c]:copies.needer_ptr[c + 1]]]})
@@ -148,14 +147,8 @@ def coarse_restriction(reduced: Reduced, units: Units, problem: Problem, cluster
                      upper / (1 - CERTIFY_GAP), False, None, deadline)
     if outcome.result is None or not math.isfinite(outcome.result.value):
         return None  # above `upper`, or out of time
-    devices = {t: 0 for t in range(len(sub.kinds))}
-    assignment: dict[int, Device] = {}
-    for t, groups in outcome.result.sets:
-        device = Device(sub.kinds[t].name, devices[t])
-        devices[t] += 1
-        for g in groups:
-            for i in grouped.members[g]:
-                assignment[reduced.work.nodes[i].id] = device
+    from placewise.plan.dp.solve import _assignment  # solve imports this module
+    assignment = _assignment(reduced.work, grouped, sub, outcome.result.sets)
     assignment = reduced.complete(assignment, list(dict.fromkeys(assignment.values())))
     return plan_from_assignment(reduced.graph, cluster, assignment, solver="dp",
                                 seconds=time.perf_counter() - start, notes={"exact": True, "ideals": lattice.count},
