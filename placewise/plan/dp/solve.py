@@ -63,7 +63,8 @@ def solve(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Plan:
         # Light branchy regions (attention's q/k/v branches) multiply the ideals too: the optimum
         # with them collapsed is found on far fewer ideals and is often the optimum here as well.
         left = None if deadline is None else max(deadline - time.perf_counter(), 1e-3)
-        coarse = _exact_or_none(lambda: coarse_restriction(reduced, units, problem, cluster, options, solve, left))
+        coarse = _exact_or_none(lambda: coarse_restriction(
+            reduced, units, problem, cluster, options, upper if restricted is None else restricted.max_load, left))
         if coarse is not None and coarse.max_load <= (upper if restricted is None else restricted.max_load):
             restricted = coarse
     if restricted is not None:
