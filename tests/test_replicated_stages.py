@@ -132,7 +132,8 @@ def problems(draw):
     if draw(st.booleans()):
         kinds.append(DeviceKind("fast", draw(st.integers(1, 2)), True, None, 2.0))
     if draw(st.booleans()):
-        kinds.append(DeviceKind("cpu", 2, False))
+        # Cores in one process (the paper's) or in separate processes, which pay transfers.
+        kinds.append(DeviceKind("cpu", 2, False, shared_memory=draw(st.booleans())))
     allreduce = AllReduce(draw(st.sampled_from([RING, PIPEDREAM])), draw(st.sampled_from([None, 3.0])))
     return OpGraph.build(nodes, edges, name="rs"), Cluster(tuple(kinds)), draw(st.integers(2, 3)), allreduce
 
