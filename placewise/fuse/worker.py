@@ -17,8 +17,9 @@ RELEASE_QUEUE = 1
 class Worker:
     """One daemon thread running the submitted updates in order (torch's kernels release the GIL).
 
-    `submit()` blocks while `maxsize` jobs wait to run. `wait()` blocks until every submitted job ran and re-raises the first exception one raised
-    (the jobs after a failed one are skipped: the step is broken anyway). `stop()` ends the thread.
+    `submit()` blocks while `maxsize` jobs wait to run. `wait()` blocks until every submitted job ran
+    and re-raises the first exception one raised (the jobs after a failed one are skipped: the step
+    is broken anyway). `stop()` ends the thread.
     The thread holds the worker, never the optimizer, except through a job while it is queued.
     """
 
