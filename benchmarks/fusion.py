@@ -21,6 +21,8 @@ step into backward() and step(). The load averages and the cores other processes
 
 ``--quick``: the step-time check of issue 19 in a few minutes: fused=True against
 pw-backward+release on GPT-2, resnet50 and the MLP, AdamW, one thread, CPU-time clock.
+``--malloc caching`` restarts the timed process with glibc tunables that make it a caching
+allocator (no fresh pages per step for any variant); the default is glibc's default.
 
 Memory (``--memory``): each (model, optimizer, variant) runs in a fresh process; the peak of one
 steady-state step, both as RSS (``torch.cuda.max_memory_allocated`` on a GPU) and as live tensor
@@ -55,7 +57,7 @@ from torch import nn
 from placewise.fuse import fuse_optimizer
 
 from fusion_models import MODELS
-from fusion_memory import GLIBC_NEUTRAL, WARM_STEPS, live_peak, mark_gradients, persistent_bytes, phase, step_peak, vm
+from fusion_memory import MALLOC, WARM_STEPS, live_peak, mark_gradients, persistent_bytes, phase, step_peak, vm
 
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
     "adamw": (torch.optim.AdamW, {"lr": 1e-4, "weight_decay": 0.01}),
@@ -211,9 +213,7 @@ def memory_child(model_name: str, opt_name: str, variant: str, device: str, min_
 
 def bench_memory(models: list[str], optimizers: list[str], variants: tuple[str, ...], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Each (model, optimizer, variant) in its own fresh process, one after another, all with the same malloc settings."""
-    env = dict(os.environ)
-    if args.malloc == "neutral":
-        env.update(GLIBC_NEUTRAL)
+    env = dict(os.environ, **MALLOC[args.malloc])
     results = []
     for name in models:
         for opt_name in optimizers:
@@ -409,12 +409,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", help="also write the raw figures here")
     parser.add_argument("--memory", action="store_true", help="peak memory per variant, each in a fresh process")
     parser.add_argument("--optimizers", default="adamw,sgd", help="with --memory: comma list of " + ", ".join(OPTIMIZERS))
-    parser.add_argument("--malloc", choices=["neutral", "default"], default="neutral",
-                        help="with --memory: glibc tunables of every child (neutral: large blocks mapped alone, see fusion_memory)")
+    parser.add_argument("--malloc", choices=sorted(MALLOC),
+                        help="glibc tunables (see fusion_memory): of every --memory child (default there: neutral, large "
+                        "blocks mapped alone), or of the step-time process, which then restarts itself with them (default: default)")
     parser.add_argument("--quick", action="store_true", help="the step-time check only: fused vs pw-backward+release, AdamW, "
                         "gpt2,resnet50,mlp, 1 thread, CPU clock, 8 rounds of 2 steps (a few minutes)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)  # model,optimizer,variant: one memory process
     args = parser.parse_args(argv)
+    args.malloc = args.malloc or ("neutral" if args.memory else "default")
     if args.quick:
         args.variants, args.optimizer, args.models = "fused,pw-backward+release", "adamw", "gpt2,resnet50,mlp"
         args.threads, args.clock, args.rounds, args.steps_per_round, args.warmup = 1, "cpu", 8, 2, 6
@@ -434,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
         name, opt_name, variant = args.memory_child.split(",")
         print(json.dumps(memory_child(name, opt_name, variant, args.device, args.min_bucket_numel)))
         return 0
+    tunables = MALLOC[args.malloc]
+    if not args.memory and any(os.environ.get(k) != v for k, v in tunables.items()):
+        # glibc reads its tunables at start: run again with them (the timed process itself).
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)],
+                  dict(os.environ, **tunables))
     load = _load()
     if args.memory:
         results = bench_memory(args.models.split(","), args.optimizers.split(","), args.variants, args)
@@ -450,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             load = results[-1]["load_after"]
             print(report(results[-1:], args.optimizer, args.threads, args.clock, args.min_bucket_numel, args.device), file=sys.stderr, flush=True)
         print(report(results, args.optimizer, args.threads, args.clock, args.min_bucket_numel, args.device))
+        print(f"\nglibc malloc: {args.malloc} ({' '.join(f'{k}={v}' for k, v in tunables.items()) or 'no tunables'})")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": {k: v for k, v in vars(args).items()}, "results": results}, fh, indent=1)

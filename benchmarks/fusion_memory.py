@@ -34,6 +34,11 @@ WARM_STEPS = 5
 # threshold also stops glibc from raising it after a large free, which made the default-malloc
 # figures depend on the order of frees.
 GLIBC_NEUTRAL = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_TOP_PAD_": "0"}
+# glibc as a caching allocator (as CUDA's): no block mapped alone, the heap never trimmed, so a
+# freed tensor's pages are reused and no step takes fresh pages from the kernel. For step times:
+# with the default, whether a freed gradient's pages go back depends on the order of frees.
+GLIBC_CACHING = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+MALLOC = {"default": {}, "neutral": GLIBC_NEUTRAL, "caching": GLIBC_CACHING}
 PHASES = ("zero_grad", "forward", "backward", "step")
 _GRAD_MARK = "pw:grad "
 
