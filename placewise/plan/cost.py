@@ -237,6 +237,11 @@ def evaluate(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device],
     counted = device_of.copy()
     if replication is not None and replication.any:
         counted[replication.replicable] = -1
+    if replication is not None:
+        # A dead-end check (a shape assert, an unused size read) runs with the node it checks, as the
+        # DP's units and the pipeline cut keep it: where the split puts it does not matter.
+        for check, anchor in replication.attached:
+            counted[check] = counted[anchor]
         copy_acc, copy_cpu, copy_mem = device_copies(graph, replication, counted, len(devices))
     else:
         copy_acc = copy_cpu = copy_mem = np.zeros(len(devices))
