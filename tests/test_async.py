@@ -222,13 +222,17 @@ class RecordingServer(ParameterServer):
         super().__init__(0, 1, [torch.zeros(3)], [1, 2], ServerSettings(mode=mode, steps=steps, lr=0.5, momentum=0.0,
                                                                          staleness=Staleness.parse(staleness)))
         self.replies: list[tuple[int, float, int]] = []
+        self.steps = {1: 0, 2: 0}
 
     def _reply(self, worker, status, fetch=False, start_step=0):
         self.replies.append((worker, status, self.version))
 
-    def push(self, worker: int, grad: float, fetched_version: int) -> None:
+    def push(self, worker: int, grad: float, fetched_version: int, step: int | None = None) -> None:
+        """Worker's next step (or `step`) with gradient `grad`, computed on the parameters of `fetched_version`."""
+        self.steps[worker] = self.steps[worker] + 1 if step is None else step
         self.payload[worker].fill_(grad)
-        self._handle(worker, torch.tensor([Kind.PUSH_FETCH, 1, fetched_version, 1.0, 1.0, 1.0], dtype=torch.float64))
+        self._handle(worker, torch.tensor([Kind.PUSH_FETCH, self.steps[worker], fetched_version, 1.0, 1.0, 1.0],
+                                          dtype=torch.float64))
 
 
 def test_shared_transport_needs_room_for_its_buffers(monkeypatch):
@@ -284,6 +288,17 @@ def test_server_staleness_policies_and_sync_rounds_in_process():
     s.push(1, 1.0, 1)
     s._drop(2, "gone")
     assert s.version == 2 and s.flat.tolist() == [-1.5] * 3 and s.replies[-1] == (1, STOP, 2) and not s.active
+
+
+def test_async_server_applies_each_step_of_a_worker_once():
+    # A resumed pipeline's stages go on from their least advanced server's step: the others skip what they applied.
+    s = RecordingServer("async")
+    s.push(1, 1.0, 0)
+    s.push(1, 1.0, 1)
+    s.push(1, 5.0, 2, step=2)  # step 2 again: answered with the parameters, not applied
+    assert s.version == 2 and s.flat.tolist() == [-1.0] * 3 and s.replies[-1] == (1, CONTINUE, 2)
+    s.push(1, 1.0, 2, step=3)
+    assert s.version == 3 and s.worker_steps == {1: 3}
 
 
 @pytest.mark.parametrize("sizes, servers", [([5, 1, 9, 3, 3], 1), ([5, 1, 9, 3, 3], 3), ([5, 1, 9, 3, 3], 5), ([7], 1)])

@@ -224,6 +224,11 @@ class ParameterServer:
         elif self.settings.mode == SYNC:
             self.round[worker] = header
             self._maybe_close_round()
+        elif int(header[1]) <= self.worker_steps.get(worker, 0):
+            # A step this server applied before its checkpoint was saved, computed again: the stages of a resumed
+            # pipeline restart from the step of their least advanced stage server (`worker.py`), and every
+            # server applies each step of each worker once.
+            self._reply(worker, CONTINUE, fetch=Kind(int(header[0])) == Kind.PUSH_FETCH)
         else:
             self._apply_push(worker, header)
 
