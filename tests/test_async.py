@@ -25,33 +25,13 @@ from placewise.run.dataparallel.layout import shard_parameters
 from placewise.run.dataparallel.protocol import CONTINUE, STOP, Kind
 from placewise.run.dataparallel.server import ParameterServer, ServerSettings
 from placewise.run.dataparallel.staleness import Staleness
+from placewise.run.tasks import make_task
+from replay import plain_sgd
 
 TIMEOUT = 240.0
 # 2 workers x 32 samples per synchronous round: 21 rounds per epoch of the 1347 training digits.
 SYNC = dict(model="mlp", mode="sync", workers=2, epochs=8, batch_size=32, lr=0.05, momentum=0.9, seed=3,
             snapshot_every=50, timeout_s=TIMEOUT)
-
-
-def plain_sgd(cfg: TrainConfig, steps: int) -> tuple[list[float], torch.nn.Module, torch.optim.Optimizer]:
-    """The single-process reference: the same model, batches and torch.optim.SGD, no server."""
-    data = digits(seed=cfg.seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)  # the workers compute with this many threads
-    try:
-        model = build_model(cfg.model, data.features, data.classes, cfg.seed)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-        stream = BatchStream(data.x_train, data.y_train, cfg.batch_size, cfg.seed, worker=0)
-        losses = []
-        for step in range(steps):
-            x, y = stream.batch(step)
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    finally:
-        torch.set_num_threads(threads)
-    return losses, model, opt
 
 
 @pytest.mark.parametrize("transport", ["shared", "gloo"])
@@ -60,7 +40,8 @@ def test_one_worker_async_equals_plain_sgd(tmp_path, transport):
     cfg = TrainConfig(model="mlp:32", mode="async", workers=1, steps=40, batch_size=32, lr=0.1, momentum=0.9,
                       seed=1, checkpoint=str(ckpt), checkpoint_every=40, timeout_s=TIMEOUT, transport=transport)
     report = train_data_parallel(cfg)
-    losses, model, opt = plain_sgd(cfg, 40)
+    losses, model, opt = plain_sgd(make_task(cfg.model, cfg.dataset, cfg.seed), 40, seed=cfg.seed, lr=cfg.lr,
+                                   momentum=cfg.momentum, batch_size=cfg.batch_size, n_threads=cfg.threads)
     assert report.updates == 40 and [u["version"] for u in report.history] == list(range(1, 41))
     # Step for step: the same losses and, at the end, the same parameters and momentum buffers (bitwise).
     assert [u["loss"] for u in report.history] == losses
