@@ -5,11 +5,14 @@ net), each:
 
 1. profiled for training at the microbatch size with one thread (`profile_model`): per-node forward
    and backward times in ms per microbatch, parameter, optimizer-state and activation bytes;
-2. planned on 2 CPU stages with the exact DP;
+2. planned with the exact DP on 2 CPU cores that run as separate processes and so pay transfers
+   over the link measured here by `run.links` (`shared_memory: false`, as `placewise devices --out`
+   describes this machine), the graph's transfer costs taken at the measured bandwidth;
 3. predicted: the step time from `plan.simulate` (torch's GPipe or 1F1B order over the stages'
-   profiled times, transfers over the link measured here by `run.links`), per-stage peak memory from
-   `plan.stage_memory` (parameters, gradients, optimizer state, activations x microbatches in flight,
-   torch's receive buffers);
+   profiled times, transfers over the measured link, each stage's share of the profiled optimizer
+   step, and the runtime's per-microbatch overhead beyond the chunks measured on a null pipeline by
+   `run.links.measure_stage_overhead`), per-stage peak memory from `plan.stage_memory` (parameters,
+   gradients, optimizer state, activations x microbatches in flight, torch's receive buffers);
 4. measured: each configuration (GPipe and 1F1B; 2, 4 and 8 microbatches of a fixed size) run as
    a pipeline of two processes with one thread each, all configurations interleaved in shuffled
    order within a round, rounds repeated; the figure is the median over rounds of each run's
@@ -17,9 +20,18 @@ net), each:
    (`run.tensor_memory`).
 
 The "sim(measured)" column replays the schedule over the stage times measured in the same run: it
-separates the schedule model's error from the profile's.
+separates the schedule model's error from the profile's. "outside" is what the last stage spent per
+microbatch beyond its chunks and update in the run (thread CPU ms: posting and waiting on
+transfers, bookkeeping, loss) beside the modelled overhead ("model"). "share" is the share of a core
+the stages got (their chunks' CPU time over wall time); "pred@share" is the prediction with the
+cores slowed to it, the figure compared. On a machine shared with other work the share is far below
+1 and the figures are the load's as much as the model's: the load is printed before and after.
 
-    .venv/bin/python benchmarks/pipeline_accuracy.py [--rounds 3] [--steps 4] [--models cnn,transformer,branchy] [--json OUT]
+    .venv/bin/python benchmarks/pipeline_accuracy.py [--quick] [--rounds 3] [--steps 4] [--models cnn,transformer,branchy] [--json OUT]
+
+`--quick` (one round of two timed steps, under ~8 minutes on a quiet 2-core machine) is for a check;
+the figures for the record come from the default rounds on a quiet machine. "old@share" is what
+the previous model predicted at the same share (the same chunks and link, nothing beyond the chunks).
 """
 
 from __future__ import annotations
@@ -41,15 +53,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # Ranks import the model factories as `benchmarks.pipeline_accuracy:NAME`, so the root goes on the path.
 sys.path.insert(0, str(ROOT))
 
-from placewise.graph import Cluster, OpGraph
+from placewise.graph import Cluster, DeviceKind, OpGraph
 from placewise.plan import SolveOptions, solve
 from placewise.plan.plan import Plan
 from placewise.plan.predict import Link, Prediction, predict
-from placewise.plan.schedule import GPIPE, ONE_F_ONE_B, SCHEDULES, Schedule
-from placewise.plan.simulate import LinkTimes, SimulateOptions, StageTimes, simulate
+from placewise.plan.schedule import SCHEDULES, Schedule
+from placewise.plan.simulate import SimulateOptions, StageTimes, simulate
 from placewise.profile import profile_model
 from placewise.run.launcher import launch
-from placewise.run.links import LinkMeasurement, measure_link
+from placewise.run.links import LinkMeasurement, measure_link, measure_stage_overhead
 from placewise.run.cut import mapping_from_plan
 from placewise.run.job import PipelineJob
 from placewise.run.pipeline import pipeline_rank
@@ -59,7 +71,8 @@ MICRO = 8  # samples per microbatch: the batch is MICRO x microbatches
 MICROBATCHES = (2, 4, 8)
 IMAGE = (3, 32, 32)
 TOKENS, FEATURES = 32, 64
-CLUSTER = Cluster.simple(0, 2)
+# Two cores in separate processes: each stage pays its transfers (the link is filled in when measured).
+CORES = DeviceKind("cpu", 2, False, shared_memory=False)
 
 
 # ---- three held-out models ---------------------------------------------------------------------------
@@ -149,19 +162,35 @@ class Planned:
     plan: Plan
 
 
-def profile_and_plan(name: str) -> Planned:
+def cluster_for(link: LinkMeasurement) -> Cluster:
+    return Cluster((CORES,), link.bandwidth, link.latency)
+
+
+def profile_and_plan(name: str, link: LinkMeasurement) -> Planned:
     model, inputs = build(spec(name), MICRO)
+    cluster = cluster_for(link)
     graph = profile_model(model, inputs, name=name, training=True, threads=1, repeats=5, warmup=2,
-                          optimizer="momentum")
-    return Planned(name, graph, solve(graph, CLUSTER, "dp", SolveOptions()))
+                          optimizer="momentum", cluster=cluster)
+    return Planned(name, graph, solve(graph, cluster, "dp", SolveOptions()))
 
 
-def predict_ms(planned: Planned, schedule: Schedule, link: LinkMeasurement, options: SimulateOptions,
-               share: float = 1.0) -> Prediction:
-    """The plan's prediction (ms, bytes) with each stage getting `share` of a core (1: a core to itself)."""
+def predict_ms(planned: Planned, schedule: Schedule, link: LinkMeasurement, overhead: float,
+               options: SimulateOptions, share: float = 1.0) -> Prediction:
+    """The plan's prediction (ms, bytes) with each stage getting `share` of a core (1: a core to itself);
+    `overhead`: the runtime's seconds per microbatch beyond the chunks."""
     ms_link = Link(1e3 * link.latency, link.bandwidth / 1e3)
-    cluster = Cluster(tuple(replace(k, speed=k.speed * share) for k in CLUSTER.kinds))
-    return predict(planned.graph, cluster, planned.plan, schedule, link=ms_link, options=options)
+    cluster = cluster_for(link)
+    cluster = replace(cluster, kinds=tuple(replace(k, speed=k.speed * share) for k in cluster.kinds))
+    return predict(planned.graph, cluster, planned.plan, schedule, link=ms_link, options=options,
+                   overhead=1e3 * overhead)
+
+
+def previous_ms(planned: Planned, schedule: Schedule, link: LinkMeasurement, options: SimulateOptions,
+                share: float) -> float:
+    """The step the previous model predicted, for comparison: the same chunks and link, but nothing
+    beyond the chunks (no runtime overhead, no optimizer step)."""
+    graph = replace(planned.graph, meta=tuple((k, v) for k, v in planned.graph.meta if not k.endswith("update_ms")))
+    return predict_ms(replace(planned, graph=graph), schedule, link, 0.0, options, share).step_time
 
 
 def core_share(reports: list[dict]) -> float:
@@ -172,16 +201,22 @@ def core_share(reports: list[dict]) -> float:
 
 
 def measured_stage_times(report: dict, m: int) -> StageTimes:
-    """A stage's mean forward and backward ms per microbatch in a measured run."""
-    chunks = m * len(report["step_seconds"])
-    return StageTimes(1e3 * report["forward_seconds"] / chunks, 1e3 * report["backward_seconds"] / chunks)
+    """A stage's mean forward and backward ms per microbatch in a measured run, and its update per step."""
+    steps = len(report["step_seconds"])
+    return StageTimes(1e3 * report["forward_seconds"] / (m * steps), 1e3 * report["backward_seconds"] / (m * steps),
+                      1e3 * report["outside_seconds"]["update"] / steps)
+
+
+def step_cpu_ms(report: dict) -> float:
+    """The stage's thread CPU ms per step: its work whatever the load (compared with the predicted busy time)."""
+    return 1e3 * report["step_cpu_seconds"] / len(report["step_seconds"])
 
 
 # ---- measurement -------------------------------------------------------------------------------------
-def jobs_for(planned: Planned, steps: int) -> dict[tuple[str, str, int], PipelineJob]:
+def jobs_for(planned: Planned, steps: int, warmup: int) -> dict[tuple[str, str, int], PipelineJob]:
     mapping = mapping_from_plan(planned.plan)
     return {(planned.name, kind, m): PipelineJob(model=spec(planned.name), batch_size=MICRO * m, mapping=mapping,
-                                                 schedule=kind, microbatches=m, steps=steps, warmup=2, lr=0.01,
+                                                 schedule=kind, microbatches=m, steps=steps, warmup=warmup, lr=0.01,
                                                  optimizer="sgd")
             for kind in SCHEDULES for m in MICROBATCHES}
 
@@ -203,20 +238,23 @@ def measure_memory(jobs: dict) -> dict:
 
 
 def rows_for(jobs: dict, planned: dict, rounds: list[dict], memory: dict | None, link: LinkMeasurement,
-             options: SimulateOptions) -> list[dict]:
+             overhead: float, options: SimulateOptions) -> list[dict]:
     rows = []
     for key in jobs:
         name, kind, m = key
         schedule = Schedule(kind, m)
         measured = statistics.median(1e3 * statistics.median(r[key][1]["step_seconds"]) for r in rounds)
-        sim_measured = statistics.median(simulate([measured_stage_times(rep, m) for rep in r[key]], [LinkTimes()],
-                                                  schedule, options).step_time for r in rounds)
         share = statistics.median(core_share(r[key]) for r in rounds)
-        alone = predict_ms(planned[name], schedule, link, options)
-        at_share = predict_ms(planned[name], schedule, link, options, share)
+        alone = predict_ms(planned[name], schedule, link, overhead, options)
+        at_share = predict_ms(planned[name], schedule, link, overhead, options, share)
+        sim_measured = statistics.median(simulate([measured_stage_times(rep, m) for rep in r[key]], at_share.links,
+                                                  schedule, options).step_time for r in rounds)
         row = {"model": name, "schedule": kind, "microbatches": m, "measured_ms": measured,
                "predicted_ms": alone.step_time, "core_share": share, "predicted_at_share_ms": at_share.step_time,
-               "time_error": at_share.step_time / measured - 1, "sim_measured_ms": sim_measured}
+               "time_error": at_share.step_time / measured - 1, "sim_measured_ms": sim_measured,
+               "previous_at_share_ms": previous_ms(planned[name], schedule, link, options, share),
+               "cpu_ms_measured": [statistics.median(step_cpu_ms(r[key][i]) for r in rounds) for i in range(2)],
+               "cpu_ms_predicted": list(alone.simulation.busy)}
         if memory is not None and alone.memory is not None:
             row["measured_mb"] = [b / 1e6 for b in memory[key]]
             row["predicted_mb"] = [mem.total / 1e6 for mem in alone.memory]
@@ -227,19 +265,23 @@ def rows_for(jobs: dict, planned: dict, rounds: list[dict], memory: dict | None,
 
 def print_rows(rows: list[dict]) -> None:
     print(f"{'model':12} {'sched':6} {'m':>2} {'measured':>9} {'alone':>7} {'share':>6} {'pred@share':>10} "
-          f"{'error':>7} {'sim(meas)':>9} {'mem MB meas':>13} {'mem MB pred':>13} {'mem err':>7}")
+          f"{'error':>7} {'old@share':>9} {'sim(meas)':>9} {'cpu/step meas':>13} {'cpu/step pred':>13} "
+          f"{'mem MB meas':>13} {'mem MB pred':>13} {'mem err':>7}")
     for r in rows:
         mem = ""
         if "measured_mb" in r:
             mem = (f" {'/'.join(f'{x:.1f}' for x in r['measured_mb']):>13} "
                    f"{'/'.join(f'{x:.1f}' for x in r['predicted_mb']):>13} {r['memory_error']:7.1%}")
+        cpu = (f" {'/'.join(f'{x:.0f}' for x in r['cpu_ms_measured']):>13}"
+               f" {'/'.join(f'{x:.0f}' for x in r['cpu_ms_predicted']):>13}")
         print(f"{r['model']:12} {r['schedule']:6} {r['microbatches']:>2} {r['measured_ms']:9.1f} "
               f"{r['predicted_ms']:7.1f} {r['core_share']:6.2f} {r['predicted_at_share_ms']:10.1f} "
-              f"{r['time_error']:+7.1%} {r['sim_measured_ms']:9.1f}{mem}")
+              f"{r['time_error']:+7.1%} {r['previous_at_share_ms']:9.1f} {r['sim_measured_ms']:9.1f}{cpu}{mem}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one round of two timed steps after one warm-up step")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--models", default=",".join(MODELS))
@@ -247,19 +289,23 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    rounds_n, steps, warmup = (1, 2, 1) if args.quick else (args.rounds, args.steps, 2)
     started = time.time()
     print(f"load before: {os.getloadavg()}", flush=True)
     link = measure_link(gpu=False)
-    print(f"link: latency {link.latency * 1e6:.0f} us, bandwidth {link.bandwidth / 1e9:.2f} GB/s", flush=True)
-    planned = {name: profile_and_plan(name) for name in args.models.split(",")}
-    jobs = {k: v for p in planned.values() for k, v in jobs_for(p, args.steps).items()}
-    rounds = [measure_round(jobs, seed) for seed in range(args.rounds)]
+    overhead = statistics.mean(measure_stage_overhead())  # as `placewise devices --measure` records it
+    print(f"link: latency {link.latency * 1e6:.0f} us, bandwidth {link.bandwidth / 1e9:.2f} GB/s; "
+          f"runtime overhead {overhead * 1e3:.2f} ms per microbatch per stage", flush=True)
+    planned = {name: profile_and_plan(name, link) for name in args.models.split(",")}
+    jobs = {k: v for p in planned.values() for k, v in jobs_for(p, steps, warmup).items()}
+    rounds = [measure_round(jobs, seed) for seed in range(rounds_n)]
     memory = None if args.no_memory else measure_memory(jobs)
-    rows = rows_for(jobs, planned, rounds, memory, link, SimulateOptions(rendezvous=args.rendezvous))
+    rows = rows_for(jobs, planned, rounds, memory, link, overhead, SimulateOptions(rendezvous=args.rendezvous))
     print_rows(rows)
     print(f"load after: {os.getloadavg()}; {time.time() - started:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "link": link.to_json(), "load": os.getloadavg()}, indent=1))
+        args.json.write_text(json.dumps({"rows": rows, "link": link.to_json(), "overhead_seconds": overhead,
+                                         "load": os.getloadavg()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from placewise.commands.planning import cmd_evaluate, cmd_plan, cmd_simulate, cm
 from placewise.commands.training import DEFAULT_MICROBATCHES, cmd_train, cmd_serve_bench, cmd_demo
 from placewise.errors import PlacewiseError
 from placewise.export import FORMATS as EXPORT_FORMATS
+from placewise.plan.allreduce import ALLREDUCE_MODELS
 from placewise.plan.options import OBJECTIVES
 from placewise.plan.schedule import DEFAULT_SCHEDULE, SCHEDULES
 from placewise.run.choices import (DATASETS, FUSE_MODES, OPTIMIZERS, PIPELINE, STALENESS_HELP,
@@ -95,6 +96,13 @@ def _add_plan(add) -> None:
     p.add_argument("--microbatches", type=positive_int, metavar="M", help="microbatches per step of the schedule")
     p.add_argument("--batch-size", type=positive_int, metavar="N", help="training batch (default: M x the profiled "
                    "batch, so one microbatch is what was profiled)")
+    p.add_argument("--max-replicas", type=positive_int, default=1, metavar="R",
+                   help="let the dp replicate each stage on up to R devices of its kind (data parallel, gradients "
+                   "all-reduced once per step: of M microbatches with --microbatches, else one per replica); default 1")
+    p.add_argument("--allreduce", choices=ALLREDUCE_MODELS, help="how a replicated stage's all-reduce is costed: ring "
+                   "(default for dp) or PipeDream's model (default for pipedream-hybrid)")
+    p.add_argument("--no-recompute", action="store_true", help="dp-schedule: never recompute a stage's activations in "
+                   "its backward (by default a stage that does not fit its device recomputes, paying its forward again)")
     p.add_argument("--out", type=output_file, metavar="PLAN.json", help="write the plan")
     p.add_argument("--json", action="store_true", help="print the plan JSON on stdout")
     _replicate_flag(p)

@@ -36,10 +36,19 @@ def print_plan(plan: Plan, title: str) -> None:
     """A plan as a table of its stages, then its objective's value, solver and bound."""
     from rich.table import Table
     table = Table(title=title)
-    for col in ("stage", "device", "load", "compute", "transfer", "memory", "nodes"):
-        table.add_column(col, justify="right" if col in ("load", "compute", "transfer", "memory") else "left")
+    replicated = any(s.replicas > 1 for s in plan.stages)
+    # A replicated plan also shows each stage's replicas and its share of the all-reduce (per device).
+    # A plan with recomputed stages shows each one's forward run again in its backward (part of its load).
+    recompute = any(s.recompute for s in plan.stages)
+    columns = ("stage", "device", "load", "compute", "transfer") + (("all-reduce", "replicas") if replicated else ()) \
+        + (("recompute",) if recompute else ()) + ("memory", "nodes")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("stage", "device", "nodes") else "right")
     for i, s in enumerate(plan.stages):
-        table.add_row(str(i), f"{s.kind}:{s.index}", f"{s.load:.6g}", f"{s.compute:.6g}", f"{s.transfer:.6g}",
+        device = f"{s.kind}:{s.index}" + (f"..{s.index + s.replicas - 1}" if s.replicas > 1 else "")
+        shared = (f"{s.allreduce:.6g}", str(s.replicas)) if replicated else ()
+        recomputed = (f"{s.recompute_time:.6g}" if s.recompute else "-",) if recompute else ()
+        table.add_row(str(i), device, f"{s.load:.6g}", f"{s.compute:.6g}", f"{s.transfer:.6g}", *shared, *recomputed,
                       fmt_bytes(s.memory), nodes_text(s.nodes))
     out = console()
     out.print(table)
@@ -63,13 +72,19 @@ def print_plan(plan: Plan, title: str) -> None:
 # Notes that say what the planner reduced and where its bound came from, in the order shown.
 _EXPLAINED = ("replicated_nodes", "replicated", "replicated_time", "dead_end_checks_attached", "units_before_replication",
               "units_after_replication", "ideals_before_replication", "ideals_after_replication", "units", "ideals",
-              "restricted", "work_lower_bound", "upper_bound", "beyond_ideal_limit", "stopped", "replication")
+              "restricted", "work_lower_bound", "upper_bound", "beyond_ideal_limit", "stopped", "replication",
+              "max_replicas", "allreduce")
 
 
 def print_explanation(plan: Plan) -> None:
     """The plan's notes on replication, units, ideals and bounds, one per line (`plan --explain`)."""
     out = console()
     shown = [(k, plan.notes[k]) for k in _EXPLAINED if k in plan.notes]
+    recomputed = [f"{i} ({s.kind}:{s.index})" for i, s in enumerate(plan.stages) if s.recompute]
+    if recomputed:
+        shown.append(("recompute", f"stage(s) {', '.join(recomputed)} do not fit their device at their position "
+                      "without it: they keep only their input and output per microbatch in flight and run their "
+                      "forward again in their backward"))
     if not shown:
         out.print("nothing to explain: no replication, restriction or bound notes")
     for key, value in shown:

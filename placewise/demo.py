@@ -102,9 +102,9 @@ def _this_machine():
     """This machine's cores (two stages' worth at most: one process per stage) with its measured link."""
     from dataclasses import replace
     from placewise.profile.machine import describe_machine, machine_cluster
-    from placewise.run.links import measure_link
+    from placewise.run.links import measure_here
     info = describe_machine()
-    info["link"] = measure_link().to_json()
+    info["link"] = measure_here()
     cluster = machine_cluster(info)
     return replace(cluster, kinds=tuple(replace(k, count=min(k.count, 2)) for k in cluster.kinds if not k.accelerator))
 

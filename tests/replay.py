@@ -132,8 +132,9 @@ def replay_sync(task: Task, rounds: list[list[tuple[int, int]]], *, seed: int, l
 
 
 def plain_sgd(task: Task, steps: int, *, seed: int, lr: float, momentum: float, batch_size: int,
-              n_threads: int = 1) -> tuple[list[float], nn.Module]:
-    """One worker's run without any server: torch.optim.SGD on the model itself, worker 0's batches."""
+              n_threads: int = 1) -> tuple[list[float], nn.Module, torch.optim.Optimizer]:
+    """One worker's run without any server: torch.optim.SGD on the model itself, worker 0's batches. Returns
+    each step's loss, the model and its optimizer (whose momentum buffers a server's checkpoint holds too)."""
     with threads(n_threads):
         model = task.build(seed)
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -146,4 +147,4 @@ def plain_sgd(task: Task, steps: int, *, seed: int, lr: float, momentum: float, 
             loss.backward()
             opt.step()
             losses.append(loss.item())
-    return losses, model
+    return losses, model, opt

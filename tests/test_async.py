@@ -25,33 +25,13 @@ from placewise.run.dataparallel.layout import shard_parameters
 from placewise.run.dataparallel.protocol import CONTINUE, STOP, Kind
 from placewise.run.dataparallel.server import ParameterServer, ServerSettings
 from placewise.run.dataparallel.staleness import Staleness
+from placewise.run.tasks import make_task
+from replay import plain_sgd
 
 TIMEOUT = 240.0
 # 2 workers x 32 samples per synchronous round: 21 rounds per epoch of the 1347 training digits.
 SYNC = dict(model="mlp", mode="sync", workers=2, epochs=8, batch_size=32, lr=0.05, momentum=0.9, seed=3,
             snapshot_every=50, timeout_s=TIMEOUT)
-
-
-def plain_sgd(cfg: TrainConfig, steps: int) -> tuple[list[float], torch.nn.Module, torch.optim.Optimizer]:
-    """The single-process reference: the same model, batches and torch.optim.SGD, no server."""
-    data = digits(seed=cfg.seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)  # the workers compute with this many threads
-    try:
-        model = build_model(cfg.model, data.features, data.classes, cfg.seed)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-        stream = BatchStream(data.x_train, data.y_train, cfg.batch_size, cfg.seed, worker=0)
-        losses = []
-        for step in range(steps):
-            x, y = stream.batch(step)
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    finally:
-        torch.set_num_threads(threads)
-    return losses, model, opt
 
 
 @pytest.mark.parametrize("transport", ["shared", "gloo"])
@@ -60,7 +40,8 @@ def test_one_worker_async_equals_plain_sgd(tmp_path, transport):
     cfg = TrainConfig(model="mlp:32", mode="async", workers=1, steps=40, batch_size=32, lr=0.1, momentum=0.9,
                       seed=1, checkpoint=str(ckpt), checkpoint_every=40, timeout_s=TIMEOUT, transport=transport)
     report = train_data_parallel(cfg)
-    losses, model, opt = plain_sgd(cfg, 40)
+    losses, model, opt = plain_sgd(make_task(cfg.model, cfg.dataset, cfg.seed), 40, seed=cfg.seed, lr=cfg.lr,
+                                   momentum=cfg.momentum, batch_size=cfg.batch_size, n_threads=cfg.threads)
     assert report.updates == 40 and [u["version"] for u in report.history] == list(range(1, 41))
     # Step for step: the same losses and, at the end, the same parameters and momentum buffers (bitwise).
     assert [u["loss"] for u in report.history] == losses
@@ -222,13 +203,17 @@ class RecordingServer(ParameterServer):
         super().__init__(0, 1, [torch.zeros(3)], [1, 2], ServerSettings(mode=mode, steps=steps, lr=0.5, momentum=0.0,
                                                                          staleness=Staleness.parse(staleness)))
         self.replies: list[tuple[int, float, int]] = []
+        self.steps = {1: 0, 2: 0}
 
     def _reply(self, worker, status, fetch=False, start_step=0):
         self.replies.append((worker, status, self.version))
 
-    def push(self, worker: int, grad: float, fetched_version: int) -> None:
+    def push(self, worker: int, grad: float, fetched_version: int, step: int | None = None) -> None:
+        """Worker's next step (or `step`) with gradient `grad`, computed on the parameters of `fetched_version`."""
+        self.steps[worker] = self.steps[worker] + 1 if step is None else step
         self.payload[worker].fill_(grad)
-        self._handle(worker, torch.tensor([Kind.PUSH_FETCH, 1, fetched_version, 1.0, 1.0, 1.0], dtype=torch.float64))
+        self._handle(worker, torch.tensor([Kind.PUSH_FETCH, self.steps[worker], fetched_version, 1.0, 1.0, 1.0],
+                                          dtype=torch.float64))
 
 
 def test_shared_transport_needs_room_for_its_buffers(monkeypatch):
@@ -284,6 +269,17 @@ def test_server_staleness_policies_and_sync_rounds_in_process():
     s.push(1, 1.0, 1)
     s._drop(2, "gone")
     assert s.version == 2 and s.flat.tolist() == [-1.5] * 3 and s.replies[-1] == (1, STOP, 2) and not s.active
+
+
+def test_async_server_applies_each_step_of_a_worker_once():
+    # A resumed pipeline's stages go on from their least advanced server's step: the others skip what they applied.
+    s = RecordingServer("async")
+    s.push(1, 1.0, 0)
+    s.push(1, 1.0, 1)
+    s.push(1, 5.0, 2, step=2)  # step 2 again: answered with the parameters, not applied
+    assert s.version == 2 and s.flat.tolist() == [-1.0] * 3 and s.replies[-1] == (1, CONTINUE, 2)
+    s.push(1, 1.0, 2, step=3)
+    assert s.version == 3 and s.worker_steps == {1: 3}
 
 
 @pytest.mark.parametrize("sizes, servers", [([5, 1, 9, 3, 3], 1), ([5, 1, 9, 3, 3], 3), ([5, 1, 9, 3, 3], 5), ([7], 1)])

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from placewise.cli import main
 from placewise.errors import PlacewiseError
 from placewise.plan.plan import Plan, Stage
+from placewise.run.dataparallel.checkpoint import load_checkpoint
 from placewise.run.dataparallel.config import TrainConfig
 from placewise.run.dataparallel.model import build_model
 from placewise.run.dataparallel.train import train_data_parallel
@@ -154,7 +155,6 @@ def plans(tmp_path_factory):
     ("good", ["--batch-size", "30"], "does not split into 4"),
     ("good", ["--fuse", "backward"], "does not apply"),
     ("good", ["--servers", "3"], "stage 0 of the plan holds 2 parameter tensor(s)"),
-    ("good", ["--checkpoint", "c.pt", "--checkpoint-every", "5"], "not supported yet"),
 ])
 def test_bad_pipeline_settings_exit_2_with_one_line(capsys, plans, plan, argv, words):
     assert main(["train", "mlp", "--plan", plans[plan], "--workers", "2", "--mode", "async", "--steps", "5",
@@ -178,6 +178,44 @@ def test_sync_pipelines_resume_from_their_stage_checkpoints(tmp_path):
     assert resumed.resumed_from == 10 and resumed.updates == 24
     assert [u["loss"] for u in resumed.history[10:]] == [u["loss"] for u in reference.history[10:]]
     assert all(torch.equal(resumed.final_state[k], v) for k, v in reference.final_state.items())
+
+
+@pytest.mark.timeout(300)
+def test_one_async_pipeline_resumes_step_for_step(tmp_path):
+    # One pipeline: every stage server applies its pushes in step order, so the run is deterministic and a
+    # resumed run repeats the uninterrupted one from the checkpoint on, bit for bit.
+    base = dict(model="mlp:32x32", mode="async", workers=1, steps=24, batch_size=32, lr=0.1, momentum=0.9, seed=4,
+                mapping=mapping("mlp:32x32", "_2"), microbatches=2, timeout_s=TIMEOUT)
+    reference = train_data_parallel(TrainConfig(**base))
+    ckpt = tmp_path / "pipe.pt"
+    with pytest.raises(PlacewiseError, match=r"rank 1 \(the parameter server\) failed"):
+        train_data_parallel(TrainConfig(**base, checkpoint=str(ckpt), checkpoint_every=10, kill_rank=1, kill_at=15))
+    resumed = train_data_parallel(TrainConfig(**base, resume=str(ckpt)))
+    assert resumed.resumed_from == 10 and resumed.updates == 24
+    assert [u["loss"] for u in resumed.history] == [u["loss"] for u in reference.history]
+    assert all(torch.equal(resumed.final_state[k], v) for k, v in reference.final_state.items())
+
+
+@pytest.mark.timeout(300)
+def test_two_async_pipelines_resume_applying_every_step_once(tmp_path):
+    # Two pipelines: each stage server applies pushes in its own order and saves at its own moment, so the
+    # servers' checkpoints may hold different steps of a pipeline. On resume the pipeline goes on from its least
+    # advanced server's step and the other servers skip what they applied: every server's record, through
+    # the kill and the resume, holds each step of each pipeline exactly once.
+    base = dict(model="mlp:32x32", mode="async", workers=2, steps=40, batch_size=32, lr=0.05, momentum=0.9, seed=4,
+                mapping=mapping("mlp:32x32", "_2"), microbatches=2, timeout_s=TIMEOUT)
+    ckpt = tmp_path / "pipes.pt"
+    with pytest.raises(PlacewiseError, match=r"rank 1 \(the parameter server\) failed"):
+        train_data_parallel(TrainConfig(**base, checkpoint=str(ckpt), checkpoint_every=10, kill_rank=1, kill_at=25))
+    resumed = train_data_parallel(TrainConfig(**base, checkpoint=str(ckpt), checkpoint_every=10, resume=str(ckpt)))
+    assert resumed.updates == 40 and resumed.lost_workers == {}
+    fingerprint = TrainConfig(**base).fingerprint(64, 10)
+    for shard, ranks in ((0, (2, 4)), (1, (3, 5))):  # stage 0's server serves ranks 2 and 4, stage 1's 3 and 5
+        history = load_checkpoint(tmp_path / f"pipes.pt.shard{shard}", fingerprint)["history"]
+        assert [u["version"] for u in history] == list(range(1, 41))
+        for rank in ranks:
+            steps = [step for u in history for w, step in u["pushes"] if w == rank]
+            assert steps == list(range(1, len(steps) + 1)), (shard, rank, steps)
 
 
 @pytest.mark.timeout(300)

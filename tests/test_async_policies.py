@@ -34,7 +34,7 @@ def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def test_one_cnn_worker_through_the_server_is_plain_sgd(cnn_task):
     report = train_data_parallel(TrainConfig(**CNN, mode="async", workers=1, steps=25))
-    losses, model = plain_sgd(cnn_task, 25, **SETTINGS)
+    losses, model, _ = plain_sgd(cnn_task, 25, **SETTINGS)
     assert [u["loss"] for u in report.history] == losses
     assert same_state(report.final_state, model.state_dict())
 

@@ -4,14 +4,23 @@ brute force over the ideals of small random DAGs."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import networkx as nx
 import numpy as np
-from hypothesis import given, settings
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from placewise.plan.coarsen import (collapse, coarsen, immediate_dominators, immediate_post_dominators, near_cuts,
-                                    regions)
+from placewise.errors import PlacewiseError
+from placewise.plan import solve
+from placewise.plan.coarsen import (collapse, coarsen, colocated, immediate_dominators, immediate_post_dominators,
+                                    near_cuts, regions)
+from placewise.plan.dp import make_problem, run_dp
+from placewise.plan.dp.beyond import coarse_units
+from placewise.plan.dp.replicated import Reduced
+from placewise.plan.ideals import enumerate_ideals
+from test_replication_dp import replicated_problems
 
 
 @st.composite
@@ -109,7 +118,12 @@ def test_nas_cells_collapse_and_fit_a_limit():
     coarse = coarsen(pred, work, lambda c: count(c.pred) <= 200, share=float(work.sum()) / 4)
     after = count(coarse.pred)
     assert after <= 200 < before
-    assert coarse.collapsed and any(r.branchy for r in coarse.collapsed)
+    # Some collapsed group holds parallel branches: a fork or a join inside it.
+    def branchy(group: set[int]) -> bool:
+        inner = [(p, u) for u in group for p in pred[u] if p in group]
+        return len(inner) > len({p for p, _ in inner}) or len(inner) > len({u for _, u in inner})
+
+    assert coarse.collapsed and any(branchy(set(group)) for group in coarse.groups)
     # Opening the groups near one cut point keeps those units apart.
     stage_of_group = [0 if g < len(coarse.groups) // 2 else 1 for g in range(len(coarse.groups))]
     opened = near_cuts(coarse, stage_of_group)
@@ -121,3 +135,22 @@ def test_heavy_regions_stay_open():
     pred, work = _cells(4, 3)
     coarse = coarsen(pred, work, lambda c: False, share=0.5)
     assert len(coarse.groups) == len(pred)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(replicated_problems(), st.integers(0, 40))
+def test_dp_on_coarse_units_equals_the_colocated_graphs_optimum(problem, take):
+    """The DP on grouped units (`dp.beyond.coarse_units`, ports and shared copies regrouped) finds
+    the optimum of the graph with each group colocated, as a full solve of that graph does."""
+    graph, cluster = problem
+    reduced = Reduced.of(graph, True)
+    units = reduced.units(cluster)
+    found = regions(units.pred_units, units.acc_time)
+    coarse = collapse(units.pred_units, found[: take % (len(found) + 1)])
+    grouped = coarse_units(units, coarse)
+    value = run_dp(grouped, make_problem(grouped, cluster), enumerate_ideals(grouped.pred_units)).value
+    try:
+        expected = solve(reduced.colocated_like(colocated(reduced.work, units.members, coarse)), cluster, "dp").max_load
+    except PlacewiseError:
+        expected = math.inf
+    assert value == pytest.approx(expected, rel=1e-9, abs=1e-9)

@@ -107,14 +107,14 @@ def test_one_worker_replay_is_plain_sgd_whatever_the_policy(task, policy):
     # One worker never computes on stale parameters: every compensation vanishes, bit for bit.
     steps = 12
     r = replay_async(task, [Push(0, k, 0) for k in range(1, steps + 1)], policy=POLICIES[policy], **SETTINGS)
-    losses, model = plain_sgd(task, steps, **SETTINGS)
+    losses, model, _ = plain_sgd(task, steps, **SETTINGS)
     assert r.losses == losses
     assert all(torch.equal(r.state()[k], v) for k, v in model.state_dict().items())
 
 
 def test_one_worker_sync_replay_is_plain_sgd(task):
     r = replay_sync(task, [[(0, k)] for k in range(1, 9)], **SETTINGS)
-    losses, model = plain_sgd(task, 8, **SETTINGS)
+    losses, model, _ = plain_sgd(task, 8, **SETTINGS)
     assert r.losses == losses
     assert all(torch.equal(r.state()[k], v) for k, v in model.state_dict().items())
 

@@ -194,3 +194,26 @@ def test_bad_plan_fields_are_one_line(change, words):
     with pytest.raises(PlacewiseError, match=words) as err:
         Plan.from_json(data)
     assert "\n" not in str(err.value)
+
+
+def test_cpu_cores_in_separate_processes_pay_transfers_and_run_as_blocks():
+    from placewise.graph import DeviceKind
+    # a -> b -> c on CPU times 1, 2, 3; each output costs 0.5 to move.
+    graph = OpGraph.build([Node(i, n, 9.0, t, 0.0, True) for i, n, t in ((0, "a", 1.0), (1, "b", 2.0), (2, "c", 3.0))],
+                          [Edge(0, 1, 0.5), Edge(1, 2, 0.5)])
+    split = {0: C0, 1: Device("cpu", 1), 2: C0}
+    shared = evaluate(graph, Cluster((DeviceKind("cpu", 2, False),)), split, contiguous=False)
+    separate = evaluate(graph, Cluster((DeviceKind("cpu", 2, False, shared_memory=False),)), split, contiguous=False)
+    # The paper's shared-memory cores pay nothing and run node by node: latency 1 + 2 + 3.
+    assert [d.transfer for d in shared.devices] == [0.0, 0.0] and shared.latency == pytest.approx(6.0)
+    # Separate processes pay a's and b's outputs on both sides, as accelerators do ...
+    assert sorted(d.transfer for d in separate.devices) == [1.0, 1.0]
+    assert separate.max_load == pytest.approx(1.0 + 3.0 + 1.0)
+    # ... and each runs its set as one block: core 0 (a and c) waits on core 1, which waits on it.
+    assert separate.latency is None
+
+
+def test_an_accelerator_cannot_share_host_memory():
+    from placewise.graph import DeviceKind
+    with pytest.raises(PlacewiseError, match="accelerator cannot share host memory"):
+        DeviceKind("gpu", 1, True, shared_memory=True)

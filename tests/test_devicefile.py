@@ -54,16 +54,40 @@ def test_json_file_and_cluster_json_are_device_files(tmp_path):
 
 kinds = st.lists(st.tuples(st.integers(0, 16), st.booleans(),
                            st.one_of(st.none(), st.floats(0, 1e12, allow_nan=False)),
-                           st.floats(0.01, 1000, allow_nan=False)), min_size=1, max_size=4)
+                           st.floats(0.01, 1000, allow_nan=False), st.booleans()), min_size=1, max_size=4)
 
 
 @settings(max_examples=60, deadline=None)
 @given(kinds, st.one_of(st.none(), st.floats(1, 1e12, allow_nan=False)))
 def test_written_device_file_reads_back(tmp_path_factory, spec, bandwidth):
-    cluster = Cluster(tuple(DeviceKind(f"kind{i}", c, a, m, s) for i, (c, a, m, s) in enumerate(spec)), bandwidth)
+    # A CPU kind's cores share memory or not; an accelerator never does.
+    cluster = Cluster(tuple(DeviceKind(f"kind{i}", c, a, m, s, shared_memory=sh and not a)
+                            for i, (c, a, m, s, sh) in enumerate(spec)), bandwidth)
     path = tmp_path_factory.mktemp("dev") / "c.yaml"
     path.write_text(device_file_text(cluster, "written by a test"))
     assert load_device_file(path) == cluster
+
+
+def test_shared_memory_defaults_to_the_papers_rule_and_can_be_turned_off():
+    cluster = parse_device_file({"kinds": [{"name": "gpu", "type": "gpu"}, {"name": "cpu", "count": 2},
+                                           {"name": "cores", "type": "cpu", "shared_memory": False}]})
+    gpu, cpu, cores = cluster.kinds
+    assert (gpu.shared_memory, gpu.pays_transfers) == (False, True)
+    assert (cpu.shared_memory, cpu.pays_transfers) == (True, False)  # the paper's cores in one process
+    assert (cores.shared_memory, cores.pays_transfers) == (False, True)
+    assert Cluster.from_json(cluster.to_json()) == cluster
+    # A cluster JSON written before the flag existed reads with the defaults.
+    old = {"kinds": [{"name": "cpu", "count": 2, "accelerator": False, "memory": None, "speed": 1.0}]}
+    assert Cluster.from_json(old).kind("cpu").shared_memory is True
+
+
+def test_the_machines_cores_pay_the_measured_link():
+    from placewise.profile.machine import machine_cluster, machine_device_file
+    info = {"cpu": {"model": "test", "cores": 4, "usable_cores": 4}, "memory": None, "torch": None, "cuda": [],
+            "link": {"backend": "gloo", "latency": 5e-5, "bandwidth": 2e9}}
+    cluster = machine_cluster(info)
+    assert cluster.kind("cpu").pays_transfers and (cluster.bandwidth, cluster.latency) == (2e9, 5e-5)
+    assert parse_device_file(__import__("yaml").safe_load(machine_device_file(info))) == cluster
 
 
 def _profile_graph(path: Path, model: str, acc_ms: float, cpu_ms: float) -> None:
@@ -106,6 +130,8 @@ def test_speed_from_measured_profiles(tmp_path):
     ("kinds:\n  - {name: gpu, type: cpu, accelerator: true}\n", ["contradicts"]),
     ("kinds:\n  - {name: gpu, speed: 2, profile: g.json}\n", ["both speed and profile"]),
     ("kinds:\n  - {name: gpu, profile: g.json}\n", ["needs the top-level `reference`"]),
+    ("kinds:\n  - {name: cpu, shared_memory: no-thanks}\n", ["kinds[0] (cpu).shared_memory", "write true"]),
+    ("kinds:\n  - {name: gpu, type: gpu, shared_memory: true}\n", ["kinds[0] (gpu).shared_memory", "accelerator"]),
     ("kinds: [\n", ["not YAML", "line"]),
     ("- 1\n- 2\n", ["top level", "expected a mapping"]),
 ])

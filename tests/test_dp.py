@@ -124,8 +124,9 @@ def small_problems(draw):
     accelerators = draw(st.integers(0, 3))
     cpus = draw(st.integers(0 if accelerators else 1, 4 - accelerators))
     acc_memory = draw(st.sampled_from([None, 2.0, 4.0, 8.0]))
+    # CPU cores share memory (the paper's, no transfers) or run as separate processes that pay them.
     kinds = [DeviceKind("accelerator", accelerators, True, acc_memory, draw(st.sampled_from([1.0, 2.0]))),
-             DeviceKind("cpu", cpus, False, None, 1.0)]
+             DeviceKind("cpu", cpus, False, None, 1.0, shared_memory=draw(st.booleans()))]
     if accelerators == 1 and cpus <= 2 and draw(st.booleans()):
         kinds.append(DeviceKind("small", 1, True, 2.0, 0.5))  # a third, slower kind with less memory
     graph = OpGraph.build(nodes, edges, name="random")

@@ -580,6 +580,31 @@ def test_release_grads_frees_each_bucket_after_its_update(overlap: bool) -> None
         opt.close()
 
 
+class SlowSGD(torch.optim.SGD):
+    """SGD whose every step takes 20 ms longer: an overlap worker far behind backward."""
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        time.sleep(0.02)
+        return super().step(closure)
+
+
+def test_overlap_release_bounds_the_gradients_a_slow_worker_holds() -> None:
+    """With release, backward waits for a lagging worker: at most the running and one queued bucket, plus the one filling."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(8, 8) for _ in range(10)))
+    x = torch.randn(4, 8)
+    for release in (True, False):
+        opt = fuse_optimizer(model, SlowSGD, "backward", overlap=True, release_grads=release, min_bucket_numel=0, lr=0.1)
+        opt.zero_grad()
+        counts = live_grads_at_each_hook(model, lambda: model(x).sum().backward())
+        if release:
+            assert max(counts) <= 3 * 2  # three layers' weight and bias
+        else:
+            assert max(counts) == 20  # every gradient is kept anyway
+        opt.step()
+        opt.close()
+
+
 def test_release_grads_keeps_accumulated_gradients_until_the_final_update() -> None:
     torch.manual_seed(0)
     (x, y), (x2, y2) = batches((6,), 2)

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -92,13 +93,18 @@ def small_problems(draw):
     cost = {i: float(draw(st.integers(0, 4))) for i in range(n)}
     edges = [Edge(i, j, cost[i]) for i, j in sorted(chosen)]
     memory = float(draw(st.integers(5, 15))) if cpus else None
-    return OpGraph.build(nodes, edges, cluster=Cluster.simple(accelerators, cpus, memory), name="random")
+    cluster = Cluster.simple(accelerators, cpus, memory)
+    if draw(st.booleans()):  # the CPU core in its own process: it pays transfers, as accelerators do
+        cluster = Cluster((cluster.kinds[0], replace(cluster.kinds[1], shared_memory=False)))
+    return OpGraph.build(nodes, edges, cluster=cluster, name="random")
 
 
 def _brute_force_latency(graph: OpGraph) -> float:
-    """Least latency over every split, CPU nodes on one core (the latency model ignores which core)."""
+    """Least latency over every split, CPU nodes on one shared-memory core (the latency model ignores
+    which), or on every core where cores pay transfers (each runs its set as a block)."""
     cluster = graph.cluster
-    places = [Device("accelerator", i) for i in range(cluster.accelerators)] + [Device("cpu", 0)] * (cluster.cpus > 0)
+    cores = cluster.cpus if cluster.kind("cpu").pays_transfers else min(cluster.cpus, 1)
+    places = [Device("accelerator", i) for i in range(cluster.accelerators)] + [Device("cpu", i) for i in range(cores)]
     best = math.inf
     for choice in itertools.product(places, repeat=len(graph.nodes)):
         ev = evaluate(graph, cluster, {n.id: d for n, d in zip(graph.nodes, choice)}, contiguous=False)

@@ -37,11 +37,16 @@ def test_device_file_latency_units_and_round_trip():
     assert cluster.latency == pytest.approx(80e-6)
     assert parse_device_file(yaml.safe_load(device_file_text(cluster))) == cluster
     assert Cluster.from_json(cluster.to_json()) == cluster
+    timed = parse_device_file({"latency": "80 us", "overhead": "0.4 ms", "kinds": [{"name": "cpu", "count": 2}]})
+    assert timed.overhead == pytest.approx(4e-4)
+    assert parse_device_file(yaml.safe_load(device_file_text(timed))) == timed == Cluster.from_json(timed.to_json())
+    with pytest.raises(PlacewiseError, match="overhead"):
+        parse_device_file({"overhead": "-1 ms", "kinds": [{"name": "cpu"}]})
     with pytest.raises(PlacewiseError, match="latency"):
         parse_device_file({"latency": "3 parsecs", "kinds": [{"name": "cpu"}]})
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)  # the link's ping-pong and the null pipeline, each in two fresh processes
 def test_devices_measure_writes_the_link(tmp_path):
     from placewise.cli import main
     from placewise.graph.devicefile import load_device_file
@@ -50,3 +55,14 @@ def test_devices_measure_writes_the_link(tmp_path):
     cluster = load_device_file(out)
     assert cluster.latency is not None and cluster.latency > 0
     assert cluster.bandwidth is not None and cluster.bandwidth > 1e6
+    assert cluster.overhead is not None and 0 < cluster.overhead < 0.02
+    assert cluster.kind("cpu").pays_transfers  # the cores run stages as separate processes
+
+
+@pytest.mark.timeout(200)
+def test_null_pipeline_measures_the_runtimes_overhead_per_microbatch():
+    from placewise.run.links import measure_stage_overhead
+    first, last = measure_stage_overhead(timeout_s=180)
+    # Posting and completing transfers and torch's bookkeeping cost some CPU time per microbatch,
+    # far less than a real chunk (tens of microseconds to a few milliseconds even on a loaded machine).
+    assert 0 < first < 0.02 and 0 < last < 0.02

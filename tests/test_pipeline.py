@@ -313,3 +313,14 @@ def test_stage_that_raises_stops_the_run_with_its_error():
         launch(pipeline_rank, 2, ([failing],), timeout_s=120, preload=PRELOAD)
     assert str(raised.value) == "rank 1 failed: RuntimeError: stage 1 failed on purpose at step 1"
     assert time.monotonic() - start < 120
+
+
+def test_stages_report_what_they_spend_outside_their_chunks(pipelined):
+    first, last = pipelined[("train", "mlp", 2, "1f1b")][:2]  # the third process sits this job out
+    for report in (first, last):
+        outside = report["outside_seconds"]
+        assert set(outside) == {"post", "wait", "loss", "update"} == set(report["outside_cpu_seconds"])
+        assert outside["post"] > 0 and outside["wait"] > 0 and outside["update"] > 0
+        # The step's CPU time holds its chunks' and the parts outside them.
+        assert report["step_cpu_seconds"] >= report["cpu_seconds"] + report["outside_cpu_seconds"]["update"] - 1e-6
+    assert first["outside_seconds"]["loss"] < last["outside_seconds"]["loss"]  # only the last computes it

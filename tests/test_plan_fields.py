@@ -22,6 +22,8 @@ PLAN = {"max_load": 1.0, "latency": None, "solver": "dp", "seconds": 0.0}
     ([{**STAGE, "index": True}], "stages[0].index: true is not a whole number"),
     ([{**STAGE, "load": "fast"}], "stages[0].load: \"fast\" is not a number"),
     ([{**STAGE, "accelerator": "no"}], "stages[0].accelerator: \"no\" is not true or false"),
+    ([{**STAGE, "recompute": 1}], "stages[0].recompute: 1 is not true or false"),
+    ([{**STAGE, "recompute_time": None}], "stages[0].recompute_time: null is not a number"),
 ])
 def test_wrong_field_types_are_one_line(stages, words):
     with pytest.raises(PlacewiseError) as raised:
@@ -32,3 +34,5 @@ def test_wrong_field_types_are_one_line(stages, words):
 def test_a_valid_plan_still_loads():
     plan = Plan.from_json({**PLAN, "stages": [STAGE]}, "p.json")
     assert plan.stages[0].modules == ["fc1", "relu"] and plan.stages[0].nodes == [0, 1]
+    # A stage written before recompute existed does not recompute.
+    assert plan.stages[0].recompute is False and plan.stages[0].recompute_time == 0.0

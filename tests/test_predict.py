@@ -3,7 +3,7 @@
 import pytest
 
 from placewise.errors import PlacewiseError
-from placewise.graph import Cluster, Device, Edge, Node, OpGraph
+from placewise.graph import Cluster, Device, DeviceKind, Edge, Node, OpGraph
 from placewise.plan.plan import plan_from_assignment
 from placewise.plan.predict import Link, boundary_bytes, predict
 from placewise.plan.schedule import GPIPE, ONE_F_ONE_B, Schedule
@@ -22,8 +22,10 @@ def _chain() -> OpGraph:
     return OpGraph.build(forward + backward, edges, name="chain")
 
 
-def _plan(graph: OpGraph, cuts: dict[int, int]):
-    cluster = Cluster.simple(0, 3)
+def _plan(graph: OpGraph, cuts: dict[int, int], shared_memory: bool = False):
+    """The graph cut onto CPU cores: separate processes that pay the link (the runtime's stages), or
+    with `shared_memory` the paper's cores in one process."""
+    cluster = Cluster((DeviceKind("cpu", 3, False, shared_memory=shared_memory),))
     assignment = {n.id: Device("cpu", cuts[n.colocate]) for n in graph.nodes}
     return cluster, plan_from_assignment(graph, cluster, assignment, solver="test", seconds=0.0)
 
@@ -69,3 +71,40 @@ def test_graph_without_bytes_is_refused_in_one_line():
     cluster, plan = _plan(bare, {1: 0, 2: 0, 3: 1})
     with pytest.raises(PlacewiseError, match="no bytes"):
         predict(bare, cluster, plan, Schedule(GPIPE, 2))
+
+
+def test_shared_memory_cores_pay_no_link_and_hold_no_buffers():
+    graph = _chain()
+    schedule = Schedule(ONE_F_ONE_B, 4)
+    cluster, plan = _plan(graph, {1: 0, 2: 0, 3: 1}, shared_memory=True)
+    pred = predict(graph, cluster, plan, schedule, link=Link(latency=0.5, bandwidth=100.0))
+    assert pred.links == (LinkTimes(),)
+    assert pred.step_time == pytest.approx(simulate([StageTimes(3.0, 6.0)] * 2, [LinkTimes()], schedule).step_time)
+    separate = predict(graph, *_plan(graph, {1: 0, 2: 0, 3: 1}), schedule, link=Link(latency=0.5, bandwidth=100.0))
+    # The same stages in separate processes add 4 x 200 outgoing / incoming buffer bytes.
+    assert [b.total - a.total for a, b in zip(pred.memory, separate.memory)] == pytest.approx([800.0, 800.0])
+    assert separate.step_time > pred.step_time
+
+
+def test_update_is_shared_by_parameter_bytes_and_overhead_reaches_every_stage():
+    graph = _chain()
+    # The profile's optimizer step over all parameters (a: 10, b: 20, c: 30 bytes) took 6 ms on a core.
+    timed = OpGraph.build(graph.nodes, graph.edges, name="chain", meta={"cpu_update_ms": "6", "acc_update_ms": "1"})
+    cluster, plan = _plan(timed, {1: 0, 2: 0, 3: 1})
+    pred = predict(timed, cluster, plan, Schedule(GPIPE, 2), overhead=0.25)
+    assert [t.update for t in pred.stage_times] == pytest.approx([6.0 * 30 / 60, 6.0 * 30 / 60])
+    assert [t.overhead for t in pred.stage_times] == [0.25, 0.25]
+    untimed = predict(graph, cluster, plan, Schedule(GPIPE, 2))
+    assert [t.update for t in untimed.stage_times] == [0.0, 0.0]
+    assert pred.step_time > untimed.step_time
+
+
+def test_a_plan_for_a_measured_cluster_carries_its_overhead():
+    from dataclasses import replace
+
+    from placewise.plan.predict import with_prediction
+    graph = OpGraph.build(_chain().nodes, _chain().edges, name="chain", meta={"time_unit": "ms"})
+    cluster, plan = _plan(graph, {1: 0, 2: 0, 3: 1})
+    measured = replace(cluster, bandwidth=1e9, latency=1e-4, overhead=5e-4)
+    recorded = with_prediction(graph, measured, plan, Schedule(GPIPE, 2)).notes["prediction"]
+    assert [t["overhead"] for t in recorded["stage_times"]] == pytest.approx([0.5, 0.5])  # ms per microbatch

@@ -151,6 +151,8 @@ def test_training_graph_mirrors_forward(trained):
     trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     assert sum(n.memory for n in backward.values()) == 3 * trainable
     assert float(graph.meta_dict["backward_ratio"]) > 0 and graph.meta_dict["mode"] == "train"
+    # One Adam step over the trainable parameters was timed (the simulation's per-stage update).
+    assert float(graph.meta_dict["cpu_update_ms"]) > 0
 
 
 def test_profiling_leaves_the_model_unchanged(trained):

@@ -1,16 +1,21 @@
-"""The schedule-aware DP against brute force over every contiguous split, scored by the cost model and
-by `plan.predict`'s per-stage memory (the functions a plan reports with)."""
+"""The schedule-aware DP against brute force over every contiguous split (and, with recompute, every
+choice of recomputed stages), scored by the cost model and by `plan.predict`'s per-stage memory (the
+functions a plan reports with)."""
 
+import functools
 import itertools
+import json
 import random
+from dataclasses import replace
 
 import pytest
 
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, DeviceKind, Edge, Node, OpGraph
 from placewise.plan.cost import MEMORY_TOLERANCE
-from placewise.plan.plan import plan_from_assignment
+from placewise.plan.plan import Plan, plan_from_assignment
 from placewise.plan.predict import predict
+from placewise.plan.recompute import evaluate_recomputed
 from placewise.plan.schedule import GPIPE, ONE_F_ONE_B, Schedule
 from placewise.plan.options import ScheduleDPOptions
 from placewise.plan.schedule_dp import in_order, solve
@@ -51,7 +56,9 @@ def _ideal_chains(graph: OpGraph):
     yield from chains(frozenset())
 
 
-def _brute(graph: OpGraph, cluster: Cluster, schedule: Schedule) -> float:
+def _brute(graph: OpGraph, cluster: Cluster, schedule: Schedule, recompute: bool = False) -> float:
+    """The least max-load over every contiguous split, kinds per stage and (with `recompute`) every set
+    of recomputed stages whose memory fits at its position."""
     best = float("inf")
     kinds = [k for k in cluster.kinds if k.count > 0]
     for sets in _ideal_chains(graph):
@@ -65,39 +72,50 @@ def _brute(graph: OpGraph, cluster: Cluster, schedule: Schedule) -> float:
                 for node in s:
                     assignment[node] = assignment[100 + node] = order[-1]
                 index[t] += 1
-            plan = in_order(plan_from_assignment(graph, cluster, assignment, solver="brute", seconds=0.0), order)
-            if not plan.feasible and any("memory" not in v for v in plan.violations):
-                continue
-            memory = predict(graph, cluster, plan, schedule).memory
-            if all(m.total <= cluster.kind(st.kind).memory * (1 + MEMORY_TOLERANCE)
-                   for m, st in zip(memory, plan.stages) if cluster.kind(st.kind).memory is not None):
-                best = min(best, plan.max_load)
+            for flags in itertools.product((False, True) if recompute else (False,), repeat=len(sets)):
+                chosen = [d for d, flag in zip(order, flags) if flag]
+                scored = evaluate_recomputed(graph, cluster, assignment, chosen)
+                plan = in_order(plan_from_assignment(graph, cluster, assignment, solver="brute", seconds=0.0,
+                                                     evaluation=scored), order)
+                if not plan.feasible and any("memory" not in v for v in plan.violations):
+                    continue
+                memory = predict(graph, cluster, plan, schedule).memory
+                if all(m.total <= cluster.kind(st.kind).memory * (1 + MEMORY_TOLERANCE)
+                       for m, st in zip(memory, plan.stages) if cluster.kind(st.kind).memory is not None):
+                    best = min(best, plan.max_load)
     return best
 
 
-def _cluster(memory: float) -> Cluster:
-    return Cluster((DeviceKind("accelerator", 2, True, memory, 3.0), DeviceKind("cpu", 1, False, memory)), 20.0)
+def _cluster(memory: float, shared_memory: bool = True) -> Cluster:
+    """Two accelerators and a CPU core: the paper's (shared memory) or one in its own process, which
+    pays transfers and holds receive buffers."""
+    return Cluster((DeviceKind("accelerator", 2, True, memory, 3.0),
+                    DeviceKind("cpu", 1, False, memory, shared_memory=shared_memory)), 20.0)
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("kind,m", [(ONE_F_ONE_B, 4), (GPIPE, 2)])
-def test_equals_brute_force(seed, kind, m):
+@pytest.mark.parametrize("kind,m,shared", [(ONE_F_ONE_B, 4, True), (GPIPE, 2, True), (ONE_F_ONE_B, 4, False)])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_equals_brute_force(seed, kind, m, shared, recompute):
     graph = _graph(seed)
     schedule = Schedule(kind, m)
-    free = solve(graph, _cluster(1e12), ScheduleDPOptions(schedule=schedule))
+    cluster = functools.partial(_cluster, shared_memory=shared)
+    options = ScheduleDPOptions(schedule=schedule, recompute=recompute)
+    free = solve(graph, cluster(1e12), options)
     unconstrained = free.max_load
+    assert not any(s.recompute for s in free.stages)  # memory does not bind: nothing to recompute
     # A cap just under what the unconstrained optimum's fullest stage needs, so that memory binds.
-    cap = 0.97 * max(mem.total for mem in predict(graph, _cluster(1e12), free, schedule).memory)
-    expected = _brute(graph, _cluster(cap), schedule)
+    cap = 0.97 * max(mem.total for mem in predict(graph, cluster(1e12), free, schedule).memory)
+    expected = _brute(graph, cluster(cap), schedule, recompute)
     if expected == float("inf"):
         with pytest.raises(PlacewiseError, match="fits"):
-            solve(graph, _cluster(cap), ScheduleDPOptions(schedule=schedule))
+            solve(graph, cluster(cap), options)
         return
-    plan = solve(graph, _cluster(cap), ScheduleDPOptions(schedule=schedule))
+    plan = solve(graph, cluster(cap), options)
     assert plan.max_load == pytest.approx(expected)
     assert plan.max_load >= unconstrained - 1e-9
     assert plan.schedule == schedule
-    memory = predict(graph, _cluster(cap), plan, schedule).memory
+    memory = predict(graph, cluster(cap), plan, schedule).memory
     assert all(mem.total <= cap * (1 + 1e-9) for mem in memory)
 
 
@@ -108,3 +126,30 @@ def test_the_cap_moves_the_optimum_and_position_matters():
     need = [mem.total for mem in predict(graph, _cluster(1e12), free, schedule).memory]
     capped = solve(graph, _cluster(0.97 * max(need)), ScheduleDPOptions(schedule=schedule))
     assert capped.max_load > free.max_load + 1e-9
+
+
+def test_recompute_only_where_memory_forces_it_and_the_plan_says_so():
+    graph, schedule = _graph(0), Schedule(ONE_F_ONE_B, 4)
+    # The CPU core in its own process, as the runtime runs it (it holds receive buffers).
+    cluster = functools.partial(_cluster, shared_memory=False)
+    free = solve(graph, cluster(1e12), ScheduleDPOptions(schedule=schedule))
+    cap = 0.97 * max(mem.total for mem in predict(graph, cluster(1e12), free, schedule).memory)
+    with pytest.raises(PlacewiseError, match="drop --no-recompute"):
+        solve(graph, cluster(cap), ScheduleDPOptions(schedule=schedule, recompute=False))
+    plan = solve(graph, cluster(cap), ScheduleDPOptions(schedule=schedule))
+    assert [s.recompute for s in plan.stages] == [True, False, False]
+    first = plan.stages[0]
+    # Its load pays its forward again: the forward nodes' time on its device.
+    forward = sum(graph.node(n).acc_time for n in first.nodes if not graph.node(n).backward) / 3.0
+    assert first.recompute_time == pytest.approx(forward) and forward > 0
+    assert first.load == pytest.approx(first.compute + first.transfer + forward)
+    predicted = predict(graph, cluster(cap), plan, schedule)
+    assert all(mem.total <= cap * (1 + 1e-9) for mem in predicted.memory)
+    without = predict(graph, cluster(cap), replace(plan, stages=[replace(first, recompute=False)] + plan.stages[1:]),
+                      schedule)
+    assert without.memory[0].total > cap  # the same split without recompute would not fit
+    assert predicted.stage_times[0].backward == pytest.approx(
+        without.stage_times[0].backward + predicted.stage_times[0].forward)
+    again = Plan.from_json(json.loads(json.dumps(plan.to_json())))
+    assert [s.recompute for s in again.stages] == [True, False, False]
+    assert again.stages[0].recompute_time == pytest.approx(forward)

@@ -97,3 +97,15 @@ def test_inference_runs_forwards_only():
 def test_bad_input_is_one_line(times, links, schedule, message):
     with pytest.raises(PlacewiseError, match=message):
         simulate(times, links, schedule)
+
+
+def test_overhead_is_charged_half_to_each_forward_and_backward():
+    # One stage, m = 2: each chunk 1 + 0.25 (half of 0.5 per microbatch), then the update of 3.
+    sim = simulate([StageTimes(1.0, 1.0, update=3.0, overhead=0.5)], [], Schedule(GPIPE, 2))
+    ev = [(e.kind, e.start, e.end) for e in sim.step_events(0)]
+    assert ev[:2] == [("forward", 0.0, 1.25), ("forward", 1.25, 2.5)]
+    assert sim.step_time == pytest.approx(2 * (1.0 + 1.0 + 0.5) + 3.0)
+    assert sim.busy == pytest.approx((8.0,))
+    # Forward only: the whole overhead goes with the forward.
+    infer = simulate([StageTimes(1.0, overhead=0.5)], [], Schedule(GPIPE, 2), SimulateOptions(training=False))
+    assert infer.step_time == pytest.approx(3.0)

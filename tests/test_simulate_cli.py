@@ -76,3 +76,29 @@ def test_train_report_gives_the_simulated_step_and_the_core_share(graph_file, tm
     assert report["predicted_step_ms"] == pytest.approx(plan.notes["prediction"]["step_time"])  # graph in ms
     assert report["predicted_step_ms_per_sample"] == pytest.approx(report["predicted_step_ms"] / 8)
     assert report["core_share"] == pytest.approx(0.5)
+
+
+def test_dp_schedule_recomputes_where_memory_binds_unless_told_not_to(tmp_path, capsys):
+    from test_schedule_dp import _graph
+    path = tmp_path / "random.json"
+    save_graph(_graph(5), path)  # a graph whose memory binds on 2 accelerators
+    base = ["plan", str(path), "--accelerators", "2", "--cpus", "0", "--solver", "dp-schedule", "--microbatches", "4"]
+    assert main(base + ["--json"]) == 0
+    need = max(m["total"] for m in json.loads(capsys.readouterr().out)["notes"]["prediction"]["stage_memory"])
+    capped = base + ["--memory", str(0.97 * need)]
+    assert main(capped + ["--no-recompute"]) == 2
+    assert "drop --no-recompute" in capsys.readouterr().err
+    out = tmp_path / "plan.json"
+    assert main(capped + ["--out", str(out), "--explain"]) == 0
+    printed = capsys.readouterr().out
+    assert "recompute" in printed and "run their forward again" in printed
+    plan = load_plan(out)
+    assert plan.recomputed() and plan.feasible
+    assert all(m["total"] <= 0.97 * need * (1 + 1e-9) for m in plan.notes["prediction"]["stage_memory"])
+    # `evaluate` scores the plan's recomputed stages as planned.
+    assert main(["evaluate", str(path), str(out), "--accelerators", "2", "--cpus", "0", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["max_load"] == pytest.approx(plan.max_load)
+    assert [s["recompute"] for s in evaluated["stages"]] == [s.recompute for s in plan.stages]
+    assert main(["plan", str(path), "--accelerators", "2", "--no-recompute"]) == 2
+    assert "only --solver dp-schedule" in capsys.readouterr().err

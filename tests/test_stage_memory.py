@@ -46,3 +46,18 @@ def test_workspace_is_added_once_whatever_the_position():
     stage = StageBytes(parameters=0.0, activations=10.0, workspace=7.0)
     mems = pipeline_memory([stage] * 2, Schedule(ONE_F_ONE_B, 4))
     assert [m.total for m in mems] == [pytest.approx(20 + 7), pytest.approx(10 + 7)]
+
+
+def test_recompute_keeps_outputs_per_microbatch_and_one_microbatchs_activations():
+    plain, recomputed = (stage_memory(STAGE, 0, 4, Schedule(ONE_F_ONE_B, 8), recompute=r) for r in (False, True))
+    assert plain.activations == pytest.approx(4 * 10.0)
+    # 4 microbatches in flight keep their 2-byte outputs; the one in its backward holds all 10 again.
+    assert recomputed.activations == pytest.approx(4 * 2.0 + 10.0)
+    assert plain.total - recomputed.total == pytest.approx(40.0 - 18.0)
+    assert [m.activations for m in pipeline_memory([STAGE] * 2, Schedule(GPIPE, 3), recompute=[True, False])] == \
+        [pytest.approx(3 * 2.0 + 10.0), pytest.approx(30.0)]
+
+
+def test_recompute_changes_nothing_forward_only():
+    assert stage_memory(STAGE, 1, 2, Schedule(GPIPE, 4), training=False, recompute=True) == \
+        stage_memory(STAGE, 1, 2, Schedule(GPIPE, 4), training=False)

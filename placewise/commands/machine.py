@@ -39,8 +39,8 @@ def cmd_devices(args) -> int:
     from placewise.profile.machine import describe_machine, machine_device_file
     info = describe_machine()
     if args.measure:
-        from placewise.run.links import measure_link
-        info["link"] = measure_link().to_json()
+        from placewise.run.links import measure_here
+        info["link"] = measure_here()
     if args.out:
         Path(args.out).write_text(machine_device_file(info))
     if args.json:
@@ -62,7 +62,8 @@ def cmd_devices(args) -> int:
     if info.get("link"):
         link = info["link"]
         print(f"link between two processes ({link['backend']}): latency {1e6 * link['latency']:.0f} us, "
-              f"bandwidth {link['bandwidth'] / 1e9:.2f} GB/s")
+              f"bandwidth {link['bandwidth'] / 1e9:.2f} GB/s; a pipeline stage's overhead {1e3 * link['overhead']:.2f} ms "
+              "per microbatch")
     if args.out:
         print(f"device file written to {args.out}")
     return 0

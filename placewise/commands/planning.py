@@ -10,13 +10,32 @@ from placewise.errors import PlacewiseError, dump_json
 
 
 def cmd_evaluate(args) -> int:
-    from placewise.plan import load_split, plan_from_assignment
+    from placewise.errors import read_json
+    from placewise.plan import load_split
+    from placewise.plan.recompute import split_recomputed
+    from placewise.plan.replicas import replicated_plan, split_replicas
     graph = load_graph_from_args(args)
     cluster = cluster_from_args(args, graph)
     assignment = load_split(args.split, graph)
-    plan = plan_from_assignment(graph, cluster, assignment, solver=f"split:{Path(args.split).name}", seconds=0.0,
-                                objective=args.objective, contiguous=not args.noncontiguous,
-                                replicate=not args.no_replicate)
+    # A placewise plan's replicated stages are scored as such (with the all-reduce model it records).
+    data = read_json(args.split, "split file")
+    replicas, allreduce = split_replicas(data)
+    recomputed = split_recomputed(data)
+    if replicas and recomputed:
+        raise PlacewiseError(f"{args.split}: a plan with both replicated and recomputed stages cannot be scored yet; "
+                             "plan with --no-recompute or without --max-replicas")
+    if recomputed:  # a dp-schedule plan's recomputed stages pay their forward again, as planned
+        from placewise.plan.plan import plan_from_assignment
+        from placewise.plan.recompute import evaluate_recomputed
+        ev = evaluate_recomputed(graph, cluster, assignment, recomputed, contiguous=not args.noncontiguous,
+                                 replicate=not args.no_replicate)
+        plan = plan_from_assignment(graph, cluster, assignment, solver=f"split:{Path(args.split).name}", seconds=0.0,
+                                    objective=args.objective, contiguous=not args.noncontiguous,
+                                    replicate=not args.no_replicate, evaluation=ev)
+    else:
+        plan = replicated_plan(graph, cluster, assignment, replicas, allreduce, solver=f"split:{Path(args.split).name}",
+                               seconds=0.0, objective=args.objective, contiguous=not args.noncontiguous,
+                               replicate=not args.no_replicate)
     emit_plan(plan, args, f"{graph.name}: {Path(args.split).name}")
     return 0 if plan.feasible else 1
 
@@ -35,19 +54,45 @@ def cmd_plan(args) -> int:
         from placewise.plan import get_entry
         if schedule is None:
             raise PlacewiseError("--solver dp-schedule plans for a schedule; give --microbatches M (and --schedule)")
-        options = get_entry("dp-schedule").options(options, schedule=schedule, microbatch_scale=scale)
+        options = get_entry("dp-schedule").options(options, schedule=schedule, microbatch_scale=scale,
+                                                   recompute=not args.no_recompute)
+    elif args.no_recompute:
+        raise PlacewiseError(f"--no-recompute: only --solver dp-schedule chooses recompute; --solver {args.solver} "
+                             "never does, so drop the flag")
+    options = replica_options(args, options, None if schedule is None else schedule.microbatches * scale)
     plan = solve(graph, cluster, args.solver, options)
-    if schedule is not None:
+    if plan.replicas():
+        # The schedule simulation does not model replicated stages yet: record the schedule only.
+        from dataclasses import replace
+        plan = plan if schedule is None else replace(plan, schedule=schedule)
+    elif schedule is not None:
         from placewise.plan.predict import with_prediction
         plan = with_prediction(graph, cluster, plan, schedule, microbatch_scale=scale)
     emit_plan(plan, args, f"{graph.name}: {plan.solver} plan on {cluster.accelerators} accelerator(s), {cluster.cpus} CPU(s)")
     if args.explain and not args.json:
         from placewise.console import print_explanation
         print_explanation(plan)
-    if not args.json and schedule is not None:
+    if not args.json and schedule is not None and not plan.replicas():
         from placewise.predicted import print_prediction
         print_prediction(plan)
     return 0
+
+
+def replica_options(args, options, step_units: float | None):
+    """The solver's options with `--max-replicas`/`--allreduce`: the dp chooses replicas, pipedream-hybrid
+    takes the all-reduce model; any other solver refuses them. A step of the schedule holds
+    `step_units` profiled batches (None: no schedule, one per replica)."""
+    from placewise.plan import get_entry
+    from placewise.plan.allreduce import PIPEDREAM, RING, AllReduce
+    hybrid = args.solver == "pipedream-hybrid"
+    if (args.max_replicas > 1 and args.solver != "dp") or (args.allreduce and args.solver != "dp" and not hybrid):
+        raise PlacewiseError(f"--max-replicas/--allreduce: --solver {args.solver} gives each stage one device; only "
+                             "--solver dp chooses replicated stages (pipedream-hybrid its own), so use --solver dp")
+    if args.max_replicas == 1 and not hybrid:
+        return options
+    allreduce = AllReduce(args.allreduce or (PIPEDREAM if hybrid else RING), step_units)
+    specific = {"allreduce": allreduce} if hybrid else {"max_replicas": args.max_replicas, "allreduce": allreduce}
+    return get_entry(args.solver).options(options, **specific)
 
 
 def schedule_from_args(args):

@@ -32,6 +32,8 @@ def _pipeline_job(args, mode: str):
     plan = load_plan(args.plan)
     plan.check_made_for(args.model, args.plan, "model")
     job = PipelineJob(model=args.model, batch_size=args.batch_size, mapping=mapping_from_plan(plan),
+                      recompute=plan.recomputed(),
+                      replicas=tuple(stage.replicas for stage in plan.stages), plan_name=str(args.plan),
                       input_shape=tuple(args.input_shape) if args.input_shape else None, mode=mode,
                       schedule=train_schedule(args, plan), microbatches=train_microbatches(args, plan), steps=args.steps,
                       warmup=1, lr=getattr(args, "lr", 0.0), optimizer=getattr(args, "optimizer", "sgd"),
@@ -101,6 +103,15 @@ def _train_data_parallel(args) -> int:
         from placewise.run.cut import mapping_from_plan
         plan = load_plan(args.plan)
         plan.check_made_for(args.model, args.plan, "model")
+        replicated = next(((s, st.replicas) for s, st in enumerate(plan.stages) if st.replicas > 1), None)
+        if replicated:
+            raise PlacewiseError(f"--mode {mode} with --plan {args.plan}: its stage {replicated[0]} has "
+                                 f"{replicated[1]} replicas, which only a single pipeline runs (data-parallel "
+                                 "workers run each stage once); drop --workers/--mode, or plan without replicas")
+        if plan.recomputed():
+            raise PlacewiseError(f"--mode {mode} with --plan {args.plan}: its stages {list(plan.recomputed())} recompute "
+                                 "their activations, which only a single pipeline runs; drop --workers/--mode, or plan "
+                                 "with --no-recompute")
         mapping = mapping_from_plan(plan)
     checkpoint = args.checkpoint
     if checkpoint is None and args.checkpoint_every and args.out:

@@ -4,7 +4,8 @@
   final (``Tensor.register_post_accumulate_grad_hook``). ``step()`` only marks the step boundary
   and updates buckets whose gradients never all arrived (unused or re-frozen parameters). With
   ``release_grads`` each bucket's gradients are freed right after its update, so backward holds
-  only the gradients of buckets not yet complete, never all of them.
+  only the gradients of buckets not yet complete, never all of them (with overlap, also those of at
+  most two buckets the worker has not finished: `placewise.fuse.worker.RELEASE_QUEUE`).
 * ``mode="forward"``: ``step()`` records the update; each bucket is applied in a forward pre-hook
   right before the module that uses it runs next (`placewise.fuse.forward`).
 
@@ -45,7 +46,7 @@ from placewise.fuse.buckets import WHOLE_GROUP, Bucket, build_layout
 from placewise.fuse.clipping import NormPass, clip_coefficient
 from placewise.fuse.forward import ForwardSchedule
 from placewise.fuse.sizing import BucketChoice, StepTimer
-from placewise.fuse.worker import Worker
+from placewise.fuse.worker import RELEASE_QUEUE, UNBOUNDED_QUEUE, Worker
 
 Mode = Literal["backward", "forward"]
 MODES: tuple[str, ...] = ("backward", "forward")
@@ -87,7 +88,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._module = module
         self._lock = threading.Lock()  # held for each update: autograd may call hooks from its device threads
         self._count_lock = threading.Lock()  # bucket completion counts (never held while updating)
-        self._worker: Worker | None = Worker() if overlap else None
+        # With release, backward waits while an update is queued behind the running one: a worker
+        # slower than backward then holds two buckets' gradients, not every bucket it lags behind.
+        self._worker: Worker | None = Worker(RELEASE_QUEUE if release_grads else UNBOUNDED_QUEUE) if overlap else None
         self._accumulating = False
         self._fired: set[int] = set()  # id of each parameter whose gradient is final this step
         self._norm_pass: NormPass | None = None  # clipped_backward's first pass is running

@@ -8,17 +8,22 @@ import threading
 from collections.abc import Callable
 
 THREAD_NAME = "placewise-fuse-overlap"
+UNBOUNDED_QUEUE = 1024  # updates queued before submit() waits: in practice never
+# With released gradients, each queued update holds its bucket's gradients: one queued behind the
+# running one keeps the worker busy, and backward waits rather than piling up gradients.
+RELEASE_QUEUE = 1
 
 
 class Worker:
     """One daemon thread running the submitted updates in order (torch's kernels release the GIL).
 
-    `wait()` blocks until every submitted job ran and re-raises the first exception one raised
-    (the jobs after a failed one are skipped: the step is broken anyway). `stop()` ends the thread.
+    `submit()` blocks while `maxsize` jobs wait to run. `wait()` blocks until every submitted job ran
+    and re-raises the first exception one raised (the jobs after a failed one are skipped: the step
+    is broken anyway). `stop()` ends the thread.
     The thread holds the worker, never the optimizer, except through a job while it is queued.
     """
 
-    def __init__(self, maxsize: int = 1024) -> None:
+    def __init__(self, maxsize: int = UNBOUNDED_QUEUE) -> None:
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize)
         self.error: BaseException | None = None
         self._thread: threading.Thread | None = None

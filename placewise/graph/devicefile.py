@@ -3,6 +3,7 @@
     # cluster.yaml
     bandwidth: 12 GB/s            # link between devices; bytes/s or a string with a unit
     latency: 80 us                # one-way message latency; seconds or a string (s, ms, us, ns)
+    overhead: 0.3 ms              # a pipeline stage's runtime work per microbatch beyond computing
     kinds:
       - name: accelerator         # `-k/--memory` on the command line override this kind
         type: accelerator         # accelerator (also gpu, fpga) or cpu; default from the name
@@ -13,6 +14,7 @@
         type: cpu
         count: 4
         speed: 1
+        shared_memory: false      # cores in separate processes pay the link (default true: one process)
 
 `speed` is relative to the measured graph: an accelerator kind divides the graph's accelerator
 times by it, a CPU kind its CPU times. Instead of a number a kind may give `profile: FILE`, a graph
@@ -20,7 +22,10 @@ profiled on a device of that kind (`placewise profile --device cuda --out FILE`)
 the whole-model forward time of the top-level `reference: FILE` graph (the one to be planned, or
 another profile of the same model on the same device) over the kind's own. Relative paths are
 read from the device file's folder. `kinds` may also be a mapping from name to the other fields.
-Units are bytes (`GB`, `GiB`); units in bits (`Gb`) are refused. A cluster written by placewise
+`shared_memory` (CPU kinds only) says whether the kind's cores share host memory and so pay no
+transfers, the paper's rule (the default), or run as separate processes that send and receive over
+the link (`false`; what placewise's runtime does). Units are bytes (`GB`, `GiB`); units in bits
+(`Gb`) are refused. A cluster written by placewise
 (`Cluster.to_json`) is a valid device file.
 """
 
@@ -38,9 +43,9 @@ import yaml
 from placewise.errors import PlacewiseError, read_text
 from placewise.graph.devices import MAX_DEVICES, Cluster, DeviceKind
 
-TOP_FIELDS = ("kinds", "bandwidth", "latency", "reference", "name", "description")
+TOP_FIELDS = ("kinds", "bandwidth", "latency", "overhead", "reference", "name", "description")
 _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
-KIND_FIELDS = ("name", "type", "accelerator", "count", "memory", "speed", "profile", "description")
+KIND_FIELDS = ("name", "type", "accelerator", "count", "memory", "speed", "profile", "shared_memory", "description")
 KIND_TYPES = {"accelerator": True, "gpu": True, "cuda": True, "fpga": True, "tpu": True, "cpu": False}
 # A unit is a prefix, an optional `i` (powers of 1024) and `B` for bytes: `GB` is 10**9 bytes,
 # `GiB` 2**30. A bare prefix (`16G`, `16Gi`) reads as bytes too, as in Kubernetes. A lowercase `b`
@@ -138,7 +143,8 @@ def parse_device_file(data: Any, source: str = "device file", base: Path | None 
     bandwidth = reader.quantity(top.get("bandwidth"), "bandwidth", "a link bandwidth in bytes/s", allow_none=True)
     if bandwidth is not None and bandwidth <= 0:
         raise reader.fail("bandwidth", f"{top['bandwidth']!r}; give a positive number of bytes per second")
-    latency = _latency(reader, top.get("latency"))
+    latency = _seconds(reader, top.get("latency"), "latency", "a latency")
+    overhead = _seconds(reader, top.get("overhead"), "overhead", "an overhead")
     reference = top.get("reference")
     if reference is not None and not isinstance(reference, str):
         raise reader.fail("reference", "expected a path to a profiled graph")
@@ -171,15 +177,16 @@ def parse_device_file(data: Any, source: str = "device file", base: Path | None 
             speed = reader.quantity(spec.get("speed", 1.0), f"{where}.speed", "a relative speed")
             if speed == 0:
                 raise reader.fail(f"{where}.speed", "is 0; a relative speed must be positive (1 = the profiled device)")
-        kinds.append(DeviceKind(name, count, accelerator, memory, speed))
+        kinds.append(DeviceKind(name, count, accelerator, memory, speed, _shared_memory(reader, spec, accelerator, where)))
     try:
-        return Cluster(tuple(kinds), bandwidth, latency)
+        return Cluster(tuple(kinds), bandwidth, latency, overhead)
     except PlacewiseError as e:  # too many devices in all
         raise reader.fail("kinds", str(e)) from None
 
 
-def _latency(reader: _Reader, value: Any) -> float | None:
-    """The link's one-way latency in seconds: a number of seconds or a string such as '80 us'."""
+def _seconds(reader: _Reader, value: Any, field: str, what: str) -> float | None:
+    """A duration in seconds (the link's latency, the runtime's overhead): a number of seconds or a
+    string such as '80 us'."""
     if value is None:
         return None
     number = None
@@ -190,9 +197,23 @@ def _latency(reader: _Reader, value: Any) -> float | None:
         if m and m.group(2) in _TIME_UNITS:
             number = float(m.group(1)) * _TIME_UNITS[m.group(2)]
     if number is None or not math.isfinite(number) or number < 0:
-        raise reader.fail("latency", f"{value!r} is not a latency; write seconds (0 or more) or a string such as "
+        raise reader.fail(field, f"{value!r} is not {what}; write seconds (0 or more) or a string such as "
                           "'80 us' (units s, ms, us, ns)")
     return number
+
+
+def _shared_memory(reader: _Reader, spec: dict, accelerator: bool, where: str) -> bool | None:
+    """A kind's `shared_memory` flag: true or false, and only on a CPU kind; None when not given."""
+    flag = spec.get("shared_memory")
+    if flag is None:
+        return None
+    if not isinstance(flag, bool):
+        raise reader.fail(f"{where}.shared_memory", f"{flag!r}; write true (cores in one process) or false "
+                          "(separate processes that pay the link)")
+    if flag and accelerator:
+        raise reader.fail(f"{where}.shared_memory", "is true on an accelerator kind; only CPU cores share host memory, "
+                          "drop it or give type: cpu")
+    return flag
 
 
 def _kind_type(reader: _Reader, spec: dict, name: str, where: str) -> bool:
@@ -233,9 +254,11 @@ def device_file_text(cluster: Cluster, header: str = "") -> str:
     """A device file (YAML) for a cluster, with an optional comment header."""
     data = {"bandwidth": cluster.bandwidth,
             "kinds": [{"name": k.name, "type": "accelerator" if k.accelerator else "cpu", "count": k.count,
-                       "memory": k.memory, "speed": k.speed} for k in cluster.kinds]}
-    if cluster.latency is not None:
-        data = {"bandwidth": data["bandwidth"], "latency": cluster.latency, "kinds": data["kinds"]}
+                       "memory": k.memory, "speed": k.speed,
+                       **({} if k.accelerator else {"shared_memory": k.shared_memory})} for k in cluster.kinds]}
+    timing = {name: value for name, value in (("latency", cluster.latency), ("overhead", cluster.overhead))
+              if value is not None}
+    data = {"bandwidth": data["bandwidth"], **timing, "kinds": data["kinds"]}
     if data["bandwidth"] is None:
         del data["bandwidth"]
     comment = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())

@@ -2,6 +2,12 @@
 
 The paper's case is two kinds, `accelerator` (its "FPGAs") and `cpu` (cores sharing host memory,
 so they pay no transfer cost). A device file may describe more kinds, each with its own speed.
+
+Whether a kind pays transfers is its own flag, `shared_memory`: the paper's CPU cores run in one
+process and hand values over in memory (the default for a CPU kind), but placewise's runtime runs
+every stage as its own process, so CPU stages there send and receive over a link as accelerators do
+(`shared_memory: false`, what `placewise devices --out` writes for this machine's cores). An
+accelerator always pays its transfers.
 """
 
 from __future__ import annotations
@@ -39,8 +45,16 @@ class DeviceKind:
     memory: float | None = None
     # Relative speed: a node's time on this kind is its profiled time divided by `speed`.
     speed: float = 1.0
+    # Devices of the kind share host memory, so they pay no transfers (the paper's CPU cores in one
+    # process). None: the default, True for a CPU kind and False for an accelerator.
+    shared_memory: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.shared_memory is None:
+            object.__setattr__(self, "shared_memory", not self.accelerator)
+        elif self.shared_memory and self.accelerator:
+            raise PlacewiseError(f"device kind {self.name!r}: an accelerator cannot share host memory; drop "
+                                 "shared_memory or make the kind a CPU")
         if self.count < 0:
             raise PlacewiseError(f"device kind {self.name!r}: count is {self.count}; use 0 or more")
         if self.count > MAX_DEVICES:
@@ -52,6 +66,12 @@ class DeviceKind:
         if not (self.speed > 0 and math.isfinite(self.speed)):
             raise PlacewiseError(f"device kind {self.name!r}: speed is {self.speed}; use a positive number")
 
+    @property
+    def pays_transfers(self) -> bool:
+        """Whether a device of the kind pays for every value crossing its boundary (the cost model's
+        transfer term): accelerators and CPU cores in separate processes do, shared-memory cores not."""
+        return not self.shared_memory
+
 
 @dataclass(frozen=True)
 class Cluster:
@@ -61,6 +81,10 @@ class Cluster:
     # One-way latency of a message between devices, seconds (measured by `placewise devices --measure`);
     # the pipeline simulation adds it to every transfer. None: not known (taken as 0).
     latency: float | None = None
+    # Seconds per microbatch a pipeline stage's runtime spends beyond computing (posting and completing
+    # transfers, schedule bookkeeping), on one core; measured by `placewise devices --measure` on a
+    # null pipeline. None: not known (taken as 0).
+    overhead: float | None = None
 
     def __post_init__(self) -> None:
         total = sum(k.count for k in self.kinds)
@@ -72,6 +96,8 @@ class Cluster:
                                  "bytes per second")
         if self.latency is not None and not (self.latency >= 0 and math.isfinite(self.latency)):
             raise PlacewiseError(f"the cluster's latency is {self.latency}; use a finite number of seconds, 0 or more")
+        if self.overhead is not None and not (self.overhead >= 0 and math.isfinite(self.overhead)):
+            raise PlacewiseError(f"the cluster's overhead is {self.overhead}; use a finite number of seconds, 0 or more")
 
     @classmethod
     def simple(cls, accelerators: int, cpus: int = 0, memory: float | None = None) -> "Cluster":
@@ -115,7 +141,7 @@ class Cluster:
             elif k.name == CPU and cpus is not None:
                 k = replace(k, count=cpus)
             out.append(k)
-        cluster = Cluster(tuple(out), self.bandwidth, self.latency)
+        cluster = replace(self, kinds=tuple(out))
         # Checked here, for every command that takes these flags, before any of them starts work
         # (scoring a split on no devices would otherwise fail inside the cost model).
         if not cluster.accelerators + cluster.cpus:
@@ -125,9 +151,10 @@ class Cluster:
     def to_json(self) -> dict:
         return {
             "kinds": [{"name": k.name, "count": k.count, "accelerator": k.accelerator,
-                       "memory": k.memory, "speed": k.speed} for k in self.kinds],
+                       "memory": k.memory, "speed": k.speed, "shared_memory": k.shared_memory} for k in self.kinds],
             "bandwidth": self.bandwidth,
             "latency": self.latency,
+            "overhead": self.overhead,
         }
 
     @classmethod
@@ -135,13 +162,15 @@ class Cluster:
         try:
             kinds = tuple(
                 DeviceKind(str(k["name"]), int(k["count"]), bool(k.get("accelerator", True)),
-                           None if k.get("memory") is None else float(k["memory"]), float(k.get("speed", 1.0)))
+                           None if k.get("memory") is None else float(k["memory"]), float(k.get("speed", 1.0)),
+                           None if k.get("shared_memory") is None else bool(k["shared_memory"]))
                 for k in data["kinds"])
-            bandwidth, latency = data.get("bandwidth"), data.get("latency")
-            return cls(kinds, None if bandwidth is None else float(bandwidth), None if latency is None else float(latency))
+            bandwidth, latency, overhead = data.get("bandwidth"), data.get("latency"), data.get("overhead")
+            return cls(kinds, None if bandwidth is None else float(bandwidth), None if latency is None else float(latency),
+                       None if overhead is None else float(overhead))
         except PlacewiseError as e:
             raise PlacewiseError(f"{source}: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PlacewiseError(
                 f"{source}: cluster: malformed ({type(e).__name__}: {e}); give kinds as a list of "
-                "{name, count, accelerator, memory, speed}") from None
+                "{name, count, accelerator, memory, speed, shared_memory}") from None

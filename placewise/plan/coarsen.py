@@ -36,12 +36,6 @@ class Region:
     exit: int  # its last unit
     interior: frozenset[int]  # its units, first and last included
     work: float  # their work
-    branches: int  # the most successors (or predecessors) one member has inside: 1 for a chain
-
-    @property
-    def branchy(self) -> bool:
-        """Whether the interior has parallel branches (is not one chain)."""
-        return self.branches > 1
 
 
 @dataclass(frozen=True)
@@ -157,16 +151,12 @@ def regions(pred: Pred, work: np.ndarray, *, share: float = np.inf, max_size: in
     through its one entry (or leave twice through its one exit), a cycle."""
     _check_topological(pred)
     n = len(pred)
-    succ = successors(pred)
     found: dict[frozenset[int], Region] = {}
     for parent, root in ((immediate_dominators(pred), -1), (immediate_post_dominators(pred), n)):
         for members in _subtrees(parent, root, work, share, max_size).values():
             inside = frozenset(members)
-            if inside in found:
-                continue
-            branches = max(max(sum(1 for s in succ[x] if s in inside), sum(1 for q in pred[x] if q in inside))
-                           for x in members)
-            found[inside] = Region(members[0], members[-1], inside, float(np.asarray(work)[members].sum()), branches)
+            if inside not in found:
+                found[inside] = Region(members[0], members[-1], inside, float(np.asarray(work)[members].sum()))
     return sorted(found.values(), key=lambda r: (len(r.interior), r.work, r.entry))
 
 

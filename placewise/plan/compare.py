@@ -63,8 +63,8 @@ class Comparison:
 
 def default_methods(objective: str = "throughput", with_expert: bool = False) -> list[str]:
     """Every registered method for the objective (latency-only ones skipped for throughput);
-    `expert` only when a split file is given."""
-    names = [n for n in SOLVERS if (n != "expert" or with_expert)
+    `expert` only when a split file is given; methods that replicate stages only when named."""
+    names = [n for n in SOLVERS if (n != "expert" or with_expert) and not SOLVERS[n].replicates
              and not (objective == "throughput" and "latency" in n)]
     rank = {n: i for i, n in enumerate(PREFERRED_ORDER)}
     return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))

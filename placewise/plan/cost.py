@@ -1,25 +1,28 @@
 """The one cost model: every solver and baseline scores its split here.
 
-A split maps each node to a device. An accelerator's load is its nodes' accelerator time (over the
-kind's speed) plus the transfer cost of every node whose output crosses into or out of its set,
-each such node counted once per direction; a CPU core's load is its nodes' CPU time (cores share
-host memory, so no transfers). The max-load is the pipeline's time per sample. The latency follows
-the paper's model: CPU nodes start when their inputs are done, an accelerator runs its whole set as
-one block once all of its inputs have arrived and pays its transfers inside that block.
+A split maps each node to a device. A device's load is its nodes' time on its kind (accelerator or
+CPU time, over the kind's speed) plus, when the kind pays transfers (`DeviceKind.pays_transfers`:
+accelerators, and CPU cores in separate processes), the transfer cost of every node whose output
+crosses into or out of its set, each such node counted once per direction. The paper's CPU cores
+share host memory and pay no transfers (`shared_memory`, a CPU kind's default). The max-load is the
+pipeline's time per sample. The latency follows the paper's model: shared-memory CPU nodes start
+when their inputs are done; a device that pays transfers runs its whole set as one block once all
+of its inputs have arrived and pays its transfers inside that block.
 
 Memory checked here is each device's sum of node `memory`. `memory_breakdown` gives the same
 stage's bytes split by what they hold (parameters, gradients, optimizer state, activations saved
 for backward, output) where the graph knows them. Schedule-aware memory needs the stages' pipeline
 order, which a split alone does not fix (independent stages may go in either order): it is checked
 on a plan, in its stage order, by `plan.predict.with_prediction` (and planned for exactly by
-`plan.schedule_dp`), both through `plan.stage_memory`. Replicated stages (`Stage.replicas`) are
-not costed yet.
+`plan.schedule_dp`), both through `plan.stage_memory`. A stage replicated on r devices
+(`Stage.replicas`) is costed by `replicated_load` (see its docstring and `plan.allreduce`); its
+split, devices and memory are checked by `plan.replicas.evaluate_replicated`.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -42,15 +45,21 @@ class DeviceLoad:
     transfer: float
     memory: float
     memory_limit: float | None
+    # A replicated stage (`replicated_load`): compute and transfer are per replica, plus its all-reduce.
+    replicas: int = 1
+    allreduce: float = 0.0
+    # A stage that recomputes its activations in its backward (`recomputed_load`): its forward again.
+    recompute: bool = False
+    recompute_time: float = 0.0
 
     @property
     def load(self) -> float:
-        return self.compute + self.transfer
+        return self.compute + self.transfer + self.allreduce + self.recompute_time
 
 
 @dataclass(frozen=True)
 class Violation:
-    kind: str  # unknown-node, missing-node, unknown-device, support, memory, colocation, contiguity
+    kind: str  # unknown-node, missing-node, unknown-device, support, memory, colocation, contiguity, replicas
     message: str
 
 
@@ -178,8 +187,8 @@ def latency(graph: OpGraph, cluster: Cluster, devices: list[Device], device_of: 
             loads: Mapping[int, DeviceLoad]) -> float | None:
     """Single-sample latency (paper's model); None when accelerator blocks depend on each other cyclically."""
     n = len(graph.nodes)
-    accel = {d for d, dl in loads.items() if dl.accelerator}
-    # Unit of scheduling: one accelerator block, or one node placed on a CPU core.
+    accel = {d for d, dl in loads.items() if cluster.kind(dl.device.kind).pays_transfers}
+    # Unit of scheduling: one block (a device that pays transfers), or one node on a shared-memory core.
     unit = np.where(np.isin(device_of, list(accel)), -1 - device_of, np.arange(n))
     members: dict[int, list[int]] = defaultdict(list)
     for i in range(n):
@@ -228,6 +237,11 @@ def evaluate(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device],
     counted = device_of.copy()
     if replication is not None and replication.any:
         counted[replication.replicable] = -1
+    if replication is not None:
+        # A dead-end check (a shape assert, an unused size read) runs with the node it checks, as the
+        # DP's units and the pipeline cut keep it: where the split puts it does not matter.
+        for check, anchor in replication.attached:
+            counted[check] = counted[anchor]
         copy_acc, copy_cpu, copy_mem = device_copies(graph, replication, counted, len(devices))
     else:
         copy_acc = copy_cpu = copy_mem = np.zeros(len(devices))
@@ -242,7 +256,7 @@ def evaluate(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device],
         mem = float(graph.memory[members].sum() + copy_mem[d])
         loads[d] = DeviceLoad(devices[d], kind.accelerator, tuple(graph.nodes[i].id for i in np.flatnonzero(device_of == d)),
                               float(times[members].sum() + copies) / kind.speed,
-                              float(transfer[d]) if kind.accelerator else 0.0, mem, kind.memory)
+                              float(transfer[d]) if kind.pays_transfers else 0.0, mem, kind.memory)
         if kind.accelerator:
             bad = [graph.nodes[i].id for i in members if not graph.supported[i]]
             if bad:
@@ -290,3 +304,22 @@ def complete_by_colocation(graph: OpGraph, assignment: Mapping[int, Device]) -> 
         if n.id not in out and n.colocate is not None and n.colocate in by_class:
             out[n.id] = by_class[n.colocate]
     return out
+
+
+# ---- Replicated stages ------------------------------------------------------------------------------
+def replicated_load(load: DeviceLoad, replicas: int, allreduce_per_unit: float) -> DeviceLoad:
+    """One stage's load on `replicas` devices of its kind, per device and per unit of work (profiled
+    batch): the microbatches are spread over the replicas, so each one computes, sends and receives
+    1/r of them, and pays its share of the gradient all-reduce (`plan.allreduce.AllReduce.per_unit`).
+    Memory per replica is the stage's own (every replica holds all of its parameters)."""
+    if replicas == 1:
+        return load
+    return replace(load, compute=load.compute / replicas, transfer=load.transfer / replicas,
+                   allreduce=allreduce_per_unit, replicas=replicas)
+
+
+# ---- Recomputed stages ------------------------------------------------------------------------------
+def recomputed_load(load: DeviceLoad, forward_time: float) -> DeviceLoad:
+    """One stage's load when it recomputes its activations in its backward (`plan.recompute`): it runs
+    its forward (`forward_time`, on its device, per profiled batch) a second time."""
+    return replace(load, recompute=True, recompute_time=forward_time)

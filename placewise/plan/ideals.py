@@ -41,26 +41,61 @@ class IdealLattice:
         return np.flatnonzero(bits)
 
 
+# A unit whose predecessors all lie more than this many units below it is tried for every ideal
+# (as sources are) instead of being listed for each of the highest units it may follow.
+SPAN_CAP = 64
+
+
+def _candidates(pred_units: tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For an ideal whose highest unit is h, the units it may grow by are those above h with every
+    predecessor at most h. CSR over h + 1 (h = -1 for the empty ideal) of those whose highest
+    predecessor is within SPAN_CAP below them, and the rest (sources, long spans) in one list."""
+    n = len(pred_units)
+    lists: list[list[int]] = [[] for _ in range(n + 1)]
+    always = []
+    for v, ps in enumerate(pred_units):
+        top = max(ps, default=-1)
+        if not ps or v - top > SPAN_CAP:
+            always.append(v)
+            continue
+        for h in range(top, v):
+            lists[h + 1].append(v)
+    ptr, flat = csr(lists)
+    return ptr, flat, np.array(always, dtype=np.int64)
+
+
 @njit(cache=True)
-def _enumerate(pred_ptr, preds, n_units, words, limit):
+def _enumerate(pred_ptr, preds, cand_ptr, cands, always, n_units, words, limit):
     """Every ideal once, by reverse search: an ideal's parent drops its highest-numbered unit, so a
-    child adds a unit numbered above the parent's highest whose predecessors are all present."""
+    child adds a unit numbered above the parent's highest whose predecessors are all present. The
+    units tried are `_candidates`' for that highest unit, merged in increasing order."""
     cap = 1024
     bits = np.zeros((cap, words), dtype=np.uint64)
     count = 1
     stack = np.zeros(n_units + 2, dtype=np.int64)
-    # Depth-first over the reverse-search tree; stack holds ideal ids, next unit to try kept apart.
-    next_unit = np.zeros(n_units + 2, dtype=np.int64)
+    # Depth-first over the reverse-search tree; stack holds ideal ids, the next candidate of each
+    # list kept apart.
+    next_listed = np.zeros(n_units + 2, dtype=np.int64)
+    next_always = np.zeros(n_units + 2, dtype=np.int64)
+    high = np.zeros(n_units + 2, dtype=np.int64)
     depth = 0
     stack[0] = 0
-    next_unit[0] = 0
+    high[0] = -1
+    next_listed[0] = cand_ptr[0]
+    next_always[0] = 0
     while depth >= 0:
         cur = stack[depth]
-        v = next_unit[depth]
-        if v >= n_units:
+        i, j = next_listed[depth], next_always[depth]
+        end = cand_ptr[high[depth] + 2]
+        if i >= end and j >= len(always):
             depth -= 1
             continue
-        next_unit[depth] = v + 1
+        if j >= len(always) or (i < end and cands[i] < always[j]):
+            v = cands[i]
+            next_listed[depth] = i + 1
+        else:
+            v = always[j]
+            next_always[depth] = j + 1
         ok = True
         for k in range(pred_ptr[v], pred_ptr[v + 1]):
             p = preds[k]
@@ -80,7 +115,9 @@ def _enumerate(pred_ptr, preds, n_units, words, limit):
         bits[count, v >> 6] |= np.uint64(1) << np.uint64(v & 63)
         depth += 1
         stack[depth] = count
-        next_unit[depth] = v + 1
+        high[depth] = v
+        next_listed[depth] = cand_ptr[v + 1]
+        next_always[depth] = np.searchsorted(always, v + 1)
         count += 1
     return bits[:count], count
 
@@ -184,11 +221,17 @@ def pendants(pred_units: tuple[tuple[int, ...], ...], work: np.ndarray) -> list[
     # branch of every fork is quadratic (minutes on a 20,000-unit graph). Inception's auxiliary
     # classifier, the side branch this is for, has about ten units.
     cap = 512
+    # A successor from which the last unit is reached leads (back) to the main line: it is taken
+    # for the main line unwalked, as a branch over `cap` is (walking every fork's main line was most
+    # of a 50,000-node graph's planning time).
+    main = [False] * len(succ)
+    for u in range(len(succ) - 1, -1, -1):
+        main[u] = u == len(succ) - 1 or any(main[s] for s in succ[u])
     found: list[tuple[int, frozenset[int]]] = []
     for v, ws in enumerate(succ):
         if len(ws) < 2:
             continue
-        below = {w: _descendants(w, succ, cap) for w in ws}
+        below = {w: None if main[w] else _descendants(w, succ, cap) for w in ws}
         weight = {w: np.inf if b is None else float(work[list(b)].sum()) for w, b in below.items()}
         heaviest = max(ws, key=lambda w: weight[w])
         for w in ws:
@@ -219,7 +262,7 @@ def enumerate_ideals(pred_units: tuple[tuple[int, ...], ...], limit: int = DEFAU
     words = max(1, (n_units + 63) // 64)
     pred_ptr, preds = csr(pred_units)
     succ_ptr, succs = csr(successors(pred_units))
-    bits, count = _enumerate(pred_ptr, preds, n_units, words, limit)
+    bits, count = _enumerate(pred_ptr, preds, *_candidates(pred_units), n_units, words, limit)
     if count < 0:
         raise PlacewiseError(
             f"the graph's {n_units} units have more than {limit:,} ideals (contiguous cut points), too many for the exact "

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from placewise.errors import PlacewiseError
+from placewise.plan.allreduce import PIPEDREAM, AllReduce
 from placewise.plan.schedule import Schedule
 
 if TYPE_CHECKING:
@@ -41,6 +42,13 @@ class SolveOptions:
 @dataclass(frozen=True)
 class DPOptions(SolveOptions):
     ideal_limit: int = DEFAULT_IDEAL_LIMIT  # refuse graphs with more ideals (cut points) than this
+    # Replicas a stage may have (`dp.replicated_stages`); 1: the plain DP, one device per stage.
+    max_replicas: int = 1
+    allreduce: AllReduce = field(default_factory=AllReduce)  # how a replicated stage's all-reduce is costed
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_replicas, bool) or not isinstance(self.max_replicas, int) or self.max_replicas < 1:
+            raise PlacewiseError(f"--max-replicas {self.max_replicas!r}: use a whole number of at least 1")
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,9 @@ class ScheduleDPOptions(SolveOptions):
     """The schedule-aware DP (`dp-schedule`): the schedule whose per-position memory it checks."""
     schedule: Schedule = field(default_factory=Schedule)
     microbatch_scale: float = 1.0  # microbatch size over the profiled batch size (scales activations, bytes)
+    # A stage that does not fit at its position may recompute its activations in its backward (then
+    # it pays its forward again); the planner picks it only where memory forces it. False: never.
+    recompute: bool = True
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,8 @@ class ExpertOptions(SolveOptions):
 @dataclass(frozen=True)
 class PipeDreamOptions(SolveOptions):
     transfers: bool = True  # False: stage time is compute only (PipeDream's default objective)
+    # pipedream-hybrid: how its replicated stages' all-reduce is costed (PipeDream's own model).
+    allreduce: AllReduce = field(default_factory=lambda: AllReduce(PIPEDREAM))
 
 
 O = TypeVar("O", bound=SolveOptions)

@@ -4,7 +4,8 @@ Plain data with a JSON round trip, shared by every layer. Also reads and writes 
 split format of the paper's code (`{"fpgas": [{"load", "nodes"}], "cpus": [...]}`).
 
 Plan JSON version 2 added a stage's `replicas` and `memory_breakdown` and the plan's `schedule`;
-version-1 files still load (one replica per stage, no breakdown, no schedule).
+version-1 files still load (one replica per stage, no breakdown, no schedule). A stage's `recompute`
+and `recompute_time` came later in version 2; files without them load with no recompute.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ PLAN_VERSION = 2
 @dataclass
 class Stage:
     """One pipeline stage: `replicas` devices of kind `kind`, numbered from `index`, each holding
-    the stage's nodes (gradients all-reduced between them). Loads and `memory` are per device;
-    every solver gives one replica today (replication costing comes with the schedule-aware
-    planner, see `placewise.plan.cost`)."""
+    the stage's nodes (gradients all-reduced between them). Loads and `memory` are per device:
+    `compute` and `transfer` a replica's share, `allreduce` its share of the gradient all-reduce
+    (`placewise.plan.cost.replicated_load`); `dp --max-replicas R` chooses replicas."""
 
     kind: str
     index: int
@@ -41,8 +42,13 @@ class Stage:
     # Model names (fx nodes / modules) of the stage's operators, for profiled graphs.
     modules: list[str] = field(default_factory=list)
     replicas: int = 1
+    allreduce: float = 0.0
     # `memory` split by what it holds, where the graph knows (see cost.memory_breakdown).
     memory_breakdown: MemoryBreakdown | None = None
+    # The stage recomputes its activations in its backward (`plan.recompute`; the runtime runs it under
+    # torch.utils.checkpoint); `recompute_time` is its forward run again, included in `load`.
+    recompute: bool = False
+    recompute_time: float = 0.0
 
     @property
     def device(self) -> Device:
@@ -83,6 +89,14 @@ class Plan:
     def assignment(self) -> dict[int, Device]:
         """Node id -> the first device of its stage."""
         return {n: s.device for s in self.stages for n in s.nodes}
+
+    def replicas(self) -> dict[Device, int]:
+        """The first device of each replicated stage -> its replica count (stages with one are left out)."""
+        return {s.device: s.replicas for s in self.stages if s.replicas > 1}
+
+    def recomputed(self) -> tuple[int, ...]:
+        """Positions (in pipeline order) of the stages that recompute their activations."""
+        return tuple(i for i, s in enumerate(self.stages) if s.recompute)
 
     def to_json(self) -> dict:
         # asdict writes the schedule and breakdowns as their to_json() objects.
@@ -140,10 +154,11 @@ def _is_whole(v: Any) -> bool:
 _STAGE_FIELDS: dict[str, tuple[Any, str]] = {
     "kind": (lambda v: isinstance(v, str) and v != "", "a device kind name"),
     "index": (_is_whole, "a whole number of at least 0"),
-    "accelerator": (lambda v: isinstance(v, bool), "true or false"),
+    **{name: (lambda v: isinstance(v, bool), "true or false") for name in ("accelerator", "recompute")},
     "nodes": (lambda v: isinstance(v, list) and all(map(_is_whole, v)), "a list of node ids"),
     "modules": (lambda v: isinstance(v, list) and all(isinstance(m, str) for m in v), "a list of model node names"),
-    **{name: (_is_number, "a number") for name in ("load", "compute", "transfer", "memory")},
+    **{name: (_is_number, "a number") for name in ("load", "compute", "transfer", "memory", "allreduce",
+                                                     "recompute_time")},
 }
 
 
@@ -181,17 +196,22 @@ def _short(value: Any) -> str:
 def plan_from_assignment(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device], *, solver: str,
                          seconds: float, objective: str = "throughput", contiguous: bool = True,
                          lower_bound: float | None = None, gap: float | None = None,
-                         notes: dict | None = None, schedule: Schedule | None = None, replicate: bool = True) -> Plan:
-    """Score a split with the cost model and wrap it as a Plan (stages in pipeline order, one
-    replica each), with each stage's memory broken down where the graph knows it. `replicate`:
-    the cost model's replication rule (`plan.replicable`), recorded in the notes when off."""
-    ev: Evaluation = evaluate(graph, cluster, assignment, contiguous=contiguous, replicate=replicate)
+                         notes: dict | None = None, schedule: Schedule | None = None, replicate: bool = True,
+                         evaluation: Evaluation | None = None) -> Plan:
+    """Score a split with the cost model and wrap it as a Plan (stages in pipeline order), with each
+    stage's memory broken down where the graph knows it. `replicate`: the cost model's replication
+    rule (`plan.replicable`), recorded in the notes when off. `evaluation`: the split's score when
+    the caller has it (a split with replicated stages, `plan.replicas.evaluate_replicated`);
+    otherwise every stage has one replica."""
+    ev = evaluation if evaluation is not None else evaluate(graph, cluster, assignment, contiguous=contiguous,
+                                                            replicate=replicate)
     notes = dict(notes or {})
     if not replicate:
         notes["replication"] = "off"
     stages = [Stage(d.device.kind, d.device.index, d.accelerator, list(d.nodes), d.load, d.compute, d.transfer,
                     d.memory, [graph.node(n).module for n in d.nodes if graph.node(n).module],
-                    memory_breakdown=memory_breakdown(graph, d.nodes))
+                    replicas=d.replicas, allreduce=d.allreduce, memory_breakdown=memory_breakdown(graph, d.nodes),
+                    recompute=d.recompute, recompute_time=d.recompute_time)
               for d in ev.devices]
     return Plan(stages=stages, max_load=ev.max_load, latency=ev.latency, solver=solver, seconds=seconds,
                 objective=objective, lower_bound=lower_bound, gap=gap, feasible=ev.feasible,

@@ -4,11 +4,18 @@ From a graph, a contiguous plan and a `Schedule`: each stage's forward and backw
 microbatch (its nodes' times on its kind, over the kind's speed), the bytes each boundary carries
 per microbatch (every value made before it and read after it, once, as `run/`'s cut sends it), the
 link time of those bytes, and each stage's memory parts. `simulate` then replays the schedule, and
-`stage_memory` puts each stage's memory at its position.
+`stage_memory` puts each stage's memory at its position. As in the cost model, a boundary between
+two stages whose kinds share memory (`DeviceKind.shared_memory`, the paper's CPU cores in one
+process) costs no link time and such stages hold no receive buffers; a stage whose kind pays
+transfers holds them, and a boundary costs the link whenever either side pays.
+A stage that recomputes (`Stage.recompute`) runs its forward again at the start of each
+backward and keeps less (`plan.recompute`).
 
 Times are in the graph's unit per profiled batch; `microbatch_scale` (microbatch size over the
 profiled batch size) scales times and bytes linearly to one microbatch (1: profiled at the
-microbatch size, the accurate way). The optimizer's update is not in a graph and is left out.
+microbatch size, the accurate way). Each stage's optimizer update is the profile's one step over all
+parameters (`cpu_update_ms` / `acc_update_ms` in the graph's meta; none in older graphs) shared out by
+parameter bytes; `overhead` is the runtime's per-microbatch work beyond the chunks (`simulate`).
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ class Prediction:
     def to_json(self) -> dict:
         return {"schedule": self.schedule.to_json(), "step_time": self.step_time, "max_load": self.max_load,
                 "bubble": self.simulation.bubble,
-                "stage_times": [{"forward": t.forward, "backward": t.backward} for t in self.stage_times],
+                "stage_times": [{"forward": t.forward, "backward": t.backward, "update": t.update,
+                                 "overhead": t.overhead} for t in self.stage_times],
                 "boundary_bytes": list(self.boundary_bytes),
                 "links": [{"forward": link.forward, "backward": link.backward} for link in self.links],
                 "stage_memory": None if self.memory is None else [
@@ -78,7 +86,7 @@ def boundary_bytes(graph: OpGraph, stage_of: dict[int, int], stages: int) -> lis
     return crossing
 
 
-def _stage_bytes(graph: OpGraph, plan: Plan, inputs: list[float], outputs: list[float], scale: float,
+def _stage_bytes(graph: OpGraph, cluster: Cluster, plan: Plan, inputs: list[float], outputs: list[float], scale: float,
                  training: bool) -> list[StageBytes] | None:
     out = []
     for i, s in enumerate(plan.stages):
@@ -86,15 +94,17 @@ def _stage_bytes(graph: OpGraph, plan: Plan, inputs: list[float], outputs: list[
         if b is None or None in (b.parameters, b.optimizer_state, b.activations):
             return None
         largest = max((graph.node(n).output or 0.0 for n in s.nodes if not graph.node(n).backward), default=0.0)
-        out.append(StageBytes(b.parameters, b.optimizer_state, b.activations * scale, inputs[i], outputs[i],
-                              b.gradients, backward_workspace(largest * scale) if training else 0.0))
+        buffered = 1.0 if cluster.kind(s.kind).pays_transfers else 0.0
+        out.append(StageBytes(b.parameters, b.optimizer_state, b.activations * scale, buffered * inputs[i],
+                              buffered * outputs[i], b.gradients, backward_workspace(largest * scale) if training else 0.0))
     return out
 
 
 def predict(graph: OpGraph, cluster: Cluster, plan: Plan, schedule: Schedule, *, link: Link | None = None,
-            microbatch_scale: float = 1.0, options: SimulateOptions | None = None) -> Prediction:
+            microbatch_scale: float = 1.0, options: SimulateOptions | None = None, overhead: float = 0.0) -> Prediction:
     """Simulate `plan` (stages in pipeline order) under `schedule`; `link` defaults to the cluster's
-    bandwidth (graph time units: the graph's transfer cost per byte) with no latency."""
+    bandwidth (graph time units: the graph's transfer cost per byte) with no latency. `overhead`: the
+    runtime's time per microbatch on each stage beyond its chunks (graph time units, one core)."""
     if not plan.stages:
         raise PlacewiseError("the plan has no stages; plan a graph first")
     stage_of = {n: i for i, s in enumerate(plan.stages) for n in s.nodes}
@@ -108,17 +118,33 @@ def predict(graph: OpGraph, cluster: Cluster, plan: Plan, schedule: Schedule, *,
         kind = cluster.kind(s.kind)
         per_node = graph.acc_time if kind.accelerator else graph.cpu_time
         fwd = sum(per_node[graph.index[n]] for n in s.nodes if not graph.node(n).backward)
-        bwd = sum(per_node[graph.index[n]] for n in s.nodes if graph.node(n).backward)
-        times.append(StageTimes(fwd * microbatch_scale / kind.speed, bwd * microbatch_scale / kind.speed))
+        bwd = sum(per_node[graph.index[n]] for n in s.nodes if graph.node(n).backward) + (fwd if s.recompute else 0.0)
+        update = _update_time(graph, s.nodes, kind.accelerator) if options.training else 0.0
+        times.append(StageTimes(fwd * microbatch_scale / kind.speed, bwd * microbatch_scale / kind.speed,
+                                update / kind.speed, overhead / kind.speed))
     crossing = [b * microbatch_scale for b in boundary_bytes(graph, stage_of, len(plan.stages))]
     link = link or _graph_link(graph)
+    pays = [cluster.kind(s.kind).pays_transfers for s in plan.stages]
     # Gradients flow back over a boundary with the bytes of the values that crossed it forward.
-    links = [LinkTimes(link.time(b), link.time(b) if options.training else 0.0) for b in crossing]
+    links = [LinkTimes(link.time(b), link.time(b) if options.training else 0.0) if pays[i] or pays[i + 1]
+             else LinkTimes() for i, b in enumerate(crossing)]
     sim = simulate(times, links, schedule, options)
-    stage_bytes = _stage_bytes(graph, plan, [0.0] + crossing, crossing + [0.0], microbatch_scale, options.training)
-    memory = None if stage_bytes is None else tuple(pipeline_memory(stage_bytes, schedule, training=options.training))
+    stage_bytes = _stage_bytes(graph, cluster, plan, [0.0] + crossing, crossing + [0.0], microbatch_scale,
+                               options.training)
+    memory = None if stage_bytes is None else tuple(pipeline_memory(
+        stage_bytes, schedule, training=options.training, recompute=[s.recompute for s in plan.stages]))
     per_microbatch = max(t.forward + t.backward for t in times)
     return Prediction(schedule, sim.step_time, per_microbatch, tuple(times), tuple(crossing), tuple(links), memory, sim)
+
+
+def _update_time(graph: OpGraph, nodes: list[int], accelerator: bool) -> float:
+    """A stage's share of the profile's optimizer step: its nodes' parameter bytes over all of them."""
+    meta = graph.meta_dict
+    whole = meta.get("acc_update_ms" if accelerator else "cpu_update_ms")
+    total = sum(n.parameters or 0.0 for n in graph.nodes)
+    if whole is None or not total > 0:
+        return 0.0
+    return float(whole) * sum(graph.node(n).parameters or 0.0 for n in nodes) / total
 
 
 def _graph_link(graph: OpGraph) -> Link:
@@ -144,7 +170,10 @@ def with_prediction(graph: OpGraph, cluster: Cluster, plan: Plan, schedule: Sche
                     microbatch_scale: float = 1.0) -> Plan:
     """The plan for `schedule`: the schedule recorded, the prediction in `notes["prediction"]`, and
     every stage whose memory at its position exceeds its device's memory listed as a violation."""
-    pred = predict(graph, cluster, plan, schedule, link=cluster_link(graph, cluster), microbatch_scale=microbatch_scale)
+    unit = TIME_UNITS.get(graph.meta_dict.get("time_unit", ""))
+    overhead = (cluster.overhead or 0.0) / unit if unit else 0.0
+    pred = predict(graph, cluster, plan, schedule, link=cluster_link(graph, cluster), microbatch_scale=microbatch_scale,
+                   overhead=overhead)
     violations = list(plan.violations)
     for i, (stage, mem) in enumerate(zip(plan.stages, pred.memory or ())):
         limit = cluster.kind(stage.kind).memory
@@ -162,7 +191,8 @@ def simulate_plan(plan: Plan, schedule: Schedule | None = None, options: Simulat
     recorded = plan.notes.get("prediction")
     if not isinstance(recorded, dict) or "stage_times" not in recorded or "links" not in recorded:
         raise PlacewiseError("the plan has no prediction to simulate; plan with --schedule and --microbatches")
-    times = [StageTimes(t["forward"], t["backward"]) for t in recorded["stage_times"]]
+    times = [StageTimes(t["forward"], t["backward"], t.get("update", 0.0), t.get("overhead", 0.0))
+             for t in recorded["stage_times"]]
     links = [LinkTimes(link["forward"], link["backward"]) for link in recorded["links"]]
     training = any(t.backward > 0 for t in times)
     return simulate(times, links, schedule or plan.schedule or Schedule.from_json(recorded["schedule"]),

@@ -11,6 +11,11 @@ stages already placed) is known exactly, as is whether a stage comes before it (
 after it (I not all units). Each stage is checked with `stage_memory`, the same function that
 `plan.predict` reports with, and the objective is the cost model's max-load.
 
+With `options.recompute`, a stage that does not fit at its position may recompute its activations
+(`plan.recompute`): it then needs `stage_memory(..., recompute=True)` and its load grows by its forward
+time. Recompute only adds time and the objective is the largest load, so each stage's best choice is
+the cheaper one that fits, independent of the others: without recompute when that fits, else with.
+
 Plain Python over the ideal lattice: meant for graphs of up to a few thousand ideals (layer-level
 profiles of chain-like models, tests); larger graphs raise a one-line error.
 """
@@ -29,6 +34,7 @@ from placewise.plan.cost import MEMORY_TOLERANCE
 from placewise.plan.ideals import enumerate_ideals
 from placewise.plan.options import ScheduleDPOptions
 from placewise.plan.plan import Plan, plan_from_assignment
+from placewise.plan.recompute import evaluate_recomputed
 from placewise.plan.schedule import Schedule
 from placewise.plan.units import simplify
 from placewise.plan.stage_memory import StageBytes, backward_workspace, stage_memory
@@ -43,6 +49,7 @@ class _Lattice:
     masks: list[int]
     bits: np.ndarray  # (ideals, words) uint64, as the lattice gives them
     time: np.ndarray  # (ideals, kinds): compute time of the ideal's units on each kind (over its speed)
+    forward: np.ndarray  # (ideals, kinds): the same for the forward nodes only (what recompute runs again)
     parts: np.ndarray  # (ideals, 4): parameters, gradients, optimizer state, activations
     unsupported: np.ndarray  # (ideals,): unsupported units in the ideal
     crossing: np.ndarray  # (ideals,): bytes per microbatch crossing out of the ideal (a pipeline boundary)
@@ -61,6 +68,11 @@ def _lattice(graph: OpGraph, cluster: Cluster, kinds, units, scale: float) -> _L
     masks = [int.from_bytes(lattice.bits[i].tobytes(), "little") for i in range(lattice.count)]
     member = np.array([[(m >> u) & 1 for u in range(units.count)] for m in masks], dtype=float)  # (ideals, units)
     unit_time = np.stack([(units.acc_time if k.accelerator else units.cpu_time) / k.speed for k in kinds], axis=1)
+    unit_forward = np.zeros((units.count, len(kinds)))
+    forward_nodes = ~graph.is_backward
+    for t, k in enumerate(kinds):
+        times = (graph.acc_time if k.accelerator else graph.cpu_time) / k.speed
+        np.add.at(unit_forward[:, t], units.unit_of[forward_nodes], times[forward_nodes])
     unit_parts = np.zeros((units.count, 4))
     np.add.at(unit_parts, units.unit_of, _node_parts(graph))
     unit_parts[:, 3] *= scale
@@ -75,7 +87,8 @@ def _lattice(graph: OpGraph, cluster: Cluster, kinds, units, scale: float) -> _L
         nbytes[u] = (e.bytes or 0.0) * scale
     crossing = np.array([sum(nbytes[u] for u, r in readers.items() if (m >> int(units.unit_of[u])) & 1 and r & ~m)
                          for m in masks])
-    return _Lattice(masks, lattice.bits, member @ unit_time, member @ unit_parts, member @ (~units.supported).astype(float), crossing)
+    return _Lattice(masks, lattice.bits, member @ unit_time, member @ unit_forward, member @ unit_parts,
+                    member @ (~units.supported).astype(float), crossing)
 
 
 def _largest_output(graph: OpGraph, units) -> np.ndarray:
@@ -107,27 +120,29 @@ def solve(graph: OpGraph, cluster: Cluster, options: ScheduleDPOptions | None = 
     full, n_ideals = len(lat.masks) - 1, len(lat.masks)
     training = graph.is_training
     counts = tuple(k.count for k in kinds)
+    # Forward only nothing is saved for a backward, so recompute cannot make a stage fit.
+    recompute_allowed = options.recompute and training
 
-    def stage_cost(i: int, j: int, t: int, placed: int) -> float:
-        """Load of stage I \\ J on kind t, placed in front of `placed` stages; inf if it cannot go there."""
+    def fits(i: int, j: int, t: int, placed: int, recompute: bool) -> bool:
+        """Whether stage I \\ J fits kind t's memory in front of `placed` stages."""
+        memory = kinds[t].memory
+        return memory is None or _need(lat, largest, i, j, placed, schedule, training, recompute,
+                                       kinds[t].pays_transfers) <= \
+            memory * (1 + MEMORY_TOLERANCE)
+
+    def stage_cost(i: int, j: int, t: int, placed: int) -> tuple[float, bool]:
+        """Load of stage I \\ J on kind t, placed in front of `placed` stages, and whether it recomputes;
+        inf if it cannot go there."""
         kind = kinds[t]
         if kind.accelerator and lat.unsupported[i] - lat.unsupported[j] > 0:
-            return np.inf
-        if kind.memory is not None:
-            params, grads, state, act = lat.parts[i] - lat.parts[j]
-            members = lat.masks[i] & ~lat.masks[j]
-            work = max((largest[u] for u in range(units.count) if (members >> u) & 1), default=0.0)
-            stage = StageBytes(max(params, 0.0), max(state, 0.0), max(act, 0.0), lat.crossing[j], lat.crossing[i],
-                               max(grads, 0.0), backward_workspace(work))
-            # Only the stages after it and whether one comes before it matter: position 1 (or 0 when it
-            # is the first) of a pipeline with `placed` stages after it.
-            position = 1 if j != 0 else 0
-            stages = position + 1 + placed
-            need = stage_memory(stage, position, stages, schedule, training=training).total
-            if need > kind.memory * (1 + MEMORY_TOLERANCE):
-                return np.inf
+            return np.inf, False
         load = lat.time[i, t] - lat.time[j, t]
-        return load + (_transfer(lat.masks[i] & ~lat.masks[j], ports) if kind.accelerator else 0.0)
+        load += _transfer(lat.masks[i] & ~lat.masks[j], ports) if kind.pays_transfers else 0.0
+        if fits(i, j, t, placed, False):
+            return load, False
+        if recompute_allowed and fits(i, j, t, placed, True):
+            return load + lat.forward[i, t] - lat.forward[j, t], True
+        return np.inf, False
 
     subsets = [[int(j) for j in np.flatnonzero(((lat.bits & ~lat.bits[i]) == 0).all(axis=1)) if j != i]
                for i in range(n_ideals)]
@@ -143,20 +158,38 @@ def solve(graph: OpGraph, cluster: Cluster, options: ScheduleDPOptions | None = 
                 continue
             more = tuple(u + (s == t) for s, u in enumerate(used))
             for j in subsets[i]:
-                load = stage_cost(i, j, t, sum(used))
+                load, recompute = stage_cost(i, j, t, sum(used))
                 if load >= value:
                     continue
                 rest, chain = best(j, more)
                 if max(load, rest) < value:
-                    value, choice = max(load, rest), ((i, j, t),) + chain
+                    value, choice = max(load, rest), ((i, j, t, recompute),) + chain
         return value, choice
 
     value, chain = best(full, tuple(0 for _ in kinds))
     if not np.isfinite(value):
+        also = "" if recompute_allowed else ", recompute (drop --no-recompute)" if training else ""
         raise PlacewiseError(f"no contiguous plan fits the devices' memory under {schedule.kind} with "
                              f"{schedule.microbatches} microbatches; give the devices more memory, use more devices, "
-                             "fewer microbatches or 1F1B")
+                             f"fewer microbatches{also} or 1F1B")
     return _plan(graph, cluster, units, lat, kinds, chain, schedule, time.perf_counter() - started, value)
+
+
+def _need(lat: _Lattice, largest: np.ndarray, i: int, j: int, placed: int, schedule: Schedule, training: bool,
+          recompute: bool, pays_transfers: bool) -> float:
+    """Peak bytes of stage I \\ J in front of `placed` stages (`stage_memory`)."""
+    params, grads, state, act = lat.parts[i] - lat.parts[j]
+    members = lat.masks[i] & ~lat.masks[j]
+    work = max((largest[u] for u in range(len(largest)) if (members >> u) & 1), default=0.0)
+    # A stage that pays transfers holds torch's receive buffers; shared-memory cores hand values over.
+    buffered = 1.0 if pays_transfers else 0.0
+    stage = StageBytes(max(params, 0.0), max(state, 0.0), max(act, 0.0), buffered * lat.crossing[j],
+                       buffered * lat.crossing[i], max(grads, 0.0), backward_workspace(work))
+    # Only the stages after it and whether one comes before it matter: position 1 (or 0 when it
+    # is the first) of a pipeline with `placed` stages after it.
+    position = 1 if j != 0 else 0
+    return stage_memory(stage, position, position + 1 + placed, schedule, training=training,
+                        recompute=recompute).total
 
 
 def _ports(units) -> list[tuple[int, int, float]]:
@@ -183,18 +216,23 @@ def _plan(graph: OpGraph, cluster: Cluster, units, lat: _Lattice, kinds, chain: 
     """Number each kind's devices in pipeline order and score the split with the cost model."""
     assignment: dict[int, Device] = {}
     order: list[Device] = []
+    recomputed: list[Device] = []
     next_index = [0] * len(kinds)
-    for i, j, t in reversed(chain):  # the chain runs from the last stage to the first
+    for i, j, t, recompute in reversed(chain):  # the chain runs from the last stage to the first
         members = lat.masks[i] & ~lat.masks[j]
         device = Device(kinds[t].name, next_index[t])
         next_index[t] += 1
         order.append(device)
+        if recompute:
+            recomputed.append(device)
         for u in range(units.count):
             if (members >> u) & 1:
                 for node in units.members[u]:
                     assignment[graph.nodes[node].id] = device
+    evaluation = evaluate_recomputed(graph, cluster, assignment, recomputed)
     plan = in_order(plan_from_assignment(graph, cluster, assignment, solver="dp-schedule", seconds=seconds,
-                                         schedule=schedule, notes={"schedule_dp_value": value}), order)
+                                         schedule=schedule, notes={"schedule_dp_value": value},
+                                         evaluation=evaluation), order)
     if abs(plan.max_load - value) > 1e-9 * max(1.0, abs(value)):
         raise RuntimeError(f"dp-schedule: the cost model scores the plan {plan.max_load}, the DP {value}")
     return plan

@@ -13,6 +13,15 @@ schedules.py) issue each stage's computations, sends, receives and waits, over g
 - with `overlap` off the sending stage spends the transfer time itself (a blocking copy) before it
   goes on; with it on (the default) transfers run beside compute.
 
+What a stage spends beyond its chunks is modelled where it is real, not an artefact of a loaded
+machine, and measured rather than fitted: the optimizer's `update` once per step (timed by the
+profiler, `update_ms`), and a per-microbatch `overhead` (the runtime's own work for a microbatch:
+posting and completing its sends and receives, torch's schedule bookkeeping around each chunk, the
+loss), measured as the CPU time per microbatch of a pipeline whose chunks compute next to nothing
+(`run.links.measure_stage_overhead`); half of it is charged to each forward and backward. Waiting
+for a neighbour is not an overhead: the replay produces it. Time lost to other processes on shared
+cores is not modelled (a prediction is for cores the stages have to themselves).
+
 Several steps are simulated back to back, so the figure is the period of a pipeline that runs step
 after step (the last stage's time from one step's end to the next's, what `train` measures), not
 the first step's makespan (also reported). Torch-free; times in any one unit.
@@ -34,10 +43,19 @@ STEPS = 3
 
 @dataclass(frozen=True)
 class StageTimes:
-    """One stage's durations: per microbatch (forward, backward) and per step (optimizer update)."""
+    """One stage's durations: per microbatch (forward, backward, and the runtime's `overhead` beyond
+    them) and per step (optimizer update)."""
     forward: float
     backward: float = 0.0
     update: float = 0.0
+    overhead: float = 0.0
+
+    def duration(self, kind: str, training: bool) -> float:
+        """How long the stage's clock moves for one action of `kind` (forward, backward, update)."""
+        if kind == UPDATE:
+            return self.update
+        share = self.overhead / 2 if training else self.overhead
+        return (self.forward if kind == FORWARD else self.backward) + share
 
 
 @dataclass(frozen=True)
@@ -204,7 +222,7 @@ def _check(times: Sequence[StageTimes], links: Sequence[LinkTimes], schedule: Sc
                              f"got {len(links)}")
     if options.steps < 2:
         raise PlacewiseError(f"simulate: steps is {options.steps}; at least 2 are needed for a period")
-    numbers = [x for t in times for x in (t.forward, t.backward, t.update)]
+    numbers = [x for t in times for x in (t.forward, t.backward, t.update, t.overhead)]
     numbers += [x for link in links for x in (link.forward, link.backward)]
     if any(not (x >= 0) for x in numbers):
         raise PlacewiseError("simulate: a stage or link time is negative or not a number; give times >= 0")
@@ -264,8 +282,7 @@ def simulate(times: Sequence[StageTimes], links: Sequence[LinkTimes], schedule: 
                         if key in sent:
                             transfer_event(key)
                 else:
-                    t = times[i]
-                    duration = {FORWARD: t.forward, BACKWARD: t.backward, UPDATE: t.update}[action.kind]
+                    duration = times[i].duration(action.kind, options.training)
                     events.append(Event(i, action.kind, action.microbatch, step, clock[i], clock[i] + duration))
                     clock[i] += duration
                 position[i] += 1
@@ -283,7 +300,7 @@ def _summarise(times: Sequence[StageTimes], schedule: Schedule, options: Simulat
             for s in range(options.steps)]
     first = max(e.end for e in events if e.step == 0)
     m = schedule.microbatches
-    busy = tuple(m * (t.forward + (t.backward if options.training else 0.0)) + (t.update if options.training else 0.0)
-                 for t in times)
+    busy = tuple(m * (t.forward + (t.backward if options.training else 0.0) + t.overhead)
+                 + (t.update if options.training else 0.0) for t in times)
     events.sort(key=lambda e: (e.step, e.start, e.stage))
     return Simulation(ends[-1] - ends[-2], first, busy, tuple(events))

@@ -33,6 +33,8 @@ class SolverEntry(Generic[O]):
     options_type: type[O]
     # Fills in what the options leave to the caller (e.g. warm starts), before the solver runs.
     prepare: Callable[[OpGraph, Cluster, O], O] | None = None
+    # Its plans replicate stages, which the other methods' do not: `compare` runs it only when named.
+    replicates: bool = False
 
     def options(self, common: SolveOptions | None = None, **specific: Any) -> O:
         """This solver's options: the shared fields of `common` and its own `specific` ones."""
@@ -65,6 +67,11 @@ def _greedy() -> Solver[SolveOptions]:
 def _pipedream() -> Solver[PipeDreamOptions]:
     from placewise.plan.baselines.pipedream import pipedream
     return pipedream
+
+
+def _pipedream_hybrid() -> Solver[PipeDreamOptions]:
+    from placewise.plan.baselines.pipedream import pipedream_hybrid
+    return pipedream_hybrid
 
 
 def _pipedream_nocomm() -> Solver[SolveOptions]:
@@ -128,6 +135,7 @@ _ENTRIES: tuple[SolverEntry, ...] = (
     SolverEntry("greedy", _greedy, SolveOptions),
     SolverEntry("pipedream", _pipedream, PipeDreamOptions),
     SolverEntry("pipedream-nocomm", _pipedream_nocomm, SolveOptions),
+    SolverEntry("pipedream-hybrid", _pipedream_hybrid, PipeDreamOptions, replicates=True),
     SolverEntry("block-time", _block_time, SolveOptions),
     SolverEntry("block-params", _block_params, SolveOptions),
     SolverEntry("block-uniform", _block_uniform, SolveOptions),

@@ -10,6 +10,13 @@ needs transient room for the gradients it is passing (`backward_workspace`).
 
 The planner's older one-figure rule (each node's `memory` summed over a stage: parameters, gradients,
 optimizer state and one profiled batch's outputs) knows neither the schedule nor the position.
+
+Recompute (activation checkpointing, as in Piper and AdaPipe; the runtime's `torch.utils.checkpoint`,
+non-reentrant): a stage that recomputes keeps, per microbatch in flight, only what the checkpoint
+saves, its input (the receive buffer, already counted in `buffers`; the first stage's input is the
+data) and the output the schedule holds for the backward (`outputs`); during one microbatch's
+backward its forward runs again and its full activations live once. It pays its forward time again
+in the backward (`plan.recompute`). Forward only there is nothing to keep, so recompute changes nothing.
 Torch-free.
 """
 
@@ -58,8 +65,9 @@ class StageMemory:
 
 
 def stage_memory(stage: StageBytes, position: int, stages: int, schedule: Schedule, *,
-                 training: bool = True) -> StageMemory:
-    """Peak bytes of the stage at `position` (0-based) of `stages` under `schedule`."""
+                 training: bool = True, recompute: bool = False) -> StageMemory:
+    """Peak bytes of the stage at `position` (0-based) of `stages` under `schedule`; with `recompute`,
+    the stage's activations are recomputed in its backward (see the module's docstring)."""
     if not 0 <= position < stages:
         raise PlacewiseError(f"stage memory: position {position} is outside a pipeline of {stages} stage(s)")
     m = schedule.microbatches
@@ -71,8 +79,8 @@ def stage_memory(stage: StageBytes, position: int, stages: int, schedule: Schedu
     in_flight = schedule.in_flight(position, stages)
     buffers = (m * stage.inputs if position > 0 else 0.0) + (m * stage.outputs if position < stages - 1 else 0.0)
     gradients = stage.parameters if stage.gradients is None else stage.gradients
-    return StageMemory(stage.parameters, gradients, stage.optimizer_state, in_flight * stage.activations,
-                       buffers, in_flight, stage.workspace)
+    held = in_flight * stage.outputs + stage.activations if recompute else in_flight * stage.activations
+    return StageMemory(stage.parameters, gradients, stage.optimizer_state, held, buffers, in_flight, stage.workspace)
 
 
 def backward_workspace(largest_output: float) -> float:
@@ -82,7 +90,10 @@ def backward_workspace(largest_output: float) -> float:
     return 2.0 * largest_output
 
 
-def pipeline_memory(stages: list[StageBytes], schedule: Schedule, *, training: bool = True) -> list[StageMemory]:
-    """`stage_memory` for every stage of a pipeline, in pipeline order."""
-    return [stage_memory(s, i, len(stages), schedule, training=training) for i, s in enumerate(stages)]
+def pipeline_memory(stages: list[StageBytes], schedule: Schedule, *, training: bool = True,
+                    recompute: list[bool] | None = None) -> list[StageMemory]:
+    """`stage_memory` for every stage of a pipeline, in pipeline order; `recompute`: per stage (None: none)."""
+    flags = recompute or [False] * len(stages)
+    return [stage_memory(s, i, len(stages), schedule, training=training, recompute=flags[i])
+            for i, s in enumerate(stages)]
 

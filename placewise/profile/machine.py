@@ -51,13 +51,15 @@ def describe_machine() -> dict[str, Any]:
 def machine_cluster(info: dict[str, Any]) -> Cluster:
     """This machine as a cluster: its CUDA devices as accelerators (the smallest memory, speed 1:
     relative to a graph profiled with --device cuda) and its usable cores as CPUs (speed 1: relative
-    to a graph profiled on one core, the default). The link is `info["link"]` where measured."""
+    to a graph profiled on one core, the default). placewise runs each stage as its own process, so
+    the cores do not share memory: a CPU stage pays its transfers over the link, `info["link"]`
+    where measured."""
     gpus = info["cuda"]
     kinds = (DeviceKind(ACCELERATOR, len(gpus), True, float(min(g["memory"] for g in gpus)) if gpus else None, 1.0),
-             DeviceKind(CPU, int(info["cpu"]["usable_cores"] or 1), False, None, 1.0))
+             DeviceKind(CPU, int(info["cpu"]["usable_cores"] or 1), False, None, 1.0, shared_memory=False))
     link = info.get("link")
     if link:
-        return Cluster(kinds, link["bandwidth"], link["latency"])
+        return Cluster(kinds, link["bandwidth"], link["latency"], link.get("overhead"))
     return Cluster(kinds, DEFAULT_BANDWIDTH)
 
 
@@ -67,7 +69,10 @@ def machine_device_file(info: dict[str, Any]) -> str:
               "Speeds are relative to the device a graph was profiled on: the CPU kind to one core "
               "(`placewise profile`),\nthe accelerator kind to a CUDA device (`placewise profile --device cuda`). "
               "If the graph was profiled\non a CPU, set the accelerator speed to how many times faster it is than one core.\n"
-              + (f"The link was measured here between two processes ({info['link']['backend']}, median of ping-pongs)."
+              "The cores run stages as separate processes, so they pay transfers over the link (shared_memory: false;\n"
+              "true is the paper's rule: cores in one process, no transfers).\n"
+              + (f"The link was measured here between two processes ({info['link']['backend']}, median of ping-pongs),\n"
+                 "the overhead on a two-stage pipeline that computes next to nothing (CPU time per microbatch)."
                  if info.get("link") else
                  "The bandwidth is a placeholder; measure the link with `placewise devices --measure --out FILE`."))
     return device_file_text(machine_cluster(info), header)

@@ -39,7 +39,7 @@ from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Edge, Node, OpGraph, write_paper
 from placewise.graph.formats import DEFAULT_BANDWIDTH
 from placewise.profile.memory import saved_activation_bytes
-from placewise.profile.timing import (CLOCKS, Clock, model_preserved, time_backward, time_forward,
+from placewise.profile.timing import (CLOCKS, Clock, model_preserved, time_backward, time_forward, time_update,
                                       time_whole_backward)
 from placewise.profile.trace import CALL_OPS, attribute, trace_model
 
@@ -55,6 +55,7 @@ class Measurement:
     backward: dict[str, float]
     whole_forward: float
     whole_backward: float | None
+    update: float | None = None  # one optimizer step over all trainable parameters (training only)
 
 
 class _Progress:
@@ -125,7 +126,8 @@ def _moved(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
 
 
 def _measure(gm: fx.GraphModule, model: nn.Module, inputs: tuple, device: torch.device, *, training: bool,
-             repeats: int, warmup: int, clock: str, progress: _Progress) -> tuple[Measurement, dict[str, Any]]:
+             repeats: int, warmup: int, clock: str, progress: _Progress,
+             optimizer: str) -> tuple[Measurement, dict[str, Any]]:
     if device.type != "cpu":  # measure copies, so the caller's model never moves
         gm, model = _moved(gm, device), copy.deepcopy(model).to(device)
         inputs = tuple(_to(x, device) for x in inputs)
@@ -134,14 +136,15 @@ def _measure(gm: fx.GraphModule, model: nn.Module, inputs: tuple, device: torch.
     forward, whole, values = time_forward(gm, model, inputs, clock, repeats=repeats, warmup=warmup, grad=training,
                                           tick=tick)
     backward: dict[str, float] = {}
-    whole_backward = None
+    whole_backward = update = None
     if training:
         tick = progress.task(f"backward on {device.type}", len(forward))
         backward = time_backward(gm, values, clock, repeats=repeats, warmup=warmup, tick=tick)
         whole_backward = time_whole_backward(gm, inputs, clock, repeats=repeats, warmup=warmup)
+        update = time_update(gm, optimizer, clock, repeats=repeats, warmup=warmup)
     if device.type != "cpu":
         values = {k: torch.utils._pytree.tree_map(lambda x: _to(x, torch.device("cpu")), v) for k, v in values.items()}
-    return Measurement(forward, backward, whole, whole_backward), values
+    return Measurement(forward, backward, whole, whole_backward, update), values
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -205,7 +208,7 @@ def profile_model(model: nn.Module, example_inputs: Sequence[Any], *, name: str 
         tick = bar.task("tracing", 1)
         gm = trace_model(model, inputs, granularity)
         tick()
-        settings = dict(training=training, repeats=repeats, warmup=warmup, clock=clock, progress=bar)
+        settings = dict(training=training, repeats=repeats, warmup=warmup, clock=clock, progress=bar, optimizer=optimizer)
         measured, values = _measure(gm, model, inputs, dev, **settings)
         on_cpu = measured
         if dev.type != "cpu":
@@ -279,6 +282,9 @@ def _build_graph(gm: fx.GraphModule, values: dict[str, Any], measured: Measureme
         backward_sum = sum(measured.backward.values())
         meta.update(whole_backward_ms=f"{measured.whole_backward:.6g}", node_backward_sum_ms=f"{backward_sum:.6g}",
                     backward_ratio=f"{backward_sum / measured.whole_backward:.4f}")
+    if training and measured.update is not None and on_cpu.update is not None:
+        # One optimizer step over all parameters (`plan.predict` shares it out by parameter bytes).
+        meta.update(acc_update_ms=f"{measured.update:.6g}", cpu_update_ms=f"{on_cpu.update:.6g}")
     return OpGraph.build(nodes + backward_nodes, edges, cluster=cluster, name=name, meta=meta,
                          source=f"profile of {name}")
 

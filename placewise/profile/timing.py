@@ -282,3 +282,31 @@ def time_whole_backward(gm: fx.GraphModule, inputs: tuple, clock: Clock, *, repe
         if i >= warmup:
             samples.append(clock.ms(start, end))
     return median(samples)
+
+
+# The optimizers a profile may assume (`profile --optimizer`), as the runtime builds them: "sgd" is
+# plain SGD, "momentum" SGD with momentum (the runtime's `--optimizer sgd`, momentum 0.9).
+_UPDATES = {"sgd": (torch.optim.SGD, {"momentum": 0.0}), "momentum": (torch.optim.SGD, {"momentum": 0.9}),
+            "adagrad": (torch.optim.Adagrad, {}), "adam": (torch.optim.Adam, {}), "adamw": (torch.optim.AdamW, {})}
+
+
+def time_update(gm: fx.GraphModule, optimizer: str, clock: Clock, *, repeats: int, warmup: int) -> float:
+    """Median milliseconds of one optimizer step and zero_grad over the graph's trainable parameters,
+    as a training step ends; run on copies, so the model's parameters never change."""
+    params = [p.detach().clone().requires_grad_() for p in gm.parameters() if p.requires_grad]
+    if not params:
+        return 0.0
+    cls, kwargs = _UPDATES[optimizer]
+    opt = cls(params, lr=1e-3, **kwargs)
+    samples = []
+    for i in range(warmup + repeats):
+        for p in params:
+            p.grad = torch.full_like(p, 1e-3)
+        start = clock.mark()
+        opt.step()
+        opt.zero_grad()
+        end = clock.mark()
+        clock.sync()
+        if i >= warmup:
+            samples.append(clock.ms(start, end))
+    return median(samples)

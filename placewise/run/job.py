@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from placewise.errors import PlacewiseError
 from placewise.plan.schedule import DEFAULT_SCHEDULE, SCHEDULES
 from placewise.run.choices import FUSE_MODES, OPTIMIZERS
-from placewise.run.cut import Prepared, cut_model
+from placewise.run.cut import Prepared, cut_model, output_tensor
+from placewise.run.replicas import check_replicas, check_shardable
+from placewise.run.recompute import recompute
 from placewise.run.workload import batch, build
 
 
@@ -19,6 +22,9 @@ class PipelineJob:
     model: str
     batch_size: int
     mapping: dict[str, int] = field(default_factory=dict)  # empty: run the whole model in one process
+    recompute: tuple[int, ...] = ()  # stages that recompute their activations in their backward (a plan's)
+    replicas: tuple[int, ...] = ()  # processes per stage (a plan's `Stage.replicas`); empty: 1 each
+    plan_name: str = "the plan"  # where `mapping` and `replicas` came from, for messages
     input_shape: tuple[int, ...] | None = None
     mode: str = "train"  # train | infer
     schedule: str = DEFAULT_SCHEDULE
@@ -38,6 +44,15 @@ class PipelineJob:
     def n_stages(self) -> int:
         return max(self.mapping.values()) + 1 if self.mapping else 1
 
+    @property
+    def stage_replicas(self) -> tuple[int, ...]:
+        return self.replicas or (1,) * self.n_stages
+
+    @property
+    def n_ranks(self) -> int:
+        """The processes the job runs on: every stage's replicas."""
+        return sum(self.stage_replicas)
+
     def check(self) -> None:
         if self.schedule not in SCHEDULES:
             raise PlacewiseError(f"schedule {self.schedule!r}: use one of {', '.join(SCHEDULES)}")
@@ -51,9 +66,15 @@ class PipelineJob:
         if self.batch_size % self.microbatches:
             raise PlacewiseError(f"--batch-size {self.batch_size} does not split into {self.microbatches} equal "
                                  "microbatches; make it a multiple of --microbatches")
+        outside = [s for s in self.recompute if not 0 <= s < self.n_stages]
+        if self.mapping and outside:
+            raise PlacewiseError(f"{self.plan_name}: recompute names stage {outside[0]}, but the plan has stages "
+                                 f"0..{self.n_stages - 1}; plan again")
         if self.mapping and self.microbatches < self.n_stages:
             raise PlacewiseError(f"--microbatches {self.microbatches} is fewer than the plan's {self.n_stages} stages; "
                                  "torch's pipeline schedules need at least one microbatch per stage")
+        if self.replicas:
+            check_replicas(self.replicas, self.n_stages, self.batch_size, self.microbatches, self.fuse, self.plan_name)
 
 
     @property
@@ -71,4 +92,23 @@ def prepare(job: PipelineJob) -> Prepared:
     job.check()
     model, example_inputs = build(job.model, job.batch_size, job.input_shape, job.seed)
     model.train(job.training)
-    return cut_model(model, example_inputs, job.mapping, job.microbatches)
+    prepared = cut_model(model, example_inputs, job.mapping, job.microbatches)
+    for s, r in enumerate(job.stage_replicas if job.mapping else ()):
+        if r > 1:
+            names, values = zip(*_crossing(prepared, s))
+            check_shardable(s, r, prepared.parts[s].module, names, values, prepared.micro[0].shape[0])
+    if job.training:
+        for part in prepared.parts:
+            if part.index in job.recompute:
+                recompute(part.module)
+    return prepared
+
+
+def _crossing(prepared: Prepared, s: int) -> list[tuple[str, Any]]:
+    """The values stage `s` receives and sends, by name (the model's inputs and output at the ends)."""
+    part = prepared.parts[s]
+    received = ([(n, prepared.values[n]) for n in part.inputs] if s else
+                [(f"input {i}", t) for i, t in enumerate(prepared.micro)])
+    sent = ([(n, prepared.values[n]) for n in part.outputs] if part.outputs else
+            [("the model's output", output_tensor(prepared.values, prepared.gm))])
+    return received + sent

@@ -382,16 +382,22 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), *, backend
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
+def _peer_lost(failure: RankFailure) -> bool:
+    """Whether `failure` only says a peer went away, in its message or in the error it was raised from
+    (torch's pipeline stage re-raises a collective's error as "[Stage i] failed to run forward")."""
+    return any(marker in failure.message or marker in failure.traceback for marker in PEER_LOST)
+
+
 def _first_cause(failure: RankFailure, run: _Launch) -> RankFailure:
     """When `failure` only says a peer went away, wait briefly for the peer's own story: a rank that
     died without a word (killed) or one whose error says something else."""
-    if not any(marker in failure.message for marker in PEER_LOST):
+    if not _peer_lost(failure):
         return failure
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
         try:
             status, rank, payload = run.results.get(timeout=0.1)
-            if status == "error" and not any(marker in payload.message for marker in PEER_LOST):
+            if status == "error" and not _peer_lost(payload):
                 return payload
         except queue.Empty:
             for r in run.pending():

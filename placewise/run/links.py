@@ -6,6 +6,12 @@ activations and gradients. A one-way time is half a round trip (median of the re
 line fitted to one-way time against bytes gives the latency (its intercept) and the bandwidth (one
 over its slope). `placewise devices --measure` writes the result into the device file so plans for
 this machine pay measured transfers.
+
+`measure_stage_overhead` times the other part of a pipeline step that is not compute: the runtime's
+own work per microbatch on each stage (posting and completing sends and receives, torch's schedule
+bookkeeping around each chunk, the loss), as the thread CPU time per microbatch of a two-stage
+pipeline whose chunks compute next to nothing. CPU time, not wall time, so that other processes on
+shared cores do not inflate it.
 """
 
 from __future__ import annotations
@@ -96,3 +102,41 @@ def measure_link(*, gpu: bool | None = None, sizes: tuple[int, ...] = SIZES, rep
     results, _ = launch(_ping_pong, 2, (tuple(sizes), repeats, WARMUP), backend=backend, threads=1,
                         timeout_s=timeout_s)
     return fit(tuple(sizes), tuple(t / 2 for t in results[0]), backend)
+
+
+# The null pipeline: microbatches per step, timed steps and the steps run before timing.
+OVERHEAD_MICROBATCHES, OVERHEAD_STEPS, OVERHEAD_WARMUP = 8, 6, 2
+
+
+def null_model(batch_size: int = OVERHEAD_MICROBATCHES):
+    """Two tiny linear layers (one per stage): chunks that cost next to nothing."""
+    import torch
+    from torch import nn
+    return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), (torch.randn(batch_size, 4),)
+
+
+def measure_stage_overhead(*, timeout_s: float = 120.0) -> tuple[float, float]:
+    """Seconds of thread CPU time per microbatch that a stage of a two-stage pipeline spends beyond
+    computing and its optimizer update, for the first stage and the last (which also takes the loss):
+    the median over GPipe and 1F1B of a null pipeline here (`null_model`)."""
+    from placewise.plan.schedule import SCHEDULES
+    from placewise.run.job import PipelineJob
+    from placewise.run.launcher import launch
+    from placewise.run.pipeline import pipeline_rank
+    m = OVERHEAD_MICROBATCHES
+    jobs = [PipelineJob(model=f"{__name__}:null_model", batch_size=m, mapping={"_0": 0, "_1": 1}, schedule=kind,
+                        microbatches=m, steps=OVERHEAD_STEPS, warmup=OVERHEAD_WARMUP) for kind in SCHEDULES]
+    results, _ = launch(pipeline_rank, 2, (jobs,), threads=1, timeout_s=timeout_s, preload=["torch"])
+    per_stage = []
+    for rank in range(2):
+        per_stage.append(statistics.median(
+            (r["step_cpu_seconds"] - r["outside_cpu_seconds"]["update"]) / (m * OVERHEAD_STEPS) for r in results[rank]))
+    return per_stage[0], per_stage[1]
+
+
+def measure_here() -> dict:
+    """What `placewise devices --measure` records of this machine (`profile.machine.machine_cluster`
+    reads it): the link between two processes and the runtime's overhead per microbatch (the mean of
+    a first and a last stage's)."""
+    first, last = measure_stage_overhead()
+    return {**measure_link().to_json(), "overhead": (first + last) / 2}

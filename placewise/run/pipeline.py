@@ -22,7 +22,8 @@ from placewise.run.cut import output_tensor
 from placewise.run.job import PipelineJob, prepare
 from placewise.run.launcher import is_torchrun, launch, run_rank
 from placewise.run.optim import module_optimizer
-from placewise.run.stage import run_stage
+from placewise.run.replicas import StageGroup, stage_ranks
+from placewise.run.stage import run_replica, run_stage
 from placewise.run.workload import loss_fn
 
 
@@ -63,25 +64,40 @@ def run_single(job: PipelineJob) -> dict[str, Any]:
 
 
 def pipeline_rank(rank: int, world_size: int, jobs: Sequence[PipelineJob]) -> list[dict[str, Any] | None]:
-    """The launcher's rank function: run each job's stage on the first `n_stages` ranks (others sit it out).
+    """The launcher's rank function: run each job's stage on the first `n_ranks` ranks (others sit it out).
 
-    Several jobs share one process group (tests start processes once); a job with fewer stages than
-    processes runs on a subgroup of the first ranks."""
-    sizes = sorted({job.n_stages for job in jobs})
-    for n in sizes:
-        if n > world_size:
-            raise PlacewiseError(f"a job needs {n} processes but only {world_size} were started")
-    # new_group is collective: every rank creates every subgroup, in the same order.
-    groups = {n: (None if n == world_size else dist.new_group(list(range(n)))) for n in sizes if n > 1}
+    A job's stages take consecutive ranks, a replicated stage one per replica, its first (the lead) in the
+    pipeline (`placewise.run.replicas`). Several jobs share one process group (tests start processes
+    once); a job with fewer ranks than processes runs on subgroups of the first ranks."""
+    layouts = sorted({job.stage_replicas for job in jobs})
+    for replicas in layouts:
+        if sum(replicas) > world_size:
+            raise PlacewiseError(f"a job needs {sum(replicas)} processes but only {world_size} were started")
+    groups = {replicas: _groups(replicas, world_size) for replicas in layouts}
     results: list[dict[str, Any] | None] = []
     for job in jobs:
-        if job.n_stages == 1:
-            results.append(run_single(job) if rank == 0 else None)
-        elif rank < job.n_stages:
-            results.append(run_stage(job, rank, groups[job.n_stages]))
-        else:
+        replicas = job.stage_replicas
+        ranks = stage_ranks(replicas)
+        where = [(s, k) for s, members in enumerate(ranks) for k, r in enumerate(members) if r == rank]
+        if not where:
             results.append(None)
+        elif job.n_ranks == 1:
+            results.append(run_single(job))
+        else:
+            pipeline, stage_groups = groups[replicas]
+            s, k = where[0]
+            own = StageGroup(stage_groups[s], ranks[s]) if replicas[s] > 1 else None
+            results.append(run_stage(job, s, pipeline, own) if k == 0 else run_replica(job, s, own))
     return results
+
+
+def _groups(replicas: tuple[int, ...], world_size: int) -> tuple[Any, list[Any]]:
+    """The process group of the stages' leads (None: every rank) and each replicated stage's own group.
+    new_group is collective: every rank creates every group, in the same order."""
+    ranks = stage_ranks(replicas)
+    leads = [members[0] for members in ranks]
+    pipeline = None if len(leads) == world_size else dist.new_group(leads)
+    return pipeline, [dist.new_group(members) if len(members) > 1 else None for members in ranks]
 
 
 def _gathered_rank(rank: int, world_size: int, job: PipelineJob) -> list[dict[str, Any]]:
@@ -92,25 +108,27 @@ def _gathered_rank(rank: int, world_size: int, job: PipelineJob) -> list[dict[st
 
 
 def run_pipeline(job: PipelineJob, *, threads: int = 1, timeout_s: float = 600.0) -> list[dict[str, Any]] | None:
-    """Run `job` with one process per stage: started here on this machine (gloo over 127.0.0.1, or NCCL
-    when there is a GPU per stage), or, inside `torchrun`, as this process's rank (several machines:
+    """Run `job` with one process per stage replica: started here on this machine (gloo over 127.0.0.1, or
+    NCCL when there is a GPU per process), or, inside `torchrun`, as this process's rank (several machines:
     `torchrun --nnodes H --nproc-per-node P --rdzv-backend c10d --rdzv-endpoint HOST:PORT
-    -m placewise.cli train MODEL --plan PLAN.json`, H x P = the plan's stages, rank r runs stage r).
-    Per-stage reports; under torchrun only rank 0 gets them (others None)."""
+    -m placewise.cli train MODEL --plan PLAN.json`, H x P = the plan's stages' replicas, in stage order).
+    Per-stage reports (each stage's lead's); under torchrun only rank 0 gets them (others None)."""
     prepare(job)  # bad input fails here, in one line, before any process starts
-    n = job.n_stages
+    n = job.n_ranks
+    leads = [members[0] for members in stage_ranks(job.stage_replicas)]
     if is_torchrun():
         world = int(os.environ["WORLD_SIZE"])
         if world != n:
-            raise PlacewiseError(f"torchrun started {world} processes but the plan has {n} stages; start {n}")
+            what = f"{job.n_stages} stages" + (f" with {n} replicas in all" if n != job.n_stages else "")
+            raise PlacewiseError(f"torchrun started {world} processes but the plan has {what}; start {n}")
         local = int(os.environ.get("LOCAL_RANK", "0"))
         nccl = torch.cuda.is_available() and local < torch.cuda.device_count()
         if nccl:
             torch.cuda.set_device(local)
         torch.set_num_threads(threads)
         reports = run_rank(_gathered_rank, (job,), backend="nccl" if nccl else "gloo", timeout_s=timeout_s)
-        return reports if int(os.environ["RANK"]) == 0 else None
+        return [reports[r] for r in leads] if int(os.environ["RANK"]) == 0 else None
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= n else "gloo"
     results, _ = launch(pipeline_rank, n, ([job],), backend=backend, threads=threads, timeout_s=timeout_s)
-    return [r[0] for r in results]
+    return [results[r][0] for r in leads]
 

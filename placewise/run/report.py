@@ -22,12 +22,13 @@ def pipeline_report(results: Sequence[dict[str, Any]], *, plan=None, batch_size:
     for r in results:
         compute = r.get("forward_seconds", 0.0) + r.get("backward_seconds", 0.0)
         timed = "forward_seconds" in r
-        row = {"stage": r["stage"], "nodes": len(r.get("nodes", [])),
+        # A replicated stage reports through its lead: its time includes waiting for the other replicas.
+        row = {"stage": r["stage"], "replicas": r.get("replicas", 1), "nodes": len(r.get("nodes", [])),
                "measured_ms_per_sample": 1e3 * compute / r["samples"] if timed else None,
                "measured_cpu_ms_per_sample": 1e3 * r["cpu_seconds"] / r["samples"] if timed else None}
         if plan is not None:
             s = plan.stages[r["stage"]]
-            row.update(device=f"{s.kind}:{s.index}", predicted_load=s.load)
+            row.update(device=f"{s.kind}:{s.index}" + (f" x{s.replicas}" if s.replicas > 1 else ""), predicted_load=s.load)
             if profiled_batch:
                 row["predicted_ms_per_sample"] = s.load / profiled_batch
         stages.append(row)

@@ -19,6 +19,7 @@ from placewise.run.cut import Prepared, output_tensor, pack
 from placewise.run.faults import maybe_fail
 from placewise.run.job import PipelineJob, prepare
 from placewise.run.optim import module_optimizer
+from placewise.run.replicas import ReplicatedModule, Replicas, StageGroup, follow
 from placewise.run.timing import StageClock
 from placewise.run.workload import loss_fn
 
@@ -40,11 +41,13 @@ def _device(rank: int) -> torch.device:
 
 
 def stage_schedule(prepared: Prepared, stage_index: int, *, schedule: str, microbatches: int, training: bool,
-                   group=None, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-                   ) -> tuple[nn.Module, Any, Any]:
+                   group=None, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                   replicas: StageGroup | None = None) -> tuple[nn.Module, Any, Any]:
     """This process's stage of a cut model as a `PipelineStage` with static shapes, on this rank's device, and
     its GPipe or 1F1B schedule (training: the loss of each microbatch, `loss` or the workload's, divided by
-    `microbatches`). Every rank of `group` (rank i runs stage i) calls this with its own `stage_index`."""
+    `microbatches`). Every rank of `group` (rank i runs stage i) calls this with its own `stage_index`.
+    With `replicas` (a replicated stage; this process its lead), the stage's submodule is spread over them
+    (`placewise.run.replicas`; `stage.submod.replicas` then says what the followers should do)."""
     loss = loss or loss_fn
     gm, micro, values = prepared.gm, prepared.micro, prepared.values
     part = prepared.parts[stage_index]
@@ -62,7 +65,9 @@ def stage_schedule(prepared: Prepared, stage_index: int, *, schedule: str, micro
     input_args = tuple(t.to(device) for t in micro) if first else tuple(example(values[n]) for n in part.inputs)
     output_args = (example(output_tensor(values, gm)),) if last else tuple(example(values[n]) for n in part.outputs)
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-    stage = PipelineStage(module, stage_index, n_stages, device, input_args=input_args, output_args=output_args,
+    submod = module if replicas is None else ReplicatedModule(
+        Replicas(module, replicas.group, replicas.ranks, device, len(input_args)))
+    stage = PipelineStage(submod, stage_index, n_stages, device, input_args=input_args, output_args=output_args,
                           group=group)
     schedule_cls = {GPIPE: ScheduleGPipe, ONE_F_ONE_B: Schedule1F1B}[schedule]
     # Each microbatch's loss is divided by M, so the gradients are the batch mean as soon as the last
@@ -86,6 +91,23 @@ def _clocked(stage: Any, optimizer: torch.optim.Optimizer | None, fuse: str) -> 
     return clock
 
 
+@contextlib.contextmanager
+def _outside_timed(clock: StageClock, runner: Any):
+    """Time what the schedule does between chunks (`timing.OUTSIDE`): torch's schedules post their
+    sends and receives and wait for them through module-level helpers, patched here for the run."""
+    from torch.distributed.pipelining import schedules
+    names = {"_batch_p2p": "post", "_sorted_batch_p2p": "post", "_wait_batch_p2p": "wait"}
+    saved = {name: getattr(schedules, name) for name in names}
+    for name, part in names.items():
+        setattr(schedules, name, clock.wrap_outside(saved[name], part))
+    runner._maybe_compute_loss = clock.wrap_outside(runner._maybe_compute_loss, "loss")
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(schedules, name, fn)
+
+
 def _memory_counter(job: PipelineJob, module: nn.Module):
     """With "memory" in `job.collect`: a live tensor counter, started, that holds the stage's own
     parameters and buffers (counting slows every operator, so timed runs leave it out)."""
@@ -99,62 +121,112 @@ def _memory_counter(job: PipelineJob, module: nn.Module):
     return counter
 
 
-def run_stage(job: PipelineJob, stage_index: int, group=None) -> dict[str, Any]:
-    """Run this process's stage of `job` (all ranks of `group` call this); a report of what it measured."""
+def run_stage(job: PipelineJob, stage_index: int, group=None, replicas: StageGroup | None = None) -> dict[str, Any]:
+    """Run this process's stage of `job` (all ranks of `group` call this); a report of what it measured.
+    With `replicas`, this process leads a replicated stage (its followers run `run_replica`)."""
     prepared = prepare(job)
-    gm, example_inputs, values = prepared.gm, prepared.example_inputs, prepared.values
     part = prepared.parts[stage_index]
-    training = job.training
     module, stage, schedule = stage_schedule(prepared, stage_index, schedule=job.schedule,
-                                             microbatches=job.microbatches, training=training, group=group)
-    device = stage.device
-    first, last = stage_index == 0, stage_index == job.n_stages - 1
+                                             microbatches=job.microbatches, training=job.training, group=group,
+                                             replicas=replicas)
+    shared = stage.submod.replicas if replicas is not None else None
     optimizer = module_optimizer(module, job.optimizer, job.lr, job.momentum, job.fuse,
-                                 keep_grads="grads" in job.collect) if training else None
+                                 keep_grads="grads" in job.collect) if job.training else None
     clock = _clocked(stage, optimizer, job.fuse)
-    output_like = output_tensor(values, gm)
     report: dict[str, Any] = {"stage": stage_index, "nodes": part.nodes, "losses": [], "step_seconds": []}
     progress = _progress(job, dist.get_rank())
     memory = _memory_counter(job, module)
     try:
-        for step in range(job.warmup + job.steps):
-            if job.fail_at_step == (stage_index, step):
-                raise RuntimeError(f"stage {stage_index} failed on purpose at step {step}")
-            maybe_fail(dist.get_rank(), step)
-            with memory.paused() if memory else contextlib.nullcontext():
-                inputs, target = job.batch(example_inputs, output_like, step)
-            args = tuple(t.to(device) for t in inputs) if first else ()
-            kwargs = {"target": target.to(device)} if last and training else {}
-            clock.on = step >= job.warmup
-            start = time.perf_counter()
-            if training:
-                losses: list[torch.Tensor] = []
-                out = schedule.step(*args, losses=losses, **kwargs)
-                if last:
-                    report["losses"].append(float(torch.stack(losses).sum().detach()))
-                if step == 0 and "grads" in job.collect:
-                    report["grads"] = {k: p.grad.detach().cpu().clone() for k, p in module.named_parameters()
-                                       if p.grad is not None}
-                if optimizer is not None:
-                    optimizer.step()
-                    optimizer.zero_grad()
-            else:
-                with torch.no_grad():
-                    out = schedule.eval(*args)
-            if step >= job.warmup:
-                report["step_seconds"].append(time.perf_counter() - start)
-                report.setdefault("step_starts", []).append(start)
-            if last and step == 0 and "outputs" in job.collect:
-                report["outputs"] = out.detach().cpu()
-            if progress:
-                progress[0].advance(progress[1])
+        with _outside_timed(clock, schedule):
+            for step in range(job.warmup + job.steps):
+                _step(job, prepared, stage_index, step, stage.device, module, schedule, optimizer, clock, memory,
+                      report, shared)
+                if progress:
+                    progress[0].advance(progress[1])
     finally:
         if progress:
             progress[0].stop()
         if memory:
             memory.__exit__(None, None, None)
             report["peak_memory_bytes"] = memory.peak
-    report.update(forward_seconds=clock.forward, backward_seconds=clock.backward, cpu_seconds=clock.cpu,
-                  events=clock.events,
+    report.update(replicas=1 if replicas is None else len(replicas.ranks), forward_seconds=clock.forward,
+                  backward_seconds=clock.backward, cpu_seconds=clock.cpu, outside_seconds=dict(clock.outside),
+                  outside_cpu_seconds=dict(clock.outside_cpu), events=clock.events,
                   samples=job.batch_size * job.steps, microbatches=job.microbatches)
     return report
+
+
+def run_replica(job: PipelineJob, stage_index: int, replicas: StageGroup) -> dict[str, Any]:
+    """A follower of a replicated stage: its share of every microbatch, as the stage's lead commands, then
+    the replicas' gradients summed and this copy's optimizer step (the same update on every replica)."""
+    prepared = prepare(job)
+    part = prepared.parts[stage_index]
+    device = _device(dist.get_rank())
+    module = part.module.to(device)
+    module.train(job.training)
+    received = prepared.micro if stage_index == 0 else tuple(prepared.values[n] for n in part.inputs)
+    # A share of each received value: what the lead scatters (the check in `prepare` made them tensors).
+    likes = [t[: t.shape[0] // len(replicas.ranks)].to(device) for t in received]
+    shared = Replicas(module, replicas.group, replicas.ranks, device, len(likes))
+    optimizer = module_optimizer(module, job.optimizer, job.lr, job.momentum, job.fuse,
+                                 keep_grads="grads" in job.collect) if job.training else None
+    report: dict[str, Any] = {"stage": stage_index, "replica": replicas.ranks.index(dist.get_rank()),
+                              "nodes": part.nodes}
+    for step in range(job.warmup + job.steps):
+        maybe_fail(dist.get_rank(), step)
+        follow(shared, likes)
+        if job.training:
+            shared.sum_gradients()
+            if step == 0 and "grads" in job.collect:
+                report["grads"] = {k: p.grad.detach().cpu().clone() for k, p in module.named_parameters()
+                                   if p.grad is not None}
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad()
+    return report
+
+
+def _step(job: PipelineJob, prepared: Prepared, stage_index: int, step: int, device: torch.device, module: nn.Module,
+          schedule: Any, optimizer: torch.optim.Optimizer | None, clock: StageClock, memory: Any,
+          report: dict[str, Any], shared: Replicas | None = None) -> None:
+    """One step of this stage (timed after the warm-up), its results added to `report`; `shared`: this
+    process leads a replicated stage."""
+    first, last = stage_index == 0, stage_index == job.n_stages - 1
+    if job.fail_at_step == (stage_index, step):
+        raise RuntimeError(f"stage {stage_index} failed on purpose at step {step}")
+    maybe_fail(dist.get_rank(), step)
+    with memory.paused() if memory else contextlib.nullcontext():
+        inputs, target = job.batch(prepared.example_inputs, output_tensor(prepared.values, prepared.gm), step)
+    args = tuple(t.to(device) for t in inputs) if first else ()
+    kwargs = {"target": target.to(device)} if last and job.training else {}
+    clock.on = step >= job.warmup
+    start, start_cpu = time.perf_counter(), time.thread_time()
+    if job.training:
+        losses: list[torch.Tensor] = []
+        out = schedule.step(*args, losses=losses, **kwargs)
+        if shared is not None:
+            shared.command()  # the step's end: the followers' gradients are complete
+            shared.sum_gradients()
+        if last:
+            report["losses"].append(float(torch.stack(losses).sum().detach()))
+        if step == 0 and "grads" in job.collect:
+            report["grads"] = {k: p.grad.detach().cpu().clone() for k, p in module.named_parameters()
+                               if p.grad is not None}
+        if optimizer is not None:
+            clock.wrap_outside(_update, "update")(optimizer)
+    else:
+        with torch.no_grad():
+            out = schedule.eval(*args)
+        if shared is not None:
+            shared.command()
+    if step >= job.warmup:
+        report["step_seconds"].append(time.perf_counter() - start)
+        report["step_cpu_seconds"] = report.get("step_cpu_seconds", 0.0) + time.thread_time() - start_cpu
+        report.setdefault("step_starts", []).append(start)
+    if last and step == 0 and "outputs" in job.collect:
+        report["outputs"] = out.detach().cpu()
+
+
+def _update(optimizer: torch.optim.Optimizer) -> None:
+    optimizer.step()
+    optimizer.zero_grad()

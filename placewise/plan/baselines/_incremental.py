@@ -24,6 +24,7 @@ class DeviceTable:
         self.devices = devices
         kinds = [cluster.kind(d.kind) for d in devices]
         self.accelerator = np.array([k.accelerator for k in kinds], dtype=np.bool_)
+        self.pays_transfers = np.array([k.pays_transfers for k in kinds], dtype=np.bool_)
         self.speed = np.array([k.speed for k in kinds], dtype=float)
         self.memory = np.array([np.inf if k.memory is None else k.memory for k in kinds], dtype=float)
 
@@ -47,7 +48,7 @@ class State:
     def args(self) -> tuple:
         t = self.table
         return (self.device, self.count, self.placed, self.load, self.pred_ptr, self.pred, self.cost,
-                self.acc_time, self.cpu_time, t.accelerator, t.speed, self.mark, self.stamp)
+                self.acc_time, self.cpu_time, t.accelerator, t.pays_transfers, t.speed, self.mark, self.stamp)
 
     def delta(self, nodes: np.ndarray, target: int) -> np.ndarray:
         return move_delta(nodes, target, *self.args())
@@ -58,8 +59,8 @@ class State:
 
 
 @njit(cache=True)
-def _pays(u, d, device, count, placed, accelerator):
-    if not accelerator[d] or device[u] < 0:
+def _pays(u, d, device, count, placed, pays_transfers):
+    if not pays_transfers[d] or device[u] < 0:
         return False
     if device[u] == d:
         return placed[u] > count[u, d]
@@ -84,7 +85,7 @@ def relocate(nodes, target, device, count, placed, pred_ptr, pred):
 
 @njit(cache=True)
 def move_delta(nodes, target, device, count, placed, load, pred_ptr, pred, cost, acc_time, cpu_time,
-               accelerator, speed, mark, stamp):
+               accelerator, pays_transfers, speed, mark, stamp):
     """Change of every device's load if `nodes` (all on one device, or unplaced) moved to `target`."""
     n_dev = load.shape[0]
     delta = np.zeros(n_dev)
@@ -102,7 +103,7 @@ def move_delta(nodes, target, device, count, placed, load, pred_ptr, pred, cost,
                 touched.append(w)
     for u in touched:
         for d in range(n_dev):
-            if _pays(u, d, device, count, placed, accelerator):
+            if _pays(u, d, device, count, placed, pays_transfers):
                 delta[d] -= cost[u]
     source = device[nodes[0]] if nodes.shape[0] > 0 else -1
     for x in nodes:
@@ -112,7 +113,7 @@ def move_delta(nodes, target, device, count, placed, load, pred_ptr, pred, cost,
     relocate(nodes, target, device, count, placed, pred_ptr, pred)
     for u in touched:
         for d in range(n_dev):
-            if _pays(u, d, device, count, placed, accelerator):
+            if _pays(u, d, device, count, placed, pays_transfers):
                 delta[d] += cost[u]
     relocate(nodes, source, device, count, placed, pred_ptr, pred)
     return delta

@@ -32,7 +32,7 @@ IMPROVEMENT = 1e-9
 
 @njit(cache=True)
 def _best_move(unit_ptr, unit_members, unit_device, device, count, placed, load, pred_ptr, pred, cost,
-               acc_time, cpu_time, accelerator, speed, mark, stamp):
+               acc_time, cpu_time, accelerator, pays_transfers, speed, mark, stamp):
     top = load.max()
     at_max = load >= top * (1 - 1e-12)
     best, best_unit, best_target = np.inf, -1, -1
@@ -43,7 +43,7 @@ def _best_move(unit_ptr, unit_members, unit_device, device, count, placed, load,
             if b == a or not (at_max[a] or at_max[b]):
                 continue
             delta = move_delta(nodes, b, device, count, placed, load, pred_ptr, pred, cost, acc_time, cpu_time,
-                               accelerator, speed, mark, stamp)
+                               accelerator, pays_transfers, speed, mark, stamp)
             value = (load + delta).max()
             if value < best:
                 best, best_unit, best_target = value, k, b
@@ -102,7 +102,7 @@ def _loads_of(state: State, graph: OpGraph) -> np.ndarray:
         on = state.device == d
         time_on = graph.acc_time if table.accelerator[d] else graph.cpu_time
         load[d] = time_on[on].sum() / table.speed[d]
-        if table.accelerator[d]:
+        if table.pays_transfers[d]:
             own = on & (state.placed > state.count[:, d])
             other = ~on & (state.device >= 0) & (state.count[:, d] > 0)
             load[d] += graph.out_cost[own | other].sum()

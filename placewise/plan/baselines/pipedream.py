@@ -20,17 +20,21 @@ scored by the cost model.
 from __future__ import annotations
 
 import time
+from typing import Sequence
 
 import numpy as np
 from numba import njit
 
 from placewise.errors import PlacewiseError
-from placewise.graph import Cluster, OpGraph
+from placewise.graph import Cluster, Device, DeviceKind, OpGraph
+from placewise.plan.allreduce import PIPEDREAM, AllReduce
 from placewise.plan.baselines.common import accelerators, chain_assignment, score, units
-from placewise.plan.cost import MEMORY_TOLERANCE
+from placewise.plan.cost import MEMORY_TOLERANCE, complete_by_colocation
 from placewise.plan.csr import csr
 from placewise.plan.options import PipeDreamOptions
 from placewise.plan.plan import Plan
+from placewise.plan.predict import cluster_link
+from placewise.plan.replicas import replicated_plan
 
 
 @njit(cache=True)
@@ -69,10 +73,10 @@ def _segment_transfers(unit_ptr, unit_members, n_nodes, pred_ptr, pred, out_degr
     return out
 
 
-def _plan(graph: OpGraph, cluster: Cluster, options, method: str, transfers: bool) -> Plan:
-    start = time.perf_counter()
-    devices = accelerators(cluster, method)
-    u = units(graph, cluster)
+def _stage_times(graph: OpGraph, u, kind: DeviceKind, transfers: bool) -> np.ndarray:
+    """[i, j]: the time of units i..j-1 as one stage on a device of `kind` (compute over its speed,
+    plus the cost model's transfers when `transfers`); infinite for empty segments and those that do
+    not fit (memory, unsupported operators)."""
     n = u.count
     acc_prefix = np.concatenate([[0.0], np.cumsum(u.acc_time)])
     mem_prefix = np.concatenate([[0.0], np.cumsum(u.memory)])
@@ -87,14 +91,25 @@ def _plan(graph: OpGraph, cluster: Cluster, options, method: str, transfers: boo
         transfer = _segment_transfers(*csr(u.members), len(graph.nodes), pred_ptr, pred, out_degree, graph.out_cost)
     else:
         transfer = 0.0
+    stage = compute / kind.speed + transfer
+    limit = np.inf if kind.memory is None else kind.memory * (1 + MEMORY_TOLERANCE)
+    stage[empty | unsupported | (memory > limit)] = np.inf
+    return stage
+
+
+def _plan(graph: OpGraph, cluster: Cluster, options, method: str, transfers: bool) -> Plan:
+    start = time.perf_counter()
+    devices = accelerators(cluster, method)
+    u = units(graph, cluster)
+    n = u.count
     best = np.full(n + 1, np.inf)
     best[0] = 0.0
     choice = np.zeros((len(devices), n + 1), dtype=np.int64)
+    stages = {}
     for s, dev in enumerate(devices):
-        kind = cluster.kind(dev.kind)
-        stage = compute / kind.speed + transfer
-        limit = np.inf if kind.memory is None else kind.memory * (1 + MEMORY_TOLERANCE)
-        stage[empty | unsupported | (memory > limit)] = np.inf
+        if dev.kind not in stages:
+            stages[dev.kind] = _stage_times(graph, u, cluster.kind(dev.kind), transfers)
+        stage = stages[dev.kind].copy()
         stage[np.diag_indices(n + 1)] = 0.0  # a device may stay empty
         candidates = np.maximum(best[:, None], stage)
         choice[s] = np.argmin(candidates, axis=0)
@@ -110,6 +125,87 @@ def _plan(graph: OpGraph, cluster: Cluster, options, method: str, transfers: boo
                  objective=options.objective, notes={"transfers": transfers, "planner_max_stage": float(best[n])})
 
 
+def _replicated_stage_times(graph: OpGraph, cluster: Cluster, u, stage: np.ndarray, max_r: int,
+                            allreduce: AllReduce) -> list[np.ndarray]:
+    """[r][i, j]: the time of units i..j-1 on r replicas (r = 1..max_r; index 0 unused), PipeDream's
+    `(compute + 4 (r-1) P / (B r)) / r` through `cost.replicated_load`'s rule, P the segment's
+    parameter bytes; infinite where a segment's parameter bytes are not all known."""
+    params = np.array([0.0 if n.parameters is None else n.parameters for n in graph.nodes])
+    unknown = np.array([n.parameters is None for n in graph.nodes], dtype=float)
+    unit_params = np.bincount(u.unit_of, weights=params, minlength=u.count)
+    unit_unknown = np.bincount(u.unit_of, weights=unknown, minlength=u.count)
+    p_prefix = np.concatenate([[0.0], np.cumsum(unit_params)])
+    seg_params = p_prefix[None, :] - p_prefix[:, None]
+    q_prefix = np.concatenate([[0.0], np.cumsum(unit_unknown)])
+    replicable = (q_prefix[None, :] - q_prefix[:, None]) < 0.5
+    link = cluster_link(graph, cluster)
+    out = [stage, stage]
+    for r in range(2, max_r + 1):
+        # The all-reduce is linear in the bytes (a constant for the link's latency).
+        const = allreduce.per_unit(0.0, r, link.bandwidth, link.latency)
+        coef = allreduce.per_unit(1.0, r, link.bandwidth, link.latency) - const
+        out.append(np.where(replicable, stage / r + coef * seg_params + const, np.inf))
+    return out
+
+
+def _hybrid_cuts(times: list[np.ndarray], machines: int) -> tuple[float, list[tuple[int, int, int]]]:
+    """PipeDream's hierarchical recurrence on one level, on a chain: A[m][j], the least time per
+    minibatch of the first j units on exactly m machines, is min over k < j and m' <= m of
+    max(A[m - m'][k], T[m'][k, j]). Returns the value and (first unit, end unit, replicas) per stage."""
+    n = times[1].shape[0] - 1
+    best = np.full((machines + 1, n + 1), np.inf)
+    best[0, 0] = 0.0
+    arg = np.zeros((machines + 1, n + 1, 2), dtype=np.int64)
+    for m in range(1, machines + 1):
+        for r in range(1, m + 1):
+            candidates = np.maximum(best[m - r][:, None], times[r])
+            k = np.argmin(candidates, axis=0)
+            value = candidates[k, np.arange(n + 1)]
+            better = value < best[m]
+            best[m, better] = value[better]
+            arg[m, better] = np.stack([k, np.full(n + 1, r)], axis=1)[better]
+    stages, j, m = [], n, machines
+    while j > 0 and np.isfinite(best[machines, n]):
+        k, r = (int(x) for x in arg[m, j])
+        stages.append((k, j, r))
+        j, m = k, m - r
+    return float(best[machines, n]), stages[::-1]
+
+
+def pipedream_hybrid(graph: OpGraph, cluster: Cluster, options: PipeDreamOptions) -> Plan:
+    """PipeDream's planner with replication (`optimizer_graph_hierarchical.py` without
+    `--straight_pipeline`): on the linearized units, every stage chooses how many of the accelerators
+    replicate it, all of them used (PipeDream's default, no `--use_fewer_machines`). Stage time as
+    in `pipedream` (with the cost model's transfers unless `options.transfers` is False) shared by
+    the replicas, plus the all-reduce of `options.allreduce` (PipeDream's by default). The plan is
+    scored by the cost model with the same all-reduce model."""
+    start = time.perf_counter()
+    devices = accelerators(cluster, "pipedream-hybrid")
+    kinds = {d.kind for d in devices}
+    if len(kinds) > 1:
+        raise PlacewiseError("pipedream-hybrid plans for one kind of accelerator, as PipeDream does; the cluster has "
+                             f"{', '.join(sorted(kinds))}: use dp --max-replicas for mixed kinds")
+    kind = cluster.kind(devices[0].kind)
+    u = units(graph, cluster)
+    stage = _stage_times(graph, u, kind, bool(options.transfers))
+    value, stages = _hybrid_cuts(_replicated_stage_times(graph, cluster, u, stage, len(devices), options.allreduce),
+                                 len(devices))
+    if not np.isfinite(value):
+        raise PlacewiseError(f"pipedream-hybrid: no cut of the linearized order onto {len(devices)} accelerators fits "
+                             "(memory or unsupported operators); add accelerators or memory, or use dp")
+    assignment, replicas, used = {}, {}, 0
+    for first, end, r in stages:
+        device = Device(kind.name, used)
+        replicas[device] = r
+        used += r
+        for k in range(first, end):
+            for i in u.members[k]:
+                assignment[graph.nodes[i].id] = device
+    return replicated_plan(graph, cluster, assignment, replicas, options.allreduce, solver="pipedream-hybrid",
+                           seconds=time.perf_counter() - start, objective=options.objective,
+                           notes={"transfers": bool(options.transfers), "planner_max_stage": value})
+
+
 def pipedream(graph: OpGraph, cluster: Cluster, options: PipeDreamOptions) -> Plan:
     """PipeDream's straight-pipeline DP; `options.transfers = False` drops transfers from its objective."""
     transfers = bool(options.transfers)
@@ -119,3 +215,24 @@ def pipedream(graph: OpGraph, cluster: Cluster, options: PipeDreamOptions) -> Pl
 def pipedream_nocomm(graph: OpGraph, cluster: Cluster, options) -> Plan:
     """PipeDream's default objective: stage time is compute only."""
     return _plan(graph, cluster, options, "pipedream-nocomm", False)
+
+
+def pipedream_split(graph: OpGraph, cluster: Cluster, replicas: Sequence[int],
+                    allreduce: AllReduce = AllReduce(PIPEDREAM)) -> Plan:
+    """PipeDream's own split (the `stage_id` its planner wrote into a profile, `graph.split`) as a plan,
+    stage s replicated `replicas[s]` times on the first accelerator kind (e.g. 13-1-1-1 workers) and
+    scored with `allreduce`. PipeDream's split files do not record replica counts, so they are given."""
+    if graph.split is None:
+        raise PlacewiseError(f"{graph.name or 'the graph'} carries no PipeDream split (`-- stage_id=S`); give a "
+                             "partitioned profile")
+    stage_of = dict(graph.split)
+    stages = sorted(set(stage_of.values()))
+    if len(replicas) != len(stages) or any(r < 1 for r in replicas):
+        raise PlacewiseError(f"PipeDream's split has {len(stages)} stages; give that many replica counts of at least 1, "
+                             f"not {list(replicas)}")
+    kind = cluster.kind(accelerators(cluster, "pipedream split")[0].kind)
+    firsts = np.concatenate([[0], np.cumsum(replicas)[:-1]])
+    device = {s: Device(kind.name, int(first)) for s, first in zip(stages, firsts)}
+    assignment = complete_by_colocation(graph, {n: device[s] for n, s in stage_of.items()})
+    return replicated_plan(graph, cluster, assignment, {device[s]: int(r) for s, r in zip(stages, replicas)}, allreduce,
+                           solver="pipedream-split", seconds=0.0, notes={"replicas": "-".join(map(str, replicas))})

@@ -18,8 +18,8 @@ What makes it fast while staying exact:
   on a chain, cheap: units² pairs); no set of an optimal split has load above U;
 - only states that can still finish are kept: with w the least work of a unit (its least time on
   any kind) and each device holding at most ratio_t * U of it, ideal I with s devices needs
-  w(I) <= cap(s) and w(rest) <= cap(all - s); an all-accelerator side also pays every port the cut
-  splits. So each ideal has few live states, and its useful sub-ideals J lie in a band of work;
+  w(I) <= cap(s) and w(rest) <= cap(all - s); a side whose devices all pay transfers
+  (`DeviceKind.pays_transfers`) also pays every port the cut splits. So each ideal has few live states, and its useful sub-ideals J lie in a band of work;
 - those J are found by scanning the band (ideals sorted by work; a per-ideal bitmask of finite dp
   states rejects most at once, then a subset test), with the set's compute, memory and support from
   per-ideal prefix sums and its transfer from the ports the two ideals split (no other port can be

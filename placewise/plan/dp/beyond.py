@@ -16,14 +16,19 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+import numpy as np
+
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device
 from placewise.plan.coarsen import Coarsening, coarsen, colocated, near_cuts
 from placewise.plan.cost import evaluate
-from placewise.plan.dp.problem import Problem
+from placewise.plan.dp.bound_search import CERTIFY_GAP, search
+from placewise.plan.dp.problem import Problem, lower_bound, make_problem
+from placewise.plan.dp.run import prepare
 from placewise.plan.dp.replicated import Reduced
 from placewise.plan.ideals import enumerate_ideals
 from placewise.plan.options import DPOptions, PipeDreamOptions, SolveOptions
+from placewise.plan.plan import Plan, plan_from_assignment
 from placewise.plan.units import Units
 
 # Without a time limit, the search beyond the ideal limit takes at most this long.
@@ -61,6 +66,10 @@ class Candidates:
 
 
 def _fits(pred, limit: int) -> bool:
+    # The prefixes of a topological order are distinct ideals: a DAG of n units has over n, so a
+    # coarsening with `limit` groups or more is rejected without listing (most tries on large graphs).
+    if len(pred) >= limit:
+        return False
     try:
         enumerate_ideals(pred, limit)
     except PlacewiseError:
@@ -75,16 +84,75 @@ def _coarse_plan(reduced: Reduced, units: Units, coarse: Coarsening, cluster: Cl
                                          time_limit=None if seconds is None else max(seconds, 1e-3)))
 
 
+def coarse_units(units: Units, coarse: Coarsening) -> Units:
+    """The coarsened problem's units: each group of `coarse` one unit. A port keeps the groups of
+    its targets other than its owner's (a target in the owner's group shares its device, so it never
+    makes the port paid); a port left with none is never paid and dropped. Shared copy groups keep
+    the groups that need them. The DP on these units is the DP on the graph with each group
+    colocated, without rebuilding that graph's units."""
+    group_of = coarse.group_of
+    n = len(coarse.groups)
+
+    def per_group(values: np.ndarray) -> np.ndarray:
+        return np.bincount(group_of, weights=values, minlength=n)
+
+    owners, ptr, flat = [], [0], []
+    for p in range(len(units.port_cost)):
+        owner = int(group_of[units.port_owner[p]])
+        targets = group_of[units.port_targets[units.port_target_ptr[p]:units.port_target_ptr[p + 1]]]
+        owners.append(owner)
+        flat += sorted({int(g) for g in targets} - {owner})
+        ptr.append(len(flat))
+    ptr_a = np.array(ptr, dtype=np.int64)
+    keep = np.flatnonzero(np.diff(ptr_a) > 0)
+    copies = units.copies
+    if copies is not None:
+        needers = [sorted({int(g) for g in group_of[copies.needers[copies.needer_ptr[c]:copies.needer_ptr[c + 1]]]})
+                   for c in range(copies.count)]
+        copies = replace(copies, unit_acc=per_group(copies.unit_acc), unit_cpu=per_group(copies.unit_cpu),
+                         unit_memory=per_group(copies.unit_memory),
+                         needer_ptr=np.cumsum([0] + [len(x) for x in needers]).astype(np.int64),
+                         needers=np.array([g for x in needers for g in x], dtype=np.int64))
+    return replace(
+        units, unit_of=group_of[units.unit_of],
+        members=tuple(tuple(sorted(i for u in g for i in units.members[u])) for g in coarse.groups),
+        pred_units=coarse.pred, acc_time=per_group(units.acc_time), cpu_time=per_group(units.cpu_time),
+        memory=per_group(units.memory), supported=per_group((~units.supported).astype(float)) == 0,
+        port_owner=np.array(owners, dtype=np.int64)[keep], port_cost=units.port_cost[keep],
+        port_target_ptr=np.concatenate([[0], np.cumsum(np.diff(ptr_a)[keep])]).astype(np.int64),
+        port_targets=np.array(flat, dtype=np.int64), stats={**units.stats, "units": n}, copies=copies)
+
+
 def coarse_restriction(reduced: Reduced, units: Units, problem: Problem, cluster: Cluster, options: DPOptions,
-                       solve: Callable, seconds: float | None, limit: int = COARSE_IDEALS):
+                       upper: float, seconds: float | None, limit: int = COARSE_IDEALS) -> Plan | None:
     """The exact optimum of the graph with its light branchy regions collapsed to at most `limit`
-    ideals (a restriction: its splits are splits here), or None when no such coarsening exists."""
+    ideals (a restriction: its splits are splits here), when one exists and is at most `upper`.
+    Solved on the collapsed units directly: rebuilding the collapsed graph's units, replication
+    and notes for a nested solve took most of the time on a 50,000-node graph."""
+    start = time.perf_counter()
     work = problem.time.min(axis=0)
     share = REGION_SHARE * float(work.sum()) / sum(k.count for k in problem.kinds)
     coarse = coarsen(units.pred_units, work, lambda c: _fits(c.pred, limit), share=share)
-    if not coarse.collapsed or not _fits(coarse.pred, limit):
+    if not coarse.collapsed or len(coarse.pred) >= limit:
         return None
-    return _coarse_plan(reduced, units, coarse, cluster, options, solve, seconds)
+    try:
+        lattice = enumerate_ideals(coarse.pred, limit)
+    except PlacewiseError:
+        return None  # the coarsest graph tried is still too large
+    grouped = coarse_units(units, coarse)
+    sub = make_problem(grouped, cluster)
+    deadline = None if seconds is None else start + seconds
+    # The search's first run is just below its upper bound: lifted so that a split at `upper` is found.
+    outcome = search(grouped, sub, lattice, prepare(grouped, sub, lattice), lower_bound(grouped, sub),
+                     upper / (1 - CERTIFY_GAP), False, None, deadline)
+    if outcome.result is None or not math.isfinite(outcome.result.value):
+        return None  # above `upper`, or out of time
+    from placewise.plan.dp.solve import _assignment  # solve imports this module
+    assignment = _assignment(reduced.work, grouped, sub, outcome.result.sets)
+    assignment = reduced.complete(assignment, list(dict.fromkeys(assignment.values())))
+    return plan_from_assignment(reduced.graph, cluster, assignment, solver="dp",
+                                seconds=time.perf_counter() - start, notes={"exact": True, "ideals": lattice.count},
+                                replicate=options.replicate)
 
 
 def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Cluster, options: DPOptions,

@@ -63,13 +63,14 @@ class Lattice(NamedTuple):
 class Bounds(NamedTuple):
     """The device kinds and states, with what a run at one bound may keep."""
 
-    accelerator: np.ndarray  # (kinds,) bool
+    accelerator: np.ndarray  # (kinds,) bool: runs supported units only
+    pays_transfers: np.ndarray  # (kinds,) bool: a set's load on the kind includes its transfers
     memory_limit: np.ndarray  # (kinds,)
     prev: np.ndarray  # (states, kinds): the state with one device of the kind fewer, -1 if none
     capacity: np.ndarray  # (states,) least work the state's devices can hold under the bound
     reach: float  # least work one device can hold under the bound
-    all_accelerators: np.ndarray  # (states,) no CPU among the state's devices
-    transfer_share: float  # transfers count at this share in an all-accelerator side's least work
+    all_pay_transfers: np.ndarray  # (states,) every device of the state pays transfers
+    transfer_share: float  # transfers count at this share in the least work of a side that pays them
     walk_cost: int  # a walk step costs this many scanned band entries (0: scan only, <0: walk only)
 
 
@@ -188,7 +189,7 @@ def _set_loads(comp, mem, unsup, transfer, bounds, prune, loads):
             loads[t] = np.inf
             continue
         alive = True
-        load = comp[t] + transfer if accelerator[t] else comp[t]
+        load = comp[t] + transfer if bounds.pays_transfers[t] else comp[t]
         loads[t] = load if load <= prune else np.inf
     return alive
 
@@ -205,13 +206,13 @@ def _relevant_states(root, lat, bounds, total_work, relevant):
     any_relevant = False
     band_lo, band_hi = np.inf, -np.inf
     needed = np.uint64(0)
-    # Each side of the cut pays every port the cut splits at least once; an all-accelerator side
-    # pays it in load (CPU cores pay no transfers, so a side with CPUs gets work alone).
+    # Each side of the cut pays every port the cut splits at least once; a side whose devices all pay
+    # transfers pays it in load (shared-memory cores pay none, so a side with them gets work alone).
     left = work + (bounds.transfer_share * lat.split_cost[root])
     right = total_work - work + (bounds.transfer_share * lat.split_cost[root])
     for s in range(n_states):
-        relevant[s] = (left if bounds.all_accelerators[s] else work) <= capacity[s] and \
-            (right if bounds.all_accelerators[full - s] else total_work - work) <= capacity[full - s]
+        relevant[s] = (left if bounds.all_pay_transfers[s] else work) <= capacity[s] and \
+            (right if bounds.all_pay_transfers[full - s] else total_work - work) <= capacity[full - s]
         if not relevant[s]:
             continue
         any_relevant = True
@@ -325,7 +326,7 @@ def _scan(root, first, last, needed, lat, copies, ports, bounds, prune, dp, arg_
             floor = abs(split_cost[root] - split_cost[sub])
             for t in range(n_kinds):
                 comp[t] = lat.comp_ideal[root, t] - lat.comp_ideal[sub, t]
-                loads[t] = comp[t] + floor if bounds.accelerator[t] else comp[t]
+                loads[t] = comp[t] + floor if bounds.pays_transfers[t] else comp[t]
             if not _could_improve(root, sub, loads, prune, dp, bounds.prev, relevant):
                 continue
             transfer = 0.0

@@ -23,7 +23,8 @@ class Problem:
 
     kinds: tuple[DeviceKind, ...]  # kinds with at least one device
     time: np.ndarray  # (kinds, units): a unit's compute time on one device of the kind
-    accelerator: np.ndarray  # (kinds,) bool
+    accelerator: np.ndarray  # (kinds,) bool: takes accelerator times and runs supported units only
+    pays_transfers: np.ndarray  # (kinds,) bool: pays its boundary's transfers (`DeviceKind.pays_transfers`)
     memory_limit: np.ndarray  # (kinds,) bytes, inf when unlimited
     prev: np.ndarray  # (states, kinds): the state with one device of that kind fewer, -1 if none
     counts: np.ndarray  # (states, kinds): devices of each kind in a state
@@ -50,7 +51,7 @@ def make_problem(units: Units, cluster: Cluster) -> Problem:
             if counts[s, t] > 0:
                 prev[s, t] = s - stride
     time_ = np.array([(units.acc_time if k.accelerator else units.cpu_time) / k.speed for k in kinds])
-    return Problem(kinds, time_, np.array([k.accelerator for k in kinds]),
+    return Problem(kinds, time_, np.array([k.accelerator for k in kinds]), np.array([k.pays_transfers for k in kinds]),
                    np.array([INF if k.memory is None else k.memory * (1 + MEMORY_TOLERANCE) for k in kinds]),
                    prev, counts, n_states - 1)
 

@@ -78,10 +78,13 @@ class Reduced:
         if not self.changed:
             return {}
         before = simplify(self.graph, cluster)
-        try:
-            ideals_before: int | None = enumerate_ideals(before.pred_units, COUNT_BEFORE).count
-        except PlacewiseError:
-            ideals_before = None
+        ideals_before: int | None = None
+        # n units have over n ideals (a topological order's prefixes): past the count, nothing to list.
+        if before.count < COUNT_BEFORE:
+            try:
+                ideals_before = enumerate_ideals(before.pred_units, COUNT_BEFORE).count
+            except PlacewiseError:
+                pass
         notes = report(self.graph, self.replication, before.count, units_after, ideals_before, ideals_after,
                        COUNT_BEFORE).to_notes()
         notes["dead_end_checks_attached"] = len(self.replication.attached)

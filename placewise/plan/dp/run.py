@@ -46,7 +46,7 @@ class Prepared:
     ratio: np.ndarray  # per kind, the most least-work a device holds per unit of its own time
     total_work: float
     transfer_share: float
-    all_accelerators: np.ndarray  # per state: no CPU among its devices
+    all_pay_transfers: np.ndarray  # per state: every one of its devices pays transfers
 
 
 def prepare(units: Units, problem: Problem, lattice: IdealLattice) -> Prepared:
@@ -73,11 +73,11 @@ def prepare(units: Units, problem: Problem, lattice: IdealLattice) -> Prepared:
     lat = Lattice(lattice.down_ptr, lattice.down_ideal, lattice.down_unit, lattice.bits, work, comp_ideal, mem_ideal,
                   unsup_ideal, by_work, work[by_work], np.ascontiguousarray(lattice.bits[by_work]), pos_of, split_ptr,
                   split_ports, split_cost)
-    # Transfers count in an all-accelerator side's load at the slowest accelerator kind's work ratio.
-    accelerator_ratio = ratio[problem.accelerator]
-    transfer_share = float(accelerator_ratio.min()) * (1 - PRUNE_SLACK) if len(accelerator_ratio) else 0.0
+    # Transfers count in the load of a side whose devices all pay them at the lowest such kind's work ratio.
+    paying_ratio = ratio[problem.pays_transfers]
+    transfer_share = float(paying_ratio.min()) * (1 - PRUNE_SLACK) if len(paying_ratio) else 0.0
     return Prepared(UnitData(problem.time, units.memory, unsupported), _copies(units, problem, lattice), ports, lat,
-                    ratio, float(work[-1]), transfer_share, problem.counts[:, ~problem.accelerator].sum(axis=1) == 0)
+                    ratio, float(work[-1]), transfer_share, problem.counts[:, ~problem.pays_transfers].sum(axis=1) == 0)
 
 
 def _copies(units: Units, problem: Problem, lattice: IdealLattice) -> Copies | None:
@@ -115,8 +115,8 @@ def run_dp(units: Units, problem: Problem, lattice: IdealLattice, bound: float =
     else:
         capacity = np.where(share > 0, INF, PRUNE_SLACK)
         reach = INF
-    bounds = Bounds(problem.accelerator, problem.memory_limit, problem.prev, capacity, float(reach),
-                    prepared.all_accelerators, float(prepared.transfer_share), int(walk_cost))
+    bounds = Bounds(problem.accelerator, problem.pays_transfers, problem.memory_limit, problem.prev, capacity,
+                    float(reach), prepared.all_pay_transfers, float(prepared.transfer_share), int(walk_cost))
     n_states = problem.prev.shape[0]
     dp = np.empty((n_ideals, n_states))
     arg_ideal = np.empty((n_ideals, n_states), dtype=np.int64)

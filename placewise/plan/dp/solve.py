@@ -29,6 +29,9 @@ AGREEMENT = 1e-9
 
 def solve(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Plan:
     """Optimal contiguous split for throughput (least max-load)."""
+    if options.max_replicas > 1:
+        from placewise.plan.dp.replicated_stages import solve_replicated  # (replan17's hook: replicated stages)
+        return solve_replicated(graph, cluster, options)
     start = time.perf_counter()
     if options.objective != "throughput":
         raise PlacewiseError(f"the dp solver optimizes throughput only, not {options.objective}; use --solver ip for latency")
@@ -60,7 +63,8 @@ def solve(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Plan:
         # Light branchy regions (attention's q/k/v branches) multiply the ideals too: the optimum
         # with them collapsed is found on far fewer ideals and is often the optimum here as well.
         left = None if deadline is None else max(deadline - time.perf_counter(), 1e-3)
-        coarse = _exact_or_none(lambda: coarse_restriction(reduced, units, problem, cluster, options, solve, left))
+        coarse = _exact_or_none(lambda: coarse_restriction(
+            reduced, units, problem, cluster, options, upper if restricted is None else restricted.max_load, left))
         if coarse is not None and coarse.max_load <= (upper if restricted is None else restricted.max_load):
             restricted = coarse
     if restricted is not None:

@@ -1,9 +1,11 @@
 """The latency model (the paper's, as `cost.latency` computes it).
 
-CPU nodes run as soon as their inputs are done on unboundedly many cores of the fastest CPU kind;
-each accelerator runs its set as one convex block once every input of the block has arrived, paying
-its transfers inside the block. Big-M rows use the warm start's latency as M, which is sound because
-only splits at least as good as the warm start are searched.
+CPU nodes run as soon as their inputs are done on unboundedly many cores of the fastest shared-memory
+CPU kind; each device that pays transfers (an accelerator, or a CPU core in its own process:
+`DeviceKind.pays_transfers`) runs its set as one convex block once every input of the block has
+arrived, paying its transfers inside the block. "accelerators" below are those block devices.
+Big-M rows use the warm start's latency as M, which is sound because only splits at least as good
+as the warm start are searched.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def _timing(p: _Latency, total: int, sources: np.ndarray, into: np.ndarray, out:
     start = m.var(A, 0.0, big)
     finish = m.var(A, 0.0, big)
     cost = graph.out_cost[sources]
-    acc_time = [p.units.acc_time / k.speed for k, _ in p.accelerators]
+    acc_time = [(p.units.acc_time if k.accelerator else p.units.cpu_time) / k.speed for k, _ in p.accelerators]
     for a in range(A):
         # finish = start + compute + transfers in and out, all inside the block.
         m.add([(np.array([finish[a]]), 1.0), (np.array([start[a]]), -1.0), (p.y[:, a][None, :], -acc_time[a][None, :]),
@@ -110,7 +112,8 @@ def _path_bound(p: _Latency, total: int) -> None:
     m, graph, node_y, A = p.m, p.graph, p.node_y, p.n_acc
     edges = graph.edge_array
     s_nodes, v_nodes = edges[:, 0], edges[:, 1]
-    own = [(node_y[:, a], graph.acc_time / p.accelerators[a][0].speed) for a in range(A)]
+    own = [(node_y[:, a], (graph.acc_time if k.accelerator else graph.cpu_time) / k.speed)
+           for a, (k, _) in enumerate(p.accelerators)]
     if p.cpu is not None:
         own.append((node_y[:, A], graph.cpu_time / p.cpu.speed))
     path = m.var(len(graph.nodes), 0.0, p.big)
@@ -138,7 +141,7 @@ def _start_vector(p: _Latency, warm: Plan | None) -> np.ndarray | None:
             unit_slot[p.units.of_node[p.graph.index[node_id]]] = number[(dev.kind, dev.index)]
     offset = 0
     for k in p.kinds:
-        if k.accelerator:
+        if k.pays_transfers:
             unit_slot = number_by_lowest_unit(unit_slot, offset, k.count)
             offset += k.count
     start = np.zeros(p.m.n_cols)
@@ -170,15 +173,15 @@ def latency_model(graph: OpGraph, cluster: Cluster, options: IPOptions, warm: Pl
     """The latency model: (model, objective column, solution -> split, warm start vector)."""
     units = Colocated.of(graph)
     kinds = kinds_of(cluster)
-    accelerators = [(k, i) for k in kinds if k.accelerator for i in range(k.count)]
-    cpu = max((k for k in kinds if not k.accelerator), key=lambda k: k.speed, default=None)
+    accelerators = [(k, i) for k in kinds if k.pays_transfers for i in range(k.count)]
+    cpu = max((k for k in kinds if not k.pays_transfers), key=lambda k: k.speed, default=None)
     A, U = len(accelerators), units.count
     big = _big_m(graph, kinds, A, warm)
     m = Milp()
     total = m.var(1, 0.0, big, cost=1.0)[0]
     slots = A + (1 if cpu is not None else 0)
     ub = np.ones((U, slots))
-    ub[np.ix_(~units.supported, np.arange(A))] = 0.0
+    ub[np.ix_(~units.supported, [a for a, (k, _) in enumerate(accelerators) if k.accelerator])] = 0.0
     y = m.var((U, slots), 0.0, ub, integer=True)
     m.add([(y, 1.0)], lb=1.0, ub=1.0)
     for a, (k, _) in enumerate(accelerators):
@@ -190,7 +193,7 @@ def latency_model(graph: OpGraph, cluster: Cluster, options: IPOptions, warm: Pl
     _path_bound(p, total)
     offset = 0
     for k in kinds:
-        if k.accelerator:
+        if k.pays_transfers:
             order_identical(m, y[:, offset:offset + k.count])
             offset += k.count
     return m, total, lambda x: _assignment(p, x), _start_vector(p, warm)

@@ -79,7 +79,8 @@ def number_by_lowest_unit(unit_device: np.ndarray, first: int, count: int) -> np
 def transfer_rows(m: Milp, graph: OpGraph, units: Colocated, y_acc, y_all, n_slots: int):
     """Transfer indicators `into[s, slot]`, `out[s, slot]` for each node s whose output crosses between
     units, and their rows; returns them with each s's cost for the load rows. `y_acc(units, slot)` gives
-    the columns placing those units on an accelerator in that slot, `y_all(units, slot)` on any device."""
+    the columns placing those units on a device that pays transfers (`DeviceKind.pays_transfers`) in
+    that slot, `y_all(units, slot)` on any device."""
     cross = units.cross
     sources = np.unique(cross[:, 0])
     cost = graph.out_cost[sources]

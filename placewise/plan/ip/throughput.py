@@ -41,10 +41,11 @@ def _noncontiguous_model(m: Milp, graph: OpGraph, units: Colocated, kinds: list[
     for d, (k, _) in enumerate(devices):
         if k.memory is not None:
             m.add([(y[:, d][None, :], units.memory[None, :])], ub=memory_limit(k))
-    acc_slots = np.flatnonzero(is_acc)
-    into, out, cost = transfer_rows(m, graph, units, lambda g, s: y[g, acc_slots[s]], lambda g, s: y[g, acc_slots[s]],
-                                     len(acc_slots))
-    transfer_of = {int(d): s for s, d in enumerate(acc_slots)}
+    # Devices that pay transfers (accelerators, CPU cores in separate processes) get transfer rows.
+    paying_slots = np.flatnonzero([k.pays_transfers for k, _ in devices])
+    into, out, cost = transfer_rows(m, graph, units, lambda g, s: y[g, paying_slots[s]],
+                                     lambda g, s: y[g, paying_slots[s]], len(paying_slots))
+    transfer_of = {int(d): s for s, d in enumerate(paying_slots)}
     for d, (k, _) in enumerate(devices):
         time_d = (units.acc_time if k.accelerator else units.cpu_time) / k.speed
         terms = [(np.array([load]), -1.0), (y[:, d][None, :], time_d[None, :])]
@@ -105,8 +106,8 @@ def _contiguous_model(m: Milp, graph: OpGraph, units: Colocated, kinds: list[Dev
             m.add([(Z[:, 1:].ravel(), 1.0), (Z[:, :-1].ravel(), -1.0), (y[:, 1:T - 1, :].reshape(-1, K), -1.0)], lb=0.0, ub=0.0)
         gu, gv = units.forward_edges[:, 0], units.forward_edges[:, 1]
         m.add([(Z[gv].ravel(), 1.0), (Z[gu].ravel(), -1.0)], ub=0.0)
-    acc_cols = np.flatnonzero(acc_kind)
-    into, out, cost = transfer_rows(m, graph, units, lambda g, t: y[g, t][:, acc_cols], lambda g, t: y[g, t], T)
+    paying_cols = np.flatnonzero([k.pays_transfers for k in kinds])
+    into, out, cost = transfer_rows(m, graph, units, lambda g, t: y[g, t][:, paying_cols], lambda g, t: y[g, t], T)
     time_k = np.stack([(units.acc_time if k.accelerator else units.cpu_time) / k.speed for k in kinds], axis=1)  # (U, K)
     for t in range(T):
         m.add([(np.array([load]), -1.0), (y[:, t, :].ravel()[None, :], time_k.ravel()[None, :]),

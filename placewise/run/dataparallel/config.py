@@ -158,13 +158,11 @@ class TrainConfig:
         if self.backup_workers:
             raise PlacewiseError("--backup-workers with --plan: each stage's server would take its own first W - B "
                                  "pipelines, so one update could mix stages of different pipelines; drop one of them")
-        # Sync stage servers all save after the same rounds: the same pipelines' same steps. Async ones
-        # apply pushes in their own orders, so their files would not describe one state of the run.
-        if self.mode != SYNC and (self.checkpoint or self.checkpoint_every or self.resume):
-            why = ("each stage's server applies pushes in its own order, so the files would not describe one state of "
-                   "the run" if self.mode == ASYNC else "DDP over pipelines keeps no checkpoints yet")
-            raise PlacewiseError(f"--checkpoint/--resume with --plan are not supported yet for --mode {self.mode}: "
-                                 f"{why}; use --mode sync, or drop them or --plan")
+        # Sync stage servers all save after the same rounds; async ones at their own moments, and a resumed run
+        # reconciles them (each server skips the steps it applied already). DDP's stages have no server to save.
+        if self.mode == DDP and (self.checkpoint or self.checkpoint_every or self.resume):
+            raise PlacewiseError("--checkpoint/--resume with --plan are not supported yet for --mode ddp: DDP over "
+                                 "pipelines keeps no checkpoints yet; use --mode sync or async, or drop them or --plan")
 
     def snapshot_interval(self, train_size: int) -> int:
         """Updates between parameter copies for the accuracy curve."""

@@ -106,12 +106,28 @@ class ParameterServer:
             p.grad = g
         self.optimizer = make_optimizer(settings.optimizer, self.params, settings.lr, settings.momentum)
         self.base_lr = [group["lr"] for group in self.optimizer.param_groups]
-        self.compensation = _compensation(settings, self.flat, self.workers)
         self.backup = BackupWorkers(len(self.workers), settings.backup_workers)
         self.dropped = 0                         # sync with backup workers: pushes that came too late
         self.version = 0
         self.worker_steps: dict[int, int] = {}
         self.history: list[Update] = []
+        self.snapshots: list[tuple[int, float, torch.Tensor]] = []
+        # Per-worker receive buffers: a worker waits for its reply before sending again, so its
+        # buffer is stable from the moment it is queued until the reply goes out.
+        self.shared = shared
+        if shared is None:
+            self.payload = {w: torch.empty_like(self.flat) for w in self.workers}
+        else:
+            n = self.flat.numel()
+            self.payload = {w: shared.gradients(shard, w, n) for w in self.workers}
+            self.worker_params = {w: shared.parameters(shard, w, n) for w in self.workers}
+        # An asynchronous push is applied straight from its receive buffer (no copy): per worker,
+        # views of that buffer shaped like the parameters, swapped in as their gradients.
+        self.payload_grads = {w: views_like(self.payload[w], self.params) for w in self.workers}
+        self.own_grads = grads
+        # Over shared memory, the buffer a worker computes with is what it last fetched: the policy reads it there.
+        self.compensation = _compensation(settings, self.flat, self.workers,
+                                          None if shared is None else self.worker_params)
         if resume is not None:
             self.flat.copy_(torch.cat([t.reshape(-1) for t in resume["params"]]))
             self.optimizer.load_state_dict(resume["optimizer"])
@@ -129,20 +145,6 @@ class ParameterServer:
         if settings.version_file:
             self.version_record = torch.from_file(settings.version_file, shared=True, size=1, dtype=torch.int64)
             self.version_record[0] = self.version
-        self.snapshots: list[tuple[int, float, torch.Tensor]] = []
-        # Per-worker receive buffers: a worker waits for its reply before sending again, so its
-        # buffer is stable from the moment it is queued until the reply goes out.
-        self.shared = shared
-        if shared is None:
-            self.payload = {w: torch.empty_like(self.flat) for w in self.workers}
-        else:
-            n = self.flat.numel()
-            self.payload = {w: shared.gradients(shard, w, n) for w in self.workers}
-            self.worker_params = {w: shared.parameters(shard, w, n) for w in self.workers}
-        # An asynchronous push is applied straight from its receive buffer (no copy): per worker,
-        # views of that buffer shaped like the parameters, swapped in as their gradients.
-        self.payload_grads = {w: views_like(self.payload[w], self.params) for w in self.workers}
-        self.own_grads = grads
         self.active = set(self.workers)          # alive and not yet told to stop
         self.lost: dict[int, str] = {}
         self.clock = Counter({w: 0 for w in self.workers})  # pushes applied per worker (SSP)
@@ -222,6 +224,11 @@ class ParameterServer:
         elif self.settings.mode == SYNC:
             self.round[worker] = header
             self._maybe_close_round()
+        elif int(header[1]) <= self.worker_steps.get(worker, 0):
+            # A step this server applied before its checkpoint was saved, computed again: the stages of a resumed
+            # pipeline restart from the step of their least advanced stage server (`worker.py`), and every
+            # server applies each step of each worker once.
+            self._reply(worker, CONTINUE, fetch=Kind(int(header[0])) == Kind.PUSH_FETCH)
         else:
             self._apply_push(worker, header)
 
@@ -393,11 +400,13 @@ class ParameterServer:
             self._progress.stop()
 
 
-def _compensation(settings: ServerSettings, flat: torch.Tensor, workers: list[int]) -> Compensation | None:
-    """The state of a compensating staleness policy over this shard's parameters, or None."""
+def _compensation(settings: ServerSettings, flat: torch.Tensor, workers: list[int],
+                  stale: dict[int, torch.Tensor] | None) -> Compensation | None:
+    """The state of a compensating staleness policy over this shard's parameters, or None. `stale`: the
+    buffers that already hold each worker's fetched parameters (shared transport), or None."""
     policy = settings.staleness.policy
     if policy == DC_ASGD:
-        return DelayCompensation(flat, workers, settings.dc_asgd)
+        return DelayCompensation(flat, workers, settings.dc_asgd, stale)
     if policy == GAP_AWARE:
-        return GapAware(flat, workers, settings.gap_aware)
+        return GapAware(flat, workers, settings.gap_aware, stale)
     return None

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from placewise.errors import PlacewiseError
-from placewise.run.choices import DDP
+from placewise.run.choices import DDP, SYNC
 from placewise.run.data import BatchStream, Dataset
 from placewise.run.dataparallel.checkpoint import checkpoint_path, load_checkpoint
 from placewise.run.dataparallel.config import TrainConfig, check_processes
@@ -89,11 +89,13 @@ def train_data_parallel(cfg: TrainConfig) -> TrainReport | None:
         resumed_at = [load_checkpoint(checkpoint_path(cfg.resume, s, layout.servers),  # DDP's one file counts as one
                                       cfg.fingerprint(data.features, data.classes))["version"]
                       for s in range(layout.servers)]
-        if len(set(resumed_at)) > 1:  # a run stopped between two stage servers' saves of the same update
+        # A sync run stopped between two stage servers' saves of the same round; async stage servers save at their
+        # own moments and are reconciled on resume (`worker.py`).
+        if len(set(resumed_at)) > 1 and cfg.mode == SYNC:
             raise PlacewiseError(f"the checkpoints of {cfg.resume} are at different updates ({sorted(set(resumed_at))}); "
                                  f"resume from files written at the same update")
-        if resumed_at[0] >= cfg.total_steps(data.train_size):
-            raise PlacewiseError(f"--resume {cfg.resume}: the checkpoint is at update {resumed_at[0]}, where this run "
+        if min(resumed_at) >= cfg.total_steps(data.train_size):
+            raise PlacewiseError(f"--resume {cfg.resume}: the checkpoint is at update {min(resumed_at)}, where this run "
                                  f"would already end ({cfg.total_steps(data.train_size)} updates); ask for more "
                                  f"--epochs or --steps to train on")
     worker_ranks = [] if cfg.mode == DDP else [layout.worker_ranks(w) for w in range(cfg.workers)]

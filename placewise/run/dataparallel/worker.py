@@ -74,7 +74,12 @@ def run_pipeline_worker(rank: int, cfg: TrainConfig, data: Dataset, model: nn.Mo
         return bool(flag.item())
 
     start = link.call(cfg, Kind.HELLO, 0, (0.0, 0.0, 0.0))
+    # Resumed asynchronous stage servers saved their checkpoints at their own moments: one may have applied
+    # this pipeline's step k and another not. The stages go on together from the least advanced one's step;
+    # a server skips the steps it already applied (`server.py`).
+    agreed = torch.tensor([float(start)])
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
     began = time.perf_counter()
-    step = link.train(cfg, rank, start, compute, go_on, share)
+    step = link.train(cfg, rank, int(agreed.item()), compute, go_on, share)
     return {"role": "stage", "rank": rank, "worker": worker, "stage": stage_index, "steps": step - start,
             "seconds": time.perf_counter() - began}

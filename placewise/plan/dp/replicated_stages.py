@@ -1,0 +1,272 @@
+"""The exact DP with replicated stages (`dp --max-replicas R`): each stage also chooses r, 1 <= r <= R.
+
+A contiguous split with replicated stages is a chain of ideals ∅ = I_0 ⊆ ... ⊆ I_p = all units, stage
+j running I_j \\ I_{j-1} on r_j devices of one kind t_j. With s the vector of devices still free per
+kind, `dp[I, s]` is the least max-load of such a split of I onto at most s:
+
+    dp[∅, s] = 0,   dp[I, s] = min over J ⊊ I, kind t, r <= min(R, s_t) of max(dp[J, s - r e_t], load_t,r(I \\ J))
+
+with load_t,r(S) = (compute_t(S) + transfer_t(S)) / r + all-reduce(params(S), r) per unit of work
+(`cost.replicated_load`, `plan.allreduce`); memory and support as for one device (each replica
+holds the whole stage). A set whose units do not all say their parameter bytes gets r = 1 only.
+
+Unlike the throughput DP (`dp.kernels`), every pair of ideals is visited (no bound, no band), so the
+lattice is capped at `IDEAL_LIMIT` ideals; beyond it the same DP runs on the prefixes of a few
+topological orders (a chain lattice, exact over those orders' segments) and the plan says it is not
+exact. Every plan is re-scored by the cost model (`plan.replicas.evaluate_replicated`), which must
+agree with the DP's value. With R = 1 the plain DP (`dp.solve`) runs instead, so no optimum changes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from placewise.errors import PlacewiseError
+from placewise.graph import Cluster, Device, OpGraph
+from placewise.plan.dp.bound_search import topological_orders
+from placewise.plan.dp.problem import Problem, make_problem
+from placewise.plan.dp.replicated import Reduced
+from placewise.plan.ideals import IdealLattice, chain_lattice, enumerate_ideals
+from placewise.plan.options import DPOptions
+from placewise.plan.plan import Plan
+from placewise.plan.predict import cluster_link
+from placewise.plan.replicas import replicated_plan
+from placewise.plan.units import Units
+
+# Every pair of ideals is visited: beyond this many ideals the DP runs on chains instead.
+IDEAL_LIMIT = 5000
+# The DP's differences of prefix sums and the cost model's sums round differently.
+AGREEMENT = 1e-9
+
+
+@dataclass(frozen=True)
+class _Arrays:
+    """Per ideal: prefix sums of what a set's load is a difference of (the kernel's inputs)."""
+    time: np.ndarray  # (ideals, kinds)
+    memory: np.ndarray
+    unsupported: np.ndarray
+    params: np.ndarray
+    unknown: np.ndarray  # units whose parameter bytes are not known
+
+
+def _unit_params(work: OpGraph, units: Units) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit: parameter bytes, and 1 where some member does not say them."""
+    raw = [work.nodes[i].parameters for i in range(len(work.nodes))]
+    known = np.array([p is not None for p in raw])
+    params = np.array([p or 0.0 for p in raw])
+    return (np.bincount(units.unit_of, weights=params, minlength=units.count),
+            np.bincount(units.unit_of, weights=~known, minlength=units.count))
+
+
+def _arrays(lattice: IdealLattice, units: Units, problem: Problem, unit_params, unit_unknown) -> _Arrays:
+    member = np.unpackbits(lattice.bits.view(np.uint8), axis=1, bitorder="little")[:, :units.count].astype(float)
+    return _Arrays(member @ problem.time.T, member @ units.memory, member @ (~units.supported).astype(float),
+                   member @ unit_params, member @ unit_unknown)
+
+
+@njit(cache=True)
+def _has(bits, ideal, u):
+    return (bits[ideal, u >> 6] >> np.uint64(u & 63)) & np.uint64(1)
+
+
+@njit(cache=True)
+def _in_set(bits, outer, inner, u):
+    return _has(bits, outer, u) == 1 and _has(bits, inner, u) == 0
+
+
+@njit(cache=True)
+def _split_ports(bits, port_owner, port_ptr, port_targets):
+    """Per ideal (CSR), the ports it splits: some of the owner and targets inside, some outside. Only
+    those of I or of J can be paid by I \\ J (a port wholly inside J, wholly outside I, or wholly in
+    I \\ J is not), so a pair looks at those only."""
+    n_ideals = bits.shape[0]
+    n_ports = port_owner.shape[0]
+    ptr = np.zeros(n_ideals + 1, dtype=np.int64)
+    found = []
+    for i in range(n_ideals):
+        for p in range(n_ports):
+            side = _has(bits, i, port_owner[p])
+            for q in range(port_ptr[p], port_ptr[p + 1]):
+                if _has(bits, i, port_targets[q]) != side:
+                    found.append(p)
+                    break
+        ptr[i + 1] = len(found)
+    out = np.empty(len(found), dtype=np.int64)
+    for k in range(len(found)):
+        out[k] = found[k]
+    return ptr, out
+
+
+@njit(cache=True)
+def _pays(bits, i, j, p, port_owner, port_ptr, port_targets):
+    """Whether port p is paid by the set I \\ J (the cost model's transfer rule, see `plan.units`)."""
+    owner_in = _in_set(bits, i, j, port_owner[p])
+    for q in range(port_ptr[p], port_ptr[p + 1]):
+        if _in_set(bits, i, j, port_targets[q]) != owner_in:
+            return True
+    return False
+
+
+@njit(cache=True)
+def _fill(bits, time_, memory, unsup, params, unknown, port_owner, port_cost, port_ptr, port_targets,
+          copy_time, copy_memory, needer_ptr, needers, pays_transfer, accelerator, memory_limit, kind_count,
+          counts, strides, coef, const, max_r, dp, arg_sub, arg_kind, arg_r):
+    """Fill dp over every pair J ⊊ I of ideals (see the module's docstring). One function so that the
+    pair loop, the set's sums and the (kind, replicas, state) choice stay in compiled code."""
+    n_ideals, words = bits.shape
+    n_kinds = time_.shape[1]
+    n_states = dp.shape[1]
+    split_ptr, split = _split_ports(bits, port_owner, port_ptr, port_targets)
+    split_by_root = np.full(port_owner.shape[0], -1, dtype=np.int64)
+    for i in range(1, n_ideals):
+        for k in range(split_ptr[i], split_ptr[i + 1]):
+            split_by_root[split[k]] = i
+        for j in range(i):
+            subset = True
+            for w in range(words):
+                if bits[j, w] & ~bits[i, w]:
+                    subset = False
+                    break
+            if not subset:
+                continue
+            transfer = 0.0
+            for k in range(split_ptr[i], split_ptr[i + 1]):
+                if _pays(bits, i, j, split[k], port_owner, port_ptr, port_targets):
+                    transfer += port_cost[split[k]]
+            for k in range(split_ptr[j], split_ptr[j + 1]):
+                p = split[k]
+                if split_by_root[p] != i and _pays(bits, i, j, p, port_owner, port_ptr, port_targets):
+                    transfer += port_cost[p]
+            extra_mem = 0.0
+            extra_time = np.zeros(n_kinds)
+            for g in range(needer_ptr.shape[0] - 1):
+                for q in range(needer_ptr[g], needer_ptr[g + 1]):
+                    if _in_set(bits, i, j, needers[q]):
+                        extra_mem += copy_memory[g]
+                        for t in range(n_kinds):
+                            extra_time[t] += copy_time[t, g]
+                        break
+            mem = memory[i] - memory[j] + extra_mem
+            nbytes = params[i] - params[j]
+            known = unknown[i] - unknown[j] < 0.5
+            for t in range(n_kinds):
+                if mem > memory_limit[t] or (accelerator[t] and unsup[i] - unsup[j] > 0.5):
+                    continue
+                base = time_[i, t] - time_[j, t] + extra_time[t]
+                if pays_transfer[t]:
+                    base += transfer
+                top = min(max_r, kind_count[t]) if known else 1
+                for r in range(1, top + 1):
+                    load = base if r == 1 else base / r + coef[r] * nbytes + const[r]
+                    for s in range(n_states):
+                        if counts[s, t] < r:
+                            continue
+                        cand = max(dp[j, s - r * strides[t]], load)
+                        if cand < dp[i, s]:
+                            dp[i, s] = cand
+                            arg_sub[i, s] = j
+                            arg_kind[i, s] = t
+                            arg_r[i, s] = r
+
+
+@dataclass
+class _Result:
+    value: float
+    stages: list[tuple[int, int, np.ndarray]]  # (kind index, replicas, units) in pipeline order
+
+
+def _run(lattice: IdealLattice, units: Units, problem: Problem, unit_params, unit_unknown, coef, const,
+         max_r: int) -> _Result:
+    a = _arrays(lattice, units, problem, unit_params, unit_unknown)
+    copies = units.copies
+    if copies is None:
+        copy_time, copy_memory = np.zeros((len(problem.kinds), 0)), np.zeros(0)
+        needer_ptr, needers = np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    else:
+        copy_time = np.array([(copies.acc if k.accelerator else copies.cpu) / k.speed for k in problem.kinds])
+        copy_memory, needer_ptr, needers = copies.memory, copies.needer_ptr, copies.needers
+    # Removing one device of kind t from a state subtracts its stride (every kind has a device in the full state).
+    strides = (problem.full_state - problem.prev[problem.full_state]).astype(np.int64)
+    n_states = problem.prev.shape[0]
+    dp = np.full((lattice.count, n_states), np.inf)
+    dp[0] = 0.0
+    arg_sub = np.zeros((lattice.count, n_states), dtype=np.int64)
+    arg_kind = np.zeros_like(arg_sub)
+    arg_r = np.ones_like(arg_sub)
+    # The cost model's transfer rule: a kind pays its set's transfers unless its devices share memory.
+    pays_transfer = problem.pays_transfers.copy()
+    _fill(lattice.bits, a.time, a.memory, a.unsupported, a.params, a.unknown, units.port_owner, units.port_cost,
+          units.port_target_ptr, units.port_targets, copy_time, copy_memory, needer_ptr, needers, pays_transfer,
+          problem.accelerator, problem.memory_limit, np.array([k.count for k in problem.kinds], dtype=np.int64),
+          problem.counts.astype(np.int64), strides, coef, const, max_r, dp, arg_sub, arg_kind, arg_r)
+    value = float(dp[-1, problem.full_state])
+    stages = []
+    i, s = lattice.count - 1, problem.full_state
+    while i != 0 and math.isfinite(value):
+        j, t, r = int(arg_sub[i, s]), int(arg_kind[i, s]), int(arg_r[i, s])
+        inside = lattice.bits[i] & ~lattice.bits[j]
+        stages.append((t, r, np.flatnonzero(np.unpackbits(inside.view(np.uint8), bitorder="little"))))
+        s -= r * int(strides[t])
+        i = j
+    return _Result(value, stages[::-1])
+
+
+def solve_replicated(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Plan:
+    """The optimal contiguous split with up to `options.max_replicas` replicas per stage (throughput)."""
+    start = time.perf_counter()
+    if options.objective != "throughput" or not options.contiguous:
+        raise PlacewiseError("--max-replicas plans contiguous splits for throughput only; drop --noncontiguous and "
+                             "--objective latency, or use --max-replicas 1")
+    reduced = Reduced.of(graph, options.replicate)
+    units = reduced.units(cluster)
+    problem = make_problem(units, cluster)
+    max_r = int(options.max_replicas)
+    link = cluster_link(graph, cluster)
+    ar = options.allreduce
+    # all-reduce per unit of work = coef[r] * parameter bytes + const[r] (linear in the bytes).
+    const = np.array([ar.per_unit(0.0, r, link.bandwidth, link.latency) for r in range(max_r + 1)])
+    coef = np.array([ar.per_unit(1.0, r, link.bandwidth, link.latency) for r in range(max_r + 1)]) - const
+    unit_params, unit_unknown = _unit_params(reduced.work, units)
+    try:
+        lattices = [enumerate_ideals(units.pred_units, IDEAL_LIMIT)]
+        exact = True
+    except PlacewiseError:
+        lattices = [chain_lattice(units.count, order) for order in topological_orders(units)]
+        exact = False
+    result = min((_run(lat, units, problem, unit_params, unit_unknown, coef, const, max_r) for lat in lattices),
+                 key=lambda r: r.value)
+    if not math.isfinite(result.value):
+        raise PlacewiseError("no contiguous split with replicated stages fits the devices (memory or unsupported "
+                             "operators); add devices or memory")
+    assignment, replicas = _assignment(reduced.work, units, problem, result.stages)
+    assignment = reduced.complete(assignment, list(dict.fromkeys(assignment.values())))
+    notes = {"ideals": lattices[0].count if exact else f"over {IDEAL_LIMIT:,} (chains of {len(lattices)} orders)",
+             "exact": exact, "max_replicas": max_r, **units.stats}
+    plan = replicated_plan(graph, cluster, assignment, replicas, ar, solver="dp", seconds=time.perf_counter() - start,
+                           replicate=options.replicate, notes=notes, lower_bound=result.value if exact else None,
+                           gap=0.0 if exact else None)
+    if not plan.feasible or abs(plan.max_load - result.value) > AGREEMENT * max(1.0, abs(result.value)):
+        raise AssertionError(f"replicated dp value {result.value!r} disagrees with the cost model's {plan.max_load!r} "
+                             f"(violations: {plan.violations})")
+    return plan
+
+
+def _assignment(work: OpGraph, units: Units, problem: Problem, stages) -> tuple[dict[int, Device], dict[Device, int]]:
+    """Node id -> first device, and first device -> replicas, for DP stages in pipeline order; a
+    stage on r devices of a kind takes the next r of them."""
+    assignment: dict[int, Device] = {}
+    replicas: dict[Device, int] = {}
+    used = [0] * len(problem.kinds)
+    for t, r, unit_set in stages:
+        device = Device(problem.kinds[t].name, used[t])
+        used[t] += r
+        replicas[device] = r
+        for u in unit_set:
+            for i in units.members[u]:
+                assignment[work.nodes[i].id] = device
+    return assignment, replicas
