@@ -113,7 +113,8 @@ def draw_training_curves(history: list[dict], curve: list[tuple[int, float, floa
 
 # Bars of a timeline: (stage, kind, microbatch, start ms, end ms).
 Bar = tuple[int, str, int, float, float]
-TIMELINE_COLOURS = {"forward": "#4c72b0", "backward": "#dd8452", "update": "#55a868", "send-forward": "#c6d4ea",
+TIMELINE_COLOURS = {"forward": "#4c72b0", "backward": "#dd8452", "update": "#55a868", "allreduce": "#8172b3",
+                    "send-forward": "#c6d4ea",
                     "send-backward": "#f4d6c2"}
 
 

@@ -39,8 +39,9 @@ def print_prediction(plan: Plan) -> None:
               f"{100 * pred['bubble']:.0f}%; simulated: fill, drain, transfers)")
     if pred.get("stage_memory"):
         out.print("memory at each position: " + ", ".join(
-            f"stage {i}: {fmt_bytes(mem['total'])} ({mem['in_flight']} in flight)"
-            for i, mem in enumerate(pred["stage_memory"])))
+            f"stage {i}: {fmt_bytes(mem['total'])} ({mem['in_flight']} in flight"
+            f"{f', each of {stage.replicas} replicas at most' if stage.replicas > 1 else ''})"
+            for i, (mem, stage) in enumerate(zip(pred["stage_memory"], plan.stages))))
 
 
 def simulate_report(plan: Plan, name: str, kind: str | None = None, microbatches: int | None = None,

@@ -61,18 +61,14 @@ def cmd_plan(args) -> int:
                              "never does, so drop the flag")
     options = replica_options(args, options, None if schedule is None else schedule.microbatches * scale)
     plan = solve(graph, cluster, args.solver, options)
-    if plan.replicas():
-        # The schedule simulation does not model replicated stages yet: record the schedule only.
-        from dataclasses import replace
-        plan = plan if schedule is None else replace(plan, schedule=schedule)
-    elif schedule is not None:
+    if schedule is not None:
         from placewise.plan.predict import with_prediction
         plan = with_prediction(graph, cluster, plan, schedule, microbatch_scale=scale)
     emit_plan(plan, args, f"{graph.name}: {plan.solver} plan on {cluster.accelerators} accelerator(s), {cluster.cpus} CPU(s)")
     if args.explain and not args.json:
         from placewise.console import print_explanation
         print_explanation(plan)
-    if not args.json and schedule is not None and not plan.replicas():
+    if not args.json and schedule is not None:
         from placewise.predicted import print_prediction
         print_prediction(plan)
     return 0

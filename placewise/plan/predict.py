@@ -16,6 +16,26 @@ profiled batch size) scales times and bytes linearly to one microbatch (1: profi
 microbatch size, the accurate way). Each stage's optimizer update is the profile's one step over all
 parameters (`cpu_update_ms` / `acc_update_ms` in the graph's meta; none in older graphs) shared out by
 parameter bytes; `overhead` is the runtime's per-microbatch work beyond the chunks (`simulate`).
+
+Replicated stages (`Stage.replicas` r > 1), as `run/replicas.py` runs them: the stage's lead takes
+part in torch's schedule and, for each chunk, broadcasts a command to its replicas, scatters the
+microbatch's samples over them, every replica computes its share at once and the lead gathers the
+shares' results. So a replicated stage's chunk time is
+- forward: its compute / r, plus one link latency (the command), plus the scatter of its inputs and
+  the gather of its outputs, each `Link.time` of bytes x (r-1)/r (the lead keeps its own share and
+  sends or receives the rest, one collective per direction);
+- backward: its compute / r (with recompute, the forward again / r), plus the command, the scatter
+  of the output gradients and the gather of the input gradients, sized as the forward's.
+At the step's end, after torch's schedule and before the optimizer update, the lead ends the step
+with a command and the replicas all-reduce the stage's parameter bytes: one latency plus the ring
+all-reduce over the link (`plan.allreduce`, `RING`: gloo's collective, whatever model `--allreduce`
+planned with), the stage's `allreduce` action. The update is the whole stage's on every replica.
+The scatter and gather follow the boundaries' rule (no link time between cores that share memory);
+the all-reduce is always paid, as the cost model pays it. Memory: `plan.stage_memory` (the lead's).
+Not modelled: one latency per tensor beyond the first in a scatter or gather, the first stage's data
+and the last stage's outputs (the graph gives no bytes for them; the gathered loss-side output is
+small for the models tested), contention of the r transfers on one link beyond the bytes' share, and
+the followers' own per-microbatch overhead (they run beside the lead).
 """
 
 from __future__ import annotations
@@ -24,8 +44,9 @@ from dataclasses import dataclass, replace
 
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, OpGraph
+from placewise.plan.allreduce import RING, AllReduce
 from placewise.plan.cost import MEMORY_TOLERANCE
-from placewise.plan.plan import Plan
+from placewise.plan.plan import Plan, Stage
 from placewise.plan.schedule import Schedule
 from placewise.plan.simulate import LinkTimes, Simulation, SimulateOptions, StageTimes, simulate
 from placewise.plan.stage_memory import StageBytes, StageMemory, backward_workspace, pipeline_memory
@@ -56,13 +77,13 @@ class Prediction:
         return {"schedule": self.schedule.to_json(), "step_time": self.step_time, "max_load": self.max_load,
                 "bubble": self.simulation.bubble,
                 "stage_times": [{"forward": t.forward, "backward": t.backward, "update": t.update,
-                                 "overhead": t.overhead} for t in self.stage_times],
+                                 "overhead": t.overhead, "allreduce": t.allreduce} for t in self.stage_times],
                 "boundary_bytes": list(self.boundary_bytes),
                 "links": [{"forward": link.forward, "backward": link.backward} for link in self.links],
                 "stage_memory": None if self.memory is None else [
                     {"total": m.total, "in_flight": m.in_flight, "parameters": m.parameters, "gradients": m.gradients,
                      "optimizer_state": m.optimizer_state, "activations": m.activations, "buffers": m.buffers,
-                     "workspace": m.workspace}
+                     "workspace": m.workspace, "replica_copies": m.replica_copies}
                     for m in self.memory]}
 
 
@@ -96,7 +117,8 @@ def _stage_bytes(graph: OpGraph, cluster: Cluster, plan: Plan, inputs: list[floa
         largest = max((graph.node(n).output or 0.0 for n in s.nodes if not graph.node(n).backward), default=0.0)
         buffered = 1.0 if cluster.kind(s.kind).pays_transfers else 0.0
         out.append(StageBytes(b.parameters, b.optimizer_state, b.activations * scale, buffered * inputs[i],
-                              buffered * outputs[i], b.gradients, backward_workspace(largest * scale) if training else 0.0))
+                              buffered * outputs[i], b.gradients, backward_workspace(largest * scale) if training else 0.0,
+                              s.replicas))
     return out
 
 
@@ -113,18 +135,11 @@ def predict(graph: OpGraph, cluster: Cluster, plan: Plan, schedule: Schedule, *,
         raise PlacewiseError(f"the plan leaves out node(s) {missing[:4]} of graph {graph.name!r}; "
                              "predict with the graph the plan was made for")
     options = options or SimulateOptions(training=graph.is_training)
-    times = []
-    for s in plan.stages:
-        kind = cluster.kind(s.kind)
-        per_node = graph.acc_time if kind.accelerator else graph.cpu_time
-        fwd = sum(per_node[graph.index[n]] for n in s.nodes if not graph.node(n).backward)
-        bwd = sum(per_node[graph.index[n]] for n in s.nodes if graph.node(n).backward) + (fwd if s.recompute else 0.0)
-        update = _update_time(graph, s.nodes, kind.accelerator) if options.training else 0.0
-        times.append(StageTimes(fwd * microbatch_scale / kind.speed, bwd * microbatch_scale / kind.speed,
-                                update / kind.speed, overhead / kind.speed))
     crossing = [b * microbatch_scale for b in boundary_bytes(graph, stage_of, len(plan.stages))]
     link = link or _graph_link(graph)
     pays = [cluster.kind(s.kind).pays_transfers for s in plan.stages]
+    times = [_stage_times(graph, cluster, s, i, ([0.0] + crossing)[i], (crossing + [0.0])[i], link, options.training,
+                          microbatch_scale, overhead) for i, s in enumerate(plan.stages)]
     # Gradients flow back over a boundary with the bytes of the values that crossed it forward.
     links = [LinkTimes(link.time(b), link.time(b) if options.training else 0.0) if pays[i] or pays[i + 1]
              else LinkTimes() for i, b in enumerate(crossing)]
@@ -135,6 +150,33 @@ def predict(graph: OpGraph, cluster: Cluster, plan: Plan, schedule: Schedule, *,
         stage_bytes, schedule, training=options.training, recompute=[s.recompute for s in plan.stages]))
     per_microbatch = max(t.forward + t.backward for t in times)
     return Prediction(schedule, sim.step_time, per_microbatch, tuple(times), tuple(crossing), tuple(links), memory, sim)
+
+
+def _stage_times(graph: OpGraph, cluster: Cluster, stage: Stage, position: int, inputs: float, outputs: float,
+                 link: Link, training: bool, microbatch_scale: float, overhead: float) -> StageTimes:
+    """One stage's chunk, update and all-reduce times; `inputs`/`outputs`: the bytes it receives and
+    sends per microbatch. A replicated stage's as the module's docstring says."""
+    kind = cluster.kind(stage.kind)
+    per_node = graph.acc_time if kind.accelerator else graph.cpu_time
+    fwd = sum(per_node[graph.index[n]] for n in stage.nodes if not graph.node(n).backward)
+    bwd = sum(per_node[graph.index[n]] for n in stage.nodes if graph.node(n).backward) + (fwd if stage.recompute else 0.0)
+    r = stage.replicas
+    fwd, bwd = fwd * microbatch_scale / kind.speed / r, bwd * microbatch_scale / kind.speed / r
+    update = _update_time(graph, stage.nodes, kind.accelerator) / kind.speed if training else 0.0
+    if r == 1:
+        return StageTimes(fwd, bwd, update, overhead / kind.speed)
+    if kind.pays_transfers:
+        share = (r - 1) / r
+        spread = link.latency + link.time(inputs * share) + link.time(outputs * share)  # command, scatter, gather
+        fwd, bwd = fwd + spread, bwd + spread
+    allreduce = 0.0
+    if training:
+        parameters = [graph.node(n).parameters for n in stage.nodes]
+        if None in parameters:
+            raise PlacewiseError(f"stage {position} is replicated {r} times but not all of its nodes say their parameter "
+                                 "bytes, so its all-reduce cannot be predicted; profile with `placewise profile`")
+        allreduce = link.latency + AllReduce(RING).time(float(sum(parameters)), r, link.bandwidth, link.latency)
+    return StageTimes(fwd, bwd, update, overhead / kind.speed, allreduce)
 
 
 def _update_time(graph: OpGraph, nodes: list[int], accelerator: bool) -> float:
@@ -191,8 +233,8 @@ def simulate_plan(plan: Plan, schedule: Schedule | None = None, options: Simulat
     recorded = plan.notes.get("prediction")
     if not isinstance(recorded, dict) or "stage_times" not in recorded or "links" not in recorded:
         raise PlacewiseError("the plan has no prediction to simulate; plan with --schedule and --microbatches")
-    times = [StageTimes(t["forward"], t["backward"], t.get("update", 0.0), t.get("overhead", 0.0))
-             for t in recorded["stage_times"]]
+    times = [StageTimes(t["forward"], t["backward"], t.get("update", 0.0), t.get("overhead", 0.0),
+                        t.get("allreduce", 0.0)) for t in recorded["stage_times"]]
     links = [LinkTimes(link["forward"], link["backward"]) for link in recorded["links"]]
     training = any(t.backward > 0 for t in times)
     return simulate(times, links, schedule or plan.schedule or Schedule.from_json(recorded["schedule"]),

@@ -15,7 +15,8 @@ schedules.py) issue each stage's computations, sends, receives and waits, over g
 
 What a stage spends beyond its chunks is modelled where it is real, not an artefact of a loaded
 machine, and measured rather than fitted: the optimizer's `update` once per step (timed by the
-profiler, `update_ms`), and a per-microbatch `overhead` (the runtime's own work for a microbatch:
+profiler, `update_ms`), preceded on a replicated stage by its gradient `allreduce` (see
+`plan.predict`), and a per-microbatch `overhead` (the runtime's own work for a microbatch:
 posting and completing its sends and receives, torch's schedule bookkeeping around each chunk, the
 loss), measured as the CPU time per microbatch of a pipeline whose chunks compute next to nothing
 (`run.links.measure_stage_overhead`); half of it is charged to each forward and backward. Waiting
@@ -35,7 +36,7 @@ from typing import Sequence
 from placewise.errors import PlacewiseError
 from placewise.plan.schedule import GPIPE, Schedule
 
-FORWARD, BACKWARD, UPDATE = "forward", "backward", "update"
+FORWARD, BACKWARD, ALLREDUCE, UPDATE = "forward", "backward", "allreduce", "update"
 # Steps simulated back to back: the first fills an empty pipeline; the period is taken between the
 # last two, by which time the stages' offsets from each other have settled.
 STEPS = 3
@@ -44,16 +45,19 @@ STEPS = 3
 @dataclass(frozen=True)
 class StageTimes:
     """One stage's durations: per microbatch (forward, backward, and the runtime's `overhead` beyond
-    them) and per step (optimizer update)."""
+    them) and per step (a replicated stage's gradient all-reduce, then the optimizer update)."""
     forward: float
     backward: float = 0.0
     update: float = 0.0
     overhead: float = 0.0
+    allreduce: float = 0.0
 
     def duration(self, kind: str, training: bool) -> float:
-        """How long the stage's clock moves for one action of `kind` (forward, backward, update)."""
+        """How long the stage's clock moves for one action of `kind` (forward, backward, allreduce, update)."""
         if kind == UPDATE:
             return self.update
+        if kind == ALLREDUCE:
+            return self.allreduce
         share = self.overhead / 2 if training else self.overhead
         return (self.forward if kind == FORWARD else self.backward) + share
 
@@ -195,9 +199,11 @@ class _Program:
         self.wait(send_work)
 
 
-def _programs(schedule: Schedule, stages: int, options: SimulateOptions) -> list[list[tuple[int, _Action]]]:
+def _programs(schedule: Schedule, times: Sequence[StageTimes], options: SimulateOptions
+              ) -> list[list[tuple[int, _Action]]]:
     """Per stage, its actions for `options.steps` steps in a row, each tagged with its step."""
     out: list[list[tuple[int, _Action]]] = []
+    stages = len(times)
     for i in range(stages):
         actions: list[tuple[int, _Action]] = []
         for step in range(options.steps):
@@ -207,6 +213,8 @@ def _programs(schedule: Schedule, stages: int, options: SimulateOptions) -> list
             else:
                 program.one_f_one_b(schedule.microbatches)
             if options.training:
+                if times[i].allreduce > 0:  # a replicated stage sums its replicas' gradients first
+                    program.compute(ALLREDUCE)
                 program.compute(UPDATE)
             actions += [(step, a) for a in program.actions]
         out.append(actions)
@@ -222,7 +230,7 @@ def _check(times: Sequence[StageTimes], links: Sequence[LinkTimes], schedule: Sc
                              f"got {len(links)}")
     if options.steps < 2:
         raise PlacewiseError(f"simulate: steps is {options.steps}; at least 2 are needed for a period")
-    numbers = [x for t in times for x in (t.forward, t.backward, t.update, t.overhead)]
+    numbers = [x for t in times for x in (t.forward, t.backward, t.update, t.overhead, t.allreduce)]
     numbers += [x for link in links for x in (link.forward, link.backward)]
     if any(not (x >= 0) for x in numbers):
         raise PlacewiseError("simulate: a stage or link time is negative or not a number; give times >= 0")
@@ -236,7 +244,7 @@ def simulate(times: Sequence[StageTimes], links: Sequence[LinkTimes], schedule: 
     """Replay `schedule` over `times` (per stage, pipeline order) and `links` (one per boundary)."""
     options = options or SimulateOptions()
     _check(times, links, schedule, options)
-    programs = _programs(schedule, len(times), options)
+    programs = _programs(schedule, times, options)
     cost = {FORWARD: [link.forward for link in links], BACKWARD: [link.backward for link in links]}
     clock = [0.0] * len(times)
     position = [0] * len(times)
@@ -301,6 +309,6 @@ def _summarise(times: Sequence[StageTimes], schedule: Schedule, options: Simulat
     first = max(e.end for e in events if e.step == 0)
     m = schedule.microbatches
     busy = tuple(m * (t.forward + (t.backward if options.training else 0.0) + t.overhead)
-                 + (t.update if options.training else 0.0) for t in times)
+                 + (t.update + t.allreduce if options.training else 0.0) for t in times)
     events.sort(key=lambda e: (e.step, e.start, e.stage))
     return Simulation(ends[-1] - ends[-2], first, busy, tuple(events))

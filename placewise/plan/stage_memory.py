@@ -17,6 +17,15 @@ saves, its input (the receive buffer, already counted in `buffers`; the first st
 data) and the output the schedule holds for the backward (`outputs`); during one microbatch's
 backward its forward runs again and its full activations live once. It pays its forward time again
 in the backward (`plan.recompute`). Forward only there is nothing to keep, so recompute changes nothing.
+
+Replicated stages (`replicas` r > 1, `run/replicas.py`): the figure is the stage's lead's, the
+replica that holds most. Every replica holds the stage's parameters, gradients and optimizer state
+whole; the saved activations (and with recompute the held outputs) and the backward's transient
+room are those of its share, 1/r of each microbatch's samples. The lead's torch receive buffers are
+whole microbatches (its `PipelineStage` receives them before scattering), and per microbatch in
+flight it keeps the copies the scatter and gather make (`replica_copies`): its input share (inputs
+/ r) and the gathered whole output beside its own share's (outputs x (r-1)/r). The other replicas
+hold no torch buffers and no gathered outputs, so they need less; they are not reported.
 Torch-free.
 """
 
@@ -38,8 +47,11 @@ class StageBytes:
     outputs: float = 0.0  # tensors sent to the next stage, per microbatch
     gradients: float | None = None  # None: as many bytes as the parameters (buffers get none)
     workspace: float = 0.0  # transient bytes of one microbatch's backward (see `backward_workspace`)
+    replicas: int = 1  # devices sharing each microbatch's samples (see the module's docstring)
 
     def __post_init__(self) -> None:
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1:
+            raise PlacewiseError(f"stage memory: replicas is {self.replicas!r}; give a whole number of at least 1")
         for name in ("parameters", "optimizer_state", "activations", "inputs", "outputs", "gradients", "workspace"):
             value = getattr(self, name)
             if value is None and name == "gradients":
@@ -57,11 +69,12 @@ class StageMemory:
     buffers: float  # torch's per-microbatch receive buffers
     in_flight: int
     workspace: float = 0.0  # transient backward bytes on top of the held ones
+    replica_copies: float = 0.0  # a replicated stage's lead: scattered input and gathered output copies
 
     @property
     def total(self) -> float:
         return (self.parameters + self.gradients + self.optimizer_state + self.activations + self.buffers
-                + self.workspace)
+                + self.workspace + self.replica_copies)
 
 
 def stage_memory(stage: StageBytes, position: int, stages: int, schedule: Schedule, *,
@@ -70,17 +83,19 @@ def stage_memory(stage: StageBytes, position: int, stages: int, schedule: Schedu
     the stage's activations are recomputed in its backward (see the module's docstring)."""
     if not 0 <= position < stages:
         raise PlacewiseError(f"stage memory: position {position} is outside a pipeline of {stages} stage(s)")
-    m = schedule.microbatches
+    m, r = schedule.microbatches, stage.replicas
     if not training:
         # Forward only: activations are freed as soon as the next operator has read them; the peak is
         # about one microbatch's worth, and no gradients or optimizer state exist.
         buffers = m * stage.inputs if position > 0 else 0.0
-        return StageMemory(stage.parameters, 0.0, 0.0, stage.activations, buffers, 1)
+        return StageMemory(stage.parameters, 0.0, 0.0, stage.activations / r, buffers, 1)
     in_flight = schedule.in_flight(position, stages)
     buffers = (m * stage.inputs if position > 0 else 0.0) + (m * stage.outputs if position < stages - 1 else 0.0)
     gradients = stage.parameters if stage.gradients is None else stage.gradients
-    held = in_flight * stage.outputs + stage.activations if recompute else in_flight * stage.activations
-    return StageMemory(stage.parameters, gradients, stage.optimizer_state, held, buffers, in_flight, stage.workspace)
+    held = (in_flight * stage.outputs + stage.activations if recompute else in_flight * stage.activations) / r
+    copies = in_flight * (stage.inputs / r + stage.outputs * (r - 1) / r) if r > 1 else 0.0
+    return StageMemory(stage.parameters, gradients, stage.optimizer_state, held, buffers, in_flight,
+                       stage.workspace / r, copies)
 
 
 def backward_workspace(largest_output: float) -> float:
