@@ -28,7 +28,7 @@ def _cold_optimum(graph: OpGraph, cluster: Cluster, contiguous: bool) -> tuple[f
     return result.objective, assign(result.x)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(replicated_problems())
 def test_throughput_ips_follow_the_replication_rule(problem) -> None:
     graph, cluster = problem
@@ -68,6 +68,9 @@ def test_ip_plans_are_scored_with_replication_and_switched_off_without(contiguou
     assert on.max_load == pytest.approx(11.0) and on.lower_bound == pytest.approx(11.0)
     assert off.max_load == pytest.approx(11.05) and off.notes["replication"] == "off"
     assert evaluate(graph, cluster, on.assignment(), contiguous=contiguous).max_load == pytest.approx(on.max_load)
+    for plan in (on, off):
+        if plan.notes["solver_objective"] is not None:
+            assert plan.notes["solver_objective"] == pytest.approx(plan.max_load, rel=1e-6, abs=1e-6)
 
 
 def test_an_infeasible_split_under_copies_memory_is_reported():
