@@ -23,13 +23,14 @@ WARM_SHARE = 0.25
 
 def warm_starts(graph: OpGraph, cluster: Cluster, options: SolveOptions) -> tuple[Plan, ...]:
     """Every feasible start: for throughput the DP's plan and each chain baseline's, and the latency
-    greedy's; each scored as the programs see a split (every node once, no replicated copies)."""
+    greedy's; each scored as the programs see a split (`ip.search.replicates`)."""
     from placewise.plan.baselines.block import block_params, block_time, block_uniform
     from placewise.plan.baselines.pipedream import pipedream_nocomm
     from placewise.plan.dp import solve as dp
+    from placewise.plan.ip.search import replicates
     from placewise.plan.latency_greedy import solve as greedy
 
-    plain = DPOptions(objective=options.objective, contiguous=True, seed=options.seed,
+    plain = DPOptions(objective=options.objective, contiguous=True, seed=options.seed, replicate=options.replicate,
                       time_limit=None if options.time_limit is None else WARM_SHARE * options.time_limit)
     common = SolveOptions(objective=options.objective, contiguous=options.contiguous, seed=options.seed)
     candidates: list[Callable[[], Plan]] = []
@@ -47,7 +48,7 @@ def warm_starts(graph: OpGraph, cluster: Cluster, options: SolveOptions) -> tupl
         except PlacewiseError:
             continue
         plan = plan_from_assignment(graph, cluster, plan.assignment(), solver=plan.solver, seconds=plan.seconds,
-                                    objective=options.objective, contiguous=contiguous, replicate=False)
+                                    objective=options.objective, contiguous=contiguous, replicate=replicates(options))
         if plan.feasible and (options.objective != "latency" or plan.latency is not None):
             found.append(plan)
     return tuple(found)

@@ -16,6 +16,10 @@ The models follow the paper (Tarnawski et al., NeurIPS 2020) and score exactly w
   admits splits whose devices depend on each other in a cycle; so here units go to *pipeline
   positions* (`y[unit, position, kind]`), `Z[unit, t]` (is the unit in the first t+1 positions)
   must be an ideal for every t, and each used position takes one device of some kind.
+* Replication (`plan.replicable`, on unless `SolveOptions.replicate` is off): the throughput
+  programs place the graph less its replicable nodes; each slot pays a copy's time and memory
+  when a unit needing it is there, and nothing is sent for it (`copies.py`). The latency program
+  places every node once, and its plans are scored that way.
 * Latency (the paper's model, as `cost.latency` computes it): CPU nodes run as soon as their
   inputs are done on unboundedly many cores (`maxCPUs` is ignored, as in the paper's code); each
   accelerator runs its set as one block once every input of the block has arrived, paying its

@@ -15,7 +15,7 @@ from placewise.plan.ip.latency import latency_model
 from placewise.plan.ip.milp import run
 from placewise.plan.ip.model import check_placeable, infeasible
 from placewise.plan.ip.throughput import throughput_model
-from placewise.plan.options import OBJECTIVES, IPOptions
+from placewise.plan.options import OBJECTIVES, IPOptions, SolveOptions
 from placewise.plan.plan import Plan, plan_from_assignment
 from placewise.plan.units import Colocated
 
@@ -55,7 +55,8 @@ class _Search:
 
     def score(self, x: np.ndarray, objective: float) -> Plan:
         plan = plan_from_assignment(self.graph, self.cluster, self.assign(x), solver="ip", seconds=0.0,
-                                    objective=self.options.objective, contiguous=self.contiguous, replicate=False)
+                                    objective=self.options.objective, contiguous=self.contiguous,
+                                    replicate=replicates(self.options))
         if not plan.feasible or plan.value > objective + AGREEMENT_TOLERANCE * max(1.0, abs(objective)):
             raise RuntimeError(f"bug: the cost model scores the {self.what} IP's split {plan.value!r} "
                                f"({'; '.join(plan.violations) or 'feasible'}), above the solver's objective {objective!r}")
@@ -143,6 +144,12 @@ def _search(graph: OpGraph, cluster: Cluster, options: IPOptions, warm: Plan | N
     return search.best, search.bound, notes
 
 
+def replicates(options: SolveOptions) -> bool:
+    """Whether the program for `options` follows the replication rule (`plan.replicable`): the
+    throughput programs do when it is on; the latency program places every node once."""
+    return options.replicate and options.objective != "latency"
+
+
 def _best_start(plans: tuple[Plan, ...]) -> Plan | None:
     """The feasible warm start of least value, else the first one given."""
     feasible = [p for p in plans if p.feasible and p.value is not None and math.isfinite(p.value)]
@@ -164,9 +171,11 @@ def solve(graph: OpGraph, cluster: Cluster, options: IPOptions) -> Plan:
         # The time limit covers these checks too (the caller took the warm start's time off already).
         options = replace(options, time_limit=max(options.time_limit - (time.perf_counter() - begin), 0.1))
     best, bound, notes = _search(graph, cluster, options, warm, what, contiguous)
-    # The programs place every node once (no replicated copies), so their plans are scored that way.
+    # Plans are scored as the program sees a split: the throughput programs under the replication rule
+    # (when on), the latency program with every node placed once.
     plan = plan_from_assignment(graph, cluster, best.assignment(), solver="ip", seconds=time.perf_counter() - begin,
-                                objective=options.objective, contiguous=contiguous, notes=notes, replicate=False)
+                                objective=options.objective, contiguous=contiguous, notes=notes,
+                                replicate=replicates(options))
     value = plan.value
     plan.lower_bound = None if bound is None else min(bound, value)
     plan.gap = None if bound is None else (0.0 if value <= 0 else max(0.0, (value - plan.lower_bound) / value))
