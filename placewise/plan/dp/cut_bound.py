@@ -21,8 +21,8 @@ holding all of it. Say an ideal I *cuts* p when it meets e_p without holding all
    costs rounded down to integers, so the profile G never exceeds the true one.
 5. Over the weight grid of intervals, a DP over k boundaries takes for each stage the least load
    these facts allow (the least stage time between the intervals, plus both G when that least time
-   is at least tau) and minimises the largest; fewer stages are chains with empty stages. No chain
-   can do better, so its value (the largest over a few tau) is a lower bound on every split's
+   is at least tau, for the best of a few tau per stage) and minimises the largest; fewer stages are
+   chains with empty stages. No chain can do better, so its value is a lower bound on every split's
    max-load, replicated copies and memory only adding to it.
 
 It applies when every kind pays transfers (a shared-memory CPU core pays none) and the units are
@@ -43,7 +43,7 @@ from placewise.plan.units import Units
 MAX_UNITS = 4000
 # Weight intervals of the profile, and the short-port thresholds tried (quantiles of the spans).
 INTERVALS = 256
-TAU_QUANTILES = (1.0, 0.9, 0.75, 0.5, 0.25)
+TAU_QUANTILES = (1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 # Port costs are scaled to integers below this for the max-flow (rounded down: the cut stays below).
 SCALE_TOTAL = 2 ** 40
 # Weights compared with a margin, so that rounding never forces a unit in or out wrongly.
@@ -64,15 +64,15 @@ def cut_bound(units: Units, problem: Problem, deadline: float | None = None) -> 
     span = _spans(units, anc, up, down, total)
     taus = list(dict.fromkeys(float(np.quantile(span, q)) * (1 + 1e-9) + SLACK * (1 + total) for q in TAU_QUANTILES))
     edges = np.linspace(0.0, total, INTERVALS + 1)
-    best = 0.0
+    profiles = []
     for tau in taus:
         if deadline is not None and time.perf_counter() > deadline:
             break
         profile = _profile(units, span < tau, anc, up, down, total, edges, deadline)
         if profile is None:
             break
-        best = max(best, _chain_bound(edges, profile, tau, total, devices))
-    return best
+        profiles.append((tau, profile))
+    return _chain_bound(edges, profiles, total, devices) if profiles else 0.0
 
 
 def _ancestors(pred: tuple[tuple[int, ...], ...]) -> np.ndarray:
@@ -222,17 +222,21 @@ def _max_flow(head, to, rev, tail, cap0, source, sink):  # pragma: no cover - co
             flow += push
 
 
-def _chain_bound(edges: np.ndarray, profile: np.ndarray, tau: float, total: float, devices: int) -> float:
-    """The least largest stage load over chains of at most `devices` boundaries placed in intervals."""
+def _chain_bound(edges: np.ndarray, profiles: list[tuple[float, np.ndarray]], total: float, devices: int) -> float:
+    """The least largest stage load over chains of at most `devices` boundaries placed in intervals,
+    each stage taking the best of the (tau, profile) pairs its least time allows."""
     lo, hi = edges[:-1], edges[1:]
     # Inner stage from a boundary in interval i to one in interval j: its least time, and its cuts.
     least = np.maximum(lo[None, :] - hi[:, None], 0.0)
-    with np.errstate(invalid="ignore"):
-        inner = np.where(least >= tau, least + profile[:, None] + profile[None, :], least)
-    inner[lo[None, :] + 0 * hi[:, None] < lo[:, None]] = np.inf  # boundaries move forward
-    inner[~np.isfinite(profile)[:, None] | ~np.isfinite(profile)[None, :]] = np.inf
-    first = lo + profile  # from ∅: pays every cut of its boundary
-    last = total - hi + profile  # to V
+    inner = least.copy()
+    for tau, profile in profiles:
+        with np.errstate(invalid="ignore"):
+            inner = np.where(least >= tau, np.maximum(inner, least + profile[:, None] + profile[None, :]), inner)
+    cuts = np.max([profile for _, profile in profiles], axis=0)  # every tau's ports are cut by ∅ or V never
+    inner[lo[None, :] < lo[:, None]] = np.inf  # boundaries move forward (an ideal at a shared end: either)
+    inner[~np.isfinite(cuts)[:, None] | ~np.isfinite(cuts)[None, :]] = np.inf
+    first = lo + cuts  # from ∅: pays every cut of its boundary
+    last = total - hi + cuts  # to V
     best, reach = total, first
     for _ in range(devices - 1):
         best = min(best, float(np.min(np.maximum(reach, last))))
