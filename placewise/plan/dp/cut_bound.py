@@ -92,12 +92,10 @@ def _spans(units: Units, anc: np.ndarray, up: np.ndarray, down: np.ndarray, tota
     for p in range(len(out)):
         members = np.unique(np.concatenate(
             [[units.port_owner[p]], units.port_targets[units.port_target_ptr[p]:units.port_target_ptr[p + 1]]]))
-        best = -np.inf
-        for x in members:
-            for y in members:
-                if x != y and not anc[x, y]:  # y an ancestor of x cannot lie outside an ideal holding x
-                    best = max(best, total - up[x] - down[y])
-        out[p] = best
+        # Pairs (x, y), x != y, y not an ancestor of x (which cannot lie outside an ideal holding x).
+        allowed = ~anc[np.ix_(members, members)] & ~np.eye(len(members), dtype=bool)
+        values = total - up[members][:, None] - down[members][None, :]
+        out[p] = values[allowed].max(initial=-np.inf)
     return out
 
 
