@@ -42,7 +42,7 @@ from placewise.plan.units import Units
 # Above this many units the ancestor sets (units^2 bits) and the max-flows cost more than they give.
 MAX_UNITS = 4000
 # Weight intervals of the profile, and the short-port thresholds tried (quantiles of the spans).
-INTERVALS = 256
+INTERVALS = 1024
 TAU_QUANTILES = (1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 # Port costs are scaled to integers below this for the max-flow (rounded down: the cut stays below).
 SCALE_TOTAL = 2 ** 40
