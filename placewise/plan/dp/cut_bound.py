@@ -18,7 +18,8 @@ holding all of it. Say an ideal I *cuts* p when it meets e_p without holding all
 4. An ideal of least time x in [a, b] holds every unit whose descendants weigh more than W - a,
    and no unit whose ancestors weigh more than b; so c_tau(I) >= G[a, b], the least c_tau over
    ideals holding the first and missing the second: a minimum cut (max-flow, `_Network`), with
-   costs rounded down to integers, so the profile G never exceeds the true one.
+   costs rounded down to integers, so the profile G never exceeds the true one; Lagrange
+   multipliers on the weight limits tighten it (`_profile`).
 5. Over the weight grid of intervals, a DP over k boundaries takes for each stage the least load
    these facts allow (the least stage time between the intervals, plus both G when that least time
    is at least tau, for the best of a few tau per stage) and minimises the largest; fewer stages are
@@ -42,8 +43,10 @@ from placewise.plan.units import Units
 # Above this many units the ancestor sets (units^2 bits) and the max-flows cost more than they give.
 MAX_UNITS = 4000
 # Weight intervals of the profile, and the short-port thresholds tried (quantiles of the spans).
-INTERVALS = 1024
-TAU_QUANTILES = (1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
+INTERVALS = 256
+TAU_QUANTILES = (1.0, 0.8, 0.6, 0.45, 0.3, 0.15)
+# Lagrange multipliers on an interval's weight limits, as multiples of the ports' cost per weight.
+MULTIPLIERS = (0.03, 0.1, 0.3)
 # Port costs are scaled to integers below this for the max-flow (rounded down: the cut stays below).
 SCALE_TOTAL = 2 ** 40
 # Weights compared with a margin, so that rounding never forces a unit in or out wrongly.
@@ -68,7 +71,7 @@ def cut_bound(units: Units, problem: Problem, deadline: float | None = None) -> 
     for tau in taus:
         if deadline is not None and time.perf_counter() > deadline:
             break
-        profile = _profile(units, span < tau, anc, up, down, total, edges, deadline)
+        profile = _profile(units, span < tau, w, anc, up, down, edges, deadline)
         if profile is None:
             break
         profiles.append((tau, profile))
@@ -99,12 +102,17 @@ def _spans(units: Units, anc: np.ndarray, up: np.ndarray, down: np.ndarray, tota
     return out
 
 
-def _profile(units: Units, short: np.ndarray, anc: np.ndarray, up: np.ndarray, down: np.ndarray, total: float,
+def _profile(units: Units, short: np.ndarray, w: np.ndarray, anc: np.ndarray, up: np.ndarray, down: np.ndarray,
              edges: np.ndarray, deadline: float | None) -> np.ndarray | None:
     """Per weight interval [a, b], a lower bound on the short ports' cut cost of any ideal weighing
-    within it (inf: no ideal does); None when out of time."""
-    n = units.count
-    scale = SCALE_TOTAL / max(float(units.port_cost[short].sum()), 1e-300)
+    within it (inf: no ideal does); None when out of time. Besides the forced units, the weight
+    limits enter by Lagrange multipliers: for lam, mu >= 0 and a <= w(I) <= b,
+    c(I) >= c(I) + lam (a - w(I)) + mu (w(I) - b), whose least over ideals is again a cut (lam w(u)
+    to leave u out, mu w(u) to take it in); capacities are rounded down, so each value stays below."""
+    n, total = units.count, float(w.sum())
+    rate = float(units.port_cost[short].sum()) / max(total, 1e-300)  # cost per unit of weight
+    pairs = [(0.0, 0.0)] + [(m * rate, 0.0) for m in MULTIPLIERS] + [(0.0, m * rate) for m in MULTIPLIERS]
+    scale = SCALE_TOTAL / max(float(units.port_cost[short].sum()) + 2 * max(MULTIPLIERS) * rate * total, 1e-300)
     network = _Network(units, short, scale)
     profile = np.empty(len(edges) - 1)
     for i in range(len(profile)):
@@ -116,9 +124,14 @@ def _profile(units: Units, short: np.ndarray, anc: np.ndarray, up: np.ndarray, d
         if anc[must_in].any(axis=0)[must_out].any():
             profile[i] = np.inf  # no ideal weighs within [a, b]
             continue
-        network.cap[network.source_arcs] = np.where(must_in, INFINITE, 0)
-        network.cap[network.sink_arcs] = np.where(must_out, INFINITE, 0)
-        profile[i] = _max_flow(network.head, network.to, network.rev, network.tail, network.cap, n, n + 1) / scale
+        best = 0.0
+        for lam, mu in pairs:
+            network.cap[network.source_arcs] = np.where(must_in, INFINITE, np.floor(lam * w * scale).astype(np.int64))
+            network.cap[network.sink_arcs] = np.where(must_out, INFINITE, np.floor(mu * w * scale).astype(np.int64))
+            cut = _max_flow(network.head, network.to, network.rev, network.tail, network.cap, n, n + 1) / scale
+            # The constant part, less a margin for its rounding.
+            best = max(best, cut + lam * (a - total) - mu * b - SLACK * (1 + (lam + mu) * total))
+        profile[i] = best
     return profile
 
 
