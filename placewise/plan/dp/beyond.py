@@ -6,7 +6,9 @@ contiguous split it can find, with a proven lower bound and the gap between them
   caller), the DP on a coarsened graph whose single-entry/single-exit regions (NAS cells, attention
   blocks) are collapsed (`plan.coarsen`), that coarsening refined near the coarse plan's cut points,
   and every contiguous baseline; each split is re-scored by the cost model;
-- the lower bound: the work bound (every unit's least time shared evenly, and the largest unit).
+- the lower bound: the larger of the work bound (every unit's least time shared evenly, and the
+  largest unit) and the cut bound (`dp.cut_bound`: stages also pay the cheapest cuts their
+  boundaries can have), which gets at most `CUT_SHARE` of the time.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from placewise.graph import Cluster, Device
 from placewise.plan.coarsen import Coarsening, coarsen, colocated, near_cuts
 from placewise.plan.cost import evaluate
 from placewise.plan.dp.bound_search import CERTIFY_GAP, search
+from placewise.plan.dp.cut_bound import cut_bound
 from placewise.plan.dp.problem import Problem, lower_bound, make_problem
 from placewise.plan.dp.run import prepare
 from placewise.plan.dp.replicated import Reduced
@@ -44,6 +47,8 @@ BEYOND_COARSE_IDEALS = 20_000
 COARSE_TRIGGER = 50_000
 # Regions heavier than this share of one device's fair work are never collapsed.
 REGION_SHARE = 0.25
+# The cut bound runs first, on at most this share of the time beyond the limit.
+CUT_SHARE = 0.3
 
 
 @dataclass
@@ -157,16 +162,20 @@ def coarse_restriction(reduced: Reduced, units: Units, problem: Problem, cluster
 
 def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Cluster, options: DPOptions,
                  chain: dict[int, Device], solve: Callable, start: float) -> tuple[float, dict[int, Device], dict]:
-    """(max-load, split, notes) of the best contiguous split found within the time left."""
+    """(max-load, split, notes) of the best contiguous split found within the time left; the notes'
+    `cut_lower_bound` is the cut bound (0 when it does not apply or ran out of time)."""
     budget = options.time_limit if options.time_limit is not None else BEYOND_SECONDS
     deadline = start + budget
+    cut_start = time.perf_counter()
+    cut = cut_bound(units, problem, cut_start + CUT_SHARE * max(deadline - cut_start, 0.0))
     found = Candidates(reduced, cluster, options.replicate)
     found.offer("chain", chain)
     _offer_baselines(found, reduced, cluster, options)
     work = problem.time.min(axis=0)
     share = REGION_SHARE * float(work.sum()) / sum(k.count for k in problem.kinds)
     coarse = coarsen(units.pred_units, work, lambda c: _fits(c.pred, BEYOND_COARSE_IDEALS), share=share)
-    notes: dict = {"coarse_units": len(coarse.groups), "collapsed_regions": len(coarse.collapsed)}
+    notes: dict = {"coarse_units": len(coarse.groups), "collapsed_regions": len(coarse.collapsed),
+                   "cut_lower_bound": cut, "cut_bound_seconds": round(time.perf_counter() - cut_start, 3)}
     refinements = 0
     while _fits(coarse.pred, BEYOND_COARSE_IDEALS) and time.perf_counter() < deadline:
         left = deadline - time.perf_counter()

@@ -113,10 +113,11 @@ def solve(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Plan:
 
 def _beyond(reduced: Reduced, units: Units, problem: Problem, cluster: Cluster, options: DPOptions,
             chain: dict[int, Device], lower: float, start: float) -> Plan:
-    """The certified answer beyond the ideal limit (`dp.beyond`): the best split found, the work bound."""
+    """The certified answer beyond the ideal limit (`dp.beyond`): the best split found, the larger of
+    the work bound and the cut bound."""
     chain = reduced.complete(chain, list(dict.fromkeys(chain.values())))
     value, assignment, found = beyond_limit(reduced, units, problem, cluster, options, chain, solve, start)
-    bound = min(lower, value)
+    bound = min(max(lower, found["cut_lower_bound"]), value)
     notes = {"exact": False, "ideals": f"over {int(options.ideal_limit):,}", "work_lower_bound": lower,
              "beyond_ideal_limit": found, **units.stats, **reduced.notes(cluster, units.count, None)}
     if "ideals_after_replication" in notes:

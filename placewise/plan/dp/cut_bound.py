@@ -1,0 +1,255 @@
+"""A lower bound on the best contiguous split that counts transfers: the cut bound.
+
+A contiguous split on k devices is a chain of ideals (down-sets of the unit DAG)
+∅ = I_0 ⊆ I_1 ⊆ ... ⊆ I_k = V; stage s is S = I_s minus I_{s-1}. With w a unit's least time on any
+kind, a port p (`Units`: owner and targets, the hyperedge e_p) is paid by S when S meets e_p without
+holding all of it. Say an ideal I *cuts* p when it meets e_p without holding all of it. Then:
+
+1. A port cut by exactly one of I_{s-1}, I_s is paid by S (if I_{s-1} misses e_p, S meets it where
+   I_s does and misses what I_s misses; if I_s holds e_p, S holds the part I_{s-1} misses).
+2. A port cut by both has x in I_{s-1} and y outside I_s (x ≠ y, y not an ancestor of x), so S
+   misses the ancestors of x and the descendants of y (disjoint sets): w(S) <= W - A(x) - D(y), with
+   A, D the least time of a unit's ancestors and descendants (itself included). Let span(p) be the
+   largest such value over pairs of e_p. A stage with w(S) > span(p) cannot have p cut by both.
+3. So for the *short* ports (span < tau), a stage of least time w(S) >= tau pays
+   c_tau(I_{s-1}) + c_tau(I_s) on top of w(S) (each cut short port once, none counted twice), with
+   c_tau(I) the cost of the short ports I cuts. The first and last stages pay c_tau of their one
+   inner boundary whatever their size (nothing is cut by ∅ or V).
+4. An ideal of least time x in [a, b] holds every unit whose descendants weigh more than W - a,
+   and no unit whose ancestors weigh more than b; so c_tau(I) >= G[a, b], the least c_tau over
+   ideals holding the first and missing the second: a minimum cut (max-flow, `_Network`), with
+   costs rounded down to integers, so the profile G never exceeds the true one; Lagrange
+   multipliers on the weight limits tighten it (`_profile`).
+5. Over the weight grid of intervals, a DP over k boundaries takes for each stage the least load
+   these facts allow (the least stage time between the intervals, plus both G when that least time
+   is at least tau, for the best of a few tau per stage) and minimises the largest; fewer stages are
+   chains with empty stages. No chain can do better, so its value is a lower bound on every split's
+   max-load, replicated copies and memory only adding to it.
+
+It applies when every kind pays transfers (a shared-memory CPU core pays none) and the units are
+few enough for their ancestor sets; otherwise it is 0 and the work bound stands alone.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from numba import njit
+
+from placewise.plan.dp.problem import Problem, least_work
+from placewise.plan.units import Units
+
+# Above this many units the ancestor sets (units^2 bits) and the max-flows cost more than they give.
+MAX_UNITS = 4000
+# Weight intervals of the profile, and the short-port thresholds tried (quantiles of the spans).
+INTERVALS = 256
+TAU_QUANTILES = (1.0, 0.8, 0.6, 0.45, 0.3, 0.15)
+# Lagrange multipliers on an interval's weight limits, as multiples of the ports' cost per weight.
+MULTIPLIERS = (0.03, 0.1, 0.3)
+# Port costs are scaled to integers below this for the max-flow (rounded down: the cut stays below).
+SCALE_TOTAL = 2 ** 40
+# Weights compared with a margin, so that rounding never forces a unit in or out wrongly.
+SLACK = 1e-9
+
+
+def cut_bound(units: Units, problem: Problem, deadline: float | None = None) -> float:
+    """The cut bound on the max-load of every contiguous split (see the module docstring)."""
+    n = units.count
+    if n == 0 or n > MAX_UNITS or not problem.pays_transfers.all() or len(units.port_cost) == 0:
+        return 0.0
+    devices = int(sum(k.count for k in problem.kinds))
+    w = least_work(units, problem)[0]
+    total = float(w.sum())
+    anc = _ancestors(units.pred_units)
+    up = anc.astype(float) @ w  # A(u): ancestors and u
+    down = anc.T.astype(float) @ w  # D(u): descendants and u
+    span = _spans(units, anc, up, down, total)
+    taus = list(dict.fromkeys(float(np.quantile(span, q)) * (1 + 1e-9) + SLACK * (1 + total) for q in TAU_QUANTILES))
+    edges = np.linspace(0.0, total, INTERVALS + 1)
+    profiles = []
+    for tau in taus:
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        profile = _profile(units, span < tau, w, anc, up, down, edges, deadline)
+        if profile is None:
+            break
+        profiles.append((tau, profile))
+    return _chain_bound(edges, profiles, total, devices) if profiles else 0.0
+
+
+def _ancestors(pred: tuple[tuple[int, ...], ...]) -> np.ndarray:
+    """anc[u, v]: v is u or an ancestor of u (units are in topological order)."""
+    n = len(pred)
+    anc = np.zeros((n, n), dtype=bool)
+    for u in range(n):
+        anc[u, u] = True
+        for v in pred[u]:
+            anc[u] |= anc[v]
+    return anc
+
+
+def _spans(units: Units, anc: np.ndarray, up: np.ndarray, down: np.ndarray, total: float) -> np.ndarray:
+    """Per port, the most least time a stage can have while both its boundaries cut the port."""
+    out = np.empty(len(units.port_cost))
+    for p in range(len(out)):
+        members = np.unique(np.concatenate(
+            [[units.port_owner[p]], units.port_targets[units.port_target_ptr[p]:units.port_target_ptr[p + 1]]]))
+        # Pairs (x, y), x != y, y not an ancestor of x (which cannot lie outside an ideal holding x).
+        allowed = ~anc[np.ix_(members, members)] & ~np.eye(len(members), dtype=bool)
+        values = total - up[members][:, None] - down[members][None, :]
+        out[p] = values[allowed].max(initial=-np.inf)
+    return out
+
+
+def _profile(units: Units, short: np.ndarray, w: np.ndarray, anc: np.ndarray, up: np.ndarray, down: np.ndarray,
+             edges: np.ndarray, deadline: float | None) -> np.ndarray | None:
+    """Per weight interval [a, b], a lower bound on the short ports' cut cost of any ideal weighing
+    within it (inf: no ideal does); None when out of time. Besides the forced units, the weight
+    limits enter by Lagrange multipliers: for lam, mu >= 0 and a <= w(I) <= b,
+    c(I) >= c(I) + lam (a - w(I)) + mu (w(I) - b), whose least over ideals is again a cut (lam w(u)
+    to leave u out, mu w(u) to take it in); capacities are rounded down, so each value stays below."""
+    n, total = units.count, float(w.sum())
+    rate = float(units.port_cost[short].sum()) / max(total, 1e-300)  # cost per unit of weight
+    pairs = [(0.0, 0.0)] + [(m * rate, 0.0) for m in MULTIPLIERS] + [(0.0, m * rate) for m in MULTIPLIERS]
+    scale = SCALE_TOTAL / max(float(units.port_cost[short].sum()) + 2 * max(MULTIPLIERS) * rate * total, 1e-300)
+    network = _Network(units, short, scale)
+    profile = np.empty(len(edges) - 1)
+    for i in range(len(profile)):
+        if deadline is not None and time.perf_counter() > deadline:
+            return None
+        a, b = edges[i], edges[i + 1]
+        must_in = total - down < a - SLACK * (1 + total)
+        must_out = up > b + SLACK * (1 + total)
+        if anc[must_in].any(axis=0)[must_out].any():
+            profile[i] = np.inf  # no ideal weighs within [a, b]
+            continue
+        best = 0.0
+        for lam, mu in pairs:
+            network.cap[network.source_arcs] = np.where(must_in, INFINITE, np.floor(lam * w * scale).astype(np.int64))
+            network.cap[network.sink_arcs] = np.where(must_out, INFINITE, np.floor(mu * w * scale).astype(np.int64))
+            cut = _max_flow(network.head, network.to, network.rev, network.tail, network.cap, n, n + 1) / scale
+            # The constant part, less a margin for its rounding.
+            best = max(best, cut + lam * (a - total) - mu * b - SLACK * (1 + (lam + mu) * total))
+        profile[i] = best
+    return profile
+
+
+# An arc that a cut may never cross; finite cuts stay below SCALE_TOTAL, far from it.
+INFINITE = 2 ** 62
+
+
+class _Network:
+    """The ideal cut problem as a flow network (source side = the ideal): an infinite arc from each
+    unit to its predecessors (an ideal holds them), and per port p an arc in_p -> out_p of its cost
+    with infinite arcs v -> in_p and out_p -> v for its units v (a cut that splits them crosses it).
+    Nodes: units, source, sink, then in_p, out_p per short port. CSR arcs, each with its reverse."""
+
+    def __init__(self, units: Units, short: np.ndarray, scale: float) -> None:
+        n = units.count
+        tails, heads, caps = [], [], []
+        for u, preds in enumerate(units.pred_units):
+            for v in preds:
+                tails.append(u), heads.append(v), caps.append(INFINITE)
+        first_source = len(tails)
+        for u in range(n):
+            tails.append(n), heads.append(u), caps.append(0)
+            tails.append(u), heads.append(n + 1), caps.append(0)
+        node = n + 2
+        for p in np.flatnonzero(short):
+            members = {int(units.port_owner[p])} | {
+                int(t) for t in units.port_targets[units.port_target_ptr[p]:units.port_target_ptr[p + 1]]}
+            tails.append(node), heads.append(node + 1), caps.append(int(np.floor(units.port_cost[p] * scale)))
+            for v in members:
+                tails += [v, node + 1]
+                heads += [node, v]
+                caps += [INFINITE, INFINITE]
+            node += 2
+        tail = np.array(tails, dtype=np.int64)
+        # Arc e at 2e, its reverse (no capacity) at 2e + 1; sorted by tail for CSR.
+        both_tail = np.stack([tail, np.array(heads, dtype=np.int64)], axis=1).ravel()
+        both_cap = np.stack([np.array(caps, dtype=np.int64), np.zeros(len(caps), dtype=np.int64)], axis=1).ravel()
+        order = np.argsort(both_tail, kind="stable")
+        position = np.empty_like(order)
+        position[order] = np.arange(len(order))
+        self.tail = both_tail[order]
+        self.to = both_tail[order ^ 1]
+        self.rev = position[order ^ 1]
+        self.cap = both_cap[order]
+        self.head = np.searchsorted(self.tail, np.arange(node + 1)).astype(np.int64)
+        self.source_arcs = position[2 * (first_source + 2 * np.arange(n))]
+        self.sink_arcs = position[2 * (first_source + 2 * np.arange(n) + 1)]
+
+
+@njit(cache=True)
+def _max_flow(head, to, rev, tail, cap0, source, sink):  # pragma: no cover - compiled
+    """Dinic's maximum flow (integer capacities), iterative so that numba compiles it."""
+    cap = cap0.copy()
+    n = len(head) - 1
+    level = np.empty(n, dtype=np.int64)
+    nxt = np.empty(n, dtype=np.int64)
+    queue = np.empty(n, dtype=np.int64)
+    path = np.empty(n, dtype=np.int64)
+    flow = 0
+    while True:
+        level[:] = -1
+        level[source] = 0
+        queue[0], lo, hi = source, 0, 1
+        while lo < hi:
+            v = queue[lo]
+            lo += 1
+            for a in range(head[v], head[v + 1]):
+                if cap[a] > 0 and level[to[a]] < 0:
+                    level[to[a]] = level[v] + 1
+                    queue[hi] = to[a]
+                    hi += 1
+        if level[sink] < 0:
+            return flow
+        nxt[:] = head[:-1]
+        while True:
+            depth, v = 0, source
+            while v != sink:
+                while nxt[v] < head[v + 1] and not (cap[nxt[v]] > 0 and level[to[nxt[v]]] == level[v] + 1):
+                    nxt[v] += 1
+                if nxt[v] < head[v + 1]:
+                    path[depth] = nxt[v]
+                    depth += 1
+                    v = to[nxt[v]]
+                elif depth == 0:
+                    break
+                else:  # a dead end: drop it from this phase and step back
+                    level[v] = -1
+                    depth -= 1
+                    v = tail[path[depth]]
+                    nxt[v] += 1
+            if v != sink:
+                break
+            push = cap[path[0]]
+            for i in range(1, depth):
+                push = min(push, cap[path[i]])
+            for i in range(depth):
+                cap[path[i]] -= push
+                cap[rev[path[i]]] += push
+            flow += push
+
+
+def _chain_bound(edges: np.ndarray, profiles: list[tuple[float, np.ndarray]], total: float, devices: int) -> float:
+    """The least largest stage load over chains of at most `devices` boundaries placed in intervals,
+    each stage taking the best of the (tau, profile) pairs its least time allows."""
+    lo, hi = edges[:-1], edges[1:]
+    # Inner stage from a boundary in interval i to one in interval j: its least time, and its cuts.
+    least = np.maximum(lo[None, :] - hi[:, None], 0.0)
+    inner = least.copy()
+    for tau, profile in profiles:
+        with np.errstate(invalid="ignore"):
+            inner = np.where(least >= tau, np.maximum(inner, least + profile[:, None] + profile[None, :]), inner)
+    cuts = np.max([profile for _, profile in profiles], axis=0)  # every tau's ports are cut by ∅ or V never
+    inner[lo[None, :] < lo[:, None]] = np.inf  # boundaries move forward (an ideal at a shared end: either)
+    inner[~np.isfinite(cuts)[:, None] | ~np.isfinite(cuts)[None, :]] = np.inf
+    first = lo + cuts  # from ∅: pays every cut of its boundary
+    last = total - hi + cuts  # to V
+    best, reach = total, first
+    for _ in range(devices - 1):
+        best = min(best, float(np.min(np.maximum(reach, last))))
+        reach = np.min(np.maximum(reach[:, None], inner), axis=0)
+    return best
