@@ -26,7 +26,7 @@ from placewise.plan.coarsen import Coarsening, coarsen, colocated, near_cuts
 from placewise.plan.cost import evaluate
 from placewise.plan.dp.bound_search import CERTIFY_GAP, search
 from placewise.plan.dp.cut_bound import cut_bound
-from placewise.plan.dp.problem import Problem, lower_bound, make_problem
+from placewise.plan.dp.problem import Problem, lower_bound, make_problem, sets_assignment
 from placewise.plan.dp.run import prepare
 from placewise.plan.dp.replicated import Reduced
 from placewise.plan.ideals import enumerate_ideals
@@ -152,8 +152,7 @@ def coarse_restriction(reduced: Reduced, units: Units, problem: Problem, cluster
                      upper / (1 - CERTIFY_GAP), False, None, deadline)
     if outcome.result is None or not math.isfinite(outcome.result.value):
         return None  # above `upper`, or out of time
-    from placewise.plan.dp.solve import _assignment  # solve imports this module
-    assignment = _assignment(reduced.work, grouped, sub, outcome.result.sets)
+    assignment = sets_assignment(reduced.work, grouped, sub, outcome.result.sets)
     assignment = reduced.complete(assignment, list(dict.fromkeys(assignment.values())))
     return plan_from_assignment(reduced.graph, cluster, assignment, solver="dp",
                                 seconds=time.perf_counter() - start, notes={"exact": True, "ideals": lattice.count},

@@ -1,5 +1,5 @@
-"""The DP's encoding of a cluster: device kinds, device-count states, per-kind unit times, and the
-work bounds derived from them."""
+"""The DP's encoding of a cluster: device kinds, device-count states, per-kind unit times, the
+work bounds derived from them, and DP sets turned back into a node assignment."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from placewise.errors import PlacewiseError
-from placewise.graph import Cluster, DeviceKind
+from placewise.graph import Cluster, Device, DeviceKind, OpGraph
 from placewise.plan.cost import MEMORY_TOLERANCE
 from placewise.plan.units import Units
 
@@ -83,3 +83,16 @@ def lower_bound(units: Units, problem: Problem) -> float:
     least = fitting_times(units, problem).min(axis=0)
     devices = sum(k.count for k in problem.kinds)
     return float(max(least.max(initial=0.0), least.sum() / devices))
+
+
+def sets_assignment(graph: OpGraph, units: Units, problem: Problem, sets: list[tuple[int, np.ndarray]]) -> dict:
+    """Node id -> device for DP sets (kind index, units) in pipeline order."""
+    assignment = {}
+    used = {t: 0 for t in range(len(problem.kinds))}
+    for t, unit_set in sets:
+        device = Device(problem.kinds[t].name, used[t])
+        used[t] += 1
+        for u in unit_set:
+            for i in units.members[u]:
+                assignment[graph.nodes[i].id] = device
+    return assignment

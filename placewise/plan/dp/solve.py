@@ -6,13 +6,12 @@ import math
 import time
 from dataclasses import replace
 
-import numpy as np
 
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, OpGraph
 from placewise.plan.dp.infeasible import check_units_fit, raise_infeasible
 from placewise.plan.dp.pendants import merged_pendants
-from placewise.plan.dp.problem import Problem, lower_bound, make_problem
+from placewise.plan.dp.problem import Problem, lower_bound, make_problem, sets_assignment
 from placewise.plan.dp.run import prepare, run_dp
 from placewise.plan.dp.bound_search import CERTIFY_GAP, search, topological_orders
 from placewise.plan.ideals import chain_lattice, enumerate_ideals
@@ -49,7 +48,7 @@ def solve(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Plan:
               for order in topological_orders(units)]
     best_chain = min(chains, key=lambda r: r.value)
     upper = best_chain.value
-    best_assignment = _assignment(work, units, problem, best_chain.sets)
+    best_assignment = sets_assignment(work, units, problem, best_chain.sets)
     deadline = None if options.time_limit is None else start + options.time_limit
     # Listed first: a graph with too many ideals goes beyond the limit at once, before any restricted solve.
     try:
@@ -81,7 +80,7 @@ def solve(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Plan:
     if outcome.result is not None:
         if not math.isfinite(outcome.result.value):
             raise_infeasible(work, units, problem)
-        value, assignment = outcome.result.value, _assignment(work, units, problem, outcome.result.sets)
+        value, assignment = outcome.result.value, sets_assignment(work, units, problem, outcome.result.sets)
         bound = value
     else:
         # Certified, or out of time: the best split known, with the best bound the DP runs proved.
@@ -162,14 +161,3 @@ def _restricted(reduced: Reduced, cluster: Cluster, options: DPOptions, units: U
     return restricted if restricted is not None and restricted.max_load <= upper else None
 
 
-def _assignment(graph: OpGraph, units: Units, problem: Problem, sets: list[tuple[int, np.ndarray]]) -> dict:
-    """Node id -> device for DP sets (kind index, units) in pipeline order."""
-    assignment = {}
-    used = {t: 0 for t in range(len(problem.kinds))}
-    for t, unit_set in sets:
-        device = Device(problem.kinds[t].name, used[t])
-        used[t] += 1
-        for u in unit_set:
-            for i in units.members[u]:
-                assignment[graph.nodes[i].id] = device
-    return assignment
