@@ -29,13 +29,10 @@ AGREEMENT = 1e-9
 def solve(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Plan:
     """Optimal contiguous split for throughput (least max-load)."""
     if options.max_replicas > 1:
-        from placewise.plan.dp.replicated_stages import solve_replicated  # (replan17's hook: replicated stages)
+        from placewise.plan.dp.replicated_stages import solve_replicated  # replicated stages: their own DP
         return solve_replicated(graph, cluster, options)
     start = time.perf_counter()
-    if options.objective != "throughput":
-        raise PlacewiseError(f"the dp solver optimizes throughput only, not {options.objective}; use --solver ip for latency")
-    if not options.contiguous:
-        raise PlacewiseError("the dp solver finds contiguous splits only; drop --noncontiguous or use --solver ip")
+    _check_options(options)
     reduced = Reduced.of(graph, options.replicate)
     work = reduced.work
     units = reduced.units(cluster)
@@ -108,6 +105,13 @@ def solve(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Plan:
         raise AssertionError(f"dp value {value!r} disagrees with the cost model's {plan.max_load!r} "
                              f"(violations: {plan.violations})")
     return plan
+
+
+def _check_options(options: DPOptions) -> None:
+    if options.objective != "throughput":
+        raise PlacewiseError(f"the dp solver optimizes throughput only, not {options.objective}; use --solver ip for latency")
+    if not options.contiguous:
+        raise PlacewiseError("the dp solver finds contiguous splits only; drop --noncontiguous or use --solver ip")
 
 
 def _beyond(reduced: Reduced, units: Units, problem: Problem, cluster: Cluster, options: DPOptions,
