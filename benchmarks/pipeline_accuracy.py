@@ -24,8 +24,10 @@ separates the schedule model's error from the profile's. "outside" is what the l
 microbatch beyond its chunks and update in the run (thread CPU ms: posting and waiting on
 transfers, bookkeeping, loss) beside the modelled overhead ("model"). "share" is the share of a core
 the stages got (their chunks' CPU time over wall time); "pred@share" is the prediction with the
-cores slowed to it, the figure compared. On a machine shared with other work the share is far below
-1 and the figures are the load's as much as the model's: the load is printed before and after.
+cores slowed to it. "error" compares the prediction made before the run ("predicted", a core per
+stage) with the measurement; "err@share" uses the share measured in that same run, so it is not a
+prediction: it only tells the load's part of the error apart. On a machine shared with other work
+the share is far below 1: the load is printed before and after.
 
     .venv/bin/python benchmarks/pipeline_accuracy.py [--quick] [--rounds 3] [--steps 4] [--models cnn,transformer,branchy] [--json OUT]
 
@@ -251,7 +253,8 @@ def rows_for(jobs: dict, planned: dict, rounds: list[dict], memory: dict | None,
                                                   schedule, options).step_time for r in rounds)
         row = {"model": name, "schedule": kind, "microbatches": m, "measured_ms": measured,
                "predicted_ms": alone.step_time, "core_share": share, "predicted_at_share_ms": at_share.step_time,
-               "time_error": at_share.step_time / measured - 1, "sim_measured_ms": sim_measured,
+               "time_error": alone.step_time / measured - 1, "time_error_at_share": at_share.step_time / measured - 1,
+               "sim_measured_ms": sim_measured,
                "previous_at_share_ms": previous_ms(planned[name], schedule, link, options, share),
                "cpu_ms_measured": [statistics.median(step_cpu_ms(r[key][i]) for r in rounds) for i in range(2)],
                "cpu_ms_predicted": list(alone.simulation.busy)}
@@ -264,8 +267,8 @@ def rows_for(jobs: dict, planned: dict, rounds: list[dict], memory: dict | None,
 
 
 def print_rows(rows: list[dict]) -> None:
-    print(f"{'model':12} {'sched':6} {'m':>2} {'measured':>9} {'alone':>7} {'share':>6} {'pred@share':>10} "
-          f"{'error':>7} {'old@share':>9} {'sim(meas)':>9} {'cpu/step meas':>13} {'cpu/step pred':>13} "
+    print(f"{'model':12} {'sched':6} {'m':>2} {'measured':>9} {'predicted':>9} {'error':>7} {'share':>6} "
+          f"{'pred@share':>10} {'err@share':>9} {'old@share':>9} {'sim(meas)':>9} {'cpu/step meas':>13} {'cpu/step pred':>13} "
           f"{'mem MB meas':>13} {'mem MB pred':>13} {'mem err':>7}")
     for r in rows:
         mem = ""
@@ -275,8 +278,8 @@ def print_rows(rows: list[dict]) -> None:
         cpu = (f" {'/'.join(f'{x:.0f}' for x in r['cpu_ms_measured']):>13}"
                f" {'/'.join(f'{x:.0f}' for x in r['cpu_ms_predicted']):>13}")
         print(f"{r['model']:12} {r['schedule']:6} {r['microbatches']:>2} {r['measured_ms']:9.1f} "
-              f"{r['predicted_ms']:7.1f} {r['core_share']:6.2f} {r['predicted_at_share_ms']:10.1f} "
-              f"{r['time_error']:+7.1%} {r['previous_at_share_ms']:9.1f} {r['sim_measured_ms']:9.1f}{cpu}{mem}")
+              f"{r['predicted_ms']:9.1f} {r['time_error']:+7.1%} {r['core_share']:6.2f} "
+              f"{r['predicted_at_share_ms']:10.1f} {r['time_error_at_share']:+9.1%} {r['previous_at_share_ms']:9.1f} {r['sim_measured_ms']:9.1f}{cpu}{mem}")
 
 
 def main() -> None:

@@ -163,6 +163,12 @@ def test_bad_pipeline_settings_exit_2_with_one_line(capsys, plans, plan, argv, w
     assert err.startswith("placewise: error:") and "\n" not in err and words in err, err
 
 
+def _killed_at_update_15(base: dict, ckpt) -> None:
+    """`base` run with checkpoints every 10 updates until its server (rank 1) is killed at update 15."""
+    with pytest.raises(PlacewiseError, match=r"rank 1 \(the parameter server\) failed"):
+        train_data_parallel(TrainConfig(**base, checkpoint=str(ckpt), checkpoint_every=10, kill_rank=1, kill_at=15))
+
+
 @pytest.mark.timeout(300)
 def test_sync_pipelines_resume_from_their_stage_checkpoints(tmp_path):
     # Every stage server saves after the same rounds, so its files together are one state of the run.
@@ -171,8 +177,7 @@ def test_sync_pipelines_resume_from_their_stage_checkpoints(tmp_path):
     reference = train_data_parallel(TrainConfig(**base))
     ckpt = tmp_path / "pipes.pt"
     # Rank 1 is a stage's server; only a single server shard is restarted, so the run stops.
-    with pytest.raises(PlacewiseError, match=r"rank 1 \(the parameter server\) failed"):
-        train_data_parallel(TrainConfig(**base, checkpoint=str(ckpt), checkpoint_every=10, kill_rank=1, kill_at=15))
+    _killed_at_update_15(base, ckpt)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipes.pt.shard0", "pipes.pt.shard1"]
     resumed = train_data_parallel(TrainConfig(**base, resume=str(ckpt)))
     assert resumed.resumed_from == 10 and resumed.updates == 24
@@ -188,8 +193,7 @@ def test_one_async_pipeline_resumes_step_for_step(tmp_path):
                 mapping=mapping("mlp:32x32", "_2"), microbatches=2, timeout_s=TIMEOUT)
     reference = train_data_parallel(TrainConfig(**base))
     ckpt = tmp_path / "pipe.pt"
-    with pytest.raises(PlacewiseError, match=r"rank 1 \(the parameter server\) failed"):
-        train_data_parallel(TrainConfig(**base, checkpoint=str(ckpt), checkpoint_every=10, kill_rank=1, kill_at=15))
+    _killed_at_update_15(base, ckpt)
     resumed = train_data_parallel(TrainConfig(**base, resume=str(ckpt)))
     assert resumed.resumed_from == 10 and resumed.updates == 24
     assert [u["loss"] for u in resumed.history] == [u["loss"] for u in reference.history]

@@ -723,3 +723,33 @@ class NeedsArgument(torch.optim.SGD):
 def test_auto_sizing_keeps_default_buckets_when_it_cannot_time_the_class() -> None:
     opt = fuse_optimizer(mlp(), NeedsArgument, "backward", scale=2.0, lr=0.1)
     assert not opt.unfused and "could not be timed" in opt.bucketing() and opt._timer is None
+
+
+@pytest.mark.parametrize("mode", ["forward", "backward"])
+def test_closed_optimizer_trains_like_the_unfused_one(mode: str) -> None:
+    """After close() no hook is left, so step() updates what has gradients, as torch's optimizer does
+    (forward mode used to keep scheduling updates that no forward hook would apply)."""
+    torch.manual_seed(0)
+    ref_model = mlp()
+    model = copy.deepcopy(ref_model)
+    ref = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
+    opt = fuse_optimizer(model, torch.optim.SGD, mode, min_bucket_numel=0, lr=0.1, momentum=0.9)
+    for i, (x, y) in enumerate(batches((6,), 4)):
+        if i == 1:
+            opt.close()
+        for m, o in ((ref_model, ref), (model, opt)):
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+            o.zero_grad()
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_hooks_registered_on_the_fused_optimizer_run() -> None:
+    opt = fuse_optimizer(mlp(), torch.optim.Adam, "backward", min_bucket_numel=0, lr=0.01)
+    seen: list[str] = []
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append("saved"))
+    opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append("loading"))
+    opt.load_state_dict(opt.state_dict())
+    assert seen == ["saved", "loading"]
+    opt.close()

@@ -23,10 +23,13 @@ def mlp_plan(tmp_path_factory) -> str:
 @pytest.mark.parametrize("argv", [
     ["train", "mlp", "--workers", "2", "--mode", "async", "--steps", "5"],
     ["train", "mlp", "--plan", "PLAN", "--steps", "2", "--batch-size", "8", "--microbatches", "2"],
+    # With --out a pipeline run also draws its timeline; the note saying so must not reach stdout.
+    ["train", "mlp", "--plan", "PLAN", "--steps", "2", "--batch-size", "8", "--microbatches", "2", "--out", "OUT"],
     ["serve-bench", "mlp", "--plan", "PLAN", "--steps", "2", "--batch-size", "8", "--microbatches", "2"],
-], ids=["train-async", "train-pipeline", "serve-bench"])
-def test_run_commands_print_strict_json(capsys, mlp_plan, argv):
-    code, out, err, _ = run_cli([mlp_plan if a == "PLAN" else a for a in argv] + ["--json"], capsys)
+], ids=["train-async", "train-pipeline", "train-pipeline-out", "serve-bench"])
+def test_run_commands_print_strict_json(capsys, tmp_path, mlp_plan, argv):
+    given = {"PLAN": mlp_plan, "OUT": str(tmp_path / "out")}
+    code, out, err, _ = run_cli([given.get(a, a) for a in argv] + ["--json"], capsys)
     assert code == 0, err
     report = strict_json(out)
     assert isinstance(report, dict) and report

@@ -153,3 +153,23 @@ def test_recompute_only_where_memory_forces_it_and_the_plan_says_so():
     again = Plan.from_json(json.loads(json.dumps(plan.to_json())))
     assert [s.recompute for s in again.stages] == [True, False, False]
     assert again.stages[0].recompute_time == pytest.approx(forward)
+
+
+def test_a_graph_with_replicable_nodes_is_planned_and_scored_without_replication():
+    """A cheap size node read by every layer is replicable under the cost model's default rule; this
+    DP places every node once, so its plan is scored that way too (it used to fail its own check)."""
+    parts = dict(parameters=0.0, gradients=0.0, optimizer_state=0.0, activations=1.0, output=8.0)
+    layers = 4
+    nodes = [Node(i, f"l{i}", 10.0, 20.0, 1e3, True, False, i, **{**parts, "output": 1e6}) for i in range(layers)]
+    edges = [Edge(i, i + 1, 1.0, 1e6) for i in range(layers - 1)]
+    nodes.append(Node(layers, "size", 0.001, 0.001, 8.0, True, False, layers, **parts))
+    edges += [Edge(layers, r, 1e-5, 8.0) for r in range(layers)]
+    nodes += [Node(1000 + n.id, n.name + ".b", 1.0 if n.id < layers else 0.0, 1.0, 0.0, True, True, n.id, **parts)
+              for n in list(nodes)]
+    edges += [Edge(1000 + i + 1, 1000 + i, 1.0, 1e6) for i in range(layers - 1)]
+    graph = OpGraph.build(nodes, edges, name="sizes")
+    cluster = Cluster((DeviceKind("accelerator", 2, True, None, 1.0),), 20.0)
+    plan = solve(graph, cluster, ScheduleDPOptions(schedule=Schedule(ONE_F_ONE_B, 4)))
+    assert plan.notes["replication"] == "off"
+    assert plan.max_load == pytest.approx(plan.notes["schedule_dp_value"], rel=1e-12)
+    assert len(plan.stages) == 2

@@ -80,7 +80,8 @@ def _run_pipeline_job(args, mode: str) -> int:
             from placewise.predicted import draw_predicted_and_measured
             draw_predicted_and_measured(plan, job.model, job.schedule, job.microbatches, job.batch_size, results,
                                         Path(args.out) / "timeline.png")
-            print(f"timeline written to {Path(args.out) / 'timeline.png'}")
+            if not args.json:  # --json prints only the report
+                print(f"timeline written to {Path(args.out) / 'timeline.png'}")
     if args.json:
         print(dump_json(report))
     else:

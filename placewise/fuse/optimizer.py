@@ -36,6 +36,7 @@ import threading
 import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -99,11 +100,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._handles: list[Any] = []
         self._optimizer_step_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._zero_grad_profile_name = "Optimizer.zero_grad#FusedOptimizer.zero_grad"
+        # state_dict() and load_state_dict() are the wrapped optimizer's, so hooks registered here must
+        # land in its tables to run (they receive the wrapped optimizer).
+        self._optimizer_state_dict_pre_hooks = inner._optimizer_state_dict_pre_hooks
+        self._optimizer_state_dict_post_hooks = inner._optimizer_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = inner._optimizer_load_state_dict_pre_hooks
+        self._optimizer_load_state_dict_post_hooks = inner._optimizer_load_state_dict_post_hooks
         self._build()
 
     # ---- what schedulers and checkpoints see: the wrapped optimizer's own objects -----------------
@@ -432,6 +434,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._handles = []
             if self._worker is not None:
                 self._worker.stop()
+            # No hook is left to apply buckets (forward mode) or to fire them (backward mode).
+            self.bucket_choice = replace(self.bucket_choice, min_bucket_numel=None, reason="hooks removed", cost=None)
+            self._timer = None
 
     def close(self) -> None:
         """Same as `remove_hooks`: apply what is pending, detach from the model, end the worker thread."""

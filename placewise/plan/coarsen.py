@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from placewise.graph import OpGraph
+from placewise.plan.ideals import successors
 
 Pred = Sequence[Sequence[int]]
 
@@ -50,14 +51,6 @@ class Coarsening:
     def expand(self, groups: Sequence[int]) -> list[int]:
         """The original units of some groups."""
         return sorted(u for g in groups for u in self.groups[g])
-
-
-def successors(pred: Pred) -> list[list[int]]:
-    out: list[list[int]] = [[] for _ in pred]
-    for v, ps in enumerate(pred):
-        for p in ps:
-            out[p].append(v)
-    return out
 
 
 def _check_topological(pred: Pred) -> None:

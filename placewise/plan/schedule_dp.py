@@ -229,10 +229,11 @@ def _plan(graph: OpGraph, cluster: Cluster, units, lat: _Lattice, kinds, chain: 
             if (members >> u) & 1:
                 for node in units.members[u]:
                     assignment[graph.nodes[node].id] = device
-    evaluation = evaluate_recomputed(graph, cluster, assignment, recomputed)
+    # This DP places every node once (no replicable-node rule), so its plan is scored the same way.
+    evaluation = evaluate_recomputed(graph, cluster, assignment, recomputed, replicate=False)
     plan = in_order(plan_from_assignment(graph, cluster, assignment, solver="dp-schedule", seconds=seconds,
                                          schedule=schedule, notes={"schedule_dp_value": value},
-                                         evaluation=evaluation), order)
+                                         evaluation=evaluation, replicate=False), order)
     if abs(plan.max_load - value) > 1e-9 * max(1.0, abs(value)):
         raise RuntimeError(f"dp-schedule: the cost model scores the plan {plan.max_load}, the DP {value}")
     return plan

@@ -32,7 +32,8 @@ def warm_starts(graph: OpGraph, cluster: Cluster, options: SolveOptions) -> tupl
 
     plain = DPOptions(objective=options.objective, contiguous=True, seed=options.seed, replicate=options.replicate,
                       time_limit=None if options.time_limit is None else WARM_SHARE * options.time_limit)
-    common = SolveOptions(objective=options.objective, contiguous=options.contiguous, seed=options.seed)
+    common = SolveOptions(objective=options.objective, contiguous=options.contiguous, seed=options.seed,
+                          replicate=options.replicate)
     candidates: list[Callable[[], Plan]] = []
     if options.objective != "latency":
         candidates.append(lambda: dp(graph, cluster, plain))

@@ -181,8 +181,7 @@ def run_replica(job: PipelineJob, stage_index: int, replicas: StageGroup) -> dic
                 report["grads"] = {k: p.grad.detach().cpu().clone() for k, p in module.named_parameters()
                                    if p.grad is not None}
             if optimizer is not None:
-                optimizer.step()
-                optimizer.zero_grad()
+                _update(optimizer)
     return report
 
 

@@ -172,11 +172,14 @@ def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Clus
     _offer_baselines(found, reduced, cluster, options)
     work = problem.time.min(axis=0)
     share = REGION_SHARE * float(work.sum()) / sum(k.count for k in problem.kinds)
-    coarse = coarsen(units.pred_units, work, lambda c: _fits(c.pred, BEYOND_COARSE_IDEALS), share=share)
+    # The coarse graph is solved by `solve` with the caller's ideal limit: it must fit under that too,
+    # or the nested solve would go beyond the limit again.
+    limit = min(BEYOND_COARSE_IDEALS, int(options.ideal_limit))
+    coarse = coarsen(units.pred_units, work, lambda c: _fits(c.pred, limit), share=share)
     notes: dict = {"coarse_units": len(coarse.groups), "collapsed_regions": len(coarse.collapsed),
                    "cut_lower_bound": cut, "cut_bound_seconds": round(time.perf_counter() - cut_start, 3)}
     refinements = 0
-    while _fits(coarse.pred, BEYOND_COARSE_IDEALS) and time.perf_counter() < deadline:
+    while _fits(coarse.pred, limit) and time.perf_counter() < deadline:
         left = deadline - time.perf_counter()
         try:
             plan = _coarse_plan(reduced, units, coarse, cluster, options, solve, left / 2)
@@ -190,7 +193,7 @@ def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Clus
         opened = near_cuts(coarse, stage_of_group)
         if not opened:
             break
-        finer = coarsen(units.pred_units, work, lambda c: _fits(c.pred, BEYOND_COARSE_IDEALS), share=share,
+        finer = coarsen(units.pred_units, work, lambda c: _fits(c.pred, limit), share=share,
                         keep_open=opened)
         if len(finer.groups) <= len(coarse.groups):
             break

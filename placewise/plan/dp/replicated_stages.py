@@ -198,10 +198,8 @@ def _run(lattice: IdealLattice, units: Units, problem: Problem, unit_params, uni
     arg_sub = np.zeros((lattice.count, n_states), dtype=np.int64)
     arg_kind = np.zeros_like(arg_sub)
     arg_r = np.ones_like(arg_sub)
-    # The cost model's transfer rule: a kind pays its set's transfers unless its devices share memory.
-    pays_transfer = problem.pays_transfers.copy()
     _fill(lattice.bits, a.time, a.memory, a.unsupported, a.params, a.unknown, units.port_owner, units.port_cost,
-          units.port_target_ptr, units.port_targets, copy_time, copy_memory, needer_ptr, needers, pays_transfer,
+          units.port_target_ptr, units.port_targets, copy_time, copy_memory, needer_ptr, needers, problem.pays_transfers,
           problem.accelerator, problem.memory_limit, np.array([k.count for k in problem.kinds], dtype=np.int64),
           problem.counts.astype(np.int64), strides, coef, const, max_r, dp, arg_sub, arg_kind, arg_r)
     value = float(dp[-1, problem.full_state])
