@@ -26,7 +26,10 @@ transfers, bookkeeping, loss) beside the modelled overhead ("model"). "share" is
 the stages got (their chunks' CPU time over wall time); "pred@share" is the prediction with the
 cores slowed to it. "error" compares the prediction made before the run ("predicted", a core per
 stage) with the measurement; "err@share" uses the share measured in that same run, so it is not a
-prediction: it only tells the load's part of the error apart. On a machine shared with other work
+prediction: it only tells the load's part of the error apart. "post blk" is the wall ms per step each stage spent
+inside posting sends and receives beyond its CPU time there (off the core, waiting on gloo's transport
+threads, which share the busy cores): with every core computing, as in GPipe's phases, this is where
+the prediction loses time (see docs/cost-model.md). On a machine shared with other work
 the share is far below 1: the load is printed before and after.
 
     .venv/bin/python benchmarks/pipeline_accuracy.py [--quick] [--rounds 3] [--steps 4] [--models cnn,transformer,branchy] [--json OUT]
@@ -209,6 +212,14 @@ def measured_stage_times(report: dict, m: int) -> StageTimes:
                       1e3 * report["outside_seconds"]["update"] / steps)
 
 
+def blocked_in_post_ms(report: dict) -> float:
+    """Wall ms per step the stage spent posting sends and receives beyond its CPU time there: time its
+    thread was off the core inside gloo's isend/irecv (waiting for the transport, which runs on threads
+    that share the busy cores), which no link measurement between idle processes shows."""
+    part = "post"
+    return 1e3 * (report["outside_seconds"][part] - report["outside_cpu_seconds"][part]) / len(report["step_seconds"])
+
+
 def step_cpu_ms(report: dict) -> float:
     """The stage's thread CPU ms per step: its work whatever the load (compared with the predicted busy time)."""
     return 1e3 * report["step_cpu_seconds"] / len(report["step_seconds"])
@@ -257,7 +268,8 @@ def rows_for(jobs: dict, planned: dict, rounds: list[dict], memory: dict | None,
                "sim_measured_ms": sim_measured,
                "previous_at_share_ms": previous_ms(planned[name], schedule, link, options, share),
                "cpu_ms_measured": [statistics.median(step_cpu_ms(r[key][i]) for r in rounds) for i in range(2)],
-               "cpu_ms_predicted": list(alone.simulation.busy)}
+               "cpu_ms_predicted": list(alone.simulation.busy),
+               "blocked_in_post_ms": [statistics.median(blocked_in_post_ms(r[key][i]) for r in rounds) for i in range(2)]}
         if memory is not None and alone.memory is not None:
             row["measured_mb"] = [b / 1e6 for b in memory[key]]
             row["predicted_mb"] = [mem.total / 1e6 for mem in alone.memory]
@@ -269,14 +281,15 @@ def rows_for(jobs: dict, planned: dict, rounds: list[dict], memory: dict | None,
 def print_rows(rows: list[dict]) -> None:
     print(f"{'model':12} {'sched':6} {'m':>2} {'measured':>9} {'predicted':>9} {'error':>7} {'share':>6} "
           f"{'pred@share':>10} {'err@share':>9} {'old@share':>9} {'sim(meas)':>9} {'cpu/step meas':>13} {'cpu/step pred':>13} "
-          f"{'mem MB meas':>13} {'mem MB pred':>13} {'mem err':>7}")
+          f"{'post blk':>9} {'mem MB meas':>13} {'mem MB pred':>13} {'mem err':>7}")
     for r in rows:
         mem = ""
         if "measured_mb" in r:
             mem = (f" {'/'.join(f'{x:.1f}' for x in r['measured_mb']):>13} "
                    f"{'/'.join(f'{x:.1f}' for x in r['predicted_mb']):>13} {r['memory_error']:7.1%}")
         cpu = (f" {'/'.join(f'{x:.0f}' for x in r['cpu_ms_measured']):>13}"
-               f" {'/'.join(f'{x:.0f}' for x in r['cpu_ms_predicted']):>13}")
+               f" {'/'.join(f'{x:.0f}' for x in r['cpu_ms_predicted']):>13}"
+               f" {'/'.join(f'{x:.0f}' for x in r['blocked_in_post_ms']):>9}")
         print(f"{r['model']:12} {r['schedule']:6} {r['microbatches']:>2} {r['measured_ms']:9.1f} "
               f"{r['predicted_ms']:9.1f} {r['time_error']:+7.1%} {r['core_share']:6.2f} "
               f"{r['predicted_at_share_ms']:10.1f} {r['time_error_at_share']:+9.1%} {r['previous_at_share_ms']:9.1f} {r['sim_measured_ms']:9.1f}{cpu}{mem}")
