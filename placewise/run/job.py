@@ -9,7 +9,7 @@ import torch
 
 from placewise.errors import PlacewiseError
 from placewise.plan.schedule import DEFAULT_SCHEDULE, SCHEDULES
-from placewise.run.choices import FUSE_MODES, OPTIMIZERS
+from placewise.run.choices import DEFAULT_MOMENTUM, FUSE_MODES, OPTIMIZERS
 from placewise.run.cut import Prepared, cut_model, output_tensor
 from placewise.run.replicas import check_replicas, check_shardable
 from placewise.run.recompute import recompute
@@ -33,7 +33,7 @@ class PipelineJob:
     warmup: int = 0  # steps run before timing starts
     lr: float = 0.05
     optimizer: str = "sgd"
-    momentum: float = 0.9
+    momentum: float = DEFAULT_MOMENTUM
     fuse: str = "none"  # none | backward | backward-overlap | forward (see placewise.fuse)
     seed: int = 0
     collect: tuple[str, ...] = ()  # grads, outputs, memory (peak live tensor bytes): also return these
