@@ -15,8 +15,8 @@ from placewise.export import FORMATS as EXPORT_FORMATS
 from placewise.plan.allreduce import ALLREDUCE_MODELS
 from placewise.plan.options import OBJECTIVES
 from placewise.plan.schedule import DEFAULT_SCHEDULE, SCHEDULES
-from placewise.run.choices import (DATASETS, FUSE_MODES, OPTIMIZERS, PIPELINE, STALENESS_HELP,
-                                   TRAIN_MODES, TRANSPORTS)
+from placewise.run.choices import (DATASETS, DEFAULT_MOMENTUM, FUSE_MODES, OPTIMIZER_STATES, OPTIMIZERS,
+                                   PIPELINE, STALENESS_HELP, TRAIN_MODES, TRANSPORTS)
 from placewise.validate import (OneLineParser, device_count, finite_non_negative, finite_positive, input_file,
                                 learning_rate, momentum, non_negative_int, output_file, output_file_in_new_folder,
                                 output_folder, positive_int, seed)
@@ -142,7 +142,7 @@ def _add_profile(add) -> None:
     p.add_argument("--threads", type=positive_int, default=1, metavar="T", help="torch threads while profiling (1: one core)")
     p.add_argument("--clock", choices=["auto", "cpu", "wall"], default="auto",
                    help="CPU timing: process CPU time, wall time, or auto (CPU time for one thread)")
-    p.add_argument("--optimizer", choices=["sgd", "momentum", "adagrad", "adam", "adamw"], default="adam",
+    p.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="adam",
                    help="optimizer whose state a training graph's memory counts")
     p.add_argument("--seed", type=seed, default=0, help="seed of the random weights and inputs")
 
@@ -187,7 +187,7 @@ def _add_train(add) -> None:
     p.add_argument("--input-shape", type=int, nargs="+", metavar="D")
     p.add_argument("--lr", type=learning_rate, default=0.05)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    p.add_argument("--momentum", type=momentum, default=0.9)
+    p.add_argument("--momentum", type=momentum, default=DEFAULT_MOMENTUM)
     p.add_argument("--fuse", choices=FUSE_MODES, default="none",
                    help="optimizer fusion: each update inside backward (backward-overlap: on a second thread, "
                         "for runs with fewer torch threads than cores) or just before the next forward")

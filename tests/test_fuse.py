@@ -434,6 +434,30 @@ def test_overlap_forward_waits_for_a_backward_that_failed_half_way() -> None:
     opt.close()
 
 
+def test_overlap_backward_queues_one_wait_however_many_buckets() -> None:
+    """Each backward waits for its updates once, at its end (queued by its first bucket), not once per bucket."""
+    torch.manual_seed(0)
+    model = mlp()
+    opt = fuse_optimizer(model, torch.optim.SGD, "backward", overlap=True, min_bucket_numel=0, lr=0.1)
+    assert len(opt._buckets) > 1
+    waits: list[int] = []
+    wait = opt._wait
+
+    def counted(*args: Any) -> None:
+        waits.append(opt._worker.in_flight)  # type: ignore[union-attr]
+        wait(*args)
+
+    opt._wait = counted  # type: ignore[method-assign]
+    for x, y in batches((6,), 3):
+        loss = nn.functional.cross_entropy(model(x), y)
+        waits.clear()
+        loss.backward()
+        assert len(waits) == 1 and opt._worker.in_flight == 0  # type: ignore[union-attr]
+        opt.step()
+        opt.zero_grad()
+    opt.close()
+
+
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 @pytest.mark.parametrize("overlap", [False, True])
 def test_backward_mode_refuses_create_graph_outside_accumulate(overlap: bool) -> None:

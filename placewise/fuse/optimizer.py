@@ -94,6 +94,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._worker: Worker | None = Worker(RELEASE_QUEUE if release_grads else UNBOUNDED_QUEUE) if overlap else None
         self._accumulating = False
         self._fired: set[int] = set()  # id of each parameter whose gradient is final this step
+        self._waiting_task: int | None = None  # the last backward (graph task id) that queued a wait at its end
         self._norm_pass: NormPass | None = None  # clipped_backward's first pass is running
         self._clip_coef: Tensor | None = None  # this step's gradients are scaled by it before their update
         self._forward: ForwardSchedule | None = None
@@ -261,8 +262,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         stream = torch.cuda.current_stream(param.device) if param.is_cuda else None
         worker.submit(functools.partial(self._update_on, bucket, self.param_groups[bucket.group], stream))
-        # Backward returns (or raises the worker's error) only once its updates are applied.
-        torch.autograd.Variable._execution_engine.queue_callback(self._wait)  # type: ignore[attr-defined]
+        # Backward returns (or raises the worker's error) only once its updates are applied: one wait at
+        # its end, queued by its first bucket (autograd's graph task id tells the backwards apart).
+        task = torch._C._current_graph_task_id()
+        with self._count_lock:
+            first, self._waiting_task = self._waiting_task != task, task
+        if first:
+            torch.autograd.Variable._execution_engine.queue_callback(self._wait)  # type: ignore[attr-defined]
 
     def _update_on(self, bucket: Bucket, hyper: dict[str, Any], stream: Any) -> None:
         """Worker thread: `_update` on the CUDA stream the autograd thread was on (none on CPU)."""

@@ -36,7 +36,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -53,7 +53,7 @@ KIND_TYPES = {"accelerator": True, "gpu": True, "cuda": True, "fpga": True, "tpu
 _PREFIXES = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
 _UNIT = re.compile(r"^([kKmMgGtTpP]?)([iI]?)(B?)$")
 _BITS = re.compile(r"^[kKmMgGtTpP]?[iI]?b(?:ps|it|its)?$")
-_QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([a-zA-Z]*)\s*(?:/\s*s)?\s*$")
+_QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([a-zA-Z]*)\s*(/\s*s)?\s*$")
 
 
 class _Reader:
@@ -77,18 +77,24 @@ class _Reader:
         """A non-negative number, or a string with a unit (`16 GiB`, `12 GB/s`, `1e10`)."""
         if value is None and allow_none:
             return None
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            m = _QUANTITY.match(value)
-            if m:
-                number = _with_unit(self, float(m.group(1)), m.group(2), value, where)
+        number = _number(value, lambda n, unit: _with_unit(self, n, unit, value, where), per_second=True)
         if number is None or not math.isfinite(number):
             raise self.fail(where, f"{value!r} is not {what}; write a number or a string such as '16 GiB'")
         if number < 0:
             raise self.fail(where, f"{value!r} is negative; {what} must be 0 or more")
         return number
+
+
+def _number(value: Any, scale: Callable[[float, str], float | None], *, per_second: bool) -> float | None:
+    """`value` as a number: a number, or a string of a number and a unit that `scale(number, unit)`
+    reads (None: a unit it does not know), ending in '/s' only if `per_second`; None when neither."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        m = _QUANTITY.match(value)
+        if m and (per_second or not m.group(3)):
+            return scale(float(m.group(1)), m.group(2))
+    return None
 
 
 def _with_unit(reader: _Reader, number: float, unit: str, value: str, where: str) -> float | None:
@@ -189,13 +195,7 @@ def _seconds(reader: _Reader, value: Any, field: str, what: str) -> float | None
     string such as '80 us'."""
     if value is None:
         return None
-    number = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        m = re.match(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([a-z]*)\s*$", value)
-        if m and m.group(2) in _TIME_UNITS:
-            number = float(m.group(1)) * _TIME_UNITS[m.group(2)]
+    number = _number(value, lambda n, unit: n * _TIME_UNITS[unit] if unit in _TIME_UNITS else None, per_second=False)
     if number is None or not math.isfinite(number) or number < 0:
         raise reader.fail(field, f"{value!r} is not {what}; write seconds (0 or more) or a string such as "
                           "'80 us' (units s, ms, us, ns)")

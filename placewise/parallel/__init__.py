@@ -27,6 +27,7 @@ from placewise.parallel.planning import as_cluster, plan_module
 from placewise.parallel.runner import LossFn, OptimizerFactory, StageRunner, merge_states
 from placewise.plan import Plan
 from placewise.plan.schedule import DEFAULT_SCHEDULE, Schedule
+from placewise.run.job import check_microbatches
 
 # Seconds to wait for the stages to answer one command (a step) before giving up.
 REPLY_TIMEOUT = 600.0
@@ -184,13 +185,7 @@ def _schedule(kind: str | Schedule, microbatches: int | None, n_stages: int,
     if isinstance(kind, Schedule):
         kind, microbatches = kind.kind, microbatches or kind.microbatches
     sched = Schedule(kind, microbatches or n_stages)
-    batch = inputs[0].shape[0]
-    if batch % sched.microbatches:
-        raise PlacewiseError(f"the batch of {batch} does not split into {sched.microbatches} equal microbatches; "
-                             "give a batch that is a multiple of microbatches")
-    if sched.microbatches < n_stages:
-        raise PlacewiseError(f"microbatches={sched.microbatches} is fewer than the plan's {n_stages} stages; "
-                             "torch's pipeline schedules need at least one microbatch per stage")
+    check_microbatches(inputs[0].shape[0], sched.microbatches, n_stages, flags=False)
     return sched
 
 

@@ -42,9 +42,7 @@ from placewise.profile.memory import saved_activation_bytes
 from placewise.profile.timing import (CLOCKS, Clock, model_preserved, time_backward, time_forward, time_update,
                                       time_whole_backward)
 from placewise.profile.trace import CALL_OPS, attribute, trace_model
-
-# Optimizer state tensors kept per parameter (momentum; Adam's two moments; Adagrad's sum).
-OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adagrad": 1, "adam": 2, "adamw": 2}
+from placewise.run.choices import OPTIMIZER_STATES
 
 
 @dataclass

@@ -26,6 +26,8 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from placewise.profile.trace import CALL_OPS, attribute
+from placewise.run.choices import DEFAULT_MOMENTUM, MOMENTUM
+from placewise.run.optim import make_optimizer
 
 Tick = Callable[[], None]
 # The sleep queued ahead of a timed CUDA node: longer than the host takes to launch most nodes, so
@@ -284,20 +286,15 @@ def time_whole_backward(gm: fx.GraphModule, inputs: tuple, clock: Clock, *, repe
     return median(samples)
 
 
-# The optimizers a profile may assume (`profile --optimizer`), as the runtime builds them: "sgd" is
-# plain SGD, "momentum" SGD with momentum (the runtime's `--optimizer sgd`, momentum 0.9).
-_UPDATES = {"sgd": (torch.optim.SGD, {"momentum": 0.0}), "momentum": (torch.optim.SGD, {"momentum": 0.9}),
-            "adagrad": (torch.optim.Adagrad, {}), "adam": (torch.optim.Adam, {}), "adamw": (torch.optim.AdamW, {})}
-
-
 def time_update(gm: fx.GraphModule, optimizer: str, clock: Clock, *, repeats: int, warmup: int) -> float:
     """Median milliseconds of one optimizer step and zero_grad over the graph's trainable parameters,
-    as a training step ends; run on copies, so the model's parameters never change."""
+    as a training step ends; run on copies, so the model's parameters never change. `optimizer` is a
+    profile's (`OPTIMIZER_STATES`), built as the trainers build it."""
     params = [p.detach().clone().requires_grad_() for p in gm.parameters() if p.requires_grad]
     if not params:
         return 0.0
-    cls, kwargs = _UPDATES[optimizer]
-    opt = cls(params, lr=1e-3, **kwargs)
+    name, momentum = ("sgd", DEFAULT_MOMENTUM) if optimizer == MOMENTUM else (optimizer, 0.0)
+    opt = make_optimizer(name, params, 1e-3, momentum)
     samples = []
     for i in range(warmup + repeats):
         for p in params:

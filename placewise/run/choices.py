@@ -6,6 +6,13 @@ from __future__ import annotations
 
 # Optimizers every trainer builds the same way (`placewise.run.optim`).
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "adagrad")
+# The trainers' default SGD momentum (`--momentum`).
+DEFAULT_MOMENTUM = 0.9
+# The optimizers a profile may assume (`placewise profile --optimizer`), each with the state tensors it
+# keeps per parameter (momentum; Adam's two moments; Adagrad's sum). Each is the trainers' optimizer of
+# that name, "sgd" without momentum, but for MOMENTUM: the trainers' "sgd" with DEFAULT_MOMENTUM.
+MOMENTUM = "momentum"
+OPTIMIZER_STATES: dict[str, int] = {"sgd": 0, MOMENTUM: 1, "adagrad": 1, "adam": 2, "adamw": 2}
 # Optimizer fusion (`placewise.fuse`): each update inside backward (backward-overlap: on a worker
 # thread) or just before the next forward.
 FUSE_MODES: tuple[str, ...] = ("none", "backward", "backward-overlap", "forward")

@@ -9,7 +9,7 @@ import torch
 
 from placewise.errors import PlacewiseError
 from placewise.plan.schedule import DEFAULT_SCHEDULE, SCHEDULES
-from placewise.run.choices import FUSE_MODES, OPTIMIZERS
+from placewise.run.choices import DEFAULT_MOMENTUM, FUSE_MODES, OPTIMIZERS
 from placewise.run.cut import Prepared, cut_model, output_tensor
 from placewise.run.replicas import check_replicas, check_shardable
 from placewise.run.recompute import recompute
@@ -33,7 +33,7 @@ class PipelineJob:
     warmup: int = 0  # steps run before timing starts
     lr: float = 0.05
     optimizer: str = "sgd"
-    momentum: float = 0.9
+    momentum: float = DEFAULT_MOMENTUM
     fuse: str = "none"  # none | backward | backward-overlap | forward (see placewise.fuse)
     seed: int = 0
     collect: tuple[str, ...] = ()  # grads, outputs, memory (peak live tensor bytes): also return these
@@ -63,19 +63,13 @@ class PipelineJob:
         for name in ("batch_size", "microbatches", "steps"):
             if getattr(self, name) < 1:
                 raise PlacewiseError(f"--{name.replace('_', '-')} is {getattr(self, name)}; use 1 or more")
-        if self.batch_size % self.microbatches:
-            raise PlacewiseError(f"--batch-size {self.batch_size} does not split into {self.microbatches} equal "
-                                 "microbatches; make it a multiple of --microbatches")
+        check_microbatches(self.batch_size, self.microbatches, self.n_stages, flags=True)
         outside = [s for s in self.recompute if not 0 <= s < self.n_stages]
         if self.mapping and outside:
             raise PlacewiseError(f"{self.plan_name}: recompute names stage {outside[0]}, but the plan has stages "
                                  f"0..{self.n_stages - 1}; plan again")
-        if self.mapping and self.microbatches < self.n_stages:
-            raise PlacewiseError(f"--microbatches {self.microbatches} is fewer than the plan's {self.n_stages} stages; "
-                                 "torch's pipeline schedules need at least one microbatch per stage")
         if self.replicas:
             check_replicas(self.replicas, self.n_stages, self.batch_size, self.microbatches, self.fuse, self.plan_name)
-
 
     @property
     def training(self) -> bool:
@@ -85,6 +79,21 @@ class PipelineJob:
               step: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """This job's inputs and targets of `step` (`workload.batch`), the same on every rank."""
         return batch(self.batch_size, self.seed, self.training, example_inputs, output_like, step)
+
+
+def check_microbatches(batch_size: int, microbatches: int, n_stages: int, *, flags: bool) -> None:
+    """A batch of `batch_size` must split into `microbatches` equal ones, at least one per stage (torch's
+    schedules need that); a PlacewiseError names the numbers as the caller took them: command-line
+    flags (`flags`), or the arguments of `placewise.parallelize`."""
+    batch, count = ((f"--batch-size {batch_size}", f"--microbatches {microbatches}") if flags else
+                    (f"the batch of {batch_size}", f"microbatches={microbatches}"))
+    if batch_size % microbatches:
+        raise PlacewiseError(f"{batch} does not split into {microbatches} equal microbatches; "
+                             + ("make it a multiple of --microbatches" if flags else
+                                "give a batch that is a multiple of microbatches"))
+    if microbatches < n_stages:
+        raise PlacewiseError(f"{count} is fewer than the plan's {n_stages} stages; "
+                             "torch's pipeline schedules need at least one microbatch per stage")
 
 
 def prepare(job: PipelineJob) -> Prepared:

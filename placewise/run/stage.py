@@ -136,11 +136,13 @@ def run_stage(job: PipelineJob, stage_index: int, group=None, replicas: StageGro
     report: dict[str, Any] = {"stage": stage_index, "nodes": part.nodes, "losses": [], "step_seconds": []}
     progress = _progress(job, dist.get_rank())
     memory = _memory_counter(job, module)
+    # The targets' shape and dtype: the same on every step, so looked up once.
+    output_like = output_tensor(prepared.values, prepared.gm)
     try:
         with _outside_timed(clock, schedule):
             for step in range(job.warmup + job.steps):
-                _step(job, prepared, stage_index, step, stage.device, module, schedule, optimizer, clock, memory,
-                      report, shared)
+                _step(job, prepared, output_like, stage_index, step, stage.device, module, schedule, optimizer,
+                      clock, memory, report, shared)
                 if progress:
                     progress[0].advance(progress[1])
     finally:
@@ -185,17 +187,18 @@ def run_replica(job: PipelineJob, stage_index: int, replicas: StageGroup) -> dic
     return report
 
 
-def _step(job: PipelineJob, prepared: Prepared, stage_index: int, step: int, device: torch.device, module: nn.Module,
-          schedule: Any, optimizer: torch.optim.Optimizer | None, clock: StageClock, memory: Any,
-          report: dict[str, Any], shared: Replicas | None = None) -> None:
-    """One step of this stage (timed after the warm-up), its results added to `report`; `shared`: this
-    process leads a replicated stage."""
+def _step(job: PipelineJob, prepared: Prepared, output_like: torch.Tensor, stage_index: int, step: int,
+          device: torch.device, module: nn.Module, schedule: Any, optimizer: torch.optim.Optimizer | None,
+          clock: StageClock, memory: Any, report: dict[str, Any], shared: Replicas | None = None) -> None:
+    """One step of this stage (timed after the warm-up), its results added to `report`; `output_like`: the
+    model's output (`output_tensor`), which the targets are shaped after; `shared`: this process leads a
+    replicated stage."""
     first, last = stage_index == 0, stage_index == job.n_stages - 1
     if job.fail_at_step == (stage_index, step):
         raise RuntimeError(f"stage {stage_index} failed on purpose at step {step}")
     maybe_fail(dist.get_rank(), step)
     with memory.paused() if memory else contextlib.nullcontext():
-        inputs, target = job.batch(prepared.example_inputs, output_tensor(prepared.values, prepared.gm), step)
+        inputs, target = job.batch(prepared.example_inputs, output_like, step)
     args = tuple(t.to(device) for t in inputs) if first else ()
     kwargs = {"target": target.to(device)} if last and job.training else {}
     clock.on = step >= job.warmup

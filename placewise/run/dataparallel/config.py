@@ -8,7 +8,7 @@ from typing import Any
 
 from placewise.errors import PlacewiseError
 from placewise.plan.schedule import DEFAULT_SCHEDULE
-from placewise.run.choices import ASYNC, DATA_PARALLEL_MODES, DDP, SYNC, TRANSPORTS
+from placewise.run.choices import ASYNC, DATA_PARALLEL_MODES, DDP, DEFAULT_MOMENTUM, SYNC, TRANSPORTS
 from placewise.run.compensation import BackupWorkers, DcAsgdOptions, GapAwareOptions
 from placewise.run.dataparallel.staleness import Staleness
 from placewise.run.faults import fail_step, maybe_fail
@@ -38,7 +38,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 0.05
     optimizer: str = "sgd"
-    momentum: float = 0.9
+    momentum: float = DEFAULT_MOMENTUM
     fuse: str = "none"
     seed: int = 0
     threads: int = 1

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from placewise.errors import PlacewiseError
-from placewise.run.choices import BOUND, DC_ASGD, GAP_AWARE, SERVER_MODES, SYNC
+from placewise.run.choices import BOUND, DC_ASGD, DEFAULT_MOMENTUM, GAP_AWARE, SERVER_MODES, SYNC
 from placewise.run.compensation import (BackupWorkers, Compensation, DcAsgdOptions, DelayCompensation, GapAware,
                                         GapAwareOptions)
 from placewise.run.dataparallel.checkpoint import checkpoint_path, save_checkpoint
@@ -64,7 +64,7 @@ class ServerSettings:
     steps: int                     # the run ends when the server has applied this many updates
     optimizer: str = "sgd"
     lr: float = 0.05
-    momentum: float = 0.9
+    momentum: float = DEFAULT_MOMENTUM
     staleness: Staleness = field(default_factory=Staleness)
     dc_asgd: DcAsgdOptions = field(default_factory=DcAsgdOptions)
     gap_aware: GapAwareOptions = field(default_factory=GapAwareOptions)
