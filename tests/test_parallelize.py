@@ -181,7 +181,8 @@ def test_parallelize_under_real_torchrun_joins_the_group_itself(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), lr=LR))
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "TMPDIR": str(tmp_path)}  # torchrun leaves its log folder (torchelastic_*) in the temp dir
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -200,7 +200,7 @@ def test_replicated_stage_under_torchrun_trains_like_one_process(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(TORCHRUN_SCRIPT.format(tests=str(HERE)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]), "OMP_NUM_THREADS": "1",
-           "GLOO_SOCKET_IFNAME": "lo"}
+           "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(tmp_path)}  # torchrun leaves its log folder (torchelastic_*) in the temp dir
     start = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
                              str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
