@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,7 +145,11 @@ def run_placewise(argv: list[str], *, fail_at: str = "", fault: Callable[[int], 
     `fault(launcher_pid)` is polled until it returns True, having done its deed (`signal_launcher`,
     `kill_rank`). The run must end within `timeout` seconds, or it is killed and the test fails."""
     marker = uuid.uuid4().hex
-    env = {**os.environ, RUN_MARKER: marker, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    # The run's own temporary folder: whatever the run makes there (run folders, multiprocessing's
+    # pymp-* folder of the fork server) must be gone when it ends, however it ended.
+    tmp = Path(tempfile.mkdtemp(prefix="faults-tmp-"))
+    env = {**os.environ, RUN_MARKER: marker, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]),
+           "TMPDIR": str(tmp)}
     if fail_at:
         env["PLACEWISE_FAIL_AT"] = fail_at
     before = Snapshot.take()
@@ -181,8 +186,21 @@ def run_placewise(argv: list[str], *, fail_at: str = "", fault: Callable[[int], 
     seconds = time.monotonic() - started
     left = before.leftovers((RUN_MARKER, marker), CLEAN_WITHIN,
                             ours=lambda name: name in seen or _named_pid(name) in pids)
+    left += [str(p) for p in _left_in(tmp, CLEAN_WITHIN)]
+    shutil.rmtree(tmp, ignore_errors=True)
     _kill_marked(marker)  # the test fails on `left`; the session must not inherit them too
     return Outcome(proc.returncode, out, err, seconds, left)
+
+
+def _left_in(folder: Path, within: float) -> list[Path]:
+    """What is still in `folder` after waiting up to `within` seconds for it to go; torch's compile
+    cache (torchinductor_USER), which torch keeps across runs on purpose, does not count."""
+    deadline = time.monotonic() + within
+    while True:
+        left = sorted(p for p in folder.iterdir() if not p.name.startswith("torchinductor_"))
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
 
 
 def signal_launcher(signum: int, ranks: int, cpu_seconds: float = 0.0) -> Callable[[int], bool]:

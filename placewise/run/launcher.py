@@ -28,6 +28,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
+from multiprocessing import util as mp_util
 from typing import Any, Callable, Iterable, Iterator
 
 from placewise.errors import PlacewiseError
@@ -361,8 +362,11 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), *, backend
             with deferred():  # the folder is made and named here, or not at all
                 # The launching pid in the name tells whose folder it is while that process lives.
                 run_dir = tempfile.mkdtemp(prefix=f"placewise-run-{os.getpid()}-")
+            # The fork server listens on a socket in this process's multiprocessing temp folder
+            # (pymp-*), which only this process's exit removes: after a SIGKILL the ranks must.
+            forkserver_dir = [mp_util.get_temp_dir()] if preload else []
             run = _Launch(ctx, fn, world_size, (backend, threads, timeout_s, ctx.Queue(), dict(env or {})),
-                          run_dir, [run_dir, *cleanup], set(tolerate), restart)
+                          run_dir, [run_dir, *cleanup, *forkserver_dir], set(tolerate), restart)
             for r in range(world_size):
                 run.procs[r] = run.start(r, fn, args)
             run.receive(deadline, timeout_s)
