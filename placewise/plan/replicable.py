@@ -278,10 +278,12 @@ def report(graph: OpGraph, replication: Replication, units_before: int, units_af
 
 
 def device_copies(graph: OpGraph, replication: Replication, device_of: np.ndarray, n_devices: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per device, what its copies of replicable nodes cost: (accelerator time, CPU time, memory),
-    each replicable node (with its backward mates) counted once per device that needs it."""
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[int]]]:
+    """Per device, its copies of replicable nodes and what they cost: (accelerator time, CPU time,
+    memory, the copied nodes' dense indices), each replicable node (with its backward mates) counted
+    once per device that needs it."""
     acc, cpu, mem = np.zeros(n_devices), np.zeros(n_devices), np.zeros(n_devices)
+    copied: list[list[int]] = [[] for _ in range(n_devices)]
     needed: set[tuple[int, int]] = set()
     for v in range(len(graph.nodes)):
         d = int(device_of[v])
@@ -292,7 +294,8 @@ def device_copies(graph: OpGraph, replication: Replication, device_of: np.ndarra
         acc[d] += graph.acc_time[members].sum()
         cpu[d] += graph.cpu_time[members].sum()
         mem[d] += graph.memory[members].sum()
-    return acc, cpu, mem
+        copied[d] += members
+    return acc, cpu, mem, copied
 
 
 def without_replicable(graph: OpGraph, replication: Replication) -> tuple[OpGraph, np.ndarray]:

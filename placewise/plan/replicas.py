@@ -51,7 +51,7 @@ def evaluate_replicated(graph: OpGraph, cluster: Cluster, assignment: Mapping[in
     for dl in ev.devices:
         r = wanted.get(dl.device, 1)
         if r > 1:
-            nbytes = parameter_bytes(graph, dl.nodes)
+            nbytes = parameter_bytes(graph, dl.computed)
             if nbytes is None:
                 violations.append(Violation("replicas", f"the stage on {dl.device} is replicated {r} times, but not all "
                                             "of its nodes say their parameter bytes, so its all-reduce cannot be "
