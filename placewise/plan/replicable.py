@@ -30,10 +30,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 
-from placewise.graph import OpGraph
+from placewise.graph import DeviceKind, OpGraph
 
 # Relative to the graph: a replicable node's time per kind at most this share of the graph's total.
 TIME_FRACTION = 1e-3
@@ -329,6 +330,14 @@ class SharedCopies:
     @property
     def count(self) -> int:
         return len(self.acc)
+
+    def time_on(self, kind: DeviceKind) -> np.ndarray:
+        """Per group, its time on one device of `kind` (what a device holding a needer pays)."""
+        return (self.acc if kind.accelerator else self.cpu) / kind.speed
+
+    def time_per_kind(self, kinds: Sequence[DeviceKind]) -> np.ndarray:
+        """(kinds, groups): `time_on` for each kind, as the DPs' kernels take it."""
+        return np.array([self.time_on(kind) for kind in kinds]).reshape(len(kinds), self.count)
 
 
 def shared_copies(graph: OpGraph, replication: Replication, kept: np.ndarray, unit_of: np.ndarray,

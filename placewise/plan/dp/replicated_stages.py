@@ -188,7 +188,7 @@ def _run(lattice: IdealLattice, units: Units, problem: Problem, unit_params, uni
         copy_time, copy_memory = np.zeros((len(problem.kinds), 0)), np.zeros(0)
         needer_ptr, needers = np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
     else:
-        copy_time = np.array([(copies.acc if k.accelerator else copies.cpu) / k.speed for k in problem.kinds])
+        copy_time = copies.time_per_kind(problem.kinds)
         copy_memory, needer_ptr, needers = copies.memory, copies.needer_ptr, copies.needers
     # Removing one device of kind t from a state subtracts its stride (every kind has a device in the full state).
     strides = (problem.full_state - problem.prev[problem.full_state]).astype(np.int64)

@@ -85,10 +85,9 @@ def _copies(units: Units, problem: Problem, lattice: IdealLattice) -> Copies | N
     copies = units.copies
     if copies is None or copies.count == 0:
         return None
-    copy_time = np.array([(copies.acc if kind.accelerator else copies.cpu) / kind.speed for kind in problem.kinds])
     group_of_needer = np.repeat(np.arange(copies.count), np.diff(copies.needer_ptr))
     copy_ptr, copy_groups = csr_by(copies.needers, group_of_needer, units.count)
-    return Copies(copy_time.reshape(len(problem.kinds), copies.count), copies.memory, copy_ptr, copy_groups,
+    return Copies(copies.time_per_kind(problem.kinds), copies.memory, copy_ptr, copy_groups,
                   np.zeros(copies.count, dtype=np.int64),
                   copies_per_ideal(lattice.down_ptr, lattice.down_ideal, lattice.down_unit, copy_ptr, copy_groups,
                                    copies.count))
