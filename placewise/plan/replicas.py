@@ -10,7 +10,7 @@ time unit (`plan.predict.cluster_link`), costed by `plan.allreduce.AllReduce`.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from placewise.graph import Cluster, Device, OpGraph
 from placewise.plan.allreduce import AllReduce
@@ -23,6 +23,24 @@ def parameter_bytes(graph: OpGraph, nodes: Iterable[int]) -> float | None:
     """The parameter bytes of a stage's nodes (ids); None when some node does not say."""
     values = [graph.node(n).parameters for n in nodes]
     return None if any(v is None for v in values) else float(sum(values))
+
+
+def stage_assignment(graph: OpGraph, members: Sequence[Sequence[int]], kinds: Sequence[str],
+                     stages: Iterable[tuple[int, int, Iterable[int]]]) -> tuple[dict[int, Device], dict[Device, int]]:
+    """Node id -> first device, and first device -> replicas, for stages (kind index into `kinds`,
+    replicas, units) in pipeline order; `members[u]`: unit u's nodes (dense indices of `graph`).
+    Each kind's devices are taken in order: a stage on r of them takes the next r."""
+    assignment: dict[int, Device] = {}
+    replicas: dict[Device, int] = {}
+    used = [0] * len(kinds)
+    for t, r, unit_set in stages:
+        device = Device(kinds[t], used[t])
+        used[t] += r
+        replicas[device] = r
+        for u in unit_set:
+            for i in members[u]:
+                assignment[graph.nodes[i].id] = device
+    return assignment, replicas
 
 
 def evaluate_replicated(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device],

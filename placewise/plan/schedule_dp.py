@@ -35,6 +35,7 @@ from placewise.plan.ideals import enumerate_ideals
 from placewise.plan.options import ScheduleDPOptions
 from placewise.plan.plan import Plan, plan_from_assignment
 from placewise.plan.recompute import evaluate_recomputed
+from placewise.plan.replicas import stage_assignment
 from placewise.plan.schedule import Schedule
 from placewise.plan.units import simplify
 from placewise.plan.stage_memory import StageBytes, backward_workspace, stage_memory
@@ -214,21 +215,11 @@ def _transfer(members: int, ports: list[tuple[int, int, float]]) -> float:
 def _plan(graph: OpGraph, cluster: Cluster, units, lat: _Lattice, kinds, chain: tuple, schedule: Schedule,
           seconds: float, value: float) -> Plan:
     """Number each kind's devices in pipeline order and score the split with the cost model."""
-    assignment: dict[int, Device] = {}
-    order: list[Device] = []
-    recomputed: list[Device] = []
-    next_index = [0] * len(kinds)
-    for i, j, t, recompute in reversed(chain):  # the chain runs from the last stage to the first
-        members = lat.masks[i] & ~lat.masks[j]
-        device = Device(kinds[t].name, next_index[t])
-        next_index[t] += 1
-        order.append(device)
-        if recompute:
-            recomputed.append(device)
-        for u in range(units.count):
-            if (members >> u) & 1:
-                for node in units.members[u]:
-                    assignment[graph.nodes[node].id] = device
+    stages = chain[::-1]  # the chain runs from the last stage to the first
+    assignment, firsts = stage_assignment(graph, units.members, [k.name for k in kinds], [
+        (t, 1, [u for u in range(units.count) if ((lat.masks[i] & ~lat.masks[j]) >> u) & 1]) for i, j, t, _ in stages])
+    order = list(firsts)  # one device per stage, in pipeline order
+    recomputed = [device for device, (*_, recompute) in zip(order, stages) if recompute]
     # This DP places every node once (no replicable-node rule), so its plan is scored the same way.
     evaluation = evaluate_recomputed(graph, cluster, assignment, recomputed, replicate=False)
     plan = in_order(plan_from_assignment(graph, cluster, assignment, solver="dp-schedule", seconds=seconds,

@@ -34,7 +34,7 @@ from placewise.plan.csr import csr
 from placewise.plan.options import PipeDreamOptions
 from placewise.plan.plan import Plan
 from placewise.plan.predict import cluster_link
-from placewise.plan.replicas import replicated_plan
+from placewise.plan.replicas import replicated_plan, stage_assignment
 
 
 @njit(cache=True)
@@ -193,14 +193,8 @@ def pipedream_hybrid(graph: OpGraph, cluster: Cluster, options: PipeDreamOptions
     if not np.isfinite(value):
         raise PlacewiseError(f"pipedream-hybrid: no cut of the linearized order onto {len(devices)} accelerators fits "
                              "(memory or unsupported operators); add accelerators or memory, or use dp")
-    assignment, replicas, used = {}, {}, 0
-    for first, end, r in stages:
-        device = Device(kind.name, used)
-        replicas[device] = r
-        used += r
-        for k in range(first, end):
-            for i in u.members[k]:
-                assignment[graph.nodes[i].id] = device
+    assignment, replicas = stage_assignment(graph, u.members, [kind.name],
+                                            ((0, r, range(first, end)) for first, end, r in stages))
     return replicated_plan(graph, cluster, assignment, replicas, options.allreduce, solver="pipedream-hybrid",
                            seconds=time.perf_counter() - start, objective=options.objective,
                            notes={"transfers": bool(options.transfers), "planner_max_stage": value})

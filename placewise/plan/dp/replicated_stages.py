@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit
 
 from placewise.errors import PlacewiseError
-from placewise.graph import Cluster, Device, OpGraph
+from placewise.graph import Cluster, OpGraph
 from placewise.plan.dp.bound_search import topological_orders
 from placewise.plan.dp.problem import Problem, make_problem
 from placewise.plan.dp.replicated import Reduced
@@ -35,7 +35,7 @@ from placewise.plan.ideals import IdealLattice, chain_lattice, enumerate_ideals
 from placewise.plan.options import DPOptions
 from placewise.plan.plan import Plan
 from placewise.plan.predict import cluster_link
-from placewise.plan.replicas import replicated_plan
+from placewise.plan.replicas import replicated_plan, stage_assignment
 from placewise.plan.units import Units
 
 # Every pair of ideals is visited: beyond this many ideals the DP runs on chains instead.
@@ -241,7 +241,7 @@ def solve_replicated(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Pl
     if not math.isfinite(result.value):
         raise PlacewiseError("no contiguous split with replicated stages fits the devices (memory or unsupported "
                              "operators); add devices or memory")
-    assignment, replicas = _assignment(reduced.work, units, problem, result.stages)
+    assignment, replicas = stage_assignment(reduced.work, units.members, [k.name for k in problem.kinds], result.stages)
     assignment = reduced.complete(assignment, list(dict.fromkeys(assignment.values())))
     notes = {"ideals": lattices[0].count if exact else f"over {IDEAL_LIMIT:,} (chains of {len(lattices)} orders)",
              "exact": exact, "max_replicas": max_r, **units.stats}
@@ -252,19 +252,3 @@ def solve_replicated(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Pl
         raise AssertionError(f"replicated dp value {result.value!r} disagrees with the cost model's {plan.max_load!r} "
                              f"(violations: {plan.violations})")
     return plan
-
-
-def _assignment(work: OpGraph, units: Units, problem: Problem, stages) -> tuple[dict[int, Device], dict[Device, int]]:
-    """Node id -> first device, and first device -> replicas, for DP stages in pipeline order; a
-    stage on r devices of a kind takes the next r of them."""
-    assignment: dict[int, Device] = {}
-    replicas: dict[Device, int] = {}
-    used = [0] * len(problem.kinds)
-    for t, r, unit_set in stages:
-        device = Device(problem.kinds[t].name, used[t])
-        used[t] += r
-        replicas[device] = r
-        for u in unit_set:
-            for i in units.members[u]:
-                assignment[work.nodes[i].id] = device
-    return assignment, replicas
