@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
+
 from placewise.graph import Cluster, Device, OpGraph
 from placewise.plan.allreduce import AllReduce
 from placewise.plan.cost import Evaluation, Violation, evaluate, replicated_load
@@ -23,6 +25,16 @@ def parameter_bytes(graph: OpGraph, nodes: Iterable[int]) -> float | None:
     """The parameter bytes of a stage's nodes (ids); None when some node does not say."""
     values = [graph.node(n).parameters for n in nodes]
     return None if any(v is None for v in values) else float(sum(values))
+
+
+def unit_parameter_bytes(graph: OpGraph, unit_of: np.ndarray, n_units: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit (node k of `graph` in unit `unit_of[k]`): its parameter bytes, and how many of its
+    nodes do not say them (a set holding such a node cannot be costed replicated)."""
+    raw = [n.parameters for n in graph.nodes]
+    params = np.array([0.0 if p is None else p for p in raw], dtype=float)
+    unknown = np.array([p is None for p in raw], dtype=float)
+    return (np.bincount(unit_of, weights=params, minlength=n_units),
+            np.bincount(unit_of, weights=unknown, minlength=n_units))
 
 
 def stage_assignment(graph: OpGraph, members: Sequence[Sequence[int]], kinds: Sequence[str],

@@ -34,7 +34,7 @@ from placewise.plan.csr import csr
 from placewise.plan.options import PipeDreamOptions
 from placewise.plan.plan import Plan
 from placewise.plan.predict import cluster_link
-from placewise.plan.replicas import replicated_plan, stage_assignment
+from placewise.plan.replicas import replicated_plan, stage_assignment, unit_parameter_bytes
 
 
 @njit(cache=True)
@@ -130,10 +130,7 @@ def _replicated_stage_times(graph: OpGraph, cluster: Cluster, u, stage: np.ndarr
     """[r][i, j]: the time of units i..j-1 on r replicas (r = 1..max_r; index 0 unused), PipeDream's
     `(compute + 4 (r-1) P / (B r)) / r` through `cost.replicated_load`'s rule, P the segment's
     parameter bytes; infinite where a segment's parameter bytes are not all known."""
-    params = np.array([0.0 if n.parameters is None else n.parameters for n in graph.nodes])
-    unknown = np.array([n.parameters is None for n in graph.nodes], dtype=float)
-    unit_params = np.bincount(u.unit_of, weights=params, minlength=u.count)
-    unit_unknown = np.bincount(u.unit_of, weights=unknown, minlength=u.count)
+    unit_params, unit_unknown = unit_parameter_bytes(graph, u.unit_of, u.count)
     p_prefix = np.concatenate([[0.0], np.cumsum(unit_params)])
     seg_params = p_prefix[None, :] - p_prefix[:, None]
     q_prefix = np.concatenate([[0.0], np.cumsum(unit_unknown)])
@@ -141,9 +138,7 @@ def _replicated_stage_times(graph: OpGraph, cluster: Cluster, u, stage: np.ndarr
     link = cluster_link(graph, cluster)
     out = [stage, stage]
     for r in range(2, max_r + 1):
-        # The all-reduce is linear in the bytes (a constant for the link's latency).
-        const = allreduce.per_unit(0.0, r, link.bandwidth, link.latency)
-        coef = allreduce.per_unit(1.0, r, link.bandwidth, link.latency) - const
+        coef, const = allreduce.linear(r, link.bandwidth, link.latency)
         out.append(np.where(replicable, stage / r + coef * seg_params + const, np.inf))
     return out
 
