@@ -217,3 +217,31 @@ def test_an_accelerator_cannot_share_host_memory():
     from placewise.graph import DeviceKind
     with pytest.raises(PlacewiseError, match="accelerator cannot share host memory"):
         DeviceKind("gpu", 1, True, shared_memory=True)
+
+
+def _chain_with_shared_size() -> OpGraph:
+    """h0 -> h1 -> h2 -> h3 (heavy) and a cheap size node s read by h1 and h3: with replication on,
+    every stage holding a reader recomputes s. Each node's memory is the sum of its parts."""
+    def node(i, name, time, params, out):
+        return Node(i, name, time, time, params + out, True, parameters=params, gradients=0.0, optimizer_state=0.0,
+                    activations=0.0, output=out)
+    nodes = [node(i, f"h{i}", 10.0, 100.0, 1000.0) for i in range(4)] + [node(9, "s", 0.001, 0.0, 8.0)]
+    edges = [Edge(i, i + 1, 1.0, 1000.0) for i in range(3)] + [Edge(9, 1, 0.0, 8.0), Edge(9, 3, 0.0, 8.0)]
+    return OpGraph.build(nodes, edges, cluster=Cluster.simple(2, 0, None))
+
+
+@pytest.mark.parametrize("s_on", [A0, A1])
+def test_a_stage_breakdown_and_recompute_count_its_replicated_copies(s_on):
+    from placewise.graph.model import MEMORY_PARTS
+    from placewise.plan.recompute import evaluate_recomputed
+    from placewise.plan.replicable import find_replicable
+    g = _chain_with_shared_size()
+    assert find_replicable(g).any  # s is copied into both stages, wherever the split puts it
+    split = {0: A0, 1: A0, 2: A1, 3: A1, 9: s_on}
+    plan = plan_from_assignment(g, g.cluster, split, solver="hand", seconds=0.0)
+    for stage in plan.stages:
+        b = stage.memory_breakdown
+        assert sum(getattr(b, part) for part in MEMORY_PARTS) == pytest.approx(stage.memory)
+        assert stage.memory == pytest.approx(2200.0 + 8.0)
+    ev = evaluate_recomputed(g, g.cluster, split, [A0, A1])
+    assert [d.recompute_time for d in ev.devices] == pytest.approx([d.compute for d in ev.devices])

@@ -50,6 +50,12 @@ class AllReduce:
             return 4.0 * (replicas - 1) / replicas * parameter_bytes / bandwidth
         return 2.0 * (replicas - 1) * (parameter_bytes / replicas / bandwidth + latency)
 
+    def linear(self, replicas: int, bandwidth: float, latency: float = 0.0) -> tuple[float, float]:
+        """(coef, const) with `per_unit(P, replicas, ...) = coef * P + const`: the all-reduce is linear
+        in the bytes (the constant is the link's latency), so planners can cost a set's bytes by it."""
+        const = self.per_unit(0.0, replicas, bandwidth, latency)
+        return self.per_unit(1.0, replicas, bandwidth, latency) - const, const
+
     def per_unit(self, parameter_bytes: float, replicas: int, bandwidth: float, latency: float = 0.0) -> float:
         """The all-reduce's share per profiled batch on each replica: once per step of `step_units`."""
         if replicas <= 1:

@@ -40,7 +40,11 @@ MEMORY_TOLERANCE = 1e-9
 class DeviceLoad:
     device: Device
     accelerator: bool
-    nodes: tuple[int, ...]
+    nodes: tuple[int, ...]  # the split's: what the plan records and the runtime is given
+    # What it computes (ids): the split's nodes that count here (not its replicable ones; a dead-end
+    # check goes with what it checks) and its copies of replicable nodes. Its compute and memory are
+    # theirs, so its memory breakdown and recomputed forward are too.
+    computed: tuple[int, ...]
     compute: float
     transfer: float
     memory: float
@@ -242,9 +246,10 @@ def evaluate(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device],
         # DP's units and the pipeline cut keep it: where the split puts it does not matter.
         for check, anchor in replication.attached:
             counted[check] = counted[anchor]
-        copy_acc, copy_cpu, copy_mem = device_copies(graph, replication, counted, len(devices))
+        copy_acc, copy_cpu, copy_mem, copied = device_copies(graph, replication, counted, len(devices))
     else:
         copy_acc = copy_cpu = copy_mem = np.zeros(len(devices))
+        copied = [[] for _ in devices]
     transfer = transfer_costs(graph, counted, len(devices))
     used = sorted({int(d) for d in device_of if d >= 0})
     loads: dict[int, DeviceLoad] = {}
@@ -254,8 +259,9 @@ def evaluate(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device],
         times = graph.acc_time if kind.accelerator else graph.cpu_time
         copies = copy_acc[d] if kind.accelerator else copy_cpu[d]
         mem = float(graph.memory[members].sum() + copy_mem[d])
+        computed = tuple(graph.nodes[i].id for i in sorted({*members.tolist(), *copied[d]}))
         loads[d] = DeviceLoad(devices[d], kind.accelerator, tuple(graph.nodes[i].id for i in np.flatnonzero(device_of == d)),
-                              float(times[members].sum() + copies) / kind.speed,
+                              computed, float(times[members].sum() + copies) / kind.speed,
                               float(transfer[d]) if kind.pays_transfers else 0.0, mem, kind.memory)
         if kind.accelerator:
             bad = [graph.nodes[i].id for i in members if not graph.supported[i]]

@@ -210,7 +210,7 @@ def plan_from_assignment(graph: OpGraph, cluster: Cluster, assignment: Mapping[i
         notes["replication"] = "off"
     stages = [Stage(d.device.kind, d.device.index, d.accelerator, list(d.nodes), d.load, d.compute, d.transfer,
                     d.memory, [graph.node(n).module for n in d.nodes if graph.node(n).module],
-                    replicas=d.replicas, allreduce=d.allreduce, memory_breakdown=memory_breakdown(graph, d.nodes),
+                    replicas=d.replicas, allreduce=d.allreduce, memory_breakdown=memory_breakdown(graph, d.computed),
                     recompute=d.recompute, recompute_time=d.recompute_time)
               for d in ev.devices]
     return Plan(stages=stages, max_load=ev.max_load, latency=ev.latency, solver=solver, seconds=seconds,

@@ -41,7 +41,7 @@ def evaluate_recomputed(graph: OpGraph, cluster: Cluster, assignment: Mapping[in
     wanted = {Device(*d) for d in recompute}
     if not wanted:
         return ev
-    loads = tuple(recomputed_load(d, forward_time(graph, d.nodes, cluster.kind(d.device.kind)))
+    loads = tuple(recomputed_load(d, forward_time(graph, d.computed, cluster.kind(d.device.kind)))
                   if d.device in wanted else d for d in ev.devices)
     return replace(ev, devices=loads, max_load=max((d.load for d in loads), default=0.0))
 

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 
-from placewise.graph import OpGraph
+from placewise.graph import DeviceKind, OpGraph
 
 # Relative to the graph: a replicable node's time per kind at most this share of the graph's total.
 TIME_FRACTION = 1e-3
@@ -278,10 +279,12 @@ def report(graph: OpGraph, replication: Replication, units_before: int, units_af
 
 
 def device_copies(graph: OpGraph, replication: Replication, device_of: np.ndarray, n_devices: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per device, what its copies of replicable nodes cost: (accelerator time, CPU time, memory),
-    each replicable node (with its backward mates) counted once per device that needs it."""
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[int]]]:
+    """Per device, its copies of replicable nodes and what they cost: (accelerator time, CPU time,
+    memory, the copied nodes' dense indices), each replicable node (with its backward mates) counted
+    once per device that needs it."""
     acc, cpu, mem = np.zeros(n_devices), np.zeros(n_devices), np.zeros(n_devices)
+    copied: list[list[int]] = [[] for _ in range(n_devices)]
     needed: set[tuple[int, int]] = set()
     for v in range(len(graph.nodes)):
         d = int(device_of[v])
@@ -292,7 +295,8 @@ def device_copies(graph: OpGraph, replication: Replication, device_of: np.ndarra
         acc[d] += graph.acc_time[members].sum()
         cpu[d] += graph.cpu_time[members].sum()
         mem[d] += graph.memory[members].sum()
-    return acc, cpu, mem
+        copied[d] += members
+    return acc, cpu, mem, copied
 
 
 def without_replicable(graph: OpGraph, replication: Replication) -> tuple[OpGraph, np.ndarray]:
@@ -326,6 +330,14 @@ class SharedCopies:
     @property
     def count(self) -> int:
         return len(self.acc)
+
+    def time_on(self, kind: DeviceKind) -> np.ndarray:
+        """Per group, its time on one device of `kind` (what a device holding a needer pays)."""
+        return (self.acc if kind.accelerator else self.cpu) / kind.speed
+
+    def time_per_kind(self, kinds: Sequence[DeviceKind]) -> np.ndarray:
+        """(kinds, groups): `time_on` for each kind, as the DPs' kernels take it."""
+        return np.array([self.time_on(kind) for kind in kinds]).reshape(len(kinds), self.count)
 
 
 def shared_copies(graph: OpGraph, replication: Replication, kept: np.ndarray, unit_of: np.ndarray,

@@ -10,7 +10,9 @@ time unit (`plan.predict.cluster_link`), costed by `plan.allreduce.AllReduce`.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
 
 from placewise.graph import Cluster, Device, OpGraph
 from placewise.plan.allreduce import AllReduce
@@ -23,6 +25,34 @@ def parameter_bytes(graph: OpGraph, nodes: Iterable[int]) -> float | None:
     """The parameter bytes of a stage's nodes (ids); None when some node does not say."""
     values = [graph.node(n).parameters for n in nodes]
     return None if any(v is None for v in values) else float(sum(values))
+
+
+def unit_parameter_bytes(graph: OpGraph, unit_of: np.ndarray, n_units: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per unit (node k of `graph` in unit `unit_of[k]`): its parameter bytes, and how many of its
+    nodes do not say them (a set holding such a node cannot be costed replicated)."""
+    raw = [n.parameters for n in graph.nodes]
+    params = np.array([0.0 if p is None else p for p in raw], dtype=float)
+    unknown = np.array([p is None for p in raw], dtype=float)
+    return (np.bincount(unit_of, weights=params, minlength=n_units),
+            np.bincount(unit_of, weights=unknown, minlength=n_units))
+
+
+def stage_assignment(graph: OpGraph, members: Sequence[Sequence[int]], kinds: Sequence[str],
+                     stages: Iterable[tuple[int, int, Iterable[int]]]) -> tuple[dict[int, Device], dict[Device, int]]:
+    """Node id -> first device, and first device -> replicas, for stages (kind index into `kinds`,
+    replicas, units) in pipeline order; `members[u]`: unit u's nodes (dense indices of `graph`).
+    Each kind's devices are taken in order: a stage on r of them takes the next r."""
+    assignment: dict[int, Device] = {}
+    replicas: dict[Device, int] = {}
+    used = [0] * len(kinds)
+    for t, r, unit_set in stages:
+        device = Device(kinds[t], used[t])
+        used[t] += r
+        replicas[device] = r
+        for u in unit_set:
+            for i in members[u]:
+                assignment[graph.nodes[i].id] = device
+    return assignment, replicas
 
 
 def evaluate_replicated(graph: OpGraph, cluster: Cluster, assignment: Mapping[int, Device],
@@ -51,7 +81,7 @@ def evaluate_replicated(graph: OpGraph, cluster: Cluster, assignment: Mapping[in
     for dl in ev.devices:
         r = wanted.get(dl.device, 1)
         if r > 1:
-            nbytes = parameter_bytes(graph, dl.nodes)
+            nbytes = parameter_bytes(graph, dl.computed)
             if nbytes is None:
                 violations.append(Violation("replicas", f"the stage on {dl.device} is replicated {r} times, but not all "
                                             "of its nodes say their parameter bytes, so its all-reduce cannot be "

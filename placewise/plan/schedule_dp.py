@@ -35,6 +35,7 @@ from placewise.plan.ideals import enumerate_ideals
 from placewise.plan.options import ScheduleDPOptions
 from placewise.plan.plan import Plan, plan_from_assignment
 from placewise.plan.recompute import evaluate_recomputed
+from placewise.plan.replicas import stage_assignment
 from placewise.plan.schedule import Schedule
 from placewise.plan.units import simplify
 from placewise.plan.stage_memory import StageBytes, backward_workspace, stage_memory
@@ -123,29 +124,33 @@ def solve(graph: OpGraph, cluster: Cluster, options: ScheduleDPOptions | None = 
     # Forward only nothing is saved for a backward, so recompute cannot make a stage fit.
     recompute_allowed = options.recompute and training
 
-    def fits(i: int, j: int, t: int, placed: int, recompute: bool) -> bool:
-        """Whether stage I \\ J fits kind t's memory in front of `placed` stages."""
+    def fits(i: int, j: int, work: float, t: int, placed: int, recompute: bool) -> bool:
+        """Whether stage I \\ J (`work`: its largest forward output) fits kind t's memory in front of
+        `placed` stages."""
         memory = kinds[t].memory
-        return memory is None or _need(lat, largest, i, j, placed, schedule, training, recompute,
+        return memory is None or _need(lat, work, i, j, placed, schedule, training, recompute,
                                        kinds[t].pays_transfers) <= \
             memory * (1 + MEMORY_TOLERANCE)
 
-    def stage_cost(i: int, j: int, t: int, placed: int) -> tuple[float, bool]:
+    subsets = [[int(j) for j in np.flatnonzero(((lat.bits & ~lat.bits[i]) == 0).all(axis=1)) if j != i]
+               for i in range(n_ideals)]
+
+    # What stage I \\ J costs wherever it goes, once per I rather than once per device-count state.
+    pairs = lru_cache(maxsize=None)(lambda i: _pairs(lat, largest, ports, i, subsets[i]))
+
+    def stage_cost(i: int, j: int, transfer: float, work: float, t: int, placed: int) -> tuple[float, bool]:
         """Load of stage I \\ J on kind t, placed in front of `placed` stages, and whether it recomputes;
         inf if it cannot go there."""
         kind = kinds[t]
         if kind.accelerator and lat.unsupported[i] - lat.unsupported[j] > 0:
             return np.inf, False
         load = lat.time[i, t] - lat.time[j, t]
-        load += _transfer(lat.masks[i] & ~lat.masks[j], ports) if kind.pays_transfers else 0.0
-        if fits(i, j, t, placed, False):
+        load += transfer if kind.pays_transfers else 0.0
+        if fits(i, j, work, t, placed, False):
             return load, False
-        if recompute_allowed and fits(i, j, t, placed, True):
+        if recompute_allowed and fits(i, j, work, t, placed, True):
             return load + lat.forward[i, t] - lat.forward[j, t], True
         return np.inf, False
-
-    subsets = [[int(j) for j in np.flatnonzero(((lat.bits & ~lat.bits[i]) == 0).all(axis=1)) if j != i]
-               for i in range(n_ideals)]
 
     @lru_cache(maxsize=None)
     def best(i: int, used: tuple[int, ...]) -> tuple[float, tuple]:
@@ -157,8 +162,8 @@ def solve(graph: OpGraph, cluster: Cluster, options: ScheduleDPOptions | None = 
             if used[t] >= counts[t]:
                 continue
             more = tuple(u + (s == t) for s, u in enumerate(used))
-            for j in subsets[i]:
-                load, recompute = stage_cost(i, j, t, sum(used))
+            for j, transfer, work in pairs(i):
+                load, recompute = stage_cost(i, j, transfer, work, t, sum(used))
                 if load >= value:
                     continue
                 rest, chain = best(j, more)
@@ -175,12 +180,22 @@ def solve(graph: OpGraph, cluster: Cluster, options: ScheduleDPOptions | None = 
     return _plan(graph, cluster, units, lat, kinds, chain, schedule, time.perf_counter() - started, value)
 
 
-def _need(lat: _Lattice, largest: np.ndarray, i: int, j: int, placed: int, schedule: Schedule, training: bool,
+def _pairs(lat: _Lattice, largest: np.ndarray, ports: list[tuple[int, int, float]], i: int, subsets: list[int]
+           ) -> list[tuple[int, float, float]]:
+    """Per sub-ideal J of I (`subsets`), (J, transfer, largest forward output) of stage I \\ J."""
+    out = []
+    for j in subsets:
+        members = lat.masks[i] & ~lat.masks[j]
+        work = max((largest[u] for u in range(len(largest)) if (members >> u) & 1), default=0.0)
+        out.append((j, _transfer(members, ports), work))
+    return out
+
+
+def _need(lat: _Lattice, work: float, i: int, j: int, placed: int, schedule: Schedule, training: bool,
           recompute: bool, pays_transfers: bool) -> float:
-    """Peak bytes of stage I \\ J in front of `placed` stages (`stage_memory`)."""
+    """Peak bytes of stage I \\ J (`work`: its largest forward output) in front of `placed` stages
+    (`stage_memory`)."""
     params, grads, state, act = lat.parts[i] - lat.parts[j]
-    members = lat.masks[i] & ~lat.masks[j]
-    work = max((largest[u] for u in range(len(largest)) if (members >> u) & 1), default=0.0)
     # A stage that pays transfers holds torch's receive buffers; shared-memory cores hand values over.
     buffered = 1.0 if pays_transfers else 0.0
     stage = StageBytes(max(params, 0.0), max(state, 0.0), max(act, 0.0), buffered * lat.crossing[j],
@@ -214,21 +229,11 @@ def _transfer(members: int, ports: list[tuple[int, int, float]]) -> float:
 def _plan(graph: OpGraph, cluster: Cluster, units, lat: _Lattice, kinds, chain: tuple, schedule: Schedule,
           seconds: float, value: float) -> Plan:
     """Number each kind's devices in pipeline order and score the split with the cost model."""
-    assignment: dict[int, Device] = {}
-    order: list[Device] = []
-    recomputed: list[Device] = []
-    next_index = [0] * len(kinds)
-    for i, j, t, recompute in reversed(chain):  # the chain runs from the last stage to the first
-        members = lat.masks[i] & ~lat.masks[j]
-        device = Device(kinds[t].name, next_index[t])
-        next_index[t] += 1
-        order.append(device)
-        if recompute:
-            recomputed.append(device)
-        for u in range(units.count):
-            if (members >> u) & 1:
-                for node in units.members[u]:
-                    assignment[graph.nodes[node].id] = device
+    stages = chain[::-1]  # the chain runs from the last stage to the first
+    assignment, firsts = stage_assignment(graph, units.members, [k.name for k in kinds], [
+        (t, 1, [u for u in range(units.count) if ((lat.masks[i] & ~lat.masks[j]) >> u) & 1]) for i, j, t, _ in stages])
+    order = list(firsts)  # one device per stage, in pipeline order
+    recomputed = [device for device, (*_, recompute) in zip(order, stages) if recompute]
     # This DP places every node once (no replicable-node rule), so its plan is scored the same way.
     evaluation = evaluate_recomputed(graph, cluster, assignment, recomputed, replicate=False)
     plan = in_order(plan_from_assignment(graph, cluster, assignment, solver="dp-schedule", seconds=seconds,

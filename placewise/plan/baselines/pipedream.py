@@ -34,7 +34,7 @@ from placewise.plan.csr import csr
 from placewise.plan.options import PipeDreamOptions
 from placewise.plan.plan import Plan
 from placewise.plan.predict import cluster_link
-from placewise.plan.replicas import replicated_plan
+from placewise.plan.replicas import replicated_plan, stage_assignment, unit_parameter_bytes
 
 
 @njit(cache=True)
@@ -130,10 +130,7 @@ def _replicated_stage_times(graph: OpGraph, cluster: Cluster, u, stage: np.ndarr
     """[r][i, j]: the time of units i..j-1 on r replicas (r = 1..max_r; index 0 unused), PipeDream's
     `(compute + 4 (r-1) P / (B r)) / r` through `cost.replicated_load`'s rule, P the segment's
     parameter bytes; infinite where a segment's parameter bytes are not all known."""
-    params = np.array([0.0 if n.parameters is None else n.parameters for n in graph.nodes])
-    unknown = np.array([n.parameters is None for n in graph.nodes], dtype=float)
-    unit_params = np.bincount(u.unit_of, weights=params, minlength=u.count)
-    unit_unknown = np.bincount(u.unit_of, weights=unknown, minlength=u.count)
+    unit_params, unit_unknown = unit_parameter_bytes(graph, u.unit_of, u.count)
     p_prefix = np.concatenate([[0.0], np.cumsum(unit_params)])
     seg_params = p_prefix[None, :] - p_prefix[:, None]
     q_prefix = np.concatenate([[0.0], np.cumsum(unit_unknown)])
@@ -141,9 +138,7 @@ def _replicated_stage_times(graph: OpGraph, cluster: Cluster, u, stage: np.ndarr
     link = cluster_link(graph, cluster)
     out = [stage, stage]
     for r in range(2, max_r + 1):
-        # The all-reduce is linear in the bytes (a constant for the link's latency).
-        const = allreduce.per_unit(0.0, r, link.bandwidth, link.latency)
-        coef = allreduce.per_unit(1.0, r, link.bandwidth, link.latency) - const
+        coef, const = allreduce.linear(r, link.bandwidth, link.latency)
         out.append(np.where(replicable, stage / r + coef * seg_params + const, np.inf))
     return out
 
@@ -193,14 +188,8 @@ def pipedream_hybrid(graph: OpGraph, cluster: Cluster, options: PipeDreamOptions
     if not np.isfinite(value):
         raise PlacewiseError(f"pipedream-hybrid: no cut of the linearized order onto {len(devices)} accelerators fits "
                              "(memory or unsupported operators); add accelerators or memory, or use dp")
-    assignment, replicas, used = {}, {}, 0
-    for first, end, r in stages:
-        device = Device(kind.name, used)
-        replicas[device] = r
-        used += r
-        for k in range(first, end):
-            for i in u.members[k]:
-                assignment[graph.nodes[i].id] = device
+    assignment, replicas = stage_assignment(graph, u.members, [kind.name],
+                                            ((0, r, range(first, end)) for first, end, r in stages))
     return replicated_plan(graph, cluster, assignment, replicas, options.allreduce, solver="pipedream-hybrid",
                            seconds=time.perf_counter() - start, objective=options.objective,
                            notes={"transfers": bool(options.transfers), "planner_max_stage": value})

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from placewise.errors import PlacewiseError
-from placewise.graph import Cluster, Device, DeviceKind, OpGraph
+from placewise.graph import Cluster, DeviceKind, OpGraph
 from placewise.plan.cost import MEMORY_TOLERANCE
+from placewise.plan.replicas import stage_assignment
 from placewise.plan.units import Units
 
 INF = np.inf
@@ -87,12 +88,4 @@ def lower_bound(units: Units, problem: Problem) -> float:
 
 def sets_assignment(graph: OpGraph, units: Units, problem: Problem, sets: list[tuple[int, np.ndarray]]) -> dict:
     """Node id -> device for DP sets (kind index, units) in pipeline order."""
-    assignment = {}
-    used = {t: 0 for t in range(len(problem.kinds))}
-    for t, unit_set in sets:
-        device = Device(problem.kinds[t].name, used[t])
-        used[t] += 1
-        for u in unit_set:
-            for i in units.members[u]:
-                assignment[graph.nodes[i].id] = device
-    return assignment
+    return stage_assignment(graph, units.members, [k.name for k in problem.kinds], ((t, 1, s) for t, s in sets))[0]

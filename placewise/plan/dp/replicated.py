@@ -5,19 +5,23 @@ charged to it, and the DP's split is completed with the replicable nodes for the
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, Device, OpGraph
 from placewise.plan.ideals import enumerate_ideals
-from placewise.plan.replicable import (Replication, ReplicationRule, attach_dead_ends, find_replicable, report,
-                                       shared_copies, without_replicable)
-from placewise.plan.units import Units, simplify
+from placewise.plan.replicable import (Replication, ReplicationRule, SharedCopies, attach_dead_ends, find_replicable,
+                                       report, shared_copies, without_replicable)
+from placewise.plan.units import Colocated, Units, simplify
 
 # Ideals of the graph before replication are counted up to this many for the notes (counting more
 # would cost what replication saves: their bit rows grow with the units).
 COUNT_BEFORE = 20_000
+
+# The DP's units or the programs' colocation classes: each has per-unit times and memory.
+U = TypeVar("U", Units, Colocated)
 
 
 @dataclass(frozen=True)
@@ -42,9 +46,16 @@ class Reduced:
         units = simplify(self.work, cluster)
         if not self.replication.any:
             return units
-        copies = shared_copies(self.graph, self.replication, self.kept, units.unit_of, units.count)
+        units, copies = self.with_copies(units, units.unit_of)
+        return replace(units, copies=copies)
+
+    def with_copies(self, units: U, unit_of: np.ndarray) -> tuple[U, SharedCopies]:
+        """The shared copy groups of `units` (node k of `work` in unit `unit_of[k]`), and `units`
+        with the copies only one unit needs folded into its time and memory (paid exactly when it
+        is placed)."""
+        copies = shared_copies(self.graph, self.replication, self.kept, unit_of, units.count)
         return replace(units, acc_time=units.acc_time + copies.unit_acc, cpu_time=units.cpu_time + copies.unit_cpu,
-                       memory=units.memory + copies.unit_memory, copies=copies)
+                       memory=units.memory + copies.unit_memory), copies
 
     def complete(self, assignment: dict[int, Device], order: list[Device]) -> dict[int, Device]:
         """The split of `work` (node ids) with every replicable node (and its backward mates) not yet

@@ -27,15 +27,18 @@ import numpy as np
 from numba import njit
 
 from placewise.errors import PlacewiseError
-from placewise.graph import Cluster, Device, OpGraph
+from placewise.graph import Cluster, OpGraph
 from placewise.plan.dp.bound_search import topological_orders
+from placewise.plan.dp.copies import copies_in_difference
+from placewise.plan.dp.per_ideal import find_split_ports, has, prefix_sums
 from placewise.plan.dp.problem import Problem, make_problem
 from placewise.plan.dp.replicated import Reduced
+from placewise.plan.dp.run import copy_groups, unit_ports
 from placewise.plan.ideals import IdealLattice, chain_lattice, enumerate_ideals
 from placewise.plan.options import DPOptions
 from placewise.plan.plan import Plan
 from placewise.plan.predict import cluster_link
-from placewise.plan.replicas import replicated_plan
+from placewise.plan.replicas import replicated_plan, stage_assignment, unit_parameter_bytes
 from placewise.plan.units import Units
 
 # Every pair of ideals is visited: beyond this many ideals the DP runs on chains instead.
@@ -44,62 +47,10 @@ IDEAL_LIMIT = 5000
 AGREEMENT = 1e-9
 
 
-@dataclass(frozen=True)
-class _Arrays:
-    """Per ideal: prefix sums of what a set's load is a difference of (the kernel's inputs)."""
-    time: np.ndarray  # (ideals, kinds)
-    memory: np.ndarray
-    unsupported: np.ndarray
-    params: np.ndarray
-    unknown: np.ndarray  # units whose parameter bytes are not known
-
-
-def _unit_params(work: OpGraph, units: Units) -> tuple[np.ndarray, np.ndarray]:
-    """Per unit: parameter bytes, and 1 where some member does not say them."""
-    raw = [work.nodes[i].parameters for i in range(len(work.nodes))]
-    known = np.array([p is not None for p in raw])
-    params = np.array([p or 0.0 for p in raw])
-    return (np.bincount(units.unit_of, weights=params, minlength=units.count),
-            np.bincount(units.unit_of, weights=~known, minlength=units.count))
-
-
-def _arrays(lattice: IdealLattice, units: Units, problem: Problem, unit_params, unit_unknown) -> _Arrays:
-    member = np.unpackbits(lattice.bits.view(np.uint8), axis=1, bitorder="little")[:, :units.count].astype(float)
-    return _Arrays(member @ problem.time.T, member @ units.memory, member @ (~units.supported).astype(float),
-                   member @ unit_params, member @ unit_unknown)
-
-
-@njit(cache=True)
-def _has(bits, ideal, u):
-    return (bits[ideal, u >> 6] >> np.uint64(u & 63)) & np.uint64(1)
-
-
 @njit(cache=True)
 def _in_set(bits, outer, inner, u):
-    return _has(bits, outer, u) == 1 and _has(bits, inner, u) == 0
-
-
-@njit(cache=True)
-def _split_ports(bits, port_owner, port_ptr, port_targets):
-    """Per ideal (CSR), the ports it splits: some of the owner and targets inside, some outside. Only
-    those of I or of J can be paid by I \\ J (a port wholly inside J, wholly outside I, or wholly in
-    I \\ J is not), so a pair looks at those only."""
-    n_ideals = bits.shape[0]
-    n_ports = port_owner.shape[0]
-    ptr = np.zeros(n_ideals + 1, dtype=np.int64)
-    found = []
-    for i in range(n_ideals):
-        for p in range(n_ports):
-            side = _has(bits, i, port_owner[p])
-            for q in range(port_ptr[p], port_ptr[p + 1]):
-                if _has(bits, i, port_targets[q]) != side:
-                    found.append(p)
-                    break
-        ptr[i + 1] = len(found)
-    out = np.empty(len(found), dtype=np.int64)
-    for k in range(len(found)):
-        out[k] = found[k]
-    return ptr, out
+    """Whether unit u is in the set outer \\ inner (inner a sub-ideal of outer)."""
+    return has(bits, outer, u) and not has(bits, inner, u)
 
 
 @njit(cache=True)
@@ -113,18 +64,25 @@ def _pays(bits, i, j, p, port_owner, port_ptr, port_targets):
 
 
 @njit(cache=True)
-def _fill(bits, time_, memory, unsup, params, unknown, port_owner, port_cost, port_ptr, port_targets,
-          copy_time, copy_memory, needer_ptr, needers, pays_transfer, accelerator, memory_limit, kind_count,
-          counts, strides, coef, const, max_r, dp, arg_sub, arg_kind, arg_r):
+def _fill(bits, sums, memory, unsup, split_ptr, split, ports, copies, pays_transfer, accelerator, memory_limit,
+          kind_count, counts, strides, coef, const, max_r, dp, arg_sub, arg_kind, arg_r):
     """Fill dp over every pair J ⊊ I of ideals (see the module's docstring). One function so that the
-    pair loop, the set's sums and the (kind, replicas, state) choice stay in compiled code."""
+    pair loop, the set's sums and the (kind, replicas, state) choice stay in compiled code. `sums`
+    (ideals, kinds + 2): per ideal the time on each kind, then parameter bytes and units that do not
+    say them. Only ports split by I or by J can be paid by I \\ J (a port wholly inside J, wholly
+    outside I, or wholly in I \\ J is not), so a pair looks at those only."""
     n_ideals, words = bits.shape
-    n_kinds = time_.shape[1]
+    n_kinds = pays_transfer.shape[0]
     n_states = dp.shape[1]
-    split_ptr, split = _split_ports(bits, port_owner, port_ptr, port_targets)
+    # The arrays themselves, not the tuple: a compiled call taking the tuple pays for all of its arrays.
+    port_owner, port_cost, port_ptr, port_targets = ports.owner, ports.cost, ports.target_ptr, ports.targets
     split_by_root = np.full(port_owner.shape[0], -1, dtype=np.int64)
+    extra_time = np.zeros(n_kinds)
     for i in range(1, n_ideals):
-        for k in range(split_ptr[i], split_ptr[i + 1]):
+        lo, hi = split_ptr[i], split_ptr[i + 1]
+        # In port order, so that a pair's transfer is summed (and rounded) the same way on any lattice.
+        split[lo:hi] = np.sort(split[lo:hi])
+        for k in range(lo, hi):
             split_by_root[split[k]] = i
         for j in range(i):
             subset = True
@@ -135,29 +93,21 @@ def _fill(bits, time_, memory, unsup, params, unknown, port_owner, port_cost, po
             if not subset:
                 continue
             transfer = 0.0
-            for k in range(split_ptr[i], split_ptr[i + 1]):
+            for k in range(lo, hi):
                 if _pays(bits, i, j, split[k], port_owner, port_ptr, port_targets):
                     transfer += port_cost[split[k]]
             for k in range(split_ptr[j], split_ptr[j + 1]):
                 p = split[k]
                 if split_by_root[p] != i and _pays(bits, i, j, p, port_owner, port_ptr, port_targets):
                     transfer += port_cost[p]
-            extra_mem = 0.0
-            extra_time = np.zeros(n_kinds)
-            for g in range(needer_ptr.shape[0] - 1):
-                for q in range(needer_ptr[g], needer_ptr[g + 1]):
-                    if _in_set(bits, i, j, needers[q]):
-                        extra_mem += copy_memory[g]
-                        for t in range(n_kinds):
-                            extra_time[t] += copy_time[t, g]
-                        break
-            mem = memory[i] - memory[j] + extra_mem
-            nbytes = params[i] - params[j]
-            known = unknown[i] - unknown[j] < 0.5
+            extra_time[:] = 0.0
+            mem = memory[i] - memory[j] + copies_in_difference(i, j, copies, extra_time)
+            nbytes = sums[i, n_kinds] - sums[j, n_kinds]
+            known = sums[i, n_kinds + 1] - sums[j, n_kinds + 1] < 0.5
             for t in range(n_kinds):
                 if mem > memory_limit[t] or (accelerator[t] and unsup[i] - unsup[j] > 0.5):
                     continue
-                base = time_[i, t] - time_[j, t] + extra_time[t]
+                base = sums[i, t] - sums[j, t] + extra_time[t]
                 if pays_transfer[t]:
                     base += transfer
                 top = min(max_r, kind_count[t]) if known else 1
@@ -182,14 +132,12 @@ class _Result:
 
 def _run(lattice: IdealLattice, units: Units, problem: Problem, unit_params, unit_unknown, coef, const,
          max_r: int) -> _Result:
-    a = _arrays(lattice, units, problem, unit_params, unit_unknown)
-    copies = units.copies
-    if copies is None:
-        copy_time, copy_memory = np.zeros((len(problem.kinds), 0)), np.zeros(0)
-        needer_ptr, needers = np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    else:
-        copy_time = np.array([(copies.acc if k.accelerator else copies.cpu) / k.speed for k in problem.kinds])
-        copy_memory, needer_ptr, needers = copies.memory, copies.needer_ptr, copies.needers
+    # Per ideal: time per kind, then parameter bytes and units not saying them, as one matrix of sums.
+    per_unit = np.vstack([problem.time, unit_params, unit_unknown])
+    sums, memory, unsup, _ = prefix_sums(lattice.down_ptr, lattice.down_ideal, lattice.down_unit, per_unit,
+                                         units.memory, (~units.supported).astype(float), np.zeros(units.count))
+    ports = unit_ports(units)
+    split_ptr, split = find_split_ports(lattice.bits, lattice.down_ptr, lattice.down_ideal, lattice.down_unit, ports)
     # Removing one device of kind t from a state subtracts its stride (every kind has a device in the full state).
     strides = (problem.full_state - problem.prev[problem.full_state]).astype(np.int64)
     n_states = problem.prev.shape[0]
@@ -198,10 +146,10 @@ def _run(lattice: IdealLattice, units: Units, problem: Problem, unit_params, uni
     arg_sub = np.zeros((lattice.count, n_states), dtype=np.int64)
     arg_kind = np.zeros_like(arg_sub)
     arg_r = np.ones_like(arg_sub)
-    _fill(lattice.bits, a.time, a.memory, a.unsupported, a.params, a.unknown, units.port_owner, units.port_cost,
-          units.port_target_ptr, units.port_targets, copy_time, copy_memory, needer_ptr, needers, problem.pays_transfers,
-          problem.accelerator, problem.memory_limit, np.array([k.count for k in problem.kinds], dtype=np.int64),
-          problem.counts.astype(np.int64), strides, coef, const, max_r, dp, arg_sub, arg_kind, arg_r)
+    _fill(lattice.bits, sums, memory, unsup, split_ptr, split, ports, copy_groups(units, problem, lattice),
+          problem.pays_transfers, problem.accelerator, problem.memory_limit,
+          np.array([k.count for k in problem.kinds], dtype=np.int64), problem.counts.astype(np.int64), strides, coef,
+          const, max_r, dp, arg_sub, arg_kind, arg_r)
     value = float(dp[-1, problem.full_state])
     stages = []
     i, s = lattice.count - 1, problem.full_state
@@ -227,9 +175,8 @@ def solve_replicated(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Pl
     link = cluster_link(graph, cluster)
     ar = options.allreduce
     # all-reduce per unit of work = coef[r] * parameter bytes + const[r] (linear in the bytes).
-    const = np.array([ar.per_unit(0.0, r, link.bandwidth, link.latency) for r in range(max_r + 1)])
-    coef = np.array([ar.per_unit(1.0, r, link.bandwidth, link.latency) for r in range(max_r + 1)]) - const
-    unit_params, unit_unknown = _unit_params(reduced.work, units)
+    coef, const = (np.array(c) for c in zip(*(ar.linear(r, link.bandwidth, link.latency) for r in range(max_r + 1))))
+    unit_params, unit_unknown = unit_parameter_bytes(reduced.work, units.unit_of, units.count)
     try:
         lattices = [enumerate_ideals(units.pred_units, IDEAL_LIMIT)]
         exact = True
@@ -241,7 +188,7 @@ def solve_replicated(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Pl
     if not math.isfinite(result.value):
         raise PlacewiseError("no contiguous split with replicated stages fits the devices (memory or unsupported "
                              "operators); add devices or memory")
-    assignment, replicas = _assignment(reduced.work, units, problem, result.stages)
+    assignment, replicas = stage_assignment(reduced.work, units.members, [k.name for k in problem.kinds], result.stages)
     assignment = reduced.complete(assignment, list(dict.fromkeys(assignment.values())))
     notes = {"ideals": lattices[0].count if exact else f"over {IDEAL_LIMIT:,} (chains of {len(lattices)} orders)",
              "exact": exact, "max_replicas": max_r, **units.stats}
@@ -252,19 +199,3 @@ def solve_replicated(graph: OpGraph, cluster: Cluster, options: DPOptions) -> Pl
         raise AssertionError(f"replicated dp value {result.value!r} disagrees with the cost model's {plan.max_load!r} "
                              f"(violations: {plan.violations})")
     return plan
-
-
-def _assignment(work: OpGraph, units: Units, problem: Problem, stages) -> tuple[dict[int, Device], dict[Device, int]]:
-    """Node id -> first device, and first device -> replicas, for DP stages in pipeline order; a
-    stage on r devices of a kind takes the next r of them."""
-    assignment: dict[int, Device] = {}
-    replicas: dict[Device, int] = {}
-    used = [0] * len(problem.kinds)
-    for t, r, unit_set in stages:
-        device = Device(problem.kinds[t].name, used[t])
-        used[t] += r
-        replicas[device] = r
-        for u in unit_set:
-            for i in units.members[u]:
-                assignment[work.nodes[i].id] = device
-    return assignment, replicas

@@ -52,13 +52,7 @@ class Prepared:
 def prepare(units: Units, problem: Problem, lattice: IdealLattice) -> Prepared:
     """Ports by unit, per-ideal prefix sums and split ports, ideals sorted by work."""
     n_ideals = lattice.count
-    n_units = units.count
-    n_ports = len(units.port_cost)
-    own_ptr, own_ports = csr_by(units.port_owner, np.arange(n_ports), n_units)
-    port_of_target = np.repeat(np.arange(n_ports), np.diff(units.port_target_ptr))
-    tgt_ptr, tgt_ports = csr_by(units.port_targets, port_of_target, n_units)
-    ports = Ports(units.port_cost, units.port_owner, np.diff(units.port_target_ptr), units.port_target_ptr,
-                  units.port_targets, own_ptr, own_ports, tgt_ptr, tgt_ports)
+    ports = unit_ports(units)
     unsupported = (~units.supported).astype(np.int64)
     least, ratio = least_work(units, problem)
     comp_ideal, mem_ideal, unsup_ideal, work = prefix_sums(
@@ -76,19 +70,29 @@ def prepare(units: Units, problem: Problem, lattice: IdealLattice) -> Prepared:
     # Transfers count in the load of a side whose devices all pay them at the lowest such kind's work ratio.
     paying_ratio = ratio[problem.pays_transfers]
     transfer_share = float(paying_ratio.min()) * (1 - PRUNE_SLACK) if len(paying_ratio) else 0.0
-    return Prepared(UnitData(problem.time, units.memory, unsupported), _copies(units, problem, lattice), ports, lat,
-                    ratio, float(work[-1]), transfer_share, problem.counts[:, ~problem.pays_transfers].sum(axis=1) == 0)
+    return Prepared(UnitData(problem.time, units.memory, unsupported), copy_groups(units, problem, lattice), ports,
+                    lat, ratio, float(work[-1]), transfer_share,
+                    problem.counts[:, ~problem.pays_transfers].sum(axis=1) == 0)
 
 
-def _copies(units: Units, problem: Problem, lattice: IdealLattice) -> Copies | None:
+def unit_ports(units: Units) -> Ports:
+    """The units' ports with, per unit, the ports it owns and those it is a target of."""
+    n_ports = len(units.port_cost)
+    own_ptr, own_ports = csr_by(units.port_owner, np.arange(n_ports), units.count)
+    port_of_target = np.repeat(np.arange(n_ports), np.diff(units.port_target_ptr))
+    tgt_ptr, tgt_ports = csr_by(units.port_targets, port_of_target, units.count)
+    return Ports(units.port_cost, units.port_owner, np.diff(units.port_target_ptr), units.port_target_ptr,
+                 units.port_targets, own_ptr, own_ports, tgt_ptr, tgt_ports)
+
+
+def copy_groups(units: Units, problem: Problem, lattice: IdealLattice) -> Copies | None:
     """The shared copy groups for the kernels: per unit the groups it needs, per ideal their needers."""
     copies = units.copies
     if copies is None or copies.count == 0:
         return None
-    copy_time = np.array([(copies.acc if kind.accelerator else copies.cpu) / kind.speed for kind in problem.kinds])
     group_of_needer = np.repeat(np.arange(copies.count), np.diff(copies.needer_ptr))
     copy_ptr, copy_groups = csr_by(copies.needers, group_of_needer, units.count)
-    return Copies(copy_time.reshape(len(problem.kinds), copies.count), copies.memory, copy_ptr, copy_groups,
+    return Copies(copies.time_per_kind(problem.kinds), copies.memory, copy_ptr, copy_groups,
                   np.zeros(copies.count, dtype=np.int64),
                   copies_per_ideal(lattice.down_ptr, lattice.down_ideal, lattice.down_unit, copy_ptr, copy_groups,
                                    copies.count))

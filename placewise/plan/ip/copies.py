@@ -13,14 +13,14 @@ is the indicator "some needer is on the slot", and a larger one never lowers a l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from placewise.graph import Device, OpGraph
 from placewise.plan.dp.replicated import Reduced
 from placewise.plan.ip.milp import Milp
-from placewise.plan.replicable import SharedCopies, shared_copies
+from placewise.plan.replicable import SharedCopies
 from placewise.plan.units import Colocated
 
 
@@ -39,9 +39,7 @@ class Placed:
         units = Colocated.of(reduced.work)
         if not reduced.replication.any:
             return cls(reduced, units, None)
-        copies = shared_copies(graph, reduced.replication, reduced.kept, units.of_node, units.count)
-        units = replace(units, acc_time=units.acc_time + copies.unit_acc, cpu_time=units.cpu_time + copies.unit_cpu,
-                        memory=units.memory + copies.unit_memory)
+        units, copies = reduced.with_copies(units, units.of_node)
         return cls(reduced, units, copies if copies.count else None)
 
     @property

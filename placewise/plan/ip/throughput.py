@@ -38,7 +38,7 @@ def _copy_terms(placed: Placed, w: np.ndarray | None, slot: int, kind: DeviceKin
     copies = placed.copies
     if what == "memory":
         return [(w[:, slot][None, :], copies.memory[None, :])]
-    return [(w[:, slot][None, :], ((copies.acc if kind.accelerator else copies.cpu) / kind.speed)[None, :])]
+    return [(w[:, slot][None, :], copies.time_on(kind)[None, :])]
 
 
 def _noncontiguous_model(m: Milp, placed: Placed, kinds: list[DeviceKind], load: int, warm: Plan | None):
