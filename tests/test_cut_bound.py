@@ -45,7 +45,7 @@ def branchy_problems(draw):
 def _bound(graph: OpGraph, cluster: Cluster) -> tuple[float, float]:
     units = Reduced.of(graph, True).units(cluster)
     problem = make_problem(units, cluster)
-    return cut_bound(units, problem), lower_bound(units, problem)
+    return cut_bound(units, problem).value, lower_bound(units, problem)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -27,12 +27,15 @@ holding all of it. Say an ideal I *cuts* p when it meets e_p without holding all
    max-load, replicated copies and memory only adding to it.
 
 It applies when every kind pays transfers (a shared-memory CPU core pays none) and the units are
-few enough for their ancestor sets; otherwise it is 0 and the work bound stands alone.
+few enough for their ancestor sets; otherwise it is 0 and the work bound stands alone. Each minimum
+cut's source side is an ideal with a cheap cut for its weight: they are kept (`CutBound.ideals`) as
+the boundaries that `dp.ideal_chains` builds an upper bound from.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import njit
@@ -53,11 +56,27 @@ SCALE_TOTAL = 2 ** 40
 SLACK = 1e-9
 
 
-def cut_bound(units: Units, problem: Problem, deadline: float | None = None) -> float:
+@dataclass
+class CutBound:
+    """The bound (0 when it does not apply or ran out of time) and the distinct ideals its minimum
+    cuts found, in the order found (`ideals`: bool, ideals x units)."""
+
+    value: float = 0.0
+    found: dict[bytes, np.ndarray] = field(default_factory=dict)
+
+    def add(self, ideal: np.ndarray) -> None:
+        self.found.setdefault(np.packbits(ideal).tobytes(), ideal)
+
+    def ideals(self, n: int) -> np.ndarray:
+        return np.array(list(self.found.values())) if self.found else np.zeros((0, n), dtype=bool)
+
+
+def cut_bound(units: Units, problem: Problem, deadline: float | None = None) -> CutBound:
     """The cut bound on the max-load of every contiguous split (see the module docstring)."""
     n = units.count
+    out = CutBound()
     if n == 0 or n > MAX_UNITS or not problem.pays_transfers.all() or len(units.port_cost) == 0:
-        return 0.0
+        return out
     devices = int(sum(k.count for k in problem.kinds))
     w = least_work(units, problem)[0]
     total = float(w.sum())
@@ -71,11 +90,13 @@ def cut_bound(units: Units, problem: Problem, deadline: float | None = None) -> 
     for tau in taus:
         if deadline is not None and time.perf_counter() > deadline:
             break
-        profile = _profile(units, span < tau, w, anc, up, down, edges, deadline)
+        profile = _profile(units, span < tau, w, anc, up, down, edges, deadline, out)
         if profile is None:
             break
         profiles.append((tau, profile))
-    return _chain_bound(edges, profiles, total, devices) if profiles else 0.0
+    if profiles:
+        out.value = _chain_bound(edges, profiles, total, devices)
+    return out
 
 
 def _ancestors(pred: tuple[tuple[int, ...], ...]) -> np.ndarray:
@@ -103,12 +124,13 @@ def _spans(units: Units, anc: np.ndarray, up: np.ndarray, down: np.ndarray, tota
 
 
 def _profile(units: Units, short: np.ndarray, w: np.ndarray, anc: np.ndarray, up: np.ndarray, down: np.ndarray,
-             edges: np.ndarray, deadline: float | None) -> np.ndarray | None:
+             edges: np.ndarray, deadline: float | None, found: CutBound) -> np.ndarray | None:
     """Per weight interval [a, b], a lower bound on the short ports' cut cost of any ideal weighing
-    within it (inf: no ideal does); None when out of time. Besides the forced units, the weight
-    limits enter by Lagrange multipliers: for lam, mu >= 0 and a <= w(I) <= b,
-    c(I) >= c(I) + lam (a - w(I)) + mu (w(I) - b), whose least over ideals is again a cut (lam w(u)
-    to leave u out, mu w(u) to take it in); capacities are rounded down, so each value stays below."""
+    within it (inf: no ideal does); None when out of time. Each cut's ideal is added to `found`.
+    Besides the forced units, the weight limits enter by Lagrange multipliers: for lam, mu >= 0 and
+    a <= w(I) <= b, c(I) >= c(I) + lam (a - w(I)) + mu (w(I) - b), whose least over ideals is again
+    a cut (lam w(u) to leave u out, mu w(u) to take it in); capacities are rounded down, so each
+    value stays below."""
     n, total = units.count, float(w.sum())
     rate = float(units.port_cost[short].sum()) / max(total, 1e-300)  # cost per unit of weight
     pairs = [(0.0, 0.0)] + [(m * rate, 0.0) for m in MULTIPLIERS] + [(0.0, m * rate) for m in MULTIPLIERS]
@@ -128,7 +150,11 @@ def _profile(units: Units, short: np.ndarray, w: np.ndarray, anc: np.ndarray, up
         for lam, mu in pairs:
             network.cap[network.source_arcs] = np.where(must_in, INFINITE, np.floor(lam * w * scale).astype(np.int64))
             network.cap[network.sink_arcs] = np.where(must_out, INFINITE, np.floor(mu * w * scale).astype(np.int64))
-            cut = _max_flow(network.head, network.to, network.rev, network.tail, network.cap, n, n + 1) / scale
+            flow, level = _max_flow(network.head, network.to, network.rev, network.tail, network.cap, n, n + 1)
+            cut = flow / scale
+            # The units the source still reaches: a minimum cut's source side, an ideal (infinite
+            # arcs lead from each unit to its predecessors).
+            found.add(level[:n] >= 0)
             # The constant part, less a margin for its rounding.
             best = max(best, cut + lam * (a - total) - mu * b - SLACK * (1 + (lam + mu) * total))
         profile[i] = best
@@ -183,7 +209,8 @@ class _Network:
 
 @njit(cache=True)
 def _max_flow(head, to, rev, tail, cap0, source, sink):  # pragma: no cover - compiled
-    """Dinic's maximum flow (integer capacities), iterative so that numba compiles it."""
+    """Dinic's maximum flow (integer capacities), iterative so that numba compiles it, and the final
+    BFS levels (>= 0: reached from the source in the residual network, a minimum cut's source side)."""
     cap = cap0.copy()
     n = len(head) - 1
     level = np.empty(n, dtype=np.int64)
@@ -204,7 +231,7 @@ def _max_flow(head, to, rev, tail, cap0, source, sink):  # pragma: no cover - co
                     queue[hi] = to[a]
                     hi += 1
         if level[sink] < 0:
-            return flow
+            return flow, level
         nxt[:] = head[:-1]
         while True:
             depth, v = 0, source
