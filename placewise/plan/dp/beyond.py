@@ -27,6 +27,7 @@ from placewise.plan.coarsen import Coarsening, coarsen, colocated, near_cuts
 from placewise.plan.cost import evaluate
 from placewise.plan.dp.bound_search import CERTIFY_GAP, search
 from placewise.plan.dp.cut_bound import cut_bound
+from placewise.plan.dp.exact_cuts import tighten
 from placewise.plan.dp.ideal_chains import best_chain
 from placewise.plan.dp.problem import Problem, lower_bound, make_problem, sets_assignment
 from placewise.plan.dp.run import prepare
@@ -49,8 +50,10 @@ BEYOND_COARSE_IDEALS = 20_000
 COARSE_TRIGGER = 50_000
 # Regions heavier than this share of one device's fair work are never collapsed.
 REGION_SHARE = 0.25
-# The cut bound runs first, on at most this share of the time beyond the limit.
+# The cut bound runs first, on at most this share of the time beyond the limit; its exact
+# tightening (`dp.exact_cuts`) on at most this share of what is left after the first upper bounds.
 CUT_SHARE = 0.3
+EXACT_SHARE = 0.5
 
 
 @dataclass
@@ -186,6 +189,13 @@ def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Clus
     _offer_baselines(found, reduced, cluster, options)
     _offer_ideal_chain(found, reduced, units, problem, cut.ideals(units.count),
                        time.perf_counter() + max(deadline - time.perf_counter(), 0.0) / 2)
+    exact_start = time.perf_counter()
+    if found.best is not None and cut.grid is not None:
+        ideals_before = len(cut.found)
+        tighten(cut, units, problem, found.best[0], exact_start + EXACT_SHARE * max(deadline - exact_start, 0.0))
+        if len(cut.found) > ideals_before:  # the exact cuts' ideals are boundaries too
+            _offer_ideal_chain(found, reduced, units, problem, cut.ideals(units.count),
+                               time.perf_counter() + max(deadline - time.perf_counter(), 0.0) / 2)
     work = problem.time.min(axis=0)
     share = REGION_SHARE * float(work.sum()) / sum(k.count for k in problem.kinds)
     # The coarse graph is solved by `solve` with the caller's ideal limit: it must fit under that too,
@@ -194,6 +204,7 @@ def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Clus
     coarse = coarsen(units.pred_units, work, lambda c: _fits(c.pred, limit), share=share)
     notes: dict = {"coarse_units": len(coarse.groups), "collapsed_regions": len(coarse.collapsed),
                    "cut_lower_bound": cut.value, "cut_bound_seconds": round(cut_seconds, 3),
+                   "exact_cuts_seconds": round(time.perf_counter() - exact_start, 3),
                    "cut_ideals": len(cut.found)}
     refinements = 0
     while _fits(coarse.pred, limit) and time.perf_counter() < deadline:

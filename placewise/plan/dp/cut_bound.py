@@ -72,6 +72,9 @@ class CutBound:
 
     value: float = 0.0
     found: dict[bytes, np.ndarray] = field(default_factory=dict)
+    # What the chain bound was computed from, for `dp.exact_cuts` to tighten: the fine grid's
+    # edges, every port's profile on it, the danger, the short ports' profiles, W, devices.
+    grid: "tuple[np.ndarray, np.ndarray, np.ndarray, list, float, int] | None" = None
 
     def add(self, ideal: np.ndarray) -> None:
         self.found.setdefault(np.packbits(ideal).tobytes(), ideal)
@@ -113,7 +116,8 @@ def cut_bound(units: Units, problem: Problem, deadline: float | None = None) -> 
         else:
             profiles.append((tau, profile))
     if full is not None:
-        out.value = _chain_bound(fine, full, _danger(units, anc, up, down, fine, total), profiles, total, devices)
+        out.grid = (fine, full, _danger(units, anc, up, down, fine, total), profiles, total, devices)
+        out.value = chain_bound(*out.grid)[0]
     return out
 
 
@@ -309,12 +313,12 @@ def _danger(units: Units, anc: np.ndarray, up: np.ndarray, down: np.ndarray, edg
     return np.cumsum(np.cumsum(corners, axis=0), axis=1)[:m, :m]
 
 
-def _chain_bound(edges: np.ndarray, full: np.ndarray, danger: np.ndarray, profiles: list[tuple[float, np.ndarray]],
-                 total: float, devices: int) -> float:
-    """The least largest stage load over chains of at most `devices` boundaries placed in intervals.
-    An inner stage pays its least time, both boundaries' cut of every port (`full`) less twice the
-    ports it may not pay (`danger`), or, where its least time allows a (tau, profile) pair, both
-    boundaries' cut of the short ports; the larger."""
+def chain_bound(edges: np.ndarray, full: np.ndarray, danger: np.ndarray, profiles: list[tuple[float, np.ndarray]],
+                total: float, devices: int) -> tuple[float, list[int]]:
+    """The least largest stage load over chains of at most `devices` boundaries placed in intervals,
+    and the intervals of one chain that has it. An inner stage pays its least time, both
+    boundaries' cut of every port (`full`) less twice the ports it may not pay (`danger`), or, where
+    its least time allows a (tau, profile) pair, both boundaries' cut of the short ports; the larger."""
     lo, hi = edges[:-1], edges[1:]
     # Inner stage from a boundary in interval i to one in interval j: its least time, and its cuts.
     least = np.maximum(lo[None, :] - hi[:, None], 0.0)
@@ -329,8 +333,15 @@ def _chain_bound(edges: np.ndarray, full: np.ndarray, danger: np.ndarray, profil
     inner[~np.isfinite(cuts)[:, None] | ~np.isfinite(cuts)[None, :]] = np.inf
     first = lo + cuts  # from ∅: pays every cut of its boundary
     last = total - hi + cuts  # to V
-    best, reach = total, first
+    best, chain, reach, back = total, [], first, []
     for _ in range(devices - 1):
-        best = min(best, float(np.min(np.maximum(reach, last))))
-        reach = np.min(np.maximum(reach[:, None], inner), axis=0)
-    return best
+        ends = np.maximum(reach, last)
+        j = int(np.argmin(ends))
+        if ends[j] < best:
+            best, chain = float(ends[j]), [j]
+            for arg in reversed(back):  # the boundaries before j, back to the first
+                chain.append(int(arg[chain[-1]]))
+        step = np.maximum(reach[:, None], inner)
+        back.append(np.argmin(step, axis=0))
+        reach = step[back[-1], np.arange(len(reach))]
+    return best, chain[::-1]
