@@ -238,7 +238,10 @@ def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Clus
 def _offer_ideal_chain(found: Candidates, reduced: Reduced, units: Units, problem: Problem, ideals: np.ndarray,
                        deadline: float) -> None:
     """The best chain of the given ideals and the best split's boundaries (`dp.ideal_chains`), below
-    the best max-load found so far."""
+    the best max-load found so far; nothing without such ideals (the best split's boundaries alone
+    give back that split)."""
+    if len(ideals) == 0:
+        return
     bound = found.best[0] if found.best is not None else math.inf
     chain = best_chain(units, problem, np.vstack([found.boundaries(units), ideals]), bound, deadline)
     if chain is not None:
