@@ -65,6 +65,14 @@ def test_beyond_the_limit_the_certificate_brackets_the_brute_force(problem) -> N
     _bracketed(*problem)
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.deferred(lambda: skip_problems()))
+def test_beyond_the_limit_a_skipped_stage_keeps_the_certificate(problem) -> None:
+    """The danger, the exact cuts and the ideal chains all run here: the plan and its bound still
+    bracket the brute force."""
+    _bracketed(*problem)
+
+
 def test_transfers_lift_the_bound_to_the_optimum() -> None:
     """Four unit-time nodes in a chain, each output costing 5 to send, on 2 accelerators: any cut
     costs a stage 5, so one device (4) is best; the work bound says 2, the cut bound proves 4 less
