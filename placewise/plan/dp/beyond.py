@@ -3,13 +3,16 @@
 When the unit DAG has more ideals than the DP may enumerate, the planner still returns the best
 contiguous split it can find, with a proven lower bound and the gap between them:
 - upper bounds: the DP on the segments of a few topological orders (already computed by the
-  caller), the DP over chains of the cheap-cut ideals that the cut bound's minimum cuts found and
-  the best split's own boundaries (`dp.ideal_chains`), the DP on a coarsened graph whose single-entry/single-exit regions (NAS cells, attention
-  blocks) are collapsed (`plan.coarsen`), that coarsening refined near the coarse plan's cut points,
-  and every contiguous baseline; each split is re-scored by the cost model;
+  caller), every contiguous baseline, the DP over chains of the cheap-cut ideals that the cut
+  bound's minimum cuts found and of the best split's own boundaries (`dp.ideal_chains`), and the DP
+  on a coarsened graph whose single-entry/single-exit regions (NAS cells, attention blocks) are
+  collapsed (`plan.coarsen`), that coarsening refined near the coarse plan's cut points; each split
+  is re-scored by the cost model;
 - the lower bound: the larger of the work bound (every unit's least time shared evenly, and the
   largest unit) and the cut bound (`dp.cut_bound`: stages also pay the cheapest cuts their
-  boundaries can have), which gets at most `CUT_SHARE` of the time.
+  boundaries can have), which gets at most `CUT_SHARE` of the time, then is tightened where it
+  binds by exact cuts (`dp.exact_cuts`) on at most `EXACT_SHARE` of what is left, their ideals
+  offered to the ideal chains again.
 """
 
 from __future__ import annotations
@@ -187,15 +190,13 @@ def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Clus
     found = Candidates(reduced, cluster, options.replicate)
     found.offer("chain", chain)
     _offer_baselines(found, reduced, cluster, options)
-    _offer_ideal_chain(found, reduced, units, problem, cut.ideals(units.count),
-                       time.perf_counter() + max(deadline - time.perf_counter(), 0.0) / 2)
+    _offer_ideal_chain(found, reduced, units, problem, cut.ideals(units.count), deadline)
     exact_start = time.perf_counter()
     if found.best is not None and cut.grid is not None:
         ideals_before = len(cut.found)
         tighten(cut, units, problem, found.best[0], exact_start + EXACT_SHARE * max(deadline - exact_start, 0.0))
         if len(cut.found) > ideals_before:  # the exact cuts' ideals are boundaries too
-            _offer_ideal_chain(found, reduced, units, problem, cut.ideals(units.count),
-                               time.perf_counter() + max(deadline - time.perf_counter(), 0.0) / 2)
+            _offer_ideal_chain(found, reduced, units, problem, cut.ideals(units.count), deadline)
     work = problem.time.min(axis=0)
     share = REGION_SHARE * float(work.sum()) / sum(k.count for k in problem.kinds)
     # The coarse graph is solved by `solve` with the caller's ideal limit: it must fit under that too,
@@ -238,12 +239,14 @@ def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Clus
 def _offer_ideal_chain(found: Candidates, reduced: Reduced, units: Units, problem: Problem, ideals: np.ndarray,
                        deadline: float) -> None:
     """The best chain of the given ideals and the best split's boundaries (`dp.ideal_chains`), below
-    the best max-load found so far; nothing without such ideals (the best split's boundaries alone
-    give back that split)."""
+    the best max-load found so far, on at most half the time left; nothing without such ideals (the
+    best split's boundaries alone give back that split)."""
     if len(ideals) == 0:
         return
     bound = found.best[0] if found.best is not None else math.inf
-    chain = best_chain(units, problem, np.vstack([found.boundaries(units), ideals]), bound, deadline)
+    now = time.perf_counter()
+    chain = best_chain(units, problem, np.vstack([found.boundaries(units), ideals]), bound,
+                       now + max(deadline - now, 0.0) / 2)
     if chain is not None:
         assignment = sets_assignment(reduced.work, units, problem, chain[1])
         found.offer("ideal chain", reduced.complete(assignment, list(dict.fromkeys(assignment.values()))))
