@@ -76,8 +76,15 @@ class CutBound:
     # edges, every port's profile on it, the danger, the short ports' profiles, W, devices.
     grid: "tuple[np.ndarray, np.ndarray, np.ndarray, list, float, int] | None" = None
 
-    def add(self, ideal: np.ndarray) -> None:
-        self.found.setdefault(np.packbits(ideal).tobytes(), ideal)
+    def add(self, ideal: np.ndarray, first: bool = False) -> None:
+        """Keep a new ideal last, or `first` (an exact cut's: the ideal chains may keep only the
+        first `ideal_chains.MAX_IDEALS`)."""
+        key = np.packbits(ideal).tobytes()
+        if first:
+            self.found.pop(key, None)
+            self.found = {key: ideal, **self.found}
+        else:
+            self.found.setdefault(key, ideal)
 
     def ideals(self, n: int) -> np.ndarray:
         return np.array(list(self.found.values())) if self.found else np.zeros((0, n), dtype=bool)

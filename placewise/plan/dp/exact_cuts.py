@@ -107,6 +107,6 @@ def tighten(cut: CutBound, units: Units, problem: Problem, target: float, deadli
             full[c] = max(full[c], bound)
             solved[c] = True
             if ideal is not None:
-                cut.add(ideal)
+                cut.add(ideal, first=True)
     cut.value = max(cut.value, chain_bound(edges, full, danger, profiles, total, devices)[0])
     cut.grid = (edges, full, danger, profiles, total, devices)
