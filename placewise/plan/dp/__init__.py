@@ -3,7 +3,8 @@
 Modules: `problem` (the encoding), `kernels` (the compiled fill), `per_ideal` (its compiled
 preparation per ideal), `copies` (shared copies of replicable nodes), `run` (one DP run at a bound),
 `bound_search`, `pendants` (the side-branch restriction), `infeasible` (what it says when no split
-exists), `solve` (the entry point).
+exists), `solve` (the entry point), and beyond the ideal limit `beyond` with its lower bounds
+(`cut_bound`, tightened by `exact_cuts`) and upper bounds (`ideal_chains`).
 
 A contiguous split is a chain of ideals ∅ = I_0 ⊆ I_1 ⊆ ... ⊆ I_d = all units; device j runs
 I_j \\ I_{j-1} (with the backward operators of its units). For every ideal I and every vector s of

@@ -3,12 +3,16 @@
 When the unit DAG has more ideals than the DP may enumerate, the planner still returns the best
 contiguous split it can find, with a proven lower bound and the gap between them:
 - upper bounds: the DP on the segments of a few topological orders (already computed by the
-  caller), the DP on a coarsened graph whose single-entry/single-exit regions (NAS cells, attention
-  blocks) are collapsed (`plan.coarsen`), that coarsening refined near the coarse plan's cut points,
-  and every contiguous baseline; each split is re-scored by the cost model;
+  caller), every contiguous baseline, the DP over chains of the cheap-cut ideals that the cut
+  bound's minimum cuts found and of the best split's own boundaries (`dp.ideal_chains`), and the DP
+  on a coarsened graph whose single-entry/single-exit regions (NAS cells, attention blocks) are
+  collapsed (`plan.coarsen`), that coarsening refined near the coarse plan's cut points; each split
+  is re-scored by the cost model;
 - the lower bound: the larger of the work bound (every unit's least time shared evenly, and the
   largest unit) and the cut bound (`dp.cut_bound`: stages also pay the cheapest cuts their
-  boundaries can have), which gets at most `CUT_SHARE` of the time.
+  boundaries can have), which gets at most `CUT_SHARE` of the time, then is tightened where it
+  binds by exact cuts (`dp.exact_cuts`) on at most `EXACT_SHARE` of what is left, their ideals
+  offered to the ideal chains again.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from placewise.plan.coarsen import Coarsening, coarsen, colocated, near_cuts
 from placewise.plan.cost import evaluate
 from placewise.plan.dp.bound_search import CERTIFY_GAP, search
 from placewise.plan.dp.cut_bound import cut_bound
+from placewise.plan.dp.exact_cuts import tighten
+from placewise.plan.dp.ideal_chains import best_chain
 from placewise.plan.dp.problem import Problem, lower_bound, make_problem, sets_assignment
 from placewise.plan.dp.run import prepare
 from placewise.plan.dp.replicated import Reduced
@@ -47,8 +53,10 @@ BEYOND_COARSE_IDEALS = 20_000
 COARSE_TRIGGER = 50_000
 # Regions heavier than this share of one device's fair work are never collapsed.
 REGION_SHARE = 0.25
-# The cut bound runs first, on at most this share of the time beyond the limit.
+# The cut bound runs first, on at most this share of the time beyond the limit; its exact
+# tightening (`dp.exact_cuts`) on at most this share of what is left after the first upper bounds.
 CUT_SHARE = 0.3
+EXACT_SHARE = 0.5
 
 
 @dataclass
@@ -68,6 +76,17 @@ class Candidates:
         self.values[name] = ev.max_load
         if self.best is None or ev.max_load < self.best[0]:
             self.best = (ev.max_load, assignment, name)
+
+    def boundaries(self, units: Units) -> np.ndarray:
+        """The inner boundaries of the best split (bool, ideals x units): the units of its first
+        1, 2, ... stages in pipeline order."""
+        if self.best is None:
+            return np.zeros((0, units.count), dtype=bool)
+        ev = evaluate(self.graph_reduced.graph, self.cluster, self.best[1], replicate=self.replicate)
+        position = {load.device: i for i, load in enumerate(ev.devices)}
+        work = self.graph_reduced.work
+        stage = np.array([position[self.best[1][work.nodes[m[0]].id]] for m in units.members])
+        return np.array([stage < s for s in range(1, len(ev.devices))]).reshape(-1, units.count)
 
 
 def _fits(pred, limit: int) -> bool:
@@ -167,9 +186,17 @@ def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Clus
     deadline = start + budget
     cut_start = time.perf_counter()
     cut = cut_bound(units, problem, cut_start + CUT_SHARE * max(deadline - cut_start, 0.0))
+    cut_seconds = time.perf_counter() - cut_start
     found = Candidates(reduced, cluster, options.replicate)
     found.offer("chain", chain)
     _offer_baselines(found, reduced, cluster, options)
+    _offer_ideal_chain(found, reduced, units, problem, cut.ideals(units.count), deadline)
+    exact_start = time.perf_counter()
+    if found.best is not None and cut.grid is not None:
+        ideals_before = len(cut.found)
+        tighten(cut, units, problem, found.best[0], exact_start + EXACT_SHARE * max(deadline - exact_start, 0.0))
+        if len(cut.found) > ideals_before:  # the exact cuts' ideals are boundaries too
+            _offer_ideal_chain(found, reduced, units, problem, cut.ideals(units.count), deadline)
     work = problem.time.min(axis=0)
     share = REGION_SHARE * float(work.sum()) / sum(k.count for k in problem.kinds)
     # The coarse graph is solved by `solve` with the caller's ideal limit: it must fit under that too,
@@ -177,7 +204,9 @@ def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Clus
     limit = min(BEYOND_COARSE_IDEALS, int(options.ideal_limit))
     coarse = coarsen(units.pred_units, work, lambda c: _fits(c.pred, limit), share=share)
     notes: dict = {"coarse_units": len(coarse.groups), "collapsed_regions": len(coarse.collapsed),
-                   "cut_lower_bound": cut, "cut_bound_seconds": round(time.perf_counter() - cut_start, 3)}
+                   "cut_lower_bound": cut.value, "cut_bound_seconds": round(cut_seconds, 3),
+                   "exact_cuts_seconds": round(time.perf_counter() - exact_start, 3),
+                   "cut_ideals": len(cut.found)}
     refinements = 0
     while _fits(coarse.pred, limit) and time.perf_counter() < deadline:
         left = deadline - time.perf_counter()
@@ -205,6 +234,22 @@ def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Clus
     notes.update(refinements=refinements, best_from=source,
                  upper_bounds={k: v for k, v in sorted(found.values.items(), key=lambda kv: kv[1])})
     return value, assignment, notes
+
+
+def _offer_ideal_chain(found: Candidates, reduced: Reduced, units: Units, problem: Problem, ideals: np.ndarray,
+                       deadline: float) -> None:
+    """The best chain of the given ideals and the best split's boundaries (`dp.ideal_chains`), below
+    the best max-load found so far, on at most half the time left; nothing without such ideals (the
+    best split's boundaries alone give back that split)."""
+    if len(ideals) == 0:
+        return
+    bound = found.best[0] if found.best is not None else math.inf
+    now = time.perf_counter()
+    chain = best_chain(units, problem, np.vstack([found.boundaries(units), ideals]), bound,
+                       now + max(deadline - now, 0.0) / 2)
+    if chain is not None:
+        assignment = sets_assignment(reduced.work, units, problem, chain[1])
+        found.offer("ideal chain", reduced.complete(assignment, list(dict.fromkeys(assignment.values()))))
 
 
 def _offer_baselines(found: Candidates, reduced: Reduced, cluster: Cluster, options: DPOptions) -> None:

@@ -87,7 +87,7 @@ class Milp:
         return lp
 
 
-def _quiet_highs():
+def quiet_highs():
     """A silent Highs. HiGHS 1.16 prints its banner on the C-level stdout when the first Highs of a
     process is made, before any option can stop it; `plan --json` must print only JSON there, so
     file descriptor 1 points at /dev/null meanwhile (HiGHS flushes each log line it writes)."""
@@ -111,7 +111,7 @@ def run(lp, *, time_limit: float | None, gap: float, seed: int, start: np.ndarra
     """One HiGHS run on `lp`; `fix` = (column, value) pins a column (the objective, for a target test)."""
     import highspy
 
-    h = _quiet_highs()
+    h = quiet_highs()
     h.setOptionValue("mip_rel_gap", float(gap))
     h.setOptionValue("random_seed", int(seed))
     if time_limit is not None:
