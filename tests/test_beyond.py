@@ -65,3 +65,14 @@ def test_nasnet_is_certified_within_one_percent_and_beats_pipedream(accelerators
     assert plan.notes["beyond_ideal_limit"]["best_from"] == "ideal chain"
     assert plan.gap <= 0.01 and plan.seconds <= 75
     assert plan.max_load <= solve(graph, cluster, "pipedream", SolveOptions()).max_load
+
+
+def test_a_split_outside_every_searched_order_is_found_not_declared_infeasible() -> None:
+    """Four independent layers of half a device's memory and a size node two of them read: only
+    {h1, h3}, {h0}, {h2} fits (h0 and h2 each hold a copy of the size node), which no topological
+    order's segments nor any baseline give. The integer program finds it."""
+    nodes = [_node(i, f"h{i}", 1.0, 2.0, 2000.0, True, False, None) for i in range(4)]
+    nodes.append(_node(100, "r0", 0.0, 0.0, 8.0, True, False, None))
+    edges = [Edge(100, 0, 0.0, 8.0), Edge(100, 2, 0.0, 8.0)]
+    cluster = Cluster((DeviceKind("acc", 3, True, 4000.0),))
+    _bracketed(OpGraph.build(nodes, edges, name="apart"), cluster)

@@ -36,7 +36,7 @@ from placewise.plan.dp.problem import Problem, lower_bound, make_problem, sets_a
 from placewise.plan.dp.run import prepare
 from placewise.plan.dp.replicated import Reduced
 from placewise.plan.ideals import enumerate_ideals
-from placewise.plan.options import DPOptions, PipeDreamOptions, SolveOptions
+from placewise.plan.options import DPOptions, IPOptions, PipeDreamOptions, SolveOptions
 from placewise.plan.plan import Plan, plan_from_assignment
 from placewise.plan.units import Units
 
@@ -53,6 +53,8 @@ BEYOND_COARSE_IDEALS = 20_000
 COARSE_TRIGGER = 50_000
 # Regions heavier than this share of one device's fair work are never collapsed.
 REGION_SHARE = 0.25
+# When no search finds a split that fits, the contiguous integer program gets at least this long.
+IP_FALLBACK_SECONDS = 10.0
 # The cut bound runs first, on at most this share of the time beyond the limit; its exact
 # tightening (`dp.exact_cuts`) on at most this share of what is left after the first upper bounds.
 CUT_SHARE = 0.3
@@ -228,8 +230,7 @@ def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Clus
             break
         coarse, refinements = finer, refinements + 1
     if found.best is None:
-        raise PlacewiseError("no contiguous split fits memory and support (found beyond the ideal limit); "
-                             "raise --memory, add devices or CPU cores")
+        found.offer("ip", _ip_split(reduced, cluster, options, deadline))
     value, assignment, source = found.best
     notes.update(refinements=refinements, best_from=source,
                  upper_bounds={k: v for k, v in sorted(found.values.items(), key=lambda kv: kv[1])})
@@ -250,6 +251,16 @@ def _offer_ideal_chain(found: Candidates, reduced: Reduced, units: Units, proble
     if chain is not None:
         assignment = sets_assignment(reduced.work, units, problem, chain[1])
         found.offer("ideal chain", reduced.complete(assignment, list(dict.fromkeys(assignment.values()))))
+
+
+def _ip_split(reduced: Reduced, cluster: Cluster, options: DPOptions, deadline: float) -> dict[int, Device]:
+    """No search above found a split that fits (they follow a few orders and coarsenings, and memory
+    can leave only others): the contiguous integer program finds one or proves that none fits, and
+    its error says which."""
+    from placewise.plan.ip import solve as ip
+    left = max(deadline - time.perf_counter(), IP_FALLBACK_SECONDS)
+    plan = ip(reduced.graph, cluster, IPOptions(seed=options.seed, replicate=options.replicate, time_limit=left))
+    return plan.assignment()
 
 
 def _offer_baselines(found: Candidates, reduced: Reduced, cluster: Cluster, options: DPOptions) -> None:
