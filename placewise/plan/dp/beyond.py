@@ -53,8 +53,9 @@ BEYOND_COARSE_IDEALS = 20_000
 COARSE_TRIGGER = 50_000
 # Regions heavier than this share of one device's fair work are never collapsed.
 REGION_SHARE = 0.25
-# When no search finds a split that fits, the contiguous integer program gets at least this long.
-IP_FALLBACK_SECONDS = 10.0
+# When no search finds a split that fits, the contiguous integer program gets the time left, and at
+# least this long (so a search that used up the limit still leaves it a try).
+IP_FALLBACK_SECONDS = 1.0
 # The cut bound runs first, on at most this share of the time beyond the limit; its exact
 # tightening (`dp.exact_cuts`) on at most this share of what is left after the first upper bounds.
 CUT_SHARE = 0.3
@@ -231,6 +232,9 @@ def beyond_limit(reduced: Reduced, units: Units, problem: Problem, cluster: Clus
         coarse, refinements = finer, refinements + 1
     if found.best is None:
         found.offer("ip", _ip_split(reduced, cluster, options, deadline))
+    if found.best is None:  # the program's split, re-scored by the cost model, does not fit either
+        raise PlacewiseError("no contiguous split that fits memory and support was found beyond the ideal limit; "
+                             "raise --memory, add devices or CPU cores")
     value, assignment, source = found.best
     notes.update(refinements=refinements, best_from=source,
                  upper_bounds={k: v for k, v in sorted(found.values.items(), key=lambda kv: kv[1])})
@@ -257,7 +261,7 @@ def _ip_split(reduced: Reduced, cluster: Cluster, options: DPOptions, deadline: 
     """No search above found a split that fits (they follow a few orders and coarsenings, and memory
     can leave only others): the contiguous integer program finds one or proves that none fits, and
     its error says which."""
-    from placewise.plan.ip import solve as ip
+    from placewise.plan.ip import solve as ip  # here: plan.ip imports plan.dp (dp.replicated) at module level
     left = max(deadline - time.perf_counter(), IP_FALLBACK_SECONDS)
     plan = ip(reduced.graph, cluster, IPOptions(seed=options.seed, replicate=options.replicate, time_limit=left))
     return plan.assignment()
