@@ -3,7 +3,7 @@
 import pytest
 
 from placewise.errors import PlacewiseError
-from placewise.run.links import fit, measure_link
+from placewise.run.links import fit, late_receive_waits, measure_link
 
 
 def test_fit_recovers_latency_and_bandwidth():
@@ -37,13 +37,16 @@ def test_device_file_latency_units_and_round_trip():
     assert cluster.latency == pytest.approx(80e-6)
     assert parse_device_file(yaml.safe_load(device_file_text(cluster))) == cluster
     assert Cluster.from_json(cluster.to_json()) == cluster
-    timed = parse_device_file({"latency": "80 us", "overhead": "0.4 ms", "kinds": [{"name": "cpu", "count": 2}]})
-    assert timed.overhead == pytest.approx(4e-4)
+    timed = parse_device_file({"latency": "80 us", "overhead": "0.4 ms", "late_answer": 0.9,
+                               "kinds": [{"name": "cpu", "count": 2}]})
+    assert timed.overhead == pytest.approx(4e-4) and timed.late_answer == pytest.approx(0.9)
     assert parse_device_file(yaml.safe_load(device_file_text(timed))) == timed == Cluster.from_json(timed.to_json())
     with pytest.raises(PlacewiseError, match="overhead"):
         parse_device_file({"overhead": "-1 ms", "kinds": [{"name": "cpu"}]})
     with pytest.raises(PlacewiseError, match="latency"):
         parse_device_file({"latency": "3 parsecs", "kinds": [{"name": "cpu"}]})
+    with pytest.raises(PlacewiseError, match="late_answer.*share from 0 to 1"):
+        parse_device_file({"late_answer": 1.5, "kinds": [{"name": "cpu"}]})
 
 
 @pytest.mark.timeout(300)  # the link's ping-pong and the null pipeline, each in two fresh processes
@@ -56,6 +59,7 @@ def test_devices_measure_writes_the_link(tmp_path):
     assert cluster.latency is not None and cluster.latency > 0
     assert cluster.bandwidth is not None and cluster.bandwidth > 1e6
     assert cluster.overhead is not None and 0 < cluster.overhead < 0.02
+    assert cluster.late_answer is not None and 0 <= cluster.late_answer <= 1
     assert cluster.kind("cpu").pays_transfers  # the cores run stages as separate processes
 
 
@@ -66,3 +70,11 @@ def test_null_pipeline_measures_the_runtimes_overhead_per_microbatch():
     # Posting and completing transfers and torch's bookkeeping cost some CPU time per microbatch,
     # far less than a real chunk (tens of microseconds to a few milliseconds even on a loaded machine).
     assert 0 < first < 0.02 and 0 < last < 0.02
+
+
+@pytest.mark.timeout(120)
+def test_late_receives_are_timed_against_the_senders_chunk():
+    # A receive posted halfway through the sender's 30 ms chunk waits at most the other half (plus the
+    # link), whatever the machine; how much of it depends on the scheduler (`Cluster.late_answer`).
+    waits = late_receive_waits(chunk=0.03, count=5)
+    assert len(waits) == 4 and all(0 < w < 0.1 for w in waits)

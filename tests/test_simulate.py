@@ -1,6 +1,8 @@
 """The schedule simulator against step times worked out by hand and against the known fill/drain formula."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from placewise.errors import PlacewiseError
 from placewise.plan.schedule import GPIPE, ONE_F_ONE_B, Schedule
@@ -46,6 +48,33 @@ def test_rendezvous_delays_a_send_until_the_receiver_posts():
     # B1 sent at 8, stage 0 posts at 8.5: arrives 9, [9,11].
     sim = simulate(_equal(2), [LinkTimes(0.5, 0.5)], Schedule(GPIPE, 2), SimulateOptions(rendezvous=True))
     assert sim.first_step == pytest.approx(11.0)
+
+
+def test_a_late_receive_waits_for_the_sender_to_stop_computing():
+    # Forward only, stage 0 1 per chunk, stage 1 1.5, free links. Stage 0: F0 [0,1] F1 [1,2] F2 [2,3], then
+    # waits for its sends. Stage 1: F0 [1,2.5]; it posts F1's receive at 2.5, after F1 was sent (2), while
+    # stage 0 computes F2: answered at 3, F1 [3,4.5]; F2's receive, posted at 4.5, finds stage 0 waiting:
+    # at once, F2 [4.5,6]. Without the rule F1 would start at 2.5.
+    times = [StageTimes(1.0), StageTimes(1.5)]
+    # With a late answer of half the rest of the chunk, F1 waits until 2.75.
+    for late, f1 in ((1.0, 3.0), (0.5, 2.75), (0.0, 2.5)):
+        sim = simulate(times, [LinkTimes(late_answer=late)], Schedule(GPIPE, 3), SimulateOptions(training=False))
+        ev = {(e.stage, e.kind, e.microbatch): (e.start, e.end) for e in sim.step_events(0)}
+        assert ev[(1, "forward", 1)] == pytest.approx((f1, f1 + 1.5))
+        assert ev[(1, "forward", 2)][0] == pytest.approx(f1 + 1.5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.1, 5), st.floats(0.1, 9)), min_size=2, max_size=4),
+       st.floats(0, 2), st.integers(1, 6), st.sampled_from([GPIPE, ONE_F_ONE_B]))
+def test_answering_late_receives_only_delays(chunks, wire, m, kind):
+    # The rule only ever starts a transfer later than a plain replay would, so no step gets shorter.
+    times = [StageTimes(f, b) for f, b in chunks]
+    m = max(m, len(times))
+    plain = simulate(times, [LinkTimes(wire, wire)] * (len(times) - 1), Schedule(kind, m))
+    answered = simulate(times, [LinkTimes(wire, wire, late_answer=1.0)] * (len(times) - 1), Schedule(kind, m))
+    assert answered.step_time >= plain.step_time - 1e-9
+    assert answered.first_step >= plain.first_step - 1e-9
 
 
 def test_without_overlap_the_sender_pays_the_transfer():

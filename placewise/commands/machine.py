@@ -63,7 +63,7 @@ def cmd_devices(args) -> int:
         link = info["link"]
         print(f"link between two processes ({link['backend']}): latency {1e6 * link['latency']:.0f} us, "
               f"bandwidth {link['bandwidth'] / 1e9:.2f} GB/s; a pipeline stage's overhead {1e3 * link['overhead']:.2f} ms "
-              "per microbatch")
+              f"per microbatch; a receive posted late waits {link['late_answer']:.0%} of the rest of the sender's chunk")
     if args.out:
         print(f"device file written to {args.out}")
     return 0

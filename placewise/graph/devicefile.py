@@ -43,7 +43,7 @@ import yaml
 from placewise.errors import PlacewiseError, read_text
 from placewise.graph.devices import MAX_DEVICES, Cluster, DeviceKind
 
-TOP_FIELDS = ("kinds", "bandwidth", "latency", "overhead", "reference", "name", "description")
+TOP_FIELDS = ("kinds", "bandwidth", "latency", "overhead", "late_answer", "reference", "name", "description")
 _TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 KIND_FIELDS = ("name", "type", "accelerator", "count", "memory", "speed", "profile", "shared_memory", "description")
 KIND_TYPES = {"accelerator": True, "gpu": True, "cuda": True, "fpga": True, "tpu": True, "cpu": False}
@@ -151,6 +151,11 @@ def parse_device_file(data: Any, source: str = "device file", base: Path | None 
         raise reader.fail("bandwidth", f"{top['bandwidth']!r}; give a positive number of bytes per second")
     latency = _seconds(reader, top.get("latency"), "latency", "a latency")
     overhead = _seconds(reader, top.get("overhead"), "overhead", "an overhead")
+    late_answer = top.get("late_answer")
+    if late_answer is not None and (isinstance(late_answer, bool) or not isinstance(late_answer, (int, float))
+                                    or not 0 <= late_answer <= 1):
+        raise reader.fail("late_answer", f"{late_answer!r}; give a share from 0 to 1 (what `placewise devices --measure` "
+                          "writes), or leave it out")
     reference = top.get("reference")
     if reference is not None and not isinstance(reference, str):
         raise reader.fail("reference", "expected a path to a profiled graph")
@@ -185,7 +190,7 @@ def parse_device_file(data: Any, source: str = "device file", base: Path | None 
                 raise reader.fail(f"{where}.speed", "is 0; a relative speed must be positive (1 = the profiled device)")
         kinds.append(DeviceKind(name, count, accelerator, memory, speed, _shared_memory(reader, spec, accelerator, where)))
     try:
-        return Cluster(tuple(kinds), bandwidth, latency, overhead)
+        return Cluster(tuple(kinds), bandwidth, latency, overhead, None if late_answer is None else float(late_answer))
     except PlacewiseError as e:  # too many devices in all
         raise reader.fail("kinds", str(e)) from None
 
@@ -256,8 +261,8 @@ def device_file_text(cluster: Cluster, header: str = "") -> str:
             "kinds": [{"name": k.name, "type": "accelerator" if k.accelerator else "cpu", "count": k.count,
                        "memory": k.memory, "speed": k.speed,
                        **({} if k.accelerator else {"shared_memory": k.shared_memory})} for k in cluster.kinds]}
-    timing = {name: value for name, value in (("latency", cluster.latency), ("overhead", cluster.overhead))
-              if value is not None}
+    timing = {name: value for name, value in (("latency", cluster.latency), ("overhead", cluster.overhead),
+                                              ("late_answer", cluster.late_answer)) if value is not None}
     data = {"bandwidth": data["bandwidth"], **timing, "kinds": data["kinds"]}
     if data["bandwidth"] is None:
         del data["bandwidth"]

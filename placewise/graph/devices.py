@@ -85,6 +85,11 @@ class Cluster:
     # transfers, schedule bookkeeping), on one core; measured by `placewise devices --measure` on a
     # null pipeline. None: not known (taken as 0).
     overhead: float | None = None
+    # The share (0 to 1) of the rest of a chunk that a receive posted after its send waits while the
+    # sending CPU process computes that chunk: the transfer is answered only when the process's busy
+    # core frees (1 on the 2-core VM this project is built on, whose scheduler keeps a process's threads
+    # on its busy core). Measured by `placewise devices --measure`. None: not known (taken as 0).
+    late_answer: float | None = None
 
     def __post_init__(self) -> None:
         total = sum(k.count for k in self.kinds)
@@ -98,6 +103,8 @@ class Cluster:
             raise PlacewiseError(f"the cluster's latency is {self.latency}; use a finite number of seconds, 0 or more")
         if self.overhead is not None and not (self.overhead >= 0 and math.isfinite(self.overhead)):
             raise PlacewiseError(f"the cluster's overhead is {self.overhead}; use a finite number of seconds, 0 or more")
+        if self.late_answer is not None and not 0 <= self.late_answer <= 1:
+            raise PlacewiseError(f"the cluster's late_answer is {self.late_answer}; use a share from 0 to 1")
 
     @classmethod
     def simple(cls, accelerators: int, cpus: int = 0, memory: float | None = None) -> "Cluster":
@@ -155,6 +162,7 @@ class Cluster:
             "bandwidth": self.bandwidth,
             "latency": self.latency,
             "overhead": self.overhead,
+            "late_answer": self.late_answer,
         }
 
     @classmethod
@@ -166,8 +174,9 @@ class Cluster:
                            None if k.get("shared_memory") is None else bool(k["shared_memory"]))
                 for k in data["kinds"])
             bandwidth, latency, overhead = data.get("bandwidth"), data.get("latency"), data.get("overhead")
+            late = data.get("late_answer")
             return cls(kinds, None if bandwidth is None else float(bandwidth), None if latency is None else float(latency),
-                       None if overhead is None else float(overhead))
+                       None if overhead is None else float(overhead), None if late is None else float(late))
         except PlacewiseError as e:
             raise PlacewiseError(f"{source}: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:

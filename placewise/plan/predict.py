@@ -79,7 +79,8 @@ class Prediction:
                 "stage_times": [{"forward": t.forward, "backward": t.backward, "update": t.update,
                                  "overhead": t.overhead, "allreduce": t.allreduce} for t in self.stage_times],
                 "boundary_bytes": list(self.boundary_bytes),
-                "links": [{"forward": link.forward, "backward": link.backward} for link in self.links],
+                "links": [{"forward": link.forward, "backward": link.backward, "late_answer": link.late_answer}
+                          for link in self.links],
                 "stage_memory": None if self.memory is None else [
                     {"total": m.total, "in_flight": m.in_flight, "parameters": m.parameters, "gradients": m.gradients,
                      "optimizer_state": m.optimizer_state, "activations": m.activations, "buffers": m.buffers,
@@ -137,11 +138,15 @@ def predict(graph: OpGraph, cluster: Cluster, plan: Plan, schedule: Schedule, *,
     options = options or SimulateOptions(training=graph.is_training)
     crossing = [b * microbatch_scale for b in boundary_bytes(graph, stage_of, len(plan.stages))]
     link = link or _graph_link(graph)
-    pays = [cluster.kind(s.kind).pays_transfers for s in plan.stages]
+    kinds = [cluster.kind(s.kind) for s in plan.stages]
+    pays = [k.pays_transfers for k in kinds]
+    # The measured late answer is that of two CPU processes (gloo); NCCL's transfers run on the GPUs.
+    late = [cluster.late_answer or 0.0 if pays[i] and pays[i + 1] and not kinds[i].accelerator
+            and not kinds[i + 1].accelerator else 0.0 for i in range(len(kinds) - 1)]
     times = [_stage_times(graph, cluster, s, i, ([0.0] + crossing)[i], (crossing + [0.0])[i], link, options.training,
                           microbatch_scale, overhead) for i, s in enumerate(plan.stages)]
     # Gradients flow back over a boundary with the bytes of the values that crossed it forward.
-    links = [LinkTimes(link.time(b), link.time(b) if options.training else 0.0) if pays[i] or pays[i + 1]
+    links = [LinkTimes(link.time(b), link.time(b) if options.training else 0.0, late[i]) if pays[i] or pays[i + 1]
              else LinkTimes() for i, b in enumerate(crossing)]
     sim = simulate(times, links, schedule, options)
     stage_bytes = _stage_bytes(graph, cluster, plan, [0.0] + crossing, crossing + [0.0], microbatch_scale,
@@ -235,7 +240,8 @@ def simulate_plan(plan: Plan, schedule: Schedule | None = None, options: Simulat
         raise PlacewiseError("the plan has no prediction to simulate; plan with --schedule and --microbatches")
     times = [StageTimes(t["forward"], t["backward"], t.get("update", 0.0), t.get("overhead", 0.0),
                         t.get("allreduce", 0.0)) for t in recorded["stage_times"]]
-    links = [LinkTimes(link["forward"], link["backward"]) for link in recorded["links"]]
+    links = [LinkTimes(link["forward"], link["backward"], float(link.get("late_answer", 0.0)))
+             for link in recorded["links"]]
     training = any(t.backward > 0 for t in times)
     return simulate(times, links, schedule or plan.schedule or Schedule.from_json(recorded["schedule"]),
                     options or SimulateOptions(training=training))

@@ -59,7 +59,7 @@ def machine_cluster(info: dict[str, Any]) -> Cluster:
              DeviceKind(CPU, int(info["cpu"]["usable_cores"] or 1), False, None, 1.0, shared_memory=False))
     link = info.get("link")
     if link:
-        return Cluster(kinds, link["bandwidth"], link["latency"], link.get("overhead"))
+        return Cluster(kinds, link["bandwidth"], link["latency"], link.get("overhead"), link.get("late_answer"))
     return Cluster(kinds, DEFAULT_BANDWIDTH)
 
 
@@ -72,7 +72,8 @@ def machine_device_file(info: dict[str, Any]) -> str:
               "The cores run stages as separate processes, so they pay transfers over the link (shared_memory: false;\n"
               "true is the paper's rule: cores in one process, no transfers).\n"
               + (f"The link was measured here between two processes ({info['link']['backend']}, median of ping-pongs),\n"
-                 "the overhead on a two-stage pipeline that computes next to nothing (CPU time per microbatch)."
+                 "the overhead on a two-stage pipeline that computes next to nothing (CPU time per microbatch),\n"
+                 "late_answer as the share of a sender's chunk that a receive posted late waits (run/links.py)."
                  if info.get("link") else
                  "The bandwidth is a placeholder; measure the link with `placewise devices --measure --out FILE`."))
     return device_file_text(machine_cluster(info), header)

@@ -104,6 +104,9 @@ def measure_link(*, gpu: bool | None = None, sizes: tuple[int, ...] = SIZES, rep
     return fit(tuple(sizes), tuple(t / 2 for t in results[0]), backend)
 
 
+# The sender's chunk when timing late receives (seconds): long beside a link's latency and a scheduler tick.
+LATE_CHUNK = 0.024
+
 # The null pipeline: microbatches per step, timed steps and the steps run before timing.
 OVERHEAD_MICROBATCHES, OVERHEAD_STEPS, OVERHEAD_WARMUP = 8, 6, 2
 
@@ -134,9 +137,55 @@ def measure_stage_overhead(*, timeout_s: float = 120.0) -> tuple[float, float]:
     return per_stage[0], per_stage[1]
 
 
+def _late_receives(rank: int, world_size: int, chunk: float, count: int) -> list[float] | None:
+    """Rank 0 posts all its sends, then computes `count` chunks of `chunk` seconds (thread CPU time)
+    back to back, as a stage computes its next microbatches; rank 1 computes half a chunk, then posts
+    a receive and times it. Rank 1's waits."""
+    import torch
+    import torch.distributed as dist
+    a, b = torch.randn(128, 128), torch.randn(128, 128)
+
+    def compute(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            a @ b
+
+    buffers = [torch.ones(4096) for _ in range(count)]
+    dist.barrier()
+    if rank == 0:
+        sends = [dist.isend(buf, 1) for buf in buffers]
+        for _ in range(count):
+            compute(chunk)
+        for work in sends:
+            work.wait()
+        return None
+    waits = []
+    for buf in buffers:
+        compute(chunk / 2)
+        start = time.perf_counter()
+        dist.recv(buf, 0)
+        waits.append(time.perf_counter() - start)
+    return waits
+
+
+def late_receive_waits(chunk: float = LATE_CHUNK, count: int = 10, *, timeout_s: float = 120.0) -> list[float]:
+    """Seconds a receive waits when posted after its send, halfway through a chunk the sending process
+    computes (`_late_receives`): about half a chunk when the transfer is answered only once the
+    sender's chunk ends, a link's latency when it is answered at once."""
+    from placewise.run.launcher import launch
+    results, _ = launch(_late_receives, 2, (chunk, count), threads=1, timeout_s=timeout_s)
+    return results[1][1:]  # the first receive also waits for both ranks to start computing
+
+
+def measure_late_answer(chunk: float = LATE_CHUNK) -> float:
+    """`Cluster.late_answer`: the median late receive's wait (`late_receive_waits`) as a share of the
+    half chunk it waits at most, clipped to 0..1."""
+    return min(1.0, max(0.0, statistics.median(late_receive_waits(chunk)) / (chunk / 2)))
+
+
 def measure_here() -> dict:
     """What `placewise devices --measure` records of this machine (`profile.machine.machine_cluster`
-    reads it): the link between two processes and the runtime's overhead per microbatch (the mean of
-    a first and a last stage's)."""
+    reads it): the link between two processes, the runtime's overhead per microbatch (the mean of
+    a first and a last stage's) and how late a receive posted after its send is answered."""
     first, last = measure_stage_overhead()
-    return {**measure_link().to_json(), "overhead": (first + last) / 2}
+    return {**measure_link().to_json(), "overhead": (first + last) / 2, "late_answer": measure_late_answer()}
