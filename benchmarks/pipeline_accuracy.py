@@ -4,39 +4,38 @@ Three models that appear in no other benchmark (a CNN, a transformer, a branchy 
 net), each:
 
 1. profiled for training at the microbatch size with one thread (`profile_model`): per-node forward
-   and backward times in ms per microbatch, parameter, optimizer-state and activation bytes;
+   and backward times in ms per microbatch (scaled to the whole model's run), parameter,
+   optimizer-state and activation bytes;
 2. planned with the exact DP on 2 CPU cores that run as separate processes and so pay transfers
    over the link measured here by `run.links` (`shared_memory: false`, as `placewise devices --out`
    describes this machine), the graph's transfer costs taken at the measured bandwidth;
 3. predicted: the step time from `plan.simulate` (torch's GPipe or 1F1B order over the stages'
-   profiled times, transfers over the measured link, each stage's share of the profiled optimizer
-   step, and the runtime's per-microbatch overhead beyond the chunks measured on a null pipeline by
-   `run.links.measure_stage_overhead`), per-stage peak memory from `plan.stage_memory` (parameters,
-   gradients, optimizer state, activations x microbatches in flight, torch's receive buffers);
+   profiled times, transfers over the measured link and answered as late as measured here
+   (`Cluster.late_answer`), each stage's share of the profiled optimizer step, and the runtime's
+   per-microbatch overhead beyond the chunks measured on a null pipeline), per-stage peak memory
+   from `plan.stage_memory` (parameters, gradients, optimizer state, activations x microbatches in
+   flight, torch's receive buffers). The machine's speed drifts by several percent within a
+   minute, so each round is profiled again just before it runs (the plan stays the first round's),
+   and "predicted" is the median over rounds of each round's prediction ("spread": their range);
 4. measured: each configuration (GPipe and 1F1B; 2, 4 and 8 microbatches of a fixed size) run as
    a pipeline of two processes with one thread each, all configurations interleaved in shuffled
    order within a round, rounds repeated; the figure is the median over rounds of each run's
-   median step. Peak memory is measured in separate runs by counting live tensor bytes per stage
-   (`run.tensor_memory`).
+   median step ("run spread": the range of the rounds' steps over their median). Peak memory is
+   measured in separate runs by counting live tensor bytes per stage (`run.tensor_memory`).
 
-The "sim(measured)" column replays the schedule over the stage times measured in the same run: it
-separates the schedule model's error from the profile's. "outside" is what the last stage spent per
-microbatch beyond its chunks and update in the run (thread CPU ms: posting and waiting on
-transfers, bookkeeping, loss) beside the modelled overhead ("model"). "share" is the share of a core
-the stages got (their chunks' CPU time over wall time); "pred@share" is the prediction with the
-cores slowed to it. "error" compares the prediction made before the run ("predicted", a core per
-stage) with the measurement; "err@share" uses the share measured in that same run, so it is not a
-prediction: it only tells the load's part of the error apart. "post blk" is the wall ms per step each stage spent
-inside posting sends and receives beyond its CPU time there (off the core, waiting on gloo's transport
-threads, which share the busy cores): with every core computing, as in GPipe's phases, this is where
-the prediction loses time (see docs/cost-model.md). On a machine shared with other work
-the share is far below 1: the load is printed before and after.
+"error" compares "predicted" (a core per stage) with "measured". The "sim(meas)" column replays the
+schedule over the stage times measured in the same run: it separates the schedule model's error
+from the profile's. "cpu/step" is each stage's thread CPU ms per step, measured and predicted.
+"share" is the share of a core the stages got (their chunks' CPU time over wall time);
+"pred@share" is the prediction with the cores slowed to it, and "err@share" its error, which is
+not a prediction: it only tells the load's part of the error apart. "post blk" is the wall ms per
+step each stage spent inside posting sends and receives beyond its CPU time there (see
+docs/schedules.md). The load is printed before and after.
 
     .venv/bin/python benchmarks/pipeline_accuracy.py [--quick] [--rounds 3] [--steps 4] [--models cnn,transformer,branchy] [--json OUT]
 
-`--quick` (one round of two timed steps, under ~8 minutes on a quiet 2-core machine) is for a check;
-the figures for the record come from the default rounds on a quiet machine. "old@share" is what
-the previous model predicted at the same share (the same chunks and link, nothing beyond the chunks).
+`--quick` (one round of two timed steps) is for a check; the figures for the record come from the
+default rounds on a quiet machine.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -66,7 +65,7 @@ from placewise.plan.schedule import SCHEDULES, Schedule
 from placewise.plan.simulate import SimulateOptions, StageTimes, simulate
 from placewise.profile import profile_model
 from placewise.run.launcher import launch
-from placewise.run.links import LinkMeasurement, measure_link, measure_stage_overhead
+from placewise.run.links import LinkMeasurement, measure_late_answer, measure_link, measure_stage_overhead
 from placewise.run.cut import mapping_from_plan
 from placewise.run.job import PipelineJob
 from placewise.run.pipeline import pipeline_rank
@@ -163,39 +162,46 @@ def spec(model: str) -> str:
 @dataclass
 class Planned:
     name: str
-    graph: OpGraph
+    graph: OpGraph  # the profile the plan was made from
     plan: Plan
+    # One profile per round, each taken just before that round's runs: the machine's speed drifts by
+    # several percent over a minute (a fixed matmul's CPU time moved 7.3-8.6 ms within 40 s here), so
+    # a prediction is compared with runs made around the same time, as medians over rounds.
+    profiles: list[OpGraph] = field(default_factory=list)
 
 
-def cluster_for(link: LinkMeasurement) -> Cluster:
-    return Cluster((CORES,), link.bandwidth, link.latency)
+@dataclass(frozen=True)
+class Here:
+    """What `placewise devices --measure` measures of this machine, measured before planning: the link,
+    the runtime's seconds per microbatch beyond the chunks, and the late answer (`Cluster.late_answer`)."""
+    link: LinkMeasurement
+    overhead: float
+    late_answer: float
+
+    @property
+    def cluster(self) -> Cluster:
+        return Cluster((CORES,), self.link.bandwidth, self.link.latency, self.overhead, self.late_answer)
 
 
-def profile_and_plan(name: str, link: LinkMeasurement) -> Planned:
+def profile(name: str, here: Here) -> OpGraph:
     model, inputs = build(spec(name), MICRO)
-    cluster = cluster_for(link)
-    graph = profile_model(model, inputs, name=name, training=True, threads=1, repeats=5, warmup=2,
-                          optimizer="momentum", cluster=cluster)
-    return Planned(name, graph, solve(graph, cluster, "dp", SolveOptions()))
+    return profile_model(model, inputs, name=name, training=True, threads=1, repeats=5, warmup=2,
+                         optimizer="momentum", cluster=here.cluster)
 
 
-def predict_ms(planned: Planned, schedule: Schedule, link: LinkMeasurement, overhead: float,
-               options: SimulateOptions, share: float = 1.0) -> Prediction:
-    """The plan's prediction (ms, bytes) with each stage getting `share` of a core (1: a core to itself);
-    `overhead`: the runtime's seconds per microbatch beyond the chunks."""
-    ms_link = Link(1e3 * link.latency, link.bandwidth / 1e3)
-    cluster = cluster_for(link)
+def profile_and_plan(name: str, here: Here) -> Planned:
+    graph = profile(name, here)
+    return Planned(name, graph, solve(graph, here.cluster, "dp", SolveOptions()))
+
+
+def predict_ms(planned: Planned, schedule: Schedule, here: Here, options: SimulateOptions,
+               share: float = 1.0) -> Prediction:
+    """The plan's prediction (ms, bytes) with each stage getting `share` of a core (1: a core to itself)."""
+    ms_link = Link(1e3 * here.link.latency, here.link.bandwidth / 1e3)
+    cluster = here.cluster
     cluster = replace(cluster, kinds=tuple(replace(k, speed=k.speed * share) for k in cluster.kinds))
     return predict(planned.graph, cluster, planned.plan, schedule, link=ms_link, options=options,
-                   overhead=1e3 * overhead)
-
-
-def previous_ms(planned: Planned, schedule: Schedule, link: LinkMeasurement, options: SimulateOptions,
-                share: float) -> float:
-    """The step the previous model predicted, for comparison: the same chunks and link, but nothing
-    beyond the chunks (no runtime overhead, no optimizer step)."""
-    graph = replace(planned.graph, meta=tuple((k, v) for k, v in planned.graph.meta if not k.endswith("update_ms")))
-    return predict_ms(replace(planned, graph=graph), schedule, link, 0.0, options, share).step_time
+                   overhead=1e3 * here.overhead)
 
 
 def core_share(reports: list[dict]) -> float:
@@ -250,29 +256,34 @@ def measure_memory(jobs: dict) -> dict:
     return {k: [results[0][i]["peak_memory_bytes"], results[1][i]["peak_memory_bytes"]] for i, k in enumerate(keys)}
 
 
-def rows_for(jobs: dict, planned: dict, rounds: list[dict], memory: dict | None, link: LinkMeasurement,
-             overhead: float, options: SimulateOptions) -> list[dict]:
+def rows_for(jobs: dict, planned: dict, rounds: list[dict], memory: dict | None, here: Here,
+             options: SimulateOptions) -> list[dict]:
     rows = []
     for key in jobs:
         name, kind, m = key
         schedule = Schedule(kind, m)
-        measured = statistics.median(1e3 * statistics.median(r[key][1]["step_seconds"]) for r in rounds)
+        steps = [1e3 * statistics.median(r[key][1]["step_seconds"]) for r in rounds]
+        measured = statistics.median(steps)
         share = statistics.median(core_share(r[key]) for r in rounds)
-        alone = predict_ms(planned[name], schedule, link, overhead, options)
-        at_share = predict_ms(planned[name], schedule, link, overhead, options, share)
-        sim_measured = statistics.median(simulate([measured_stage_times(rep, m) for rep in r[key]], at_share.links,
+        profiles = [replace(planned[name], graph=g) for g in planned[name].profiles or [planned[name].graph]]
+        alone = [predict_ms(p, schedule, here, options) for p in profiles]
+        predicted = statistics.median(p.step_time for p in alone)
+        at_share = statistics.median(predict_ms(p, schedule, here, options, share).step_time for p in profiles)
+        sim_measured = statistics.median(simulate([measured_stage_times(rep, m) for rep in r[key]], alone[0].links,
                                                   schedule, options).step_time for r in rounds)
         row = {"model": name, "schedule": kind, "microbatches": m, "measured_ms": measured,
-               "predicted_ms": alone.step_time, "core_share": share, "predicted_at_share_ms": at_share.step_time,
-               "time_error": alone.step_time / measured - 1, "time_error_at_share": at_share.step_time / measured - 1,
+               "predicted_ms": predicted, "core_share": share, "predicted_at_share_ms": at_share,
+               "time_error": predicted / measured - 1, "time_error_at_share": at_share / measured - 1,
+               "profile_spread": (max(p.step_time for p in alone) - min(p.step_time for p in alone)) / predicted,
+               "run_spread": (max(steps) - min(steps)) / measured,
                "sim_measured_ms": sim_measured,
-               "previous_at_share_ms": previous_ms(planned[name], schedule, link, options, share),
                "cpu_ms_measured": [statistics.median(step_cpu_ms(r[key][i]) for r in rounds) for i in range(2)],
-               "cpu_ms_predicted": list(alone.simulation.busy),
+               "cpu_ms_predicted": [statistics.median(p.simulation.busy[i] for p in alone) for i in range(2)],
                "blocked_in_post_ms": [statistics.median(blocked_in_post_ms(r[key][i]) for r in rounds) for i in range(2)]}
-        if memory is not None and alone.memory is not None:
+        planned_memory = predict_ms(planned[name], schedule, here, options).memory
+        if memory is not None and planned_memory is not None:
             row["measured_mb"] = [b / 1e6 for b in memory[key]]
-            row["predicted_mb"] = [mem.total / 1e6 for mem in alone.memory]
+            row["predicted_mb"] = [mem.total / 1e6 for mem in planned_memory]
             row["memory_error"] = max(abs(p / q - 1) for p, q in zip(row["predicted_mb"], row["measured_mb"]))
         rows.append(row)
     return rows
@@ -280,7 +291,7 @@ def rows_for(jobs: dict, planned: dict, rounds: list[dict], memory: dict | None,
 
 def print_rows(rows: list[dict]) -> None:
     print(f"{'model':12} {'sched':6} {'m':>2} {'measured':>9} {'predicted':>9} {'error':>7} {'share':>6} "
-          f"{'pred@share':>10} {'err@share':>9} {'old@share':>9} {'sim(meas)':>9} {'cpu/step meas':>13} {'cpu/step pred':>13} "
+          f"{'pred@share':>10} {'err@share':>9} {'spread':>6} {'run spread':>10} {'sim(meas)':>9} {'cpu/step meas':>13} {'cpu/step pred':>13} "
           f"{'post blk':>9} {'mem MB meas':>13} {'mem MB pred':>13} {'mem err':>7}")
     for r in rows:
         mem = ""
@@ -292,7 +303,7 @@ def print_rows(rows: list[dict]) -> None:
                f" {'/'.join(f'{x:.0f}' for x in r['blocked_in_post_ms']):>9}")
         print(f"{r['model']:12} {r['schedule']:6} {r['microbatches']:>2} {r['measured_ms']:9.1f} "
               f"{r['predicted_ms']:9.1f} {r['time_error']:+7.1%} {r['core_share']:6.2f} "
-              f"{r['predicted_at_share_ms']:10.1f} {r['time_error_at_share']:+9.1%} {r['previous_at_share_ms']:9.1f} {r['sim_measured_ms']:9.1f}{cpu}{mem}")
+              f"{r['predicted_at_share_ms']:10.1f} {r['time_error_at_share']:+9.1%} {r['profile_spread']:6.1%} {r['run_spread']:10.1%} {r['sim_measured_ms']:9.1f}{cpu}{mem}")
 
 
 def main() -> None:
@@ -308,19 +319,29 @@ def main() -> None:
     rounds_n, steps, warmup = (1, 2, 1) if args.quick else (args.rounds, args.steps, 2)
     started = time.time()
     print(f"load before: {os.getloadavg()}", flush=True)
-    link = measure_link(gpu=False)
-    overhead = statistics.mean(measure_stage_overhead())  # as `placewise devices --measure` records it
-    print(f"link: latency {link.latency * 1e6:.0f} us, bandwidth {link.bandwidth / 1e9:.2f} GB/s; "
-          f"runtime overhead {overhead * 1e3:.2f} ms per microbatch per stage", flush=True)
-    planned = {name: profile_and_plan(name, link) for name in args.models.split(",")}
+    # As `placewise devices --measure` records this machine.
+    here = Here(measure_link(gpu=False), statistics.mean(measure_stage_overhead()), measure_late_answer())
+    print(f"link: latency {here.link.latency * 1e6:.0f} us, bandwidth {here.link.bandwidth / 1e9:.2f} GB/s; "
+          f"runtime overhead {here.overhead * 1e3:.2f} ms per microbatch per stage; late answer "
+          f"{here.late_answer:.0%} of the sender's chunk", flush=True)
+    planned = {name: profile_and_plan(name, here) for name in args.models.split(",")}
     jobs = {k: v for p in planned.values() for k, v in jobs_for(p, steps, warmup).items()}
-    rounds = [measure_round(jobs, seed) for seed in range(rounds_n)]
+    rounds = []
+    for seed in range(rounds_n):
+        for p in planned.values():  # the plan's own profile serves the first round
+            p.profiles.append(p.graph if seed == 0 else profile(p.name, here))
+        rounds.append(measure_round(jobs, seed))
     memory = None if args.no_memory else measure_memory(jobs)
-    rows = rows_for(jobs, planned, rounds, memory, link, overhead, SimulateOptions(rendezvous=args.rendezvous))
+    rows = rows_for(jobs, planned, rounds, memory, here, SimulateOptions(rendezvous=args.rendezvous))
     print_rows(rows)
+    within = sum(abs(r["time_error"]) <= 0.10 for r in rows)
+    memory = [r["memory_error"] <= 0.15 for r in rows if "memory_error" in r]
+    print(f"within 10% on time: {within} of {len(rows)} rows"
+          + (f"; within 15% on memory: {sum(memory)} of {len(memory)}" if memory else ""))
     print(f"load after: {os.getloadavg()}; {time.time() - started:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "link": link.to_json(), "overhead_seconds": overhead,
+        args.json.write_text(json.dumps({"rows": rows, "link": here.link.to_json(), "overhead_seconds": here.overhead,
+                                         "late_answer": here.late_answer,
                                          "load": os.getloadavg()}, indent=1))
 
 
