@@ -4,6 +4,7 @@
     bandwidth: 12 GB/s            # link between devices; bytes/s or a string with a unit
     latency: 80 us                # one-way message latency; seconds or a string (s, ms, us, ns)
     overhead: 0.3 ms              # a pipeline stage's runtime work per microbatch beyond computing
+    late_answer: 1.0              # share of a sender's chunk a receive posted after its send waits (0-1)
     kinds:
       - name: accelerator         # `-k/--memory` on the command line override this kind
         type: accelerator         # accelerator (also gpu, fpga) or cpu; default from the name
