@@ -120,7 +120,10 @@ def _beyond(reduced: Reduced, units: Units, problem: Problem, cluster: Cluster, 
     the work bound and the cut bound."""
     chain = reduced.complete(chain, list(dict.fromkeys(chain.values())))
     value, assignment, found = beyond_limit(reduced, units, problem, cluster, options, chain, solve, start)
-    bound = min(max(lower, found["cut_lower_bound"]), value)
+    bound = max(lower, found["cut_lower_bound"])
+    if bound > value + AGREEMENT * max(1.0, abs(value)):  # a bound above a split found is a bug, not a gap of 0
+        raise AssertionError(f"lower bound {bound!r} exceeds the split found, {value!r}")
+    bound = min(bound, value)  # equal up to rounding
     notes = {"exact": False, "ideals": f"over {int(options.ideal_limit):,}", "work_lower_bound": lower,
              "beyond_ideal_limit": found, **units.stats, **reduced.notes(cluster, units.count, None)}
     if "ideals_after_replication" in notes:
