@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit
 
-from placewise.plan.dp.problem import Problem, least_work
+from placewise.plan.dp.problem import SLACK, Problem, least_work
 from placewise.plan.units import Units
 
 # Above this many units the ancestor sets (units^2 bits) and the max-flows cost more than they give.
@@ -61,8 +61,6 @@ TAU_QUANTILES = (0.8, 0.6, 0.45, 0.3, 0.15)  # every port's profile stands for 1
 MULTIPLIERS = (0.03, 0.1, 0.3)
 # Port costs are scaled to integers below this for the max-flow (rounded down: the cut stays below).
 SCALE_TOTAL = 2 ** 40
-# Weights compared with a margin, so that rounding never forces a unit in or out wrongly.
-SLACK = 1e-9
 
 
 @dataclass

@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
-from placewise.plan.dp.cut_bound import SLACK, CutBound, chain_bound
-from placewise.plan.dp.problem import Problem, least_work
+from placewise.plan.dp.cut_bound import CutBound, chain_bound
+from placewise.plan.dp.problem import SLACK, Problem, least_work
 from placewise.plan.ip.milp import Milp, quiet_highs
 from placewise.plan.units import Units
 

@@ -23,7 +23,7 @@ import time
 import numpy as np
 from numba import njit
 
-from placewise.plan.dp.problem import INF, Problem, least_work
+from placewise.plan.dp.problem import INF, SLACK, Problem, least_work
 from placewise.plan.units import Units
 
 # Candidate ideals kept (the least cut ones come first from the caller); their port counts take
@@ -31,8 +31,6 @@ from placewise.plan.units import Units
 MAX_IDEALS = 3000
 # Target ideals per compiled call, so the deadline is checked between calls.
 CHUNK = 128
-# Pairs whose least work exceeds the bound by more than rounding are skipped.
-SLACK = 1e-9
 
 
 def best_chain(units: Units, problem: Problem, ideals: np.ndarray, bound: float = INF,

@@ -14,6 +14,8 @@ from placewise.plan.replicas import stage_assignment
 from placewise.plan.units import Units
 
 INF = np.inf
+# Weights and loads compared with this margin, so that rounding never forces a unit in or out wrongly.
+SLACK = 1e-9
 # Device-count vectors (product of (count + 1) over kinds) beyond this would make dp too wide.
 STATE_LIMIT = 4096
 
