@@ -45,15 +45,21 @@ def test_the_least_cut_in_a_window_is_the_brute_force_one(problem, start, width)
     a, b = start * total, (start + width) * total
     lattice = enumerate_ideals(units.pred_units)
     ideals = [np.isin(np.arange(units.count), lattice.units(i)) for i in range(lattice.count)]
-    inside = [i for i in ideals if a - 1e-9 <= float(w[i].sum()) <= b + 1e-9]
-    expected = min((_cut(units, i) for i in inside), default=math.inf)
+
+    def least_cut(margin: float) -> float:
+        return min((_cut(units, i) for i in ideals if a - margin <= float(w[i].sum()) <= b + margin), default=math.inf)
+
+    # HiGHS holds the weight row to its feasibility tolerance (1e-7), so an ideal that far outside the
+    # window may count: the bound lies between the least cut in the window widened by that and in the window.
+    expected, widened = least_cut(1e-9), least_cut(1e-6 * (1 + total))
     bound, ideal = ExactCuts(units, prob).least(a, b, 10.0)
-    assert bound <= expected + 1e-9
+    assert widened - 1e-5 * (1 + widened) <= bound <= expected + 1e-9 or not math.isfinite(widened)
     if math.isfinite(expected):
-        assert bound == pytest.approx(expected, rel=1e-5, abs=1e-5)
-        assert ideal is not None and _cut(units, ideal) == pytest.approx(expected, rel=1e-9, abs=1e-9)
-    else:
-        assert ideal is None
+        assert ideal is not None and _cut(units, ideal) == pytest.approx(bound, rel=1e-5, abs=1e-5)
+    if ideal is not None:
+        assert a - 1e-6 * (1 + total) <= float(w[ideal].sum()) <= b + 1e-6 * (1 + total)
+    if not math.isfinite(widened):
+        assert ideal is None and bound == math.inf
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
