@@ -38,23 +38,40 @@ def _cold_optimum(graph: OpGraph, cluster: Cluster, options: IPOptions) -> tuple
     return (result.objective, *assign(result.x))
 
 
-def _check_against(graph: OpGraph, cluster: Cluster, max_r: int, allreduce: AllReduce, expected: float | None) -> None:
-    """The cold program's optimum equals `expected` (the brute force's), its re-score and the replicated DP's."""
-    found = _cold_optimum(graph, cluster, IPOptions(max_replicas=max_r, allreduce=allreduce))
+def _brute_force_over(groups: list[list[int]], graph: OpGraph, cluster: Cluster, max_r: int, allreduce: AllReduce,
+                      contiguous: bool) -> float | None:
+    """The least max-load over every split of `groups` into stages with replica counts up to `max_r`."""
+    kinds = [k for k in cluster.kinds if k.count > 0]
+    best = None
+    for split, replicas in _stage_splits(groups, kinds, max_r):
+        ev = evaluate_replicated(graph, cluster, split, replicas, allreduce, contiguous=contiguous)
+        if ev.feasible and (best is None or ev.max_load < best):
+            best = ev.max_load
+    return best
+
+
+def _check_against(graph: OpGraph, cluster: Cluster, max_r: int, allreduce: AllReduce, expected: float | None,
+                   contiguous: bool = True) -> float | None:
+    """The cold program's optimum equals `expected` (the brute force's) and its re-score, and (when
+    contiguous) the replicated DP's; returns it."""
+    found = _cold_optimum(graph, cluster, IPOptions(max_replicas=max_r, allreduce=allreduce, contiguous=contiguous))
     assert (found is None) == (expected is None)
+    dp_options = DPOptions(max_replicas=max_r, allreduce=allreduce)
     if found is None:
-        with pytest.raises(PlacewiseError):
-            solve(graph, cluster, "dp", DPOptions(max_replicas=max_r, allreduce=allreduce))
-        return
+        if contiguous:
+            with pytest.raises(PlacewiseError):
+                solve(graph, cluster, "dp", dp_options)
+        return None
     objective, split, replicas = found
     assert all(2 <= r <= max_r for r in replicas.values())
-    ev = evaluate_replicated(graph, cluster, split, replicas, allreduce)
+    ev = evaluate_replicated(graph, cluster, split, replicas, allreduce, contiguous=contiguous)
     assert ev.feasible, ev.violations
     # What the program minimises is what the cost model scores (within HiGHS's row tolerance).
     assert ev.max_load == pytest.approx(objective, rel=1e-6, abs=1e-6)
     assert ev.max_load == pytest.approx(expected, rel=1e-9, abs=1e-9)
-    dp = solve(graph, cluster, "dp", DPOptions(max_replicas=max_r, allreduce=allreduce))
-    assert ev.max_load == pytest.approx(dp.max_load, rel=1e-9, abs=1e-9)
+    if contiguous:
+        assert ev.max_load == pytest.approx(solve(graph, cluster, "dp", dp_options).max_load, rel=1e-9, abs=1e-9)
+    return ev.max_load
 
 
 @st.composite
@@ -73,6 +90,22 @@ def linked_problems(draw):
 def test_ip_with_replicas_equals_brute_force_and_the_dp(problem):
     graph, cluster, max_r, allreduce = problem
     _check_against(graph, cluster, max_r, allreduce, _brute_force(graph, cluster, max_r, allreduce))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(linked_problems())
+def test_noncontiguous_ip_with_replicas_equals_brute_force(problem):
+    """Without contiguity a stage's set need not be ordered with the others (the brute force tries every
+    partition, and the cost model checks no order); never worse than the contiguous optimum."""
+    graph, cluster, max_r, allreduce = problem
+    groups: dict = {}
+    for node in graph.nodes:
+        groups.setdefault(node.colocate if node.colocate is not None else ("n", node.id), []).append(node.id)
+    expected = _brute_force_over(list(groups.values()), graph, cluster, max_r, allreduce, contiguous=False)
+    found = _check_against(graph, cluster, max_r, allreduce, expected, contiguous=False)
+    contiguous = _brute_force(graph, cluster, max_r, allreduce)
+    if contiguous is not None:
+        assert found <= contiguous * (1 + 1e-9)
 
 
 def _groups_placed_once(graph: OpGraph) -> list[list[int]]:
@@ -114,13 +147,10 @@ def test_replicated_stages_pay_their_copies_of_replicable_nodes_per_replica(prob
     """Graphs with replicable nodes (sizes, masks) and dead-end checks: a replicated stage computes
     its copies over its replicas like the rest of its work, and holds them on each."""
     graph, cluster = problem
-    kinds = [k for k in cluster.kinds if k.count > 0]
-    best = None
-    for split, replicas in _stage_splits(_groups_placed_once(graph), kinds, max_r):
-        ev = evaluate_replicated(graph, cluster, split, replicas, allreduce)
-        if ev.feasible and (best is None or ev.max_load < best):
-            best = ev.max_load
-    _check_against(graph, cluster, max_r, allreduce, best)
+    groups = _groups_placed_once(graph)
+    for contiguous in (True, False):
+        expected = _brute_force_over(groups, graph, cluster, max_r, allreduce, contiguous)
+        _check_against(graph, cluster, max_r, allreduce, expected, contiguous)
 
 
 def test_a_dominant_layer_is_replicated_by_the_cold_program_and_the_solver():
@@ -153,11 +183,13 @@ def test_units_without_parameter_bytes_and_one_device_per_kind_keep_one_replica(
     assert replicas == {} and objective == pytest.approx(solve(known, single, "dp").max_load)
 
 
-def test_replicas_only_for_contiguous_throughput():
+def test_replicas_for_throughput_only():
     graph, cluster = _chain([1.0, 30.0, 1.0], [10.0, 10.0, 10.0]), Cluster((DeviceKind("acc", 4, True),))
-    for options in (IPOptions(max_replicas=2, contiguous=False), IPOptions(max_replicas=2, objective="latency")):
-        with pytest.raises(PlacewiseError, match="--max-replicas"):
-            solve(graph, cluster, "ip", options)
+    with pytest.raises(PlacewiseError, match="--max-replicas"):
+        solve(graph, cluster, "ip", IPOptions(max_replicas=2, objective="latency"))
+    plan = solve(graph, cluster, "ip", IPOptions(max_replicas=4, contiguous=False, gap=0.0, time_limit=30))
+    assert plan.feasible and plan.replicas() and not plan.contiguous
+    assert plan.max_load == pytest.approx(solve(graph, cluster, "dp", DPOptions(max_replicas=4)).max_load, rel=1e-9)
 
 
 def test_cli_plans_replicas_with_the_ip(tmp_path, capsys):
@@ -172,6 +204,6 @@ def test_cli_plans_replicas_with_the_ip(tmp_path, capsys):
     dp = json.loads(capsys.readouterr().out)
     assert ip["solver"] == "ip" and max(s["replicas"] for s in ip["stages"]) > 1
     assert ip["max_load"] == pytest.approx(dp["max_load"], rel=1e-9)
-    assert main(["plan", str(path), "-k", "4", "--solver", "ip", "--max-replicas", "2", "--noncontiguous"]) == 2
+    assert main(["plan", str(path), "-k", "4", "--solver", "ip", "--max-replicas", "2", "--objective", "latency"]) == 2
     err = capsys.readouterr().err
     assert "--max-replicas" in err and len(err.strip().splitlines()) == 1

@@ -41,8 +41,8 @@ class SolveOptions:
 
 @dataclass(frozen=True)
 class ReplicaOptions(SolveOptions):
-    """What the solvers that choose replicated stages take (`dp.replicated_stages`, the contiguous
-    throughput program in `ip.throughput`)."""
+    """What the solvers that choose replicated stages take (`dp.replicated_stages`, contiguous; the
+    throughput programs in `ip.throughput`, contiguous or not)."""
 
     # Replicas a stage may have; 1: one device per stage, the plain problem.
     max_replicas: int = 1

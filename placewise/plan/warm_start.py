@@ -40,7 +40,7 @@ def warm_starts(graph: OpGraph, cluster: Cluster, options: SolveOptions) -> tupl
     candidates: list[Callable[[], Plan]] = []
     if options.objective != "latency":
         candidates.append(lambda: dp(graph, cluster, plain))
-        if options.max_replicas > 1 and options.contiguous:
+        if options.max_replicas > 1:
             candidates.append(lambda: dp(graph, cluster, replace(plain, max_replicas=options.max_replicas,
                                                                  allreduce=options.allreduce)))
         candidates += [lambda run=run: run(graph, cluster, common)

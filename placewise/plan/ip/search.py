@@ -171,9 +171,9 @@ def solve(graph: OpGraph, cluster: Cluster, options: IPOptions) -> Plan:
     if options.objective not in OBJECTIVES:
         raise PlacewiseError(f"objective {options.objective!r} is not known; use throughput or latency")
     latency = options.objective == "latency"
-    if options.max_replicas > 1 and (latency or not options.contiguous):
-        raise PlacewiseError("--max-replicas: the integer program replicates stages of contiguous splits for "
-                             "throughput only; drop --noncontiguous and --objective latency, or use --max-replicas 1")
+    if options.max_replicas > 1 and latency:
+        raise PlacewiseError("--max-replicas: the integer program replicates stages for throughput only; drop "
+                             "--objective latency or use --max-replicas 1")
     check_placeable(graph, cluster, Colocated.of(graph))
     warm = _best_start(options.warm_starts)
     # Latency splits let CPU nodes interleave with accelerator blocks: no chain of device sets is asked for.

@@ -3,15 +3,18 @@ positions whose prefixes are ideals (contiguous). Under the replication rule (`S
 the units are those of the graph less its replicable nodes, whose copies each slot pays through
 `Placed.copy_columns` (see `ip/copies.py`).
 
-Replicated stages (`ReplicaOptions.max_replicas` R > 1, contiguous model): a position is held by a
-stage on r devices of one kind, 1 <= r <= R, each replica taking a device of that kind. Its load
+Replicated stages (`ReplicaOptions.max_replicas` R > 1): the positions model (`_positions_model`)
+places units on stages, a position each, with the ideal rows when contiguous and without them when
+not (a non-contiguous split's stages need no order). A position is held by a stage on r devices of
+one kind, 1 <= r <= R, each replica taking a device of that kind. Its load
 (`cost.replicated_load`) is (compute + transfer) / r plus the all-reduce share coef[r] x parameter
 bytes + const[r] (`plan.allreduce.AllReduce.linear`), which is not linear in r; so every assignment
 column is split per r (`y[unit, position, kind, r]`, `c[position, kind, r]`) and each r's columns
 carry their own coefficients. At most one r is used per position, so the load row sums exactly the
 chosen r's load, with no big-M. Each replica holds the whole stage (memory as for one device), and
 a unit that does not say its parameter bytes may only be in a stage of one replica (as the DP).
-With R = 1 the r axis has length 1 and the model is the one-device-per-position model."""
+With R = 1 the r axis has length 1 and the contiguous model is the one-device-per-position model;
+the non-contiguous one keeps units on devices (`_noncontiguous_model`)."""
 
 from __future__ import annotations
 
@@ -41,8 +44,9 @@ def throughput_model(graph: OpGraph, cluster: Cluster, options: IPOptions, warm:
     # Any split is at most the sum of all times plus all transfers; a finite bound helps the LP.
     ceiling = float(max(placed.total_time()) / min(k.speed for k in kinds) + 2 * graph.out_cost.sum()) + 1
     load = m.var(1, 0.0, ceiling, cost=1.0)[0]
-    if options.contiguous:
-        assign, start = _contiguous_model(m, placed, kinds, load, warm, _Replicas.of(graph, cluster, placed, options))
+    if options.contiguous or options.max_replicas > 1:
+        assign, start = _positions_model(m, placed, kinds, load, warm, _Replicas.of(graph, cluster, placed, options),
+                                         ideals=options.contiguous)
     else:
         assign, start = _noncontiguous_model(m, placed, kinds, load, warm)
     return m, load, assign, start
@@ -135,10 +139,10 @@ class _Replicas:
         return cls(np.arange(1.0, R + 1), coef, const, params, unknown < 0.5)
 
 
-def _contiguous_model(m: Milp, placed: Placed, kinds: list[DeviceKind], load: int, warm: Plan | None,
-                      reps: _Replicas):
+def _positions_model(m: Milp, placed: Placed, kinds: list[DeviceKind], load: int, warm: Plan | None,
+                     reps: _Replicas, ideals: bool):
     """Units to pipeline positions, each position held by r replicas of some kind, every prefix an
-    ideal. Returns (solution -> split, warm start)."""
+    ideal when `ideals` (contiguous). Returns (solution -> split, warm start)."""
     graph, units = placed.work, placed.units
     T, K, U, R = sum(k.count for k in kinds), len(kinds), units.count, len(reps.counts)
     count = np.array([k.count for k in kinds], float)
@@ -167,7 +171,8 @@ def _contiguous_model(m: Milp, placed: Placed, kinds: list[DeviceKind], load: in
                 w_k = w.reshape(-1, T, K, R)[:, :, ki].transpose(1, 0, 2).reshape(T, -1)
                 terms.append((w_k, np.repeat(placed.copies.memory, R)[None, :]))
             m.add(terms, ub=0.0)
-    _ideal_prefixes(m, units, y.reshape(U, T, K * R))
+    if ideals:
+        _ideal_prefixes(m, units, y.reshape(U, T, K * R))
     # Transfer slot t * R + r: position t held by r + 1 replicas, which share its sends and receives.
     paying_cols = np.flatnonzero([k.pays_transfers for k in kinds])
     into, out, cost = transfer_rows(m, graph, units, lambda g, s: y[g, s // R][:, paying_cols, s % R],
@@ -200,7 +205,7 @@ def _contiguous_model(m: Milp, placed: Placed, kinds: list[DeviceKind], load: in
         return placed.assignment([device_at[int(t)] for t in position],
                                  [device_at[t] for t in sorted(device_at)]), replicas
 
-    return assign, _contiguous_start(m, placed, kinds, warm, y, c)
+    return assign, _positions_start(m, placed, kinds, warm, y, c)
 
 
 def _ideal_prefixes(m: Milp, units, y: np.ndarray) -> None:
@@ -218,7 +223,7 @@ def _ideal_prefixes(m: Milp, units, y: np.ndarray) -> None:
     m.add([(Z[gv].ravel(), 1.0), (Z[gu].ravel(), -1.0)], ub=0.0)
 
 
-def _contiguous_start(m: Milp, placed: Placed, kinds: list[DeviceKind], warm: Plan | None, y: np.ndarray,
+def _positions_start(m: Milp, placed: Placed, kinds: list[DeviceKind], warm: Plan | None, y: np.ndarray,
                       c: np.ndarray) -> np.ndarray | None:
     """The warm start as a solution vector; None without one, or when the program cannot express it."""
     if warm is None or not warm.feasible or not all(s.nodes for s in warm.stages):
