@@ -31,6 +31,7 @@ from placewise.plan.options import IPOptions
 from placewise.plan.plan import Plan
 from placewise.plan.predict import cluster_link
 from placewise.plan.replicas import unit_parameter_bytes
+from placewise.plan.units import Colocated
 
 # What a solution maps to: node id -> (first) device, and first device -> replicas for stages of more than one.
 Split = tuple[dict[int, Device], dict[Device, int]]
@@ -208,7 +209,7 @@ def _positions_model(m: Milp, placed: Placed, kinds: list[DeviceKind], load: int
     return assign, _positions_start(m, placed, kinds, warm, y, c)
 
 
-def _ideal_prefixes(m: Milp, units, y: np.ndarray) -> None:
+def _ideal_prefixes(m: Milp, units: Colocated, y: np.ndarray) -> None:
     """Z[g, t] = is unit g within the first t+1 positions; every such prefix must be an ideal.
     `y` (units x positions x slots of a position) holds the assignment columns."""
     U, T, _ = y.shape
