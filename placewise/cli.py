@@ -97,8 +97,9 @@ def _add_plan(add) -> None:
     p.add_argument("--batch-size", type=positive_int, metavar="N", help="training batch (default: M x the profiled "
                    "batch, so one microbatch is what was profiled)")
     p.add_argument("--max-replicas", type=positive_int, default=1, metavar="R",
-                   help="let the dp replicate each stage on up to R devices of its kind (data parallel, gradients "
-                   "all-reduced once per step: of M microbatches with --microbatches, else one per replica); default 1")
+                   help="let the dp or the ip replicate each stage on up to R devices of its kind (data parallel, "
+                   "gradients all-reduced once per step: of M microbatches with --microbatches, else one per replica); "
+                   "default 1")
     p.add_argument("--allreduce", choices=ALLREDUCE_MODELS, help="how a replicated stage's all-reduce is costed: ring "
                    "(default for dp) or PipeDream's model (default for pipedream-hybrid)")
     p.add_argument("--no-recompute", action="store_true", help="dp-schedule: never recompute a stage's activations in "

@@ -25,7 +25,9 @@ def _cold_optimum(graph: OpGraph, cluster: Cluster, contiguous: bool) -> tuple[f
     if result.infeasible:
         return None
     assert result.status == "Optimal"
-    return result.objective, assign(result.x)
+    split, replicas = assign(result.x)
+    assert replicas == {}  # one device per stage unless max_replicas asks for more
+    return result.objective, split
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -193,7 +193,7 @@ def test_cli_max_replicas_and_refusal_for_other_solvers(tmp_path, capsys):
     assert main(["plan", str(path), "-k", "4", "--max-replicas", "4", "--allreduce", "pipedream", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert max(s["replicas"] for s in plan["stages"]) > 1 and plan["notes"]["allreduce"]["model"] == PIPEDREAM
-    assert main(["plan", str(path), "-k", "4", "--solver", "ip", "--max-replicas", "2"]) == 2
+    assert main(["plan", str(path), "-k", "4", "--solver", "greedy", "--max-replicas", "2"]) == 2
     err = capsys.readouterr().err
     assert "--solver dp" in err and len(err.strip().splitlines()) == 1
 

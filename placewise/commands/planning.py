@@ -75,15 +75,18 @@ def cmd_plan(args) -> int:
 
 
 def replica_options(args, options, step_units: float | None):
-    """The solver's options with `--max-replicas`/`--allreduce`: the dp chooses replicas, pipedream-hybrid
-    takes the all-reduce model; any other solver refuses them. A step of the schedule holds
-    `step_units` profiled batches (None: no schedule, one per replica)."""
+    """The solver's options with `--max-replicas`/`--allreduce`: the dp and the ip choose replicas,
+    pipedream-hybrid takes the all-reduce model; any other solver refuses them. A step of the schedule
+    holds `step_units` profiled batches (None: no schedule, one per replica)."""
     from placewise.plan import get_entry
     from placewise.plan.allreduce import PIPEDREAM, RING, AllReduce
     hybrid = args.solver == "pipedream-hybrid"
-    if (args.max_replicas > 1 and args.solver != "dp") or (args.allreduce and args.solver != "dp" and not hybrid):
+    from placewise.plan.options import ReplicaOptions
+    chooses = issubclass(get_entry(args.solver).options_type, ReplicaOptions)
+    if (args.max_replicas > 1 and not chooses) or (args.allreduce and not chooses and not hybrid):
         raise PlacewiseError(f"--max-replicas/--allreduce: --solver {args.solver} gives each stage one device; only "
-                             "--solver dp chooses replicated stages (pipedream-hybrid its own), so use --solver dp")
+                             "--solver dp or ip chooses replicated stages (pipedream-hybrid its own), so use "
+                             "--solver dp")
     if args.max_replicas == 1 and not hybrid:
         return options
     allreduce = AllReduce(args.allreduce or (PIPEDREAM if hybrid else RING), step_units)

@@ -40,15 +40,22 @@ class SolveOptions:
 
 
 @dataclass(frozen=True)
-class DPOptions(SolveOptions):
-    ideal_limit: int = DEFAULT_IDEAL_LIMIT  # refuse graphs with more ideals (cut points) than this
-    # Replicas a stage may have (`dp.replicated_stages`); 1: the plain DP, one device per stage.
+class ReplicaOptions(SolveOptions):
+    """What the solvers that choose replicated stages take (`dp.replicated_stages`, contiguous; the
+    throughput programs in `ip.throughput`, contiguous or not)."""
+
+    # Replicas a stage may have; 1: one device per stage, the plain problem.
     max_replicas: int = 1
     allreduce: AllReduce = field(default_factory=AllReduce)  # how a replicated stage's all-reduce is costed
 
     def __post_init__(self) -> None:
         if isinstance(self.max_replicas, bool) or not isinstance(self.max_replicas, int) or self.max_replicas < 1:
             raise PlacewiseError(f"--max-replicas {self.max_replicas!r}: use a whole number of at least 1")
+
+
+@dataclass(frozen=True)
+class DPOptions(ReplicaOptions):
+    ideal_limit: int = DEFAULT_IDEAL_LIMIT  # refuse graphs with more ideals (cut points) than this
 
 
 @dataclass(frozen=True)
@@ -62,7 +69,7 @@ class ScheduleDPOptions(SolveOptions):
 
 
 @dataclass(frozen=True)
-class IPOptions(SolveOptions):
+class IPOptions(ReplicaOptions):
     # Plans to start from; the best feasible one is used. The caller (`solve`, `compare`) finds one
     # when none is given.
     warm_starts: tuple[Plan, ...] = ()

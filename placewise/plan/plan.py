@@ -29,7 +29,7 @@ class Stage:
     """One pipeline stage: `replicas` devices of kind `kind`, numbered from `index`, each holding
     the stage's nodes (gradients all-reduced between them). Loads and `memory` are per device:
     `compute` and `transfer` a replica's share, `allreduce` its share of the gradient all-reduce
-    (`placewise.plan.cost.replicated_load`); `dp --max-replicas R` chooses replicas."""
+    (`placewise.plan.cost.replicated_load`); `--max-replicas R` lets the dp and the ip choose replicas."""
 
     kind: str
     index: int

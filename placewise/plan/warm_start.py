@@ -14,22 +14,25 @@ from typing import Callable
 
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, OpGraph
-from placewise.plan.options import DPOptions, IPOptions, SolveOptions
-from placewise.plan.plan import Plan, plan_from_assignment
+from placewise.plan.options import DPOptions, IPOptions, SolveOptions, options_for
+from placewise.plan.plan import Plan
 
 # The DP's warm start may take this share of a time limit (past it, the DP returns its best split).
 WARM_SHARE = 0.25
 
 
 def warm_starts(graph: OpGraph, cluster: Cluster, options: SolveOptions) -> tuple[Plan, ...]:
-    """Every feasible start: for throughput the DP's plan and each chain baseline's, and the latency
-    greedy's; each scored as the programs see a split (`ip.search.replicates`)."""
+    """Every feasible start: for throughput the DP's plan (with replicated stages when the program
+    may replicate them, `IPOptions.max_replicas`) and each chain baseline's, and the latency greedy's;
+    each scored as the programs see a split (`ip.search.scored`)."""
     from placewise.plan.baselines.block import block_params, block_time, block_uniform
     from placewise.plan.baselines.pipedream import pipedream_nocomm
     from placewise.plan.dp import solve as dp
-    from placewise.plan.ip.search import replicates
+    from placewise.plan.ip.search import scored
     from placewise.plan.latency_greedy import solve as greedy
 
+    if not isinstance(options, IPOptions):
+        options = options_for(IPOptions, options)  # shared options only: one device per stage
     plain = DPOptions(objective=options.objective, contiguous=True, seed=options.seed, replicate=options.replicate,
                       time_limit=None if options.time_limit is None else WARM_SHARE * options.time_limit)
     common = SolveOptions(objective=options.objective, contiguous=options.contiguous, seed=options.seed,
@@ -37,6 +40,9 @@ def warm_starts(graph: OpGraph, cluster: Cluster, options: SolveOptions) -> tupl
     candidates: list[Callable[[], Plan]] = []
     if options.objective != "latency":
         candidates.append(lambda: dp(graph, cluster, plain))
+        if options.max_replicas > 1:
+            candidates.append(lambda: dp(graph, cluster, replace(plain, max_replicas=options.max_replicas,
+                                                                 allreduce=options.allreduce)))
         candidates += [lambda run=run: run(graph, cluster, common)
                        for run in (pipedream_nocomm, block_time, block_params, block_uniform)]
     candidates.append(lambda: greedy(graph, cluster, common))
@@ -48,8 +54,8 @@ def warm_starts(graph: OpGraph, cluster: Cluster, options: SolveOptions) -> tupl
             plan = make()
         except PlacewiseError:
             continue
-        plan = plan_from_assignment(graph, cluster, plan.assignment(), solver=plan.solver, seconds=plan.seconds,
-                                    objective=options.objective, contiguous=contiguous, replicate=replicates(options))
+        plan = scored(graph, cluster, options, contiguous, plan.assignment(), plan.replicas(), solver=plan.solver,
+                      seconds=plan.seconds)
         if plan.feasible and (options.objective != "latency" or plan.latency is not None):
             found.append(plan)
     return tuple(found)

@@ -20,6 +20,10 @@ The models follow the paper (Tarnawski et al., NeurIPS 2020) and score exactly w
   programs place the graph less its replicable nodes; each slot pays a copy's time and memory
   when a unit needing it is there, and nothing is sent for it (`copies.py`). The latency program
   places every node once, and its plans are scored that way.
+* Replicated stages (`IPOptions.max_replicas` R > 1, throughput only): a position is held by r <= R
+  devices of one kind (without contiguity, positions are the stages in no particular order); the assignment columns are split per r, each carrying that r's load
+  ((compute + transfer) / r plus the all-reduce share), so the load rows stay exact and linear
+  (`throughput.py`). Plans are scored by `plan.replicas.evaluate_replicated`.
 * Latency (the paper's model, as `cost.latency` computes it): CPU nodes run as soon as their
   inputs are done on unboundedly many cores (`maxCPUs` is ignored, as in the paper's code); each
   accelerator runs its set as one block once every input of the block has arrived, paying its

@@ -196,4 +196,4 @@ def latency_model(graph: OpGraph, cluster: Cluster, options: IPOptions, warm: Pl
         if k.pays_transfers:
             order_identical(m, y[:, offset:offset + k.count])
             offset += k.count
-    return m, total, lambda x: _assignment(p, x), _start_vector(p, warm)
+    return m, total, lambda x: (_assignment(p, x), {}), _start_vector(p, warm)

@@ -16,7 +16,8 @@ from placewise.plan.ip.milp import run
 from placewise.plan.ip.model import check_placeable, infeasible
 from placewise.plan.ip.throughput import throughput_model
 from placewise.plan.options import OBJECTIVES, IPOptions, SolveOptions
-from placewise.plan.plan import Plan, plan_from_assignment
+from placewise.plan.plan import Plan
+from placewise.plan.replicas import replicated_plan
 from placewise.plan.units import Colocated
 
 # How far the cost model's value may sit above the solver's objective before it is a modelling bug
@@ -43,7 +44,7 @@ class _Search:
     contiguous: bool
     lp: object  # the HiGHS model
     objective_col: int
-    assign: Callable[[np.ndarray], dict[int, Device]]
+    assign: Callable[[np.ndarray], tuple[dict[int, Device], dict[Device, int]]]  # -> split, replicas
     deadline: float | None
     best: Plan | None = None
     bound: float | None = None
@@ -54,9 +55,7 @@ class _Search:
         return None if self.deadline is None else self.deadline - time.perf_counter()
 
     def score(self, x: np.ndarray, objective: float) -> Plan:
-        plan = plan_from_assignment(self.graph, self.cluster, self.assign(x), solver="ip", seconds=0.0,
-                                    objective=self.options.objective, contiguous=self.contiguous,
-                                    replicate=replicates(self.options))
+        plan = scored(self.graph, self.cluster, self.options, self.contiguous, *self.assign(x), seconds=0.0)
         if not plan.feasible or plan.value > objective + AGREEMENT_TOLERANCE * max(1.0, abs(objective)):
             raise RuntimeError(f"bug: the cost model scores the {self.what} IP's split {plan.value!r} "
                                f"({'; '.join(plan.violations) or 'feasible'}), above the solver's objective {objective!r}")
@@ -144,6 +143,16 @@ def _search(graph: OpGraph, cluster: Cluster, options: IPOptions, warm: Plan | N
     return search.best, search.bound, notes
 
 
+def scored(graph: OpGraph, cluster: Cluster, options: IPOptions, contiguous: bool, assignment: dict[int, Device],
+           replicas: dict[Device, int], *, solver: str = "ip", **plan_fields) -> Plan:
+    """A split (with its replicated stages) scored by the cost model as the program sees it: the
+    throughput programs under the replication rule (when on), the latency program with every node
+    placed once."""
+    return replicated_plan(graph, cluster, assignment, replicas, options.allreduce, solver=solver,
+                           objective=options.objective, contiguous=contiguous, replicate=replicates(options),
+                           **plan_fields)
+
+
 def replicates(options: SolveOptions) -> bool:
     """Whether the program for `options` follows the replication rule (`plan.replicable`): the
     throughput programs do when it is on; the latency program places every node once."""
@@ -161,9 +170,12 @@ def solve(graph: OpGraph, cluster: Cluster, options: IPOptions) -> Plan:
     begin = time.perf_counter()
     if options.objective not in OBJECTIVES:
         raise PlacewiseError(f"objective {options.objective!r} is not known; use throughput or latency")
+    latency = options.objective == "latency"
+    if options.max_replicas > 1 and latency:
+        raise PlacewiseError("--max-replicas: the integer program replicates stages for throughput only; drop "
+                             "--objective latency or use --max-replicas 1")
     check_placeable(graph, cluster, Colocated.of(graph))
     warm = _best_start(options.warm_starts)
-    latency = options.objective == "latency"
     # Latency splits let CPU nodes interleave with accelerator blocks: no chain of device sets is asked for.
     contiguous = options.contiguous and not latency
     what = "latency" if latency else ("contiguous" if contiguous else "non-contiguous") + " throughput"
@@ -171,11 +183,10 @@ def solve(graph: OpGraph, cluster: Cluster, options: IPOptions) -> Plan:
         # The time limit covers these checks too (the caller took the warm start's time off already).
         options = replace(options, time_limit=max(options.time_limit - (time.perf_counter() - begin), 0.1))
     best, bound, notes = _search(graph, cluster, options, warm, what, contiguous)
-    # Plans are scored as the program sees a split: the throughput programs under the replication rule
-    # (when on), the latency program with every node placed once.
-    plan = plan_from_assignment(graph, cluster, best.assignment(), solver="ip", seconds=time.perf_counter() - begin,
-                                objective=options.objective, contiguous=contiguous, notes=notes,
-                                replicate=replicates(options))
+    if options.max_replicas > 1:
+        notes["max_replicas"] = options.max_replicas
+    plan = scored(graph, cluster, options, contiguous, best.assignment(), best.replicas(),
+                  seconds=time.perf_counter() - begin, notes=notes)
     value = plan.value
     plan.lower_bound = None if bound is None else min(bound, value)
     plan.gap = None if bound is None else (0.0 if value <= 0 else max(0.0, (value - plan.lower_bound) / value))
