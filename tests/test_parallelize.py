@@ -86,6 +86,8 @@ def test_parallelize_trains_a_users_model_like_one_process_and_round_trips_its_s
         assert pipe.n_stages == 2 and len(pipe.plan.stages) == 2
         losses, grads = train(pipe, data)
         assert_same(losses, grads, ref_losses, ref_grads)
+        for k, v in initial.items():  # the stage processes train copies, not the model given
+            torch.testing.assert_close(model.state_dict()[k], v, atol=0, rtol=0, msg=k)
         state = pipe.state_dict()
         assert list(state) == list(model.state_dict())  # the unsplit model's keys, in its order
         fresh = Mixer()
@@ -134,9 +136,10 @@ def test_parallelize_says_what_is_wrong_in_one_line():
     with pytest.raises(PlacewiseError, match="nowhere.yaml"):
         parallelize(model, data[0][0], cluster="nowhere.yaml")
     from placewise.plan import Plan, Stage
-    replicated = Plan([Stage("accelerator", 0, True, [], 0.0, 0.0, 0.0, 0.0, modules=["inp"], replicas=2)],
+    replicated = Plan([Stage("accelerator", 0, True, [], 0.0, 0.0, 0.0, 0.0, modules=["inp"], replicas=3)],
                       max_load=0.0, latency=None, solver="test", seconds=0.0)
-    with pytest.raises(PlacewiseError, match="replicates stages"):
+    # Replicated stages run (test_parallelize_replicas), but only on microbatches their replicas can share.
+    with pytest.raises(PlacewiseError, match="stage 0's 3 replicas"):
         parallelize(model, data[0][0], plan=replicated)
 
 
