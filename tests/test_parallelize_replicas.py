@@ -16,7 +16,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from placewise.errors import PlacewiseError  # noqa: E402
 from placewise.plan import Plan, Stage  # noqa: E402
-from test_parallelize import ATOL, LR, assert_same, batches, reference, train  # noqa: E402
+from test_parallelize import ATOL, LR, TORCHRUN_ENV, assert_same, batches, reference, train  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -82,8 +82,10 @@ def test_a_replicated_stage_trains_like_one_process_and_leaves_no_process_behind
 
 
 def _torchrun_rank(rank: int, world_size: int) -> tuple:
-    """Each rank of a torchrun job (the launcher sets RANK, WORLD_SIZE, MASTER_ADDR as torchrun does)."""
+    """Each rank of a torchrun job (`TORCHRUN_ENV`)."""
     from placewise import parallelize
+    from placewise.run.launcher import is_torchrun
+    assert is_torchrun()
     torch.manual_seed(0)
     model, data = MLP(), batches()
     with parallelize(model, data[0][0], plan=two_stage_plan(2), microbatches=2, loss_fn=F.cross_entropy,
@@ -98,7 +100,7 @@ def test_a_replicated_stage_under_torchrun_trains_like_one_process():
     torch.manual_seed(0)
     model, data = MLP(), batches()
     ref_losses, ref_grads, ref_state = reference(model, data)
-    results, _ = launch(_torchrun_rank, 3, (), timeout_s=240)
+    results, _ = launch(_torchrun_rank, 3, (), timeout_s=240, env=TORCHRUN_ENV)
     for losses, grads, state in results:  # every rank, the follower too, gets the pipeline's results
         assert_same(losses, grads, ref_losses, ref_grads)
         for k, v in ref_state.items():
@@ -121,3 +123,23 @@ def test_what_replicas_cannot_run_is_refused_in_one_line():
     with pytest.raises(PlacewiseError, match="only solver='dp'"):
         parallelize(MLP(), x, cluster=2, max_replicas=2, solver="greedy")
     assert _children() == before  # nothing was started
+
+
+def test_max_replicas_lets_the_dp_choose_replicas_per_stage(monkeypatch):
+    """`max_replicas` reaches the DP with the all-reduce paid once per step (one example batch per step)."""
+    from placewise.graph import Cluster
+    from placewise.parallel import planning
+    from placewise.plan import DPOptions
+    seen = []
+
+    def solve(graph, cluster, solver, options=None):
+        seen.append(options)
+        return real(graph, cluster, solver, options)
+
+    real = planning.solve
+    monkeypatch.setattr(planning, "solve", solve)
+    plan = planning.plan_module(MLP(), batches(1)[0][:1], Cluster.simple(3), max_replicas=2)
+    assert isinstance(seen[0], DPOptions) and seen[0].max_replicas == 2 and seen[0].allreduce.step_units == 1.0
+    assert all(1 <= s.replicas <= 2 for s in plan.stages) and sum(s.replicas for s in plan.stages) <= 3
+    planning.plan_module(MLP(), batches(1)[0][:1], Cluster.simple(3))
+    assert seen[1] is None  # without max_replicas the solver's defaults: one process per stage

@@ -84,9 +84,9 @@ def pipeline_rank(rank: int, world_size: int, jobs: Sequence[PipelineJob]) -> li
         elif job.n_ranks == 1:
             results.append(run_single(job))
         else:
-            pipeline, stage_groups = groups[replicas]
+            pipeline, replica_groups = groups[replicas]
             s, k = where[0]
-            own = StageGroup(stage_groups[s], ranks[s]) if replicas[s] > 1 else None
+            own = StageGroup(replica_groups[s], ranks[s]) if replicas[s] > 1 else None
             results.append(run_stage(job, s, pipeline, own) if k == 0 else run_replica(job, s, own))
     return results
 
