@@ -143,3 +143,46 @@ def test_max_replicas_lets_the_dp_choose_replicas_per_stage(monkeypatch):
     assert all(1 <= s.replicas <= 2 for s in plan.stages) and sum(s.replicas for s in plan.stages) <= 3
     planning.plan_module(MLP(), batches(1)[0][:1], Cluster.simple(3))
     assert seen[1] is None  # without max_replicas the solver's defaults: one process per stage
+
+
+TORCHRUN_SCRIPT = '''
+import functools, json, os, sys
+import torch, torch.nn.functional as F
+sys.path.insert(0, {tests!r})
+from test_parallelize import batches, train
+from test_parallelize_replicas import MLP, two_stage_plan
+import placewise
+
+torch.manual_seed(0)
+model, data = MLP(), batches()
+with placewise.parallelize(model, data[0][0], plan=two_stage_plan(2), microbatches=2, loss_fn=F.cross_entropy,
+                           optimizer=functools.partial(torch.optim.SGD, lr={lr})) as pipe:
+    losses, grads = train(pipe, data)
+    state = pipe.state_dict()
+rank = int(os.environ["RANK"])
+torch.save({{"losses": losses, "grads": grads, "state": state}}, f"rank{{rank}}.pt")
+'''
+
+
+@pytest.mark.timeout(300)
+def test_a_replicated_stage_under_real_torchrun_trains_like_one_process(tmp_path):
+    """torchrun --nproc-per-node 3: the plan's 2 stages with 3 replicas in all, each rank joining the group itself."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = tmp_path / "train.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), lr=LR))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1",
+           "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(tmp_path)}  # torchrun leaves its log folder in the temp dir
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
+                             str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    torch.manual_seed(0)
+    model, data = MLP(), batches()
+    ref_losses, ref_grads, ref_state = reference(model, data)
+    for rank in range(3):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert_same(got["losses"], got["grads"], ref_losses, ref_grads)
+        for k, v in ref_state.items():
+            torch.testing.assert_close(got["state"][k], v, atol=ATOL, rtol=0, msg=f"rank {rank}: {k}")

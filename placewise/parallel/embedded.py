@@ -1,8 +1,9 @@
 """The embedded default: this process starts one process per stage replica (over 127.0.0.1) and drives them.
 
-Each process builds its runner (`rank_runner`: a stage, or a follower of a replicated stage) from the cut model (fx GraphModules of standard modules, so
-they travel by pickle even when the user's model class lives in `__main__`) and then carries out the
-commands this process sends it: step, eval_step, state_dict, gradients, load_state_dict, close.
+Each process builds its runner (`rank_runner`: a stage, or a follower of a replicated stage) from the cut
+model (fx GraphModules of standard modules, so they travel by pickle even when the user's model class lives
+in `__main__`) and then carries out the commands this process sends it: step, eval_step, state_dict,
+gradients, load_state_dict, close.
 """
 
 from __future__ import annotations
