@@ -35,11 +35,11 @@ class MLP(nn.Module):
         return self.out(self.norm(torch.tanh(self.hidden(torch.relu(self.inp(x))))))
 
 
-def two_stage_plan(replicas: int, second: tuple[str, ...] = ("hidden", "tanh", "out")) -> Plan:
-    """inp and relu on one process, the rest on `replicas` processes."""
+def two_stage_plan(replicas: int, second: tuple[str, ...] = ("hidden", "tanh", "out"), first: int = 1) -> Plan:
+    """inp and relu on `first` processes, the rest on `replicas` processes."""
     def stage(index: int, modules: list[str], r: int) -> Stage:
         return Stage("accelerator", index, True, [], 0.0, 0.0, 0.0, 0.0, modules=modules, replicas=r)
-    return Plan([stage(0, ["inp", "relu"], 1), stage(1, list(second), replicas)], max_load=0.0, latency=None,
+    return Plan([stage(0, ["inp", "relu"], first), stage(1, list(second), replicas)], max_load=0.0, latency=None,
                 solver="hand", seconds=0.0)
 
 
@@ -48,24 +48,26 @@ def _children() -> list:
 
 
 @pytest.mark.timeout(300)
-def test_a_replicated_stage_trains_like_one_process_and_leaves_no_process_behind():
+@pytest.mark.parametrize("replicas", [(1, 2), (2, 1)])
+def test_a_replicated_stage_trains_like_one_process_and_leaves_no_process_behind(replicas):
     from placewise import parallelize
     torch.manual_seed(0)
     model, data = MLP(), batches()
     ref_losses, ref_grads, ref_state = reference(model, data)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     before = _children()
-    pipe = parallelize(model, data[0][0], plan=two_stage_plan(2), microbatches=2, loss_fn=F.cross_entropy,
-                       optimizer=functools.partial(torch.optim.SGD, lr=LR), threads=1)
+    pipe = parallelize(model, data[0][0], plan=two_stage_plan(replicas[1], first=replicas[0]), microbatches=2,
+                       loss_fn=F.cross_entropy, optimizer=functools.partial(torch.optim.SGD, lr=LR), threads=1)
     try:
-        assert [s.replicas for s in pipe.plan.stages] == [1, 2] and pipe.n_stages == 2
+        assert tuple(s.replicas for s in pipe.plan.stages) == replicas and pipe.n_stages == 2
         losses, grads = train(pipe, data)
         assert_same(losses, grads, ref_losses, ref_grads)
         state = pipe.state_dict()
         for k, v in ref_state.items():
             torch.testing.assert_close(state[k], v, atol=ATOL, rtol=0, msg=k)
-        # Both replicas of stage 1 (ranks 1 and 2) hold the same trained copy.
-        lead, follower = pipe._backend.call("state_dict", [()] * 3, 60)[1:]
+        # Both replicas of the replicated stage (ranks 1 and 2, or 0 and 1) hold the same trained copy.
+        states = pipe._backend.call("state_dict", [()] * 3, 60)
+        lead, follower = states[1:] if replicas == (1, 2) else states[:2]
         for k, v in lead.items():
             torch.testing.assert_close(follower[k], v, atol=0, rtol=0, msg=k)
         fresh = MLP()
