@@ -86,6 +86,8 @@ def test_parallelize_trains_a_users_model_like_one_process_and_round_trips_its_s
         assert pipe.n_stages == 2 and len(pipe.plan.stages) == 2
         losses, grads = train(pipe, data)
         assert_same(losses, grads, ref_losses, ref_grads)
+        for k, v in initial.items():  # the stage processes train copies, not the model given
+            torch.testing.assert_close(model.state_dict()[k], v, atol=0, rtol=0, msg=k)
         state = pipe.state_dict()
         assert list(state) == list(model.state_dict())  # the unsplit model's keys, in its order
         fresh = Mixer()
@@ -100,9 +102,16 @@ def test_parallelize_trains_a_users_model_like_one_process_and_round_trips_its_s
             pipe.load_state_dict({k: v for k, v in initial.items() if k != "out.bias"})
 
 
+# With MASTER_ADDR, as torchrun sets it, the launcher's ranks (which it gives RANK and WORLD_SIZE) count as
+# torchrun's: parallelize then runs this rank's stage instead of starting processes of its own.
+TORCHRUN_ENV = {"MASTER_ADDR": "127.0.0.1"}
+
+
 def _torchrun_rank(rank: int, world_size: int, cluster: int) -> tuple:
-    """What each rank of a torchrun job runs (the launcher sets RANK, WORLD_SIZE, MASTER_ADDR as torchrun does)."""
+    """What each rank of a torchrun job runs (`TORCHRUN_ENV`)."""
     from placewise import parallelize
+    from placewise.run.launcher import is_torchrun
+    assert is_torchrun()
     torch.manual_seed(0)
     model, data = Mixer(), batches()
     with parallelize(model, data[0][0], cluster=cluster, microbatches=4, loss_fn=F.cross_entropy,
@@ -118,7 +127,7 @@ def test_parallelize_under_torchrun_plans_on_rank_0_and_trains_like_one_process(
     torch.manual_seed(0)
     model, data = Mixer(), batches()
     ref_losses, ref_grads, ref_state = reference(model, data)
-    results, _ = launch(_torchrun_rank, ranks, (ranks,), timeout_s=240)
+    results, _ = launch(_torchrun_rank, ranks, (ranks,), timeout_s=240, env=TORCHRUN_ENV)
     for n_stages, losses, grads, state in results:  # every rank gets the losses, gradients and whole state
         assert n_stages == ranks
         assert_same(losses, grads, ref_losses, ref_grads)
@@ -134,9 +143,10 @@ def test_parallelize_says_what_is_wrong_in_one_line():
     with pytest.raises(PlacewiseError, match="nowhere.yaml"):
         parallelize(model, data[0][0], cluster="nowhere.yaml")
     from placewise.plan import Plan, Stage
-    replicated = Plan([Stage("accelerator", 0, True, [], 0.0, 0.0, 0.0, 0.0, modules=["inp"], replicas=2)],
+    replicated = Plan([Stage("accelerator", 0, True, [], 0.0, 0.0, 0.0, 0.0, modules=["inp"], replicas=3)],
                       max_load=0.0, latency=None, solver="test", seconds=0.0)
-    with pytest.raises(PlacewiseError, match="replicates stages"):
+    # Replicated stages run (test_parallelize_replicas), but only on microbatches their replicas can share.
+    with pytest.raises(PlacewiseError, match="stage 0's 3 replicas"):
         parallelize(model, data[0][0], plan=replicated)
 
 

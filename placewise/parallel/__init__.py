@@ -4,9 +4,13 @@ It profiles the module (cached by structure, input shapes and device), plans it 
 with run/'s cut and builds each stage with run/'s stage runtime, then hands back a `Parallel` whose
 `step` runs one training step through torch's GPipe or 1F1B schedule. Two ways to run:
 
-- embedded (default): this process starts one process per stage on this machine and drives them;
+- embedded (default): this process starts one process per stage replica on this machine and drives them;
 - under torchrun: every rank calls `parallelize` with the same arguments; rank 0 plans, the plan is
-  broadcast, and each rank runs its own stage (rank r runs stage r).
+  broadcast, and each rank runs its own stage or stage replica.
+
+A stage with `replicas` r > 1 (a plan's, or chosen by the planner with `max_replicas`) runs on r
+processes as `placewise train` runs it (`placewise.run.replicas`): consecutive ranks, the first the
+stage's lead in the pipeline, each replica taking a share of every microbatch, the gradients summed.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from placewise.errors import PlacewiseError
 from placewise.graph import Cluster
 from placewise.parallel.embedded import EmbeddedStages, RankSetup
 from placewise.parallel.planning import as_cluster, plan_module
-from placewise.parallel.runner import LossFn, OptimizerFactory, StageRunner, merge_states
+from placewise.parallel.runner import LossFn, OptimizerFactory, ReplicaRunner, StageRunner, merge_states, rank_runner
 from placewise.plan import Plan
 from placewise.plan.schedule import DEFAULT_SCHEDULE, Schedule
-from placewise.run.job import check_microbatches
+from placewise.run.job import check_microbatches, check_replicated
+from placewise.run.replicas import check_replicas, stage_ranks
 
 # Seconds to wait for the stages to answer one command (a step) before giving up.
 REPLY_TIMEOUT = 600.0
@@ -42,6 +47,7 @@ class Parallel:
                  backend: "EmbeddedStages | _TorchrunStage") -> None:
         self.plan, self.schedule = plan, schedule
         self._keys, self._initial, self._backend = keys, initial, backend
+        self._ranks = stage_ranks([stage.replicas for stage in plan.stages])
 
     @property
     def n_stages(self) -> int:
@@ -89,13 +95,16 @@ class Parallel:
         self.close()
 
     def _call(self, command: str, args: list[tuple]) -> list[Any]:
-        return self._backend.call(command, args, REPLY_TIMEOUT)
+        """`command` on every rank, each with its stage's `args`; each stage's reply (its lead's)."""
+        replies = self._backend.call(command, [args[s] for s, ranks in enumerate(self._ranks) for _ in ranks],
+                                     REPLY_TIMEOUT)
+        return [replies[ranks[0]] for ranks in self._ranks]
 
 
 class _TorchrunStage:
-    """This rank's stage under torchrun: a command runs here, and every rank's reply is gathered."""
+    """This rank's stage (or replica) under torchrun: a command runs here, and every rank's reply is gathered."""
 
-    def __init__(self, runner: StageRunner, owns_group: bool) -> None:
+    def __init__(self, runner: StageRunner | ReplicaRunner, owns_group: bool) -> None:
         self.runner, self.owns_group = runner, owns_group
 
     def call(self, command: str, args: list[tuple], timeout_s: float) -> list[Any]:
@@ -113,14 +122,16 @@ def parallelize(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch
                 cluster: Cluster | int | str | Path = 2, schedule: str | Schedule = DEFAULT_SCHEDULE,
                 microbatches: int | None = None, loss_fn: LossFn | None = None,
                 optimizer: OptimizerFactory | None = None, solver: str = "dp", plan: Plan | None = None,
-                profile_device: str = "cpu", cache_dir: str | Path | None = None, threads: int = 1) -> Parallel:
+                max_replicas: int = 1, profile_device: str = "cpu", cache_dir: str | Path | None = None,
+                threads: int = 1) -> Parallel:
     """Profile, plan and cut `module`, and start its pipeline (see the module doc for where it runs).
 
     `example_inputs`: one batch (the batch size and shapes every step uses). `cluster`: a Cluster, a device
     file, or n identical accelerators. `loss_fn(output, target)`: default cross-entropy for integer targets,
     mean squared error otherwise. `optimizer`: a factory `params -> Optimizer`, picklable in the embedded
     mode (e.g. `functools.partial(torch.optim.SGD, lr=0.1)`); None computes gradients only. `microbatches`:
-    default one per stage. `plan`: skip profiling and planning. `cache_dir`: also keep profiles on disk.
+    default one per stage. `plan`: skip profiling and planning. `max_replicas`: the planner may run a stage
+    on up to that many devices of the cluster (solver "dp"). `cache_dir`: also keep profiles on disk.
     """
     from placewise.run.cut import cut_model, mapping_from_plan
     from placewise.run.launcher import is_torchrun
@@ -133,28 +144,30 @@ def parallelize(module: nn.Module, example_inputs: torch.Tensor | Sequence[torch
     initial = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
     def make_plan() -> Plan:
-        return plan or plan_module(module, inputs, devices, solver=solver, device=profile_device, cache_dir=cache_dir)
+        return plan or plan_module(module, inputs, devices, solver=solver, device=profile_device, cache_dir=cache_dir,
+                                   max_replicas=max_replicas)
 
     if is_torchrun():
         chosen, owns_group = _broadcast_plan(make_plan)
     else:
         chosen, owns_group = make_plan(), False
-    if any(stage.replicas != 1 for stage in chosen.stages):
-        raise PlacewiseError("the plan replicates stages; parallelize runs one process per stage (plan with one "
-                             "replica per stage)")
-    sched = _schedule(schedule, microbatches, len(chosen.stages), inputs)
+    replicas = tuple(stage.replicas for stage in chosen.stages)
+    sched = _schedule(schedule, microbatches, len(replicas), inputs)
+    check_replicas(replicas, len(replicas), inputs[0].shape[0], sched.microbatches, "none", "the plan", flags=False)
     chosen = replace(chosen, schedule=sched)  # what `pipe.plan` runs with
     prepared = cut_model(module, inputs, mapping_from_plan(chosen), sched.microbatches)
-    n = len(chosen.stages)
+    check_replicated(prepared, replicas)
+    n = sum(replicas)
     if is_torchrun():
         if dist.get_world_size() != n:
-            raise PlacewiseError(f"torchrun started {dist.get_world_size()} processes but the plan has {n} stages; "
+            what = f"{len(replicas)} stages" + (f" with {n} replicas in all" if n != len(replicas) else "")
+            raise PlacewiseError(f"torchrun started {dist.get_world_size()} processes but the plan has {what}; "
                                  f"start {n} or give a cluster of {dist.get_world_size()} devices")
-        runner = StageRunner(prepared, dist.get_rank(), sched, loss_fn, optimizer)
+        runner = rank_runner(prepared, dist.get_rank(), n, replicas, sched, loss_fn, optimizer)
         return Parallel(chosen, sched, keys, initial, _TorchrunStage(runner, owns_group))
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= n else "gloo"
-    stages = EmbeddedStages(RankSetup(prepared, sched, loss_fn, optimizer), n, backend=backend, threads=threads,
-                            timeout_s=SESSION_TIMEOUT)
+    stages = EmbeddedStages(RankSetup(prepared, sched, loss_fn, optimizer, replicas), backend=backend,
+                            threads=threads, timeout_s=SESSION_TIMEOUT)
     return Parallel(chosen, sched, keys, initial, stages)
 
 

@@ -1,8 +1,9 @@
-"""The embedded default: this process starts one process per stage (over 127.0.0.1) and drives them.
+"""The embedded default: this process starts one process per stage replica (over 127.0.0.1) and drives them.
 
-Each stage process builds its `StageRunner` from the cut model (fx GraphModules of standard modules, so
-they travel by pickle even when the user's model class lives in `__main__`) and then carries out the
-commands this process sends it: step, eval_step, state_dict, gradients, load_state_dict, close.
+Each process builds its runner (`rank_runner`: a stage, or a follower of a replicated stage) from the cut
+model (fx GraphModules of standard modules, so they travel by pickle even when the user's model class lives
+in `__main__`) and then carries out the commands this process sends it: step, eval_step, state_dict,
+gradients, load_state_dict, close.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ class RankSetup:
     schedule: Any
     loss_fn: Any
     optimizer: Any
+    replicas: tuple[int, ...]  # processes per stage, in stage order (`run.replicas.stage_ranks`)
 
 
 def _rank_main(rank: int, world_size: int, setup: RankSetup, commands: Sequence[Any], replies: Any) -> None:
-    from placewise.parallel.runner import StageRunner
-    runner = StageRunner(setup.prepared, rank, setup.schedule, setup.loss_fn, setup.optimizer)
+    from placewise.parallel.runner import rank_runner
+    runner = rank_runner(setup.prepared, rank, world_size, setup.replicas, setup.schedule, setup.loss_fn,
+                         setup.optimizer)
     while True:
         command, args = commands[rank].get()
         if command == CLOSE:
@@ -43,22 +46,23 @@ def _rank_main(rank: int, world_size: int, setup: RankSetup, commands: Sequence[
 
 
 class EmbeddedStages:
-    """Stage processes on this machine; `call` sends each rank its arguments and returns every rank's reply."""
+    """Stage processes on this machine, one per replica (`setup.replicas`); `call` sends each rank its
+    arguments and returns every rank's reply."""
 
-    def __init__(self, setup: RankSetup, n_stages: int, *, backend: str, threads: int, timeout_s: float) -> None:
+    def __init__(self, setup: RankSetup, *, backend: str, threads: int, timeout_s: float) -> None:
         from placewise.run.launcher import launch
         if getattr(mp.current_process(), "_inheriting", False):  # multiprocessing's own test for this case
             raise PlacewiseError("parallelize ran again while a stage process imported your script; put the code "
                                  "that calls it under `if __name__ == \"__main__\":`")
         ctx = mp.get_context("spawn")
-        self.n = n_stages
-        self.commands = [ctx.Queue() for _ in range(n_stages)]
+        self.n = sum(setup.replicas)
+        self.commands = [ctx.Queue() for _ in range(self.n)]
         self.replies = ctx.Queue()
         self.error: BaseException | None = None
 
         def run() -> None:
             try:
-                launch(_rank_main, n_stages, (setup, self.commands, self.replies), backend=backend, threads=threads,
+                launch(_rank_main, self.n, (setup, self.commands, self.replies), backend=backend, threads=threads,
                        timeout_s=timeout_s)
             except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
                 self.error = e

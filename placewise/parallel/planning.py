@@ -11,14 +11,15 @@ from torch import nn
 
 from placewise.errors import PlacewiseError
 from placewise.graph import Cluster, OpGraph, load_graph, save_graph
-from placewise.plan import Plan, solve
+from placewise.plan import Plan, SolveOptions, get_entry, solve
+from placewise.plan.allreduce import RING, AllReduce
 
 # Profiles of this process, by `profile_key`.
 _PROFILES: dict[str, OpGraph] = {}
 
 
 def as_cluster(cluster: Cluster | int | str | Path) -> Cluster:
-    """A Cluster, a device file's path, or n (n identical accelerators, one pipeline stage each at most)."""
+    """A Cluster, a device file's path, or n (n identical accelerators, one pipeline stage or stage replica each)."""
     if isinstance(cluster, Cluster):
         return cluster
     if isinstance(cluster, int) and not isinstance(cluster, bool):
@@ -57,10 +58,26 @@ def profile(module: nn.Module, example_inputs: Sequence[torch.Tensor], cluster: 
     return _PROFILES[key]
 
 
+def replica_options(solver: str, max_replicas: int) -> SolveOptions | None:
+    """The solver's options when a stage may have up to `max_replicas` replicas (None: the defaults)."""
+    if isinstance(max_replicas, bool) or not isinstance(max_replicas, int) or max_replicas < 1:
+        raise PlacewiseError(f"max_replicas={max_replicas!r}: use a whole number of at least 1")
+    if max_replicas == 1:
+        return None
+    if solver != "dp":
+        raise PlacewiseError(f"max_replicas={max_replicas} with solver={solver!r}: only solver='dp' chooses "
+                             "replicated stages")
+    # A step trains on the example batch, the batch profiled: the all-reduce is paid once per profiled batch.
+    return get_entry("dp").options(max_replicas=max_replicas, allreduce=AllReduce(RING, 1.0))
+
+
 def plan_module(module: nn.Module, example_inputs: Sequence[torch.Tensor], cluster: Cluster, *, solver: str = "dp",
-                device: str = "cpu", cache_dir: str | Path | None = None) -> Plan:
-    """The solver's plan for training `module` on `cluster` (PlacewiseError when none fits)."""
-    plan = solve(profile(module, example_inputs, cluster, device=device, cache_dir=cache_dir), cluster, solver)
+                device: str = "cpu", cache_dir: str | Path | None = None, max_replicas: int = 1) -> Plan:
+    """The solver's plan for training `module` on `cluster`, a stage on up to `max_replicas` devices
+    (PlacewiseError when none fits)."""
+    options = replica_options(solver, max_replicas)  # bad input fails before the profile
+    plan = solve(profile(module, example_inputs, cluster, device=device, cache_dir=cache_dir), cluster, solver,
+                 options)
     if not plan.feasible:
         raise PlacewiseError(f"no plan of {type(module).__name__} fits the cluster ({'; '.join(plan.violations[:2])}); "
                              "give more or larger devices")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -102,15 +102,21 @@ def prepare(job: PipelineJob) -> Prepared:
     model, example_inputs = build(job.model, job.batch_size, job.input_shape, job.seed)
     model.train(job.training)
     prepared = cut_model(model, example_inputs, job.mapping, job.microbatches)
-    for s, r in enumerate(job.stage_replicas if job.mapping else ()):
-        if r > 1:
-            names, values = zip(*_crossing(prepared, s))
-            check_shardable(s, r, prepared.parts[s].module, names, values, prepared.micro[0].shape[0])
+    if job.mapping:
+        check_replicated(prepared, job.stage_replicas)
     if job.training:
         for part in prepared.parts:
             if part.index in job.recompute:
                 recompute(part.module)
     return prepared
+
+
+def check_replicated(prepared: Prepared, replicas: Sequence[int]) -> None:
+    """Each replicated stage of the cut can share its microbatches by sample (`check_shardable`)."""
+    for s, r in enumerate(replicas):
+        if r > 1:
+            names, values = zip(*_crossing(prepared, s))
+            check_shardable(s, r, prepared.parts[s].module, names, values, prepared.micro[0].shape[0])
 
 
 def _crossing(prepared: Prepared, s: int) -> list[tuple[str, Any]]:

@@ -22,7 +22,7 @@ from placewise.run.cut import output_tensor
 from placewise.run.job import PipelineJob, prepare
 from placewise.run.launcher import is_torchrun, launch, run_rank
 from placewise.run.optim import module_optimizer
-from placewise.run.replicas import StageGroup, stage_ranks
+from placewise.run.replicas import StageGroup, stage_groups, stage_ranks
 from placewise.run.stage import run_replica, run_stage
 from placewise.run.workload import loss_fn
 
@@ -73,7 +73,7 @@ def pipeline_rank(rank: int, world_size: int, jobs: Sequence[PipelineJob]) -> li
     for replicas in layouts:
         if sum(replicas) > world_size:
             raise PlacewiseError(f"a job needs {sum(replicas)} processes but only {world_size} were started")
-    groups = {replicas: _groups(replicas, world_size) for replicas in layouts}
+    groups = {replicas: stage_groups(replicas, world_size) for replicas in layouts}
     results: list[dict[str, Any] | None] = []
     for job in jobs:
         replicas = job.stage_replicas
@@ -84,20 +84,11 @@ def pipeline_rank(rank: int, world_size: int, jobs: Sequence[PipelineJob]) -> li
         elif job.n_ranks == 1:
             results.append(run_single(job))
         else:
-            pipeline, stage_groups = groups[replicas]
+            pipeline, replica_groups = groups[replicas]
             s, k = where[0]
-            own = StageGroup(stage_groups[s], ranks[s]) if replicas[s] > 1 else None
+            own = StageGroup(replica_groups[s], ranks[s]) if replicas[s] > 1 else None
             results.append(run_stage(job, s, pipeline, own) if k == 0 else run_replica(job, s, own))
     return results
-
-
-def _groups(replicas: tuple[int, ...], world_size: int) -> tuple[Any, list[Any]]:
-    """The process group of the stages' leads (None: every rank) and each replicated stage's own group.
-    new_group is collective: every rank creates every group, in the same order."""
-    ranks = stage_ranks(replicas)
-    leads = [members[0] for members in ranks]
-    pipeline = None if len(leads) == world_size else dist.new_group(leads)
-    return pipeline, [dist.new_group(members) if len(members) > 1 else None for members in ranks]
 
 
 def _gathered_rank(rank: int, world_size: int, job: PipelineJob) -> list[dict[str, Any]]:

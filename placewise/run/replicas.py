@@ -51,9 +51,20 @@ def stage_ranks(replicas: Sequence[int]) -> list[list[int]]:
     return ranks
 
 
+def stage_groups(replicas: Sequence[int], world_size: int) -> tuple[Any, list[Any]]:
+    """The process group of the stages' leads (None: every rank) and each replicated stage's own group
+    (None for a stage of one). new_group is collective: every rank creates every group, in the same order."""
+    ranks = stage_ranks(replicas)
+    leads = [members[0] for members in ranks]
+    pipeline = None if len(leads) == world_size else dist.new_group(leads)
+    return pipeline, [dist.new_group(members) if len(members) > 1 else None for members in ranks]
+
+
 def check_replicas(replicas: Sequence[int], n_stages: int, batch_size: int, microbatches: int, fuse: str,
-                   source: str) -> None:
-    """Replica counts that fit the job, or a PlacewiseError naming `source` (the plan) and the fix."""
+                   source: str, *, flags: bool = True) -> None:
+    """Replica counts that fit the job, or a PlacewiseError naming `source` (the plan) and the fix, with the
+    batch and microbatches named as the caller took them: command-line flags (`flags`), or the arguments
+    of `placewise.parallelize`."""
     if len(replicas) != n_stages:
         raise PlacewiseError(f"{source}: {len(replicas)} replica counts for {n_stages} stages; give one per stage")
     for s, r in enumerate(replicas):
@@ -67,11 +78,12 @@ def check_replicas(replicas: Sequence[int], n_stages: int, batch_size: int, micr
         raise PlacewiseError(f"--fuse {fuse} with {source}, whose stage {s} has {r} replicas: a fused update would "
                              "apply before the replicas' gradients are summed; use --fuse none")
     size = batch_size // microbatches
+    split = (f"--batch-size {batch_size} / --microbatches {microbatches}" if flags else
+             f"the batch of {batch_size} in microbatches={microbatches}")
     for s, r in replicated:
         if size % r:
-            raise PlacewiseError(f"--batch-size {batch_size} / --microbatches {microbatches} gives microbatches of "
-                                 f"{size} samples, which stage {s}'s {r} replicas ({source}) cannot share equally; "
-                                 f"make the microbatch size a multiple of {r}")
+            raise PlacewiseError(f"{split} gives microbatches of {size} samples, which stage {s}'s {r} replicas "
+                                 f"({source}) cannot share equally; make the microbatch size a multiple of {r}")
 
 
 def check_shardable(stage_index: int, replicas: int, module: nn.Module, names: Sequence[str],

@@ -158,18 +158,27 @@ def run_stage(job: PipelineJob, stage_index: int, group=None, replicas: StageGro
     return report
 
 
+def follower(prepared: Prepared, stage_index: int, replicas: StageGroup,
+             training: bool) -> tuple[Replicas, list[torch.Tensor]]:
+    """This process's copy of a replicated stage, as one of its followers (on this rank's device, in training
+    mode or not), and a share of each value the stage receives: what `follow` gets from the lead."""
+    part = prepared.parts[stage_index]
+    device = _device(dist.get_rank())
+    module = part.module.to(device)
+    module.train(training)
+    received = prepared.micro if stage_index == 0 else tuple(prepared.values[n] for n in part.inputs)
+    # A share of each received value: what the lead scatters (`check_shardable` made them tensors).
+    likes = [t[: t.shape[0] // len(replicas.ranks)].to(device) for t in received]
+    return Replicas(module, replicas.group, replicas.ranks, device, len(likes)), likes
+
+
 def run_replica(job: PipelineJob, stage_index: int, replicas: StageGroup) -> dict[str, Any]:
     """A follower of a replicated stage: its share of every microbatch, as the stage's lead commands, then
     the replicas' gradients summed and this copy's optimizer step (the same update on every replica)."""
     prepared = prepare(job)
     part = prepared.parts[stage_index]
-    device = _device(dist.get_rank())
-    module = part.module.to(device)
-    module.train(job.training)
-    received = prepared.micro if stage_index == 0 else tuple(prepared.values[n] for n in part.inputs)
-    # A share of each received value: what the lead scatters (the check in `prepare` made them tensors).
-    likes = [t[: t.shape[0] // len(replicas.ranks)].to(device) for t in received]
-    shared = Replicas(module, replicas.group, replicas.ranks, device, len(likes))
+    shared, likes = follower(prepared, stage_index, replicas, job.training)
+    module = shared.module
     optimizer = module_optimizer(module, job.optimizer, job.lr, job.momentum, job.fuse,
                                  keep_grads="grads" in job.collect) if job.training else None
     report: dict[str, Any] = {"stage": stage_index, "replica": replicas.ranks.index(dist.get_rank()),
