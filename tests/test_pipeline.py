@@ -319,7 +319,10 @@ def test_stages_report_what_they_spend_outside_their_chunks(pipelined):
     first, last = pipelined[("train", "mlp", 2, "1f1b")][:2]  # the third process sits this job out
     for report in (first, last):
         outside = report["outside_seconds"]
-        assert set(outside) == {"post", "wait", "loss", "update"} == set(report["outside_cpu_seconds"])
+        assert set(outside) == {"post", "wait", "loss", "allreduce", "update"} == set(report["outside_cpu_seconds"])
+        assert outside["allreduce"] == 0  # no stage is replicated
+        # The update is on the timeline beside the chunks, once per timed step.
+        assert sum(kind == "update" for kind, *_ in report["events"]) == len(report["step_seconds"])
         assert outside["post"] > 0 and outside["wait"] > 0 and outside["update"] > 0
         # The step's CPU time holds its chunks' and the parts outside them.
         assert report["step_cpu_seconds"] >= report["cpu_seconds"] + report["outside_cpu_seconds"]["update"] - 1e-6

@@ -91,6 +91,11 @@ def test_replicated_stage_trains_like_one_process(pipelined, case):
     assert set().union(*(rank["grads"] for rank in leads)) == expected["grads"].keys()
     assert [rank["replicas"] for rank in leads] == list(replicas)
     assert all(rank is None for rank in ranks[sum(replicas):])
+    # A replicated stage's lead times its step-end all-reduce, once per timed step on its timeline.
+    for lead, r in zip(leads, replicas):
+        allreduces = [e for e in lead["events"] if e[0] == "allreduce"]
+        assert len(allreduces) == (len(lead["step_seconds"]) if r > 1 else 0)
+        assert (lead["outside_seconds"]["allreduce"] > 0) == (r > 1)
 
 
 def test_replicated_first_stage_infers_like_one_process(pipelined):

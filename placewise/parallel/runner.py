@@ -110,8 +110,7 @@ class StageRunner(_StageState):
         kwargs = {"target": target.to(self.stage.device)} if self.last else {}
         self.schedule.step(*self._args(inputs), losses=losses, **kwargs)
         if self.shared is not None:
-            self.shared.command()  # the step's end: the followers' gradients are complete
-            self.shared.sum_gradients()
+            self.shared.end_step()
         if self.optimizer is not None:
             self.optimizer.step()
         return float(torch.stack(losses).sum().detach()) if self.last else None

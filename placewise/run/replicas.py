@@ -179,6 +179,12 @@ class Replicas:
             torch.autograd.backward(carrying, output_grads)
         return [x.grad if x.grad is not None else torch.zeros_like(x) for x in record.inputs if x.requires_grad]
 
+    def end_step(self) -> None:
+        """The lead's end of a training step: the end command (the followers' gradients are then
+        complete), then the replicas' gradients summed."""
+        self.command()
+        self.sum_gradients()
+
     def sum_gradients(self) -> None:
         """Sum the replicas' gradients (each is its share's part of the batch-mean loss), in one all-reduce."""
         params = [p for p in self.module.parameters() if p.grad is not None]

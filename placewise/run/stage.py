@@ -216,8 +216,7 @@ def _step(job: PipelineJob, prepared: Prepared, output_like: torch.Tensor, stage
         losses: list[torch.Tensor] = []
         out = schedule.step(*args, losses=losses, **kwargs)
         if shared is not None:
-            shared.command()  # the step's end: the followers' gradients are complete
-            shared.sum_gradients()
+            clock.wrap_outside(shared.end_step, "allreduce")()
         if last:
             report["losses"].append(float(torch.stack(losses).sum().detach()))
         if step == 0 and "grads" in job.collect:

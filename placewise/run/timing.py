@@ -8,8 +8,11 @@ from typing import Callable
 
 
 # What a stage does outside its forward and backward chunks, timed separately (wall seconds):
-# posting sends and receives, waiting for them, the last stage's loss, the optimizer's update.
-OUTSIDE = ("post", "wait", "loss", "update")
+# posting sends and receives, waiting for them, the last stage's loss, a replicated stage's gradient
+# all-reduce, the optimizer's update. The last two are also kept as timeline events, as the
+# simulation draws them.
+OUTSIDE = ("post", "wait", "loss", "allreduce", "update")
+EVENTS_OUTSIDE = ("allreduce", "update")
 
 
 class StageClock:
@@ -53,7 +56,10 @@ class StageClock:
             finally:
                 self._depth[part] -= 1
                 if self.on and self._depth[part] == 0:
-                    self.outside[part] += time.perf_counter() - start
+                    end = time.perf_counter()
+                    self.outside[part] += end - start
                     self.outside_cpu[part] += time.thread_time() - start_cpu
+                    if part in EVENTS_OUTSIDE:
+                        self.events.append((part, -1, start, end))
         return timed
 
