@@ -11,6 +11,12 @@ every rank has joined the group fails the run at once (the others would wait in 
 SIGTERM and SIGHUP to the launching process stop every rank, as SIGINT does; a rank whose launcher
 died (even by SIGKILL) removes the run's folders and exits. `restart` lets a failed rank be replaced
 by a fresh process in a new group generation (`rejoin_group`): the parameter server's recovery.
+
+Every rank runs glibc's malloc as a caching allocator (`caching_malloc`), as torch's own CPU launcher
+(`torch.backends.xeon.run_cpu`) preloads jemalloc or tcmalloc: a training step frees and allocates
+the same large tensors (activations, gradients after `zero_grad`), and with glibc's defaults the
+large ones come back from the kernel as fresh pages each step, page faults included.
+PLACEWISE_MALLOC=default in the launching environment keeps glibc's defaults.
 """
 
 from __future__ import annotations
@@ -56,9 +62,26 @@ def _init_group(rank: int, world_size: int, backend: str, timeout_s: float, stor
                             store=store)
 
 
+def caching_malloc() -> bool:
+    """Make glibc's malloc keep freed memory for reuse in this process: no block mapped on its own
+    (M_MMAP_MAX 0) and the heap trimmed only past 2 GiB free (M_TRIM_THRESHOLD, a C int), so a
+    step's tensors reuse the last step's pages. False where the C library is not glibc (nothing
+    changed, or with PLACEWISE_MALLOC=default in the environment, which keeps glibc's defaults)."""
+    import ctypes
+    if os.environ.get("PLACEWISE_MALLOC") == "default":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
+
+
 def run_rank(fn: Callable[..., Any], args: tuple = (), *, backend: str = "gloo", timeout_s: float = 300.0) -> Any:
     """Run `fn(rank, world_size, *args)` in a process started by torchrun (env:// rendezvous)."""
     import torch.distributed as dist
+    caching_malloc()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     _init_group(rank, world_size, backend, timeout_s)
     try:
@@ -148,6 +171,7 @@ def _child(fn, rank: int, world_size: int, args: tuple, run_dir: str, backend: s
     import torch.distributed as dist
     if threads:
         torch.set_num_threads(threads)
+    caching_malloc()
     try:
         _context = _RankContext(rank, world_size, backend, timeout_s, run_dir, generation, results)
         _context.join()
