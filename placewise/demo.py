@@ -213,8 +213,9 @@ def _pipeline_step(settings: DemoSettings, plan, console: Console) -> Step:
                       schedule="1f1b", microbatches=MICROBATCHES, steps=steps, warmup=1, progress=True)
     load = os.getloadavg()[0]
     results = run_pipeline(job)
-    # Counting live tensors slows every operator, so memory has a run of its own.
-    memory = run_pipeline(replace(job, steps=1, warmup=0, collect=("memory",), progress=False))
+    # Counting live tensors slows every operator, so memory has a run of its own; two steps, since the
+    # optimizer's state (momentum) exists only from the first update on, and the plan counts it.
+    memory = run_pipeline(replace(job, steps=2, warmup=0, collect=("memory",), progress=False))
     prediction = plan.notes["prediction"]
     measured_ms = 1e3 * statistics.median(results[-1]["step_seconds"])  # the last stage ends each step
     share = sum(r["cpu_seconds"] for r in results) / sum(r["forward_seconds"] + r["backward_seconds"] for r in results)
