@@ -15,11 +15,12 @@ schedules.py) issue each stage's computations, sends, receives and waits, over g
 - a link's `late_answer` (a share, 0 to 1; `Cluster.late_answer`, measured by `run.links`): a
   receive posted after its send, while the sending stage computes a chunk, is answered that share of
   the rest of the chunk later (at once if the sender is waiting or done). On this project's 2-core VM
-  it is 1: a receive posted halfway through the sender's chunk of 2, 4, 8, 16 or 32 ms completed after
-  1.4, 2.1, 4.1, 8.2 and 16.0 ms, the rest of the chunk, though the receiver's core was idle (its
-  scheduler keeps the sender's transport thread waiting on the sender's busy core). A link measured
-  between idle processes cannot show it; GPipe's forward phase, whose later stage posts each
-  receive after the first stage has sent and moved on, pays it on every microbatch.
+  it measured 0.02 to 1 from run to run; at 1, a receive posted halfway through the sender's chunk of
+  2, 4, 8, 16 or 32 ms completed after 1.4, 2.1, 4.1, 8.2 and 16.0 ms, the rest of the chunk, though
+  the receiver's core was idle (the scheduler kept the sender's transport thread waiting on the
+  sender's busy core). A link measured between idle processes cannot show it; GPipe's forward
+  phase, whose later stage posts each receive after the first stage has sent and moved on, pays it
+  on every microbatch.
 
 What a stage spends beyond its chunks is modelled where it is real, not an artefact of a loaded
 machine, and measured rather than fitted: the optimizer's `update` once per step (timed by the
@@ -273,7 +274,7 @@ def simulate(times: Sequence[StageTimes], links: Sequence[LinkTimes], schedule: 
         sender, posted = sender_of(key), received[key]
         if clock[sender] <= posted and not finished[sender] and not settle[0]:
             return None
-        end = next((e.end for e in computing[sender] if e.start <= posted < e.end), posted)
+        end = next((e.end for e in reversed(computing[sender]) if e.start <= posted < e.end), posted)
         answers[key] = posted + links[key[1]].late_answer * (end - posted)
         return answers[key]
 
