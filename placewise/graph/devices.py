@@ -87,8 +87,9 @@ class Cluster:
     overhead: float | None = None
     # The share (0 to 1) of the rest of a chunk that a receive posted after its send waits while the
     # sending CPU process computes that chunk: the transfer is answered only when the process's busy
-    # core frees (1 on the 2-core VM this project is built on, whose scheduler keeps a process's threads
-    # on its busy core). Measured by `placewise devices --measure`. None: not known (taken as 0).
+    # core frees (0.02 to 1 from run to run on the 2-core VM this project is built on, whose scheduler
+    # keeps a process's threads on its busy core). Measured by `placewise devices --measure`. None: not
+    # known (taken as 0).
     late_answer: float | None = None
 
     def __post_init__(self) -> None:
