@@ -311,3 +311,20 @@ def test_pipedream_profiles(k: int) -> None:
     plan = solve(graph, cluster, "dp", SolveOptions())
     _check_plan(graph, cluster, plan)
     assert len(plan.stages) <= k
+
+
+@pytest.mark.timeout(30)  # the old search never returned
+def test_the_bound_search_ends_when_the_dp_finds_nothing_up_to_the_best_split_known(monkeypatch):
+    # Rounding can leave the DP (summing in its own order) just short of the split the cost model scored
+    # at `upper`. The search used to run at `upper` again and again, for ever (a profiled GPT-2 did).
+    runs = []
+
+    def nothing(units, problem, lattice, bound, progress, until, prepared):
+        runs.append(bound)  # the first run, just below `upper`, runs out of its quick try
+        return None if len(runs) == 1 else dp_run.DPResult(float("inf"), [], 0, 0)
+
+    monkeypatch.setattr(bound_search, "run_dp", nothing)
+    outcome = bound_search.search(None, None, None, None, lower=10.0, upper=10.5, certify=False, reporter=None,
+                                  deadline=None)
+    assert outcome.result is None and outcome.upper_optimal and outcome.proven == 10.5
+    assert runs[-1] == 10.5 and len(runs) == 2 + 4  # below upper, then 10.1, 10.201, 10.303, 10.406, 10.5

@@ -109,4 +109,10 @@ def search(units: Units, problem: Problem, lattice: IdealLattice, prepared: Prep
         if outcome.result is None or math.isfinite(outcome.result.value):
             return outcome
         outcome.proven = bound
+        if bound >= upper:
+            # Nothing at or below the best split known, which the cost model scored at `upper`: the two
+            # differ by rounding only (the DP sums in another order), so that split is the optimum.
+            # Without this, the search ran at `upper` again and again, for ever.
+            outcome.result, outcome.upper_optimal = None, True
+            return outcome
     return outcome
