@@ -181,21 +181,27 @@ with open(f"report{{rank}}.json", "w") as f:  # not stdout: torchrun interleaves
 '''
 
 
-@pytest.mark.timeout(300)
-def test_parallelize_under_real_torchrun_joins_the_group_itself(tmp_path):
-    import json
+def run_torchrun(script_text: str, tmp_path, processes: int) -> None:
+    """`script_text` run by a real `torchrun --standalone` with `processes` processes in `tmp_path`."""
     import os
     import subprocess
     import sys
     from pathlib import Path
     script = tmp_path / "train.py"
-    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), lr=LR))
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
-           "TMPDIR": str(tmp_path)}  # torchrun leaves its log folder (torchelastic_*) in the temp dir
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
+    script.write_text(script_text)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1",
+           "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(tmp_path)}  # torchrun leaves its log folder in the temp dir
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                             str(processes), str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=280)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_parallelize_under_real_torchrun_joins_the_group_itself(tmp_path):
+    import json
+    from pathlib import Path
+    run_torchrun(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), lr=LR), tmp_path, 2)
     torch.manual_seed(0)
     model, data = Mixer(), batches()
     ref_losses, _, ref_state = reference(model, data)

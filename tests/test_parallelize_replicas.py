@@ -16,7 +16,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from placewise.errors import PlacewiseError  # noqa: E402
 from placewise.plan import Plan, Stage  # noqa: E402
-from test_parallelize import ATOL, LR, TORCHRUN_ENV, assert_same, batches, reference, train  # noqa: E402
+from test_parallelize import (ATOL, LR, TORCHRUN_ENV, assert_same, batches, reference, run_torchrun,  # noqa: E402
+                              train)
 
 pytestmark = pytest.mark.torch
 
@@ -169,17 +170,8 @@ torch.save({{"losses": losses, "grads": grads, "state": state}}, f"rank{{rank}}.
 @pytest.mark.timeout(300)
 def test_a_replicated_stage_under_real_torchrun_trains_like_one_process(tmp_path):
     """torchrun --nproc-per-node 3: the plan's 2 stages with 3 replicas in all, each rank joining the group itself."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
-    script = tmp_path / "train.py"
-    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), lr=LR))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1",
-           "GLOO_SOCKET_IFNAME": "lo", "TMPDIR": str(tmp_path)}  # torchrun leaves its log folder in the temp dir
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "3",
-                             str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=280)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_torchrun(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent), lr=LR), tmp_path, 3)
     torch.manual_seed(0)
     model, data = MLP(), batches()
     ref_losses, ref_grads, ref_state = reference(model, data)
