@@ -141,7 +141,7 @@ def predict(graph: OpGraph, cluster: Cluster, plan: Plan, schedule: Schedule, *,
     kinds = [cluster.kind(s.kind) for s in plan.stages]
     pays = [k.pays_transfers for k in kinds]
     # The measured late answer is that of two CPU processes (gloo); NCCL's transfers run on the GPUs.
-    late = [cluster.late_answer or 0.0 if pays[i] and pays[i + 1] and not kinds[i].accelerator
+    late = [(cluster.late_answer or 0.0) if pays[i] and pays[i + 1] and not kinds[i].accelerator
             and not kinds[i + 1].accelerator else 0.0 for i in range(len(kinds) - 1)]
     times = [_stage_times(graph, cluster, s, i, ([0.0] + crossing)[i], (crossing + [0.0])[i], link, options.training,
                           microbatch_scale, overhead) for i, s in enumerate(plan.stages)]

@@ -272,7 +272,7 @@ def simulate(times: Sequence[StageTimes], links: Sequence[LinkTimes], schedule: 
         if key in answers:  # decided once: the sender may since have moved on because of it
             return answers[key]
         sender, posted = sender_of(key), received[key]
-        if clock[sender] <= posted and not finished[sender] and not settle[0]:
+        if clock[sender] <= posted and not finished[sender] and not settle:
             return None
         end = next((e.end for e in reversed(computing[sender]) if e.start <= posted < e.end), posted)
         answers[key] = posted + links[key[1]].late_answer * (end - posted)
@@ -296,7 +296,7 @@ def simulate(times: Sequence[StageTimes], links: Sequence[LinkTimes], schedule: 
     answers: dict[Key, float] = {}  # when each late receive was answered
     # True for one sweep after a sweep that moved nothing: a sender that has not reached a late
     # receive's time is blocked until after it, so it answers at once.
-    settle = [False]
+    settle = False
     transfers: list[Key] = []
     while not all(finished):
         progressed = False
@@ -327,9 +327,9 @@ def simulate(times: Sequence[StageTimes], links: Sequence[LinkTimes], schedule: 
                 progressed = True
             finished[i] = position[i] == len(program)
         if not progressed and not all(finished):
-            if settle[0]:  # the programs mirror torch's; a stall is a bug here
+            if settle:  # the programs mirror torch's; a stall is a bug here
                 raise RuntimeError(f"simulate: the schedule's programs wait on each other (positions {position})")
-        settle[0] = not progressed
+        settle = not progressed
     for key in transfers:
         if key in received:
             direction, boundary, k, step = key
